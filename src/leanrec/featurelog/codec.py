@@ -1,0 +1,211 @@
+"""The logged blob: a compact, versioned binary encoding of frozen features.
+
+A blob is a 16-byte header followed by raw little-endian buffers, with no per-value framing:
+
+    magic "LR" | codec version u8 | blob kind u8 | FeatureSet fingerprint u32 | FeatureSet version u16
+    | first position u16 | rows u16 | reserved u16
+
+- ``REQUEST``: the request side (user and context features) of one request, once.
+- ``PAGE``: ``rows`` consecutive ranked items from ``first position``: item ids (int32), then the item
+  side's float block, then its int block.
+- ``IMPRESSION``: the naive layout, one item with the whole vector the model scored: item id, request
+  side floats and ints, item side floats and ints.
+
+Decoding returns views over the blob (no copy) and refuses a blob of another FeatureSet.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from leanrec.schema import FeatureBlock, FeatureSet, Side
+
+MAGIC = b"LR"
+CODEC_VERSION = 1
+_HEADER = struct.Struct("<2sBBIHHHH")
+HEADER_BYTES = _HEADER.size
+
+
+class BlobKind(IntEnum):
+    """What a blob holds."""
+
+    REQUEST = 1
+    PAGE = 2
+    IMPRESSION = 3
+
+
+class CodecError(ValueError):
+    """A blob that cannot be decoded with the given FeatureSet, with the reason."""
+
+
+@dataclass
+class Page:
+    """A decoded page of ranked items.
+
+    Attributes:
+        first_position: Rank position (0-based) of the first row.
+        item_ids: ``(rows,)`` int32.
+        block: Item-side features, ``rows`` rows.
+
+    """
+
+    first_position: int
+    item_ids: np.ndarray
+    block: FeatureBlock
+
+
+def _header(fs: FeatureSet, kind: BlobKind, first_position: int, rows: int) -> bytes:
+    if not (0 <= first_position < 2**16 and 0 <= rows < 2**16):
+        raise CodecError(f"position {first_position} or row count {rows} does not fit the header")
+    return _HEADER.pack(MAGIC, CODEC_VERSION, kind, fs.fingerprint, fs.version, first_position, rows, 0)
+
+
+def _check(fs: FeatureSet, blob: bytes, kind: BlobKind) -> tuple[int, int]:
+    if len(blob) < HEADER_BYTES:
+        raise CodecError(f"blob of {len(blob)} B is shorter than its {HEADER_BYTES} B header")
+    magic, version, got_kind, fp, fs_version, first, rows, _ = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CodecError(f"not a leanrec blob (magic {magic!r})")
+    if version != CODEC_VERSION:
+        raise CodecError(f"blob codec version {version}, this reader knows {CODEC_VERSION}")
+    if got_kind != kind:
+        raise CodecError(f"expected a {kind.name} blob, got kind {got_kind}")
+    if fp != fs.fingerprint or fs_version != fs.version:
+        raise CodecError(
+            f"blob written with FeatureSet fingerprint {fp:08x} v{fs_version}, "
+            f"reader has {fs.name} {fs.fingerprint:08x} v{fs.version}"
+        )
+    return first, rows
+
+
+def _f4(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype="<f4")
+
+
+def _i4(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype="<i4")
+
+
+def encode_request(fs: FeatureSet, block: FeatureBlock) -> bytes:
+    """Encode one request's request-side features (a block of one row)."""
+    if len(block) != 1:
+        raise CodecError(f"a REQUEST blob holds one row, got {len(block)}")
+    return b"".join((_header(fs, BlobKind.REQUEST, 0, 1), _f4(block.floats).data, _i4(block.ints).data))
+
+
+def decode_request(fs: FeatureSet, blob: bytes) -> FeatureBlock:
+    """Decode a REQUEST blob into a one-row block (views over ``blob``)."""
+    _check(fs, blob, BlobKind.REQUEST)
+    lay = fs.layout(Side.REQUEST)
+    expect = HEADER_BYTES + lay.row_bytes
+    if len(blob) != expect:
+        raise CodecError(f"REQUEST blob is {len(blob)} B, layout needs {expect} B")
+    floats = np.frombuffer(blob, "<f4", lay.float_width, HEADER_BYTES).reshape(1, -1)
+    ints = np.frombuffer(blob, "<i4", lay.int_width, HEADER_BYTES + 4 * lay.float_width).reshape(1, -1)
+    return FeatureBlock(floats, ints)
+
+
+def encode_page(fs: FeatureSet, first_position: int, item_ids: np.ndarray, block: FeatureBlock) -> bytes:
+    """Encode ``len(item_ids)`` consecutive ranked items starting at ``first_position``."""
+    if len(item_ids) != len(block):
+        raise CodecError(f"{len(item_ids)} item ids for {len(block)} feature rows")
+    return b"".join(
+        (
+            _header(fs, BlobKind.PAGE, first_position, len(item_ids)),
+            _i4(item_ids).data,
+            _f4(block.floats).data,
+            _i4(block.ints).data,
+        )
+    )
+
+
+def decode_page(fs: FeatureSet, blob: bytes) -> Page:
+    """Decode a PAGE blob (views over ``blob``)."""
+    first, rows = _check(fs, blob, BlobKind.PAGE)
+    lay = fs.layout(Side.ITEM)
+    expect = HEADER_BYTES + rows * (4 + lay.row_bytes)
+    if len(blob) != expect:
+        raise CodecError(f"PAGE blob of {rows} rows is {len(blob)} B, layout needs {expect} B")
+    off = HEADER_BYTES
+    ids = np.frombuffer(blob, "<i4", rows, off)
+    off += 4 * rows
+    floats = np.frombuffer(blob, "<f4", rows * lay.float_width, off).reshape(rows, lay.float_width)
+    off += 4 * rows * lay.float_width
+    ints = np.frombuffer(blob, "<i4", rows * lay.int_width, off).reshape(rows, lay.int_width)
+    return Page(first, ids, FeatureBlock(floats, ints))
+
+
+def _impression_dtype(fs: FeatureSet) -> np.dtype:
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    return np.dtype(
+        [
+            ("header", "V%d" % HEADER_BYTES),
+            ("item_id", "<i4"),
+            ("req_f", "<f4", (req.float_width,)),
+            ("req_i", "<i4", (req.int_width,)),
+            ("item_f", "<f4", (item.float_width,)),
+            ("item_i", "<i4", (item.int_width,)),
+        ]
+    )
+
+
+def encode_impressions(
+    fs: FeatureSet, item_ids: np.ndarray, request: FeatureBlock, items: FeatureBlock
+) -> list[bytes]:
+    """Encode each ranked item as its own IMPRESSION blob holding the request side too.
+
+    This is the naive layout: the request side is repeated in every blob. The rows are packed in one
+    structured array and cut into blobs, so the work is vectorised.
+
+    Args:
+        fs: The FeatureSet.
+        item_ids: ``(n,)`` ranked item ids; position ``i`` is row ``i``.
+        request: One-row request-side block.
+        items: ``n``-row item-side block.
+
+    """
+    n = len(item_ids)
+    rec = np.empty(n, dtype=_impression_dtype(fs))
+    headers = b"".join(_header(fs, BlobKind.IMPRESSION, p, 1) for p in range(n))
+    rec["header"] = np.frombuffer(headers, dtype="V%d" % HEADER_BYTES)
+    rec["item_id"] = item_ids
+    rec["req_f"] = request.floats
+    rec["req_i"] = request.ints
+    rec["item_f"] = items.floats
+    rec["item_i"] = items.ints
+    raw = rec.tobytes()
+    size = rec.dtype.itemsize
+    return [raw[i * size : (i + 1) * size] for i in range(n)]
+
+
+def decode_impressions(
+    fs: FeatureSet, blobs: list[bytes]
+) -> tuple[np.ndarray, np.ndarray, FeatureBlock, FeatureBlock]:
+    """Decode many IMPRESSION blobs at once.
+
+    Returns:
+        positions ``(n,)``, item ids ``(n,)``, the request side repeated ``n`` rows, the item side
+        ``n`` rows.
+
+    """
+    dtype = _impression_dtype(fs)
+    bad = [len(b) for b in blobs if len(b) != dtype.itemsize]
+    if bad:
+        raise CodecError(f"IMPRESSION blob is {bad[0]} B, layout needs {dtype.itemsize} B")
+    if not blobs:
+        empty = np.empty(0, np.int32)
+        return empty, empty, fs.layout(Side.REQUEST).zeros(), fs.layout(Side.ITEM).zeros()
+    _check(fs, blobs[0], BlobKind.IMPRESSION)
+    rec = np.frombuffer(b"".join(blobs), dtype=dtype)
+    head = np.frombuffer(rec["header"].tobytes(), np.uint8).reshape(len(rec), HEADER_BYTES)
+    fixed = 10  # magic, codec version, kind, fingerprint, FeatureSet version
+    if not (head[:, :fixed] == head[0, :fixed]).all():
+        raise CodecError("IMPRESSION blobs of different FeatureSets or codec versions in one batch")
+    positions = head[:, fixed : fixed + 2].copy().view("<u2").ravel().astype(np.int32)
+    request = FeatureBlock(rec["req_f"], rec["req_i"])
+    items = FeatureBlock(rec["item_f"], rec["item_i"])
+    return positions, rec["item_id"], request, items

@@ -1,0 +1,464 @@
+"""Feature loggers: freeze what the late ranker scored and put it in the TransientStore.
+
+- :class:`EagerLogger` (the naive baseline): at rank time, one entry per ranked item holding the
+  whole vector the model scored, user and item features together.
+- :class:`LazyLogger` (the lean way): at rank time, the request side once and the head page; later
+  pages only when the client signals that the user scrolled there, or when an event touches a
+  position whose page is not logged yet (log-on-touch), so a fast scroll never loses a label.
+
+Each logger also knows how its entries are read back (``fetch``) and removed (``keys``), so the
+joiner works with either.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from leanrec.clock import Clock
+from leanrec.energy.ledger import CostLedger
+from leanrec.events.bus import EventBus, RequestOpened
+from leanrec.events.model import EventBatch, RequestRef
+from leanrec.featurelog import codec
+from leanrec.funnel.ranker import RankedBatch
+from leanrec.schema import FeatureBlock, FeatureSet, Side
+from leanrec.stores.transient import StoreFullError, TransientStore
+
+
+def key(request_id: str, suffix: str) -> str:
+    """Transient key of one request's entry; the braces are the Redis Cluster hash tag."""
+    return f"lr:{{{request_id}}}:{suffix}"
+
+
+@dataclass(frozen=True)
+class Paging:
+    """How a ranked list is cut into pages: a head, then pages of equal size.
+
+    Attributes:
+        head: Items in page 0, logged at rank time.
+        size: Items in every later page.
+
+    """
+
+    head: int = 6
+    size: int = 9
+
+    def page_of(self, positions: np.ndarray) -> np.ndarray:
+        """Page index of each position."""
+        positions = np.asarray(positions)
+        return np.where(positions < self.head, 0, 1 + (positions - self.head) // self.size)
+
+    def bounds(self, page: int, n_items: int) -> tuple[int, int]:
+        """First and one-past-last position of a page."""
+        start = 0 if page == 0 else self.head + (page - 1) * self.size
+        stop = self.head if page == 0 else start + self.size
+        return start, min(stop, n_items)
+
+    def count(self, n_items: int) -> int:
+        """Pages in a list of ``n_items``."""
+        return int(self.page_of(np.array([n_items - 1]))[0]) + 1
+
+
+@dataclass
+class Fetched:
+    """Frozen features read back for some positions of one request.
+
+    Attributes:
+        found: ``(k,)`` bool, whether each asked position's features were found.
+        item_ids: ``(k,)`` int32 logged item id (-1 where not found).
+        request: Request side, one row (``None`` if not found).
+        items: Item side, one row per asked position (zeros where not found).
+
+    """
+
+    found: np.ndarray
+    item_ids: np.ndarray
+    request: FeatureBlock | None
+    items: FeatureBlock
+
+
+@dataclass
+class LoggerStats:
+    """Counters of a logger."""
+
+    requests: int = 0
+    entries_written: int = 0
+    pages_on_signal: int = 0
+    pages_on_touch: int = 0
+    write_failures: int = 0
+    touch_after_release: int = 0  # events on a released context: only pages logged by then can join
+    unknown_requests: int = 0
+
+
+class FeatureLogger(Protocol):
+    """What the serving side calls, and what the joiner reads back."""
+
+    fs: FeatureSet
+    store: TransientStore
+    stats: LoggerStats
+
+    def log_ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
+        """Freeze and log B ranked requests."""
+        ...
+
+    def paginate(self, ref: RequestRef, seen_up_to: int) -> int:
+        """The client reports the user has seen up to ``seen_up_to``; returns pages logged."""
+        ...
+
+    def touch(self, ref: RequestRef, events: EventBatch) -> None:
+        """Called with validated events before they go to the bus."""
+        ...
+
+    def fetch(self, ref: RequestOpened, positions: np.ndarray) -> Fetched:
+        """Read frozen features of ``positions`` back from the store."""
+        ...
+
+    def keys(self, ref: RequestOpened) -> list[str]:
+        """Every key this logger may have written for the request."""
+        ...
+
+    def tick(self) -> None:
+        """Housekeeping on the clock (expire held contexts)."""
+        ...
+
+
+class _Base:
+    def __init__(
+        self,
+        fs: FeatureSet,
+        store: TransientStore,
+        bus: EventBus,
+        ledger: CostLedger,
+        ttl_ms: int,
+    ) -> None:
+        self.fs, self.store, self.bus, self.ledger, self.ttl_ms = fs, store, bus, ledger, ttl_ms
+        self.stats = LoggerStats()
+
+    def _put(self, entries: dict[str, bytes]) -> bool:
+        with self.ledger.cpu("kv_write") as cost:
+            try:
+                self.store.put_many(entries, self.ttl_ms)
+            except StoreFullError:
+                self.stats.write_failures += len(entries)
+                return False
+            cost.ops += len(entries)
+            cost.bytes_written += sum(len(v) for v in entries.values())
+        self.stats.entries_written += len(entries)
+        return True
+
+    def _get(self, keys: list[str]) -> list[bytes | None]:
+        with self.ledger.cpu("kv_read") as cost:
+            values = self.store.get_many(keys)
+            cost.ops += len(keys)
+            cost.bytes_read += sum(len(v) for v in values if v is not None)
+        return values
+
+    def _opened(self, refs: list[RequestRef]) -> None:
+        self.bus.append_many(
+            [RequestOpened(r.request_id, r.user_id, r.ts_ms, r.n_items, self.fs.version) for r in refs]
+        )
+        self.stats.requests += len(refs)
+
+    def tick(self) -> None:
+        """Nothing held by default."""
+
+
+class EagerLogger(_Base):
+    """Logs all ranked items at rank time, one entry per item with the request side repeated."""
+
+    def log_ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
+        """One IMPRESSION entry per ranked item."""
+        n = batch.n_items
+        for b, ref in enumerate(refs):
+            with self.ledger.cpu("serialize") as cost:
+                blobs = codec.encode_impressions(
+                    self.fs,
+                    batch.item_ids[b],
+                    batch.request.take(slice(b, b + 1)),
+                    batch.items.take(slice(b * n, (b + 1) * n)),
+                )
+                cost.ops += len(blobs)
+                cost.bytes_serialized += sum(map(len, blobs))
+            self._put({key(ref.request_id, f"i{p}"): blob for p, blob in enumerate(blobs)})
+        self._opened(refs)
+
+    def paginate(self, ref: RequestRef, seen_up_to: int) -> int:
+        """Everything is logged already."""
+        return 0
+
+    def touch(self, ref: RequestRef, events: EventBatch) -> None:
+        """Everything is logged already."""
+
+    def keys(self, ref: RequestOpened) -> list[str]:
+        """One key per ranked item."""
+        return [key(ref.request_id, f"i{p}") for p in range(ref.n_items)]
+
+    def fetch(self, ref: RequestOpened, positions: np.ndarray) -> Fetched:
+        """Read the asked items' entries; each holds the request side too."""
+        values = self._get([key(ref.request_id, f"i{p}") for p in positions])
+        found = np.array([v is not None for v in values], bool)
+        with self.ledger.cpu("deserialize"):
+            pos, ids, request, items = codec.decode_impressions(self.fs, [v for v in values if v is not None])
+        if not np.array_equal(pos, np.asarray(positions)[found]):
+            raise codec.CodecError(f"request {ref.request_id}: entries hold other positions than their keys")
+        return _scatter(found, ids, request.take(slice(0, 1)) if found.any() else None, items)
+
+
+def _scatter(
+    found: np.ndarray, ids: np.ndarray, request: FeatureBlock | None, items: FeatureBlock
+) -> Fetched:
+    """Place rows read for the found positions into arrays over all asked positions."""
+    k = len(found)
+    out_ids = np.full(k, -1, np.int32)
+    out_ids[found] = ids
+    block = FeatureBlock(
+        np.zeros((k, items.floats.shape[1]), np.float32), np.zeros((k, items.ints.shape[1]), np.int32)
+    )
+    block.floats[found] = items.floats
+    block.ints[found] = items.ints
+    return Fetched(found, out_ids, request, block)
+
+
+@dataclass
+class RequestContext:
+    """Frozen features of one ranked request, held until its pages are logged or it goes idle.
+
+    Attributes:
+        ref: The request.
+        item_ids: ``(n,)`` ranked item ids.
+        request: Request side, one row (owned copy).
+        items: Item side, n rows (owned copy).
+        logged: ``(pages,)`` bool, pages already in the store.
+        touched_ms: Last time the client did anything with the request.
+
+    """
+
+    ref: RequestRef
+    item_ids: np.ndarray
+    request: FeatureBlock
+    items: FeatureBlock
+    logged: np.ndarray
+    touched_ms: int
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = self.item_ids.nbytes + self.request.nbytes + self.items.nbytes + self.logged.nbytes
+
+
+@dataclass
+class ContextStats:
+    """What holding contexts costs and how they end."""
+
+    held: int = 0
+    bytes_held: int = 0
+    peak_bytes: int = 0
+    completed: int = 0  # every page logged
+    expired: int = 0  # idle or past their age limit
+    evicted: int = 0  # pushed out by the byte bound
+
+
+class ContextCache:
+    """RequestContexts bounded in bytes and time; least recently touched go first.
+
+    Every release charges bytes × seconds held to the ledger's ``context`` stage.
+
+    Args:
+        max_bytes: Bound on bytes held.
+        idle_ms: A context untouched this long is released.
+        max_age_ms: A context older than this is released (the attribution window).
+        clock: Time source.
+        ledger: Where the memory cost goes.
+
+    """
+
+    def __init__(
+        self, max_bytes: int, idle_ms: int, max_age_ms: int, clock: Clock, ledger: CostLedger
+    ) -> None:
+        if max_bytes <= 0 or idle_ms <= 0 or max_age_ms <= 0:
+            raise ValueError("context bounds must be positive")
+        self.max_bytes, self.idle_ms, self.max_age_ms = max_bytes, idle_ms, max_age_ms
+        self.clock, self.ledger = clock, ledger
+        self._ctx: OrderedDict[str, RequestContext] = OrderedDict()
+        self.stats = ContextStats()
+
+    def __len__(self) -> int:
+        return len(self._ctx)
+
+    def add(self, ctx: RequestContext) -> None:
+        """Hold a new context, evicting the least recently touched while over the byte bound."""
+        self._ctx[ctx.ref.request_id] = ctx
+        self.stats.held += 1
+        self.stats.bytes_held += ctx.nbytes
+        while self.stats.bytes_held > self.max_bytes and self._ctx:
+            rid = next(iter(self._ctx))
+            self.release(rid, "evicted")
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.bytes_held)
+
+    def get(self, request_id: str) -> RequestContext | None:
+        """The context, marked as touched now, or ``None`` if it is gone."""
+        ctx = self._ctx.get(request_id)
+        if ctx is not None:
+            ctx.touched_ms = self.clock.now_ms()
+            self._ctx.move_to_end(request_id)
+        return ctx
+
+    def release(self, request_id: str, why: str) -> None:
+        """Drop a context and charge its memory × time."""
+        ctx = self._ctx.pop(request_id, None)
+        if ctx is None:
+            return
+        held_s = (self.clock.now_ms() - ctx.ref.ts_ms) / 1000
+        self.ledger.add("context", ops=1, byte_seconds_held=ctx.nbytes * held_s)
+        self.stats.held -= 1
+        self.stats.bytes_held -= ctx.nbytes
+        setattr(self.stats, why, getattr(self.stats, why) + 1)
+
+    def expire(self) -> int:
+        """Release contexts idle for ``idle_ms`` or older than ``max_age_ms``."""
+        now = self.clock.now_ms()
+        stale = [
+            rid
+            for rid, c in self._ctx.items()
+            if now - c.touched_ms >= self.idle_ms or now - c.ref.ts_ms >= self.max_age_ms
+        ]
+        for rid in stale:
+            self.release(rid, "expired")
+        return len(stale)
+
+
+class LazyLogger(_Base):
+    """Logs the request side once and the head at rank time; later pages on signal or on touch.
+
+    Args:
+        fs: The FeatureSet.
+        store: Where entries go.
+        bus: Where RequestOpened records go.
+        ledger: Cost counters.
+        ttl_ms: TTL of every entry (attribution window plus grace).
+        contexts: Holds frozen features of pages not logged yet.
+        paging: Head and page sizes.
+        lookahead: A signal ``seen_up_to=k`` logs the pages covering positions up to ``k + lookahead``.
+
+    """
+
+    def __init__(
+        self,
+        fs: FeatureSet,
+        store: TransientStore,
+        bus: EventBus,
+        ledger: CostLedger,
+        ttl_ms: int,
+        contexts: ContextCache,
+        paging: Paging = Paging(),
+        lookahead: int = 2,
+    ) -> None:
+        super().__init__(fs, store, bus, ledger, ttl_ms)
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.contexts, self.paging, self.lookahead = contexts, paging, lookahead
+
+    def _encode_pages(self, ctx: RequestContext, pages: list[int]) -> dict[str, bytes]:
+        out = {}
+        with self.ledger.cpu("serialize") as cost:
+            for page in pages:
+                start, stop = self.paging.bounds(page, ctx.ref.n_items)
+                out[key(ctx.ref.request_id, f"p{page}")] = codec.encode_page(
+                    self.fs, start, ctx.item_ids[start:stop], ctx.items.take(slice(start, stop))
+                )
+            cost.ops += len(out)
+            cost.bytes_serialized += sum(map(len, out.values()))
+        return out
+
+    def log_ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
+        """Hold each request's frozen features; write the request side and the head page."""
+        n = batch.n_items
+        now = self.contexts.clock.now_ms()
+        for b, ref in enumerate(refs):
+            ctx = RequestContext(
+                ref,
+                batch.item_ids[b].copy(),
+                batch.request.take(slice(b, b + 1)).copy(),
+                batch.items.take(slice(b * n, (b + 1) * n)).copy(),
+                np.zeros(self.paging.count(n), bool),
+                now,
+            )
+            with self.ledger.cpu("serialize") as cost:
+                user_blob = codec.encode_request(self.fs, ctx.request)
+                cost.ops += 1
+                cost.bytes_serialized += len(user_blob)
+            entries = {key(ref.request_id, "u"): user_blob, **self._encode_pages(ctx, [0])}
+            if self._put(entries):
+                ctx.logged[0] = True
+            self.contexts.add(ctx)
+        self._opened(refs)
+
+    def _log_pages(self, ref: RequestRef, pages: np.ndarray, counter: str) -> int:
+        ctx = self.contexts.get(ref.request_id)
+        if ctx is None:
+            return -1
+        todo = [int(p) for p in np.unique(pages) if p < len(ctx.logged) and not ctx.logged[p]]
+        if todo and self._put(self._encode_pages(ctx, todo)):
+            ctx.logged[todo] = True
+            setattr(self.stats, counter, getattr(self.stats, counter) + len(todo))
+        if ctx.logged.all():
+            self.contexts.release(ref.request_id, "completed")
+        return len(todo)
+
+    def paginate(self, ref: RequestRef, seen_up_to: int) -> int:
+        """Log every page covering positions up to ``seen_up_to + lookahead``."""
+        last = min(seen_up_to + self.lookahead, ref.n_items - 1)
+        if last < 0:
+            return 0
+        pages = np.arange(int(self.paging.page_of(np.array([last]))[0]) + 1)
+        logged = self._log_pages(ref, pages, "pages_on_signal")
+        if logged < 0:
+            self.stats.unknown_requests += 1
+            return 0
+        return logged
+
+    def touch(self, ref: RequestRef, events: EventBatch) -> None:
+        """Log-on-touch: log the page of every touched position that is not logged yet."""
+        if len(events) == 0:
+            return
+        pages = self.paging.page_of(events.position)
+        if self._log_pages(ref, pages, "pages_on_touch") < 0:
+            self.stats.touch_after_release += len(events)
+
+    def tick(self) -> None:
+        """Release contexts that went idle."""
+        self.contexts.expire()
+
+    def keys(self, ref: RequestOpened) -> list[str]:
+        """The request side and every page."""
+        return [key(ref.request_id, "u")] + [
+            key(ref.request_id, f"p{p}") for p in range(self.paging.count(ref.n_items))
+        ]
+
+    def fetch(self, ref: RequestOpened, positions: np.ndarray) -> Fetched:
+        """Read the request side and the pages covering ``positions``."""
+        positions = np.asarray(positions)
+        pages = np.unique(self.paging.page_of(positions)).tolist()
+        values = self._get([key(ref.request_id, "u")] + [key(ref.request_id, f"p{p}") for p in pages])
+        empty = self.fs.layout(Side.ITEM).zeros()
+        if values[0] is None:
+            return _scatter(np.zeros(len(positions), bool), np.empty(0, np.int32), None, empty)
+        with self.ledger.cpu("deserialize"):
+            request = codec.decode_request(self.fs, values[0])
+            decoded = [codec.decode_page(self.fs, v) for v in values[1:] if v is not None]
+        row_of = np.full(ref.n_items, -1, np.int64)
+        base = 0
+        for page in decoded:
+            row_of[page.first_position : page.first_position + len(page.item_ids)] = np.arange(
+                base, base + len(page.item_ids)
+            )
+            base += len(page.item_ids)
+        rows = row_of[positions]
+        found = rows >= 0
+        if not decoded:
+            return _scatter(found, np.empty(0, np.int32), request, empty)
+        ids = np.concatenate([p.item_ids for p in decoded])
+        items = FeatureBlock.concat([p.block for p in decoded])
+        return _scatter(found, ids[rows[found]], request, items.take(rows[found]))

@@ -1,0 +1,5 @@
+"""Joining frozen features with later engagement."""
+
+from leanrec.join.joiner import JoinStats, LabelJoiner, RecordSink
+
+__all__ = ["JoinStats", "LabelJoiner", "RecordSink"]

@@ -1,0 +1,232 @@
+"""LabelJoiner: joins frozen features with the engagement that followed, when the window closes.
+
+It consumes the event bus: a RequestOpened record schedules the request's join at the end of its
+attribution window; event batches accumulate. At the join every viewed item (any event at its
+position) becomes one example, with no engagement meaning a negative; never-viewed items are dropped.
+Labels are flags and a maximum, so duplicate and out-of-order events give the same record.
+Messages are acknowledged, and transient entries deleted, only after the warehouse has committed
+the records made from them.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from leanrec.clock import Clock
+from leanrec.energy.ledger import CostLedger
+from leanrec.events.bus import EventBus, RequestOpened
+from leanrec.events.model import EventBatch, EventKind
+from leanrec.featurelog.loggers import FeatureLogger
+from leanrec.warehouse.records import RequestRecord
+
+_FLAGS = (
+    ("click", EventKind.CLICK),
+    ("like", EventKind.LIKE),
+    ("share", EventKind.SHARE),
+    ("hide", EventKind.HIDE),
+)
+
+
+class RecordSink(Protocol):
+    """Where joined records go (a warehouse writer)."""
+
+    def append(self, records: Sequence[RequestRecord]) -> None:
+        """Buffer records."""
+        ...
+
+    def flush(self) -> list[str]:
+        """Commit buffered records durably; returns what was committed."""
+        ...
+
+
+@dataclass
+class JoinStats:
+    """Counters of a joiner."""
+
+    requests_joined: int = 0
+    examples: int = 0
+    positives: int = 0
+    labels_lost: int = 0  # a viewed item whose frozen features were not found
+    events_joined: int = 0
+    duplicate_events: int = 0
+    mismatched_events: int = 0  # item id differs from the one logged at that position
+    late_events: int = 0  # arrived after the request was joined
+    orphan_events: int = 0  # for a request this joiner never saw opened
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready counters."""
+        return asdict(self)
+
+
+@dataclass
+class _Open:
+    ref: RequestOpened
+    message_ids: list[str]
+    batches: list[EventBatch] = field(default_factory=list)
+
+
+class LabelJoiner:
+    """Joins requests whose attribution window has closed.
+
+    Args:
+        logger: Knows how the request's features were logged and reads them back.
+        bus: Source of RequestOpened records and event batches.
+        sink: Warehouse writer for the records.
+        ledger: Cost counters.
+        clock: Time source.
+        window_ms: Attribution window after the ranking.
+        lateness_ms: Extra wait after the window for events still in flight.
+        remember_ms: How long a joined request id is remembered, to count late events.
+
+    """
+
+    def __init__(
+        self,
+        logger: FeatureLogger,
+        bus: EventBus,
+        sink: RecordSink,
+        ledger: CostLedger,
+        clock: Clock,
+        window_ms: int,
+        lateness_ms: int = 0,
+        remember_ms: int | None = None,
+    ) -> None:
+        self.logger, self.bus, self.sink, self.ledger, self.clock = logger, bus, sink, ledger, clock
+        self.window_ms, self.lateness_ms = window_ms, lateness_ms
+        self.remember_ms = remember_ms if remember_ms is not None else 2 * window_ms
+        self.stats = JoinStats()
+        self._open: dict[str, _Open] = {}
+        self._due: list[tuple[int, str]] = []
+        self._joined: dict[str, int] = {}
+        self._ack: list[str] = []
+        self._delete: list[str] = []
+
+    def poll(self, max_count: int = 100_000) -> int:
+        """Take new messages from the bus; returns how many."""
+        messages = self.bus.consume(max_count)
+        with self.ledger.cpu("join") as cost:
+            cost.ops += len(messages)
+            for mid, msg in messages:
+                if isinstance(msg, RequestOpened):
+                    if msg.request_id in self._open or msg.request_id in self._joined:
+                        self._ack.append(mid)  # a redelivered record: already scheduled or joined
+                        continue
+                    self._open[msg.request_id] = _Open(msg, [mid])
+                    heapq.heappush(self._due, (msg.ts_ms + self.window_ms + self.lateness_ms, msg.request_id))
+                    continue
+                state = self._open.get(msg.request_id)
+                if state is not None:
+                    state.batches.append(msg)
+                    state.message_ids.append(mid)
+                else:
+                    if msg.request_id in self._joined:
+                        self.stats.late_events += len(msg)
+                    else:
+                        self.stats.orphan_events += len(msg)
+                    self._ack.append(mid)
+        return len(messages)
+
+    def join_due(self, force: bool = False) -> int:
+        """Join every request whose window has closed (all open requests if ``force``)."""
+        now = self.clock.now_ms()
+        records: list[RequestRecord] = []
+        joined = 0
+        while self._due and (force or self._due[0][0] <= now):
+            _, rid = heapq.heappop(self._due)
+            joined += 1
+            record = self._join(self._open.pop(rid))
+            if record is not None:
+                records.append(record)
+        if records:
+            self.sink.append(records)
+        while self._joined:  # insertion order is join order, so the oldest come first
+            rid, t = next(iter(self._joined.items()))
+            if now - t <= self.remember_ms:
+                break
+            del self._joined[rid]
+        return joined
+
+    def _join(self, state: _Open) -> RequestRecord | None:
+        ref = state.ref
+        ev = EventBatch.concat(ref.request_id, state.batches)
+        self.stats.events_joined += len(ev)
+        keys = np.stack([ev.position.astype(np.int64), ev.kind.astype(np.int64), ev.ts_ms])
+        self.stats.duplicate_events += len(ev) - (np.unique(keys, axis=1).shape[1] if len(ev) else 0)
+        fetched = self.logger.fetch(ref, np.unique(ev.position))
+        with self.ledger.cpu("join") as cost:
+            viewed = np.unique(ev.position)
+            # Events naming another item than the one logged at their position are refused.
+            logged_id = np.full(ref.n_items, -1, np.int64)
+            logged_id[viewed[fetched.found]] = fetched.item_ids[fetched.found]
+            mismatch = (logged_id[ev.position] >= 0) & (logged_id[ev.position] != ev.item_id)
+            self.stats.mismatched_events += int(mismatch.sum())
+            ev = ev.take(~mismatch)
+            keep = np.isin(viewed, ev.position)
+            self.stats.labels_lost += int((keep & ~fetched.found).sum())
+            keep &= fetched.found
+            positions = viewed[keep]
+            idx = np.searchsorted(positions, ev.position)
+            on = np.isin(ev.position, positions)
+            idx, kind, ts, value = idx[on], ev.kind[on], ev.ts_ms[on], ev.value[on]
+            labels: dict[str, np.ndarray] = {}
+            for name, k in _FLAGS:
+                flag = np.zeros(len(positions), bool)
+                flag[idx[kind == k]] = True
+                labels[name] = flag
+            watch = np.zeros(len(positions), np.int64)
+            np.maximum.at(
+                watch, idx[kind == EventKind.WATCH], value[kind == EventKind.WATCH].astype(np.int64)
+            )
+            labels["watch_ms"] = watch.astype(np.int32)
+            view_ms = np.full(len(positions), np.iinfo(np.int64).max, np.int64)
+            np.minimum.at(view_ms, idx, ts)
+            cost.ops += 1
+        self.stats.requests_joined += 1
+        self.stats.examples += len(positions)
+        self.stats.positives += int(labels["click"].sum())
+        self._ack.extend(state.message_ids)
+        self._delete.extend(self.logger.keys(ref))
+        self._joined[ref.request_id] = self.clock.now_ms()
+        if fetched.request is None or len(positions) == 0:
+            return None  # no example: nothing for the warehouse (both layouts agree on that)
+        return RequestRecord(
+            ref.request_id,
+            ref.user_id,
+            ref.ts_ms,
+            ref.fs_version,
+            fetched.request,
+            positions.astype(np.int32),
+            fetched.item_ids[keep],
+            view_ms,
+            fetched.items.take(keep),
+            labels,
+        )
+
+    def flush(self) -> list[str]:
+        """Commit the sink, then acknowledge messages and delete the joined requests' entries."""
+        committed = self.sink.flush()
+        if self._ack:
+            self.bus.ack(self._ack)
+            self._ack = []
+        if self._delete:
+            with self.ledger.cpu("kv_delete") as cost:
+                cost.ops += len(self._delete)
+                self.logger.store.delete_many(self._delete)
+            self._delete = []
+        return committed
+
+    def drain(self) -> None:
+        """Join everything still open, whatever its window, and commit (shutdown)."""
+        self.poll()
+        self.join_due(force=True)
+        self.flush()
+
+    @property
+    def open_requests(self) -> int:
+        """Requests waiting for their window to close."""
+        return len(self._open)

@@ -1,0 +1,324 @@
+"""The FeatureSet: the one registry every schema in leanrec is derived from.
+
+A feature has an owner (user, item or context), a kind (dense floats, one sparse id, a fixed-width
+multi-hot set of ids, an id sequence), a size (values per entity) and, for ids, a vocabulary size.
+Every feature is fixed-width, so the features of N entities pack into two contiguous blocks: one of
+float32 (dense kinds) and one of int32 (id kinds, padded with ``PAD_ID``). The codec writes those
+blocks as raw little-endian buffers, the warehouse turns their column slices into Arrow columns, and a
+model reads its inputs from the same slices: none of them is written by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+
+import numpy as np
+
+PAD_ID = -1
+"""Padding value of multi-hot sets and id sequences shorter than their size."""
+
+
+class Owner(StrEnum):
+    """Whose property a feature is."""
+
+    USER = "user"
+    ITEM = "item"
+    CONTEXT = "context"
+
+
+class Kind(StrEnum):
+    """How a feature's values are shaped."""
+
+    DENSE = "dense"
+    SPARSE = "sparse"
+    MULTI_HOT = "multi_hot"
+    SEQUENCE = "sequence"
+
+
+class Side(StrEnum):
+    """Which half of a ranked request a feature belongs to.
+
+    The request side (user and context features) is the same for all items of a request and is
+    logged and stored once per request; the item side is one row per ranked item.
+    """
+
+    REQUEST = "request"
+    ITEM = "item"
+
+
+SIDE_OWNERS: dict[Side, tuple[Owner, ...]] = {
+    Side.REQUEST: (Owner.USER, Owner.CONTEXT),
+    Side.ITEM: (Owner.ITEM,),
+}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One registered feature.
+
+    Attributes:
+        name: Unique name across the FeatureSet; it is also the warehouse column name.
+        owner: Who the feature describes.
+        kind: Value shape.
+        size: Values per entity (1 for a scalar or a single id; the width of a vector, set or sequence).
+        vocab: Number of distinct ids for id kinds (ids are in ``[0, vocab)``), 0 for dense.
+        doc: What the feature is, for reports and audits.
+
+    """
+
+    name: str
+    owner: Owner
+    kind: Kind
+    size: int = 1
+    vocab: int = 0
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"feature name {self.name!r} must be an identifier")
+        if self.size < 1:
+            raise ValueError(f"feature {self.name}: size must be >= 1, got {self.size}")
+        if self.kind is Kind.SPARSE and self.size != 1:
+            raise ValueError(f"feature {self.name}: a sparse id has size 1, got {self.size}")
+        if self.kind is not Kind.DENSE and self.vocab < 1:
+            raise ValueError(f"feature {self.name}: id kinds need a vocabulary size")
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the feature lives in the float32 block (dense) or the int32 block (ids)."""
+        return self.kind is Kind.DENSE
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Numpy dtype of one value, little-endian."""
+        return np.dtype("<f4") if self.is_float else np.dtype("<i4")
+
+    @property
+    def side(self) -> Side:
+        """The half of a request this feature belongs to."""
+        return Side.ITEM if self.owner is Owner.ITEM else Side.REQUEST
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready description."""
+        return {
+            "name": self.name,
+            "owner": self.owner.value,
+            "kind": self.kind.value,
+            "size": self.size,
+            "vocab": self.vocab,
+            "doc": self.doc,
+        }
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one feature's values sit inside a side's packed blocks."""
+
+    feature: Feature
+    offset: int  # first column inside the float block (dense) or the int block (ids)
+
+    @property
+    def stop(self) -> int:
+        """One past the last column."""
+        return self.offset + self.feature.size
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The packing of one side's features into a float32 block and an int32 block.
+
+    Attributes:
+        side: Request side or item side.
+        slots: One slot per feature, in FeatureSet order.
+        float_width: Columns of the float32 block.
+        int_width: Columns of the int32 block.
+
+    """
+
+    side: Side
+    slots: tuple[Slot, ...]
+    float_width: int
+    int_width: int
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one entity's features take in the packed blocks."""
+        return 4 * (self.float_width + self.int_width)
+
+    @property
+    def names(self) -> list[str]:
+        """Feature names in order."""
+        return [s.feature.name for s in self.slots]
+
+    def zeros(self, n: int = 0) -> FeatureBlock:
+        """A block of ``n`` zero rows of this layout."""
+        return FeatureBlock(np.zeros((n, self.float_width), "<f4"), np.zeros((n, self.int_width), "<i4"))
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A versioned, typed registry of features.
+
+    Attributes:
+        name: Lineage name; versions of one lineage share it.
+        version: Increases whenever features are added or retired.
+        features: The registered features, in a fixed order.
+        retired: Names retired from earlier versions, with the reason, kept so that old warehouse data
+            and audit reports stay explainable.
+
+    """
+
+    name: str
+    version: int
+    features: tuple[Feature, ...]
+    retired: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"FeatureSet {self.name}: duplicate feature names {dupes}")
+        if not 0 <= self.version < 2**16:
+            raise ValueError(f"FeatureSet version must fit in 16 bits, got {self.version}")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no feature {name!r} in FeatureSet {self.name} v{self.version}")
+
+    def of(self, *owners: Owner) -> list[Feature]:
+        """Features of the given owners, in registry order."""
+        return [f for f in self.features if f.owner in owners]
+
+    @cached_property
+    def layouts(self) -> dict[Side, Layout]:
+        """Packing of each side: owners in ``SIDE_OWNERS`` order, features in registry order."""
+        out = {}
+        for side, owners in SIDE_OWNERS.items():
+            slots, fw, iw = [], 0, 0
+            for owner in owners:
+                for f in self.of(owner):
+                    if f.is_float:
+                        slots.append(Slot(f, fw))
+                        fw += f.size
+                    else:
+                        slots.append(Slot(f, iw))
+                        iw += f.size
+            out[side] = Layout(side, tuple(slots), fw, iw)
+        return out
+
+    def layout(self, side: Side) -> Layout:
+        """Packing of one side."""
+        return self.layouts[side]
+
+    def widths(self, owner: Owner) -> tuple[int, int]:
+        """Float and int columns of one owner's block.
+
+        A side's block is its owners' blocks side by side (``FeatureBlock.hstack``) in ``SIDE_OWNERS``
+        order, so an owner's block can be fetched and stored on its own.
+        """
+        feats = self.of(owner)
+        return (sum(f.size for f in feats if f.is_float), sum(f.size for f in feats if not f.is_float))
+
+    def owner_slots(self, owner: Owner) -> dict[str, Slot]:
+        """Slots of one owner's features, with offsets inside that owner's own block."""
+        return self._owner_slots[owner]
+
+    @cached_property
+    def _owner_slots(self) -> dict[Owner, dict[str, Slot]]:
+        out: dict[Owner, dict[str, Slot]] = {}
+        for owner in Owner:
+            fw = iw = 0
+            slots = out[owner] = {}
+            for f in self.of(owner):
+                if f.is_float:
+                    slots[f.name] = Slot(f, fw)
+                    fw += f.size
+                else:
+                    slots[f.name] = Slot(f, iw)
+                    iw += f.size
+        return out
+
+    @cached_property
+    def fingerprint(self) -> int:
+        """32-bit hash of the shape of every feature: blobs carry it so a mismatch is caught."""
+        shape = [(f.name, f.owner.value, f.kind.value, f.size) for f in self.features]
+        digest = hashlib.blake2b(json.dumps([self.name, shape]).encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "little")
+
+    def to_json(self) -> str:
+        """Serialise the registry, e.g. into warehouse file metadata."""
+        return json.dumps(
+            {
+                "name": self.name,
+                "version": self.version,
+                "features": [f.to_dict() for f in self.features],
+                "retired": self.retired,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureSet:
+        """Inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        feats = tuple(
+            Feature(f["name"], Owner(f["owner"]), Kind(f["kind"]), f["size"], f["vocab"], f.get("doc", ""))
+            for f in d["features"]
+        )
+        return cls(d["name"], d["version"], feats, dict(d.get("retired", {})))
+
+
+@dataclass
+class FeatureBlock:
+    """Features of N entities of one side, packed as the side's Layout says.
+
+    Attributes:
+        floats: ``(N, layout.float_width)`` float32.
+        ints: ``(N, layout.int_width)`` int32.
+
+    """
+
+    floats: np.ndarray
+    ints: np.ndarray
+
+    def __len__(self) -> int:
+        return self.floats.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by both blocks."""
+        return self.floats.nbytes + self.ints.nbytes
+
+    def take(self, rows: np.ndarray | slice) -> FeatureBlock:
+        """A block of the selected rows (a copy for index arrays, a view for slices)."""
+        return FeatureBlock(self.floats[rows], self.ints[rows])
+
+    def copy(self) -> FeatureBlock:
+        """An independent copy: freezing features means owning their bytes."""
+        return FeatureBlock(self.floats.copy(), self.ints.copy())
+
+    @staticmethod
+    def concat(blocks: list[FeatureBlock]) -> FeatureBlock:
+        """Stack blocks of the same layout row-wise."""
+        return FeatureBlock(
+            np.concatenate([b.floats for b in blocks]), np.concatenate([b.ints for b in blocks])
+        )
+
+    @staticmethod
+    def hstack(blocks: list[FeatureBlock]) -> FeatureBlock:
+        """Join blocks of different owners column-wise (e.g. user then context)."""
+        return FeatureBlock(np.hstack([b.floats for b in blocks]), np.hstack([b.ints for b in blocks]))
+
+    def row_fingerprints(self) -> np.ndarray:
+        """``(N,)`` uint64 hash of each row's exact bytes, to check frozen features byte for byte."""
+        bits = np.hstack([self.floats.view(np.uint32), self.ints.view(np.uint32)]).astype(np.uint64)
+        weights = np.random.default_rng(0x1EA4).integers(1, 2**63, size=bits.shape[1], dtype=np.uint64)
+        return (bits * weights).sum(axis=1, dtype=np.uint64)  # wraps modulo 2**64

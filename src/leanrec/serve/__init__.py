@@ -1,0 +1,5 @@
+"""The serving side of logging: what a ranking service does after it ranks."""
+
+from leanrec.serve.service import LoggingService, ServiceStats
+
+__all__ = ["LoggingService", "ServiceStats"]

@@ -1,0 +1,176 @@
+"""TransientStore: the short-lived key-value store that holds frozen features until they are joined.
+
+Batch-first: a logger writes a request's blobs in one ``put_many``, a joiner reads them in one
+``get_many``. Every entry carries a TTL, so nothing outlives the attribution window even if a joiner
+never comes for it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+from leanrec.clock import Clock, SystemClock
+
+
+class StoreFullError(RuntimeError):
+    """A write would exceed the store's byte bound; nothing of the batch was written."""
+
+
+@dataclass
+class TransientStats:
+    """Counters of a TransientStore since it was opened."""
+
+    writes: int = 0
+    bytes_written: int = 0
+    reads: int = 0
+    bytes_read: int = 0
+    hits: int = 0
+    misses: int = 0
+    expiries: int = 0
+    deletes: int = 0
+    rejected_writes: int = 0
+    keys_held: int = 0
+    bytes_held: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready counters."""
+        return asdict(self)
+
+
+@runtime_checkable
+class TransientStore(Protocol):
+    """Put, get and delete many entries, each with a time to live."""
+
+    def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        """Write all entries, each expiring ``ttl_ms`` from now; all or none are written."""
+        ...
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values in key order; ``None`` for a missing or expired key."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete the keys; returns how many existed."""
+        ...
+
+    def purge_expired(self) -> int:
+        """Drop every expired entry now; returns how many."""
+        ...
+
+    def stats(self) -> TransientStats:
+        """Counters since the store was opened."""
+        ...
+
+
+class MemoryTransientStore:
+    """In-process TransientStore with TTLs, a byte bound and counters.
+
+    Expired entries are dropped when read and by ``purge_expired`` (every write runs it too), so
+    the memory they held is released without a background thread. A write that would exceed
+    ``max_bytes`` after purging is refused whole with :class:`StoreFullError`; entries already held
+    are never evicted to make room, because they are labels waiting to be joined.
+
+    Args:
+        max_bytes: Bound on keys plus values held.
+        clock: Time source; inject a ManualClock to drive TTLs in tests and simulations.
+
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30, clock: Clock | None = None) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.clock = clock or SystemClock()
+        self._data: dict[str, tuple[bytes, int]] = {}
+        self._expiry: list[tuple[int, str]] = []
+        self._stats = TransientStats()
+
+    @staticmethod
+    def _size(key: str, value: bytes) -> int:
+        return len(key) + len(value)
+
+    def _drop(self, key: str) -> None:
+        value, _ = self._data.pop(key)
+        self._stats.keys_held -= 1
+        self._stats.bytes_held -= self._size(key, value)
+
+    def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        """Write all entries with one TTL; refuse the whole batch if it does not fit."""
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+        for key, value in items.items():
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
+        self.purge_expired()
+        incoming = sum(self._size(k, v) for k, v in items.items())
+        replaced = sum(self._size(k, self._data[k][0]) for k in items if k in self._data)
+        if self._stats.bytes_held + incoming - replaced > self.max_bytes:
+            self._stats.rejected_writes += len(items)
+            raise StoreFullError(
+                f"transient store full: holding {self._stats.bytes_held} B, batch of {incoming} B "
+                f"would exceed the bound of {self.max_bytes} B"
+            )
+        expire_at = self.clock.now_ms() + int(ttl_ms)
+        for key, value in items.items():
+            if key in self._data:
+                self._drop(key)
+            self._data[key] = (bytes(value), expire_at)
+            heapq.heappush(self._expiry, (expire_at, key))
+            self._stats.keys_held += 1
+            self._stats.bytes_held += self._size(key, value)
+            self._stats.bytes_written += len(value)
+        self._stats.writes += len(items)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read values; an entry past its TTL reads as missing and is dropped."""
+        now = self.clock.now_ms()
+        out: list[bytes | None] = []
+        for key in keys:
+            entry = self._data.get(key)
+            if entry is not None and entry[1] <= now:
+                self._drop(key)
+                self._stats.expiries += 1
+                entry = None
+            if entry is None:
+                self._stats.misses += 1
+                out.append(None)
+            else:
+                self._stats.hits += 1
+                self._stats.bytes_read += len(entry[0])
+                out.append(entry[0])
+        self._stats.reads += len(keys)
+        return out
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete the keys that exist."""
+        n = 0
+        for key in keys:
+            if key in self._data:
+                self._drop(key)
+                n += 1
+        self._stats.deletes += n
+        return n
+
+    def purge_expired(self) -> int:
+        """Drop every entry whose TTL has passed."""
+        now, n = self.clock.now_ms(), 0
+        while self._expiry and self._expiry[0][0] <= now:
+            expire_at, key = heapq.heappop(self._expiry)
+            entry = self._data.get(key)
+            if entry is not None and entry[1] == expire_at:  # not rewritten with a later TTL
+                self._drop(key)
+                n += 1
+        self._stats.expiries += n
+        if not self._data:
+            self._expiry.clear()
+        return n
+
+    def stats(self) -> TransientStats:
+        """A snapshot of the counters."""
+        return TransientStats(**asdict(self._stats))
+
+    def __len__(self) -> int:
+        return len(self._data)
