@@ -257,7 +257,7 @@ class World:
         self._set(b, Owner.USER, "u_hist_creator", np.where(pad, PAD_ID, self.item_creator[safe]))
 
     def _write_user_activity(self, b: FeatureBlock, rows: np.ndarray) -> None:
-        s, v, c, l = (self.user_counts[rows, j] for j in range(4))  # noqa: E741
+        s, v, c, l = (self.user_counts[rows, j] for j in range(4))
         act = np.stack(
             [
                 np.log1p(s),
@@ -295,7 +295,7 @@ class World:
         return b
 
     def _write_item_counters(self, b: FeatureBlock, rows: np.ndarray) -> None:
-        v, c, l = self.item_views[rows], self.item_clicks[rows], self.item_likes[rows]  # noqa: E741
+        v, c, l = self.item_views[rows], self.item_clicks[rows], self.item_likes[rows]
         f = self.creator_followers[self.item_creator[rows]]
         slots = self.featureset.owner_slots(Owner.ITEM)
         for name, values in (

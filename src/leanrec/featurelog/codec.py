@@ -143,7 +143,7 @@ def _impression_dtype(fs: FeatureSet) -> np.dtype:
     req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
     return np.dtype(
         [
-            ("header", "V%d" % HEADER_BYTES),
+            ("header", f"V{HEADER_BYTES}"),
             ("item_id", "<i4"),
             ("req_f", "<f4", (req.float_width,)),
             ("req_i", "<i4", (req.int_width,)),
@@ -171,7 +171,7 @@ def encode_impressions(
     n = len(item_ids)
     rec = np.empty(n, dtype=_impression_dtype(fs))
     headers = b"".join(_header(fs, BlobKind.IMPRESSION, p, 1) for p in range(n))
-    rec["header"] = np.frombuffer(headers, dtype="V%d" % HEADER_BYTES)
+    rec["header"] = np.frombuffer(headers, dtype=f"V{HEADER_BYTES}")
     rec["item_id"] = item_ids
     rec["req_f"] = request.floats
     rec["req_i"] = request.ints
