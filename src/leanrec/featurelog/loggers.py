@@ -91,6 +91,15 @@ class LoggerStats:
     write_failures: int = 0
     touch_after_release: int = 0  # events on a released context: only pages logged by then can join
     unknown_requests: int = 0
+    logged_by_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def count_logged(self, start: int, stop: int) -> None:
+        """Count positions ``start .. stop-1`` of one request as logged."""
+        if stop > len(self.logged_by_position):
+            grown = np.zeros(stop, np.int64)
+            grown[: len(self.logged_by_position)] = self.logged_by_position
+            self.logged_by_position = grown
+        self.logged_by_position[start:stop] += 1
 
 
 class FeatureLogger(Protocol):
@@ -182,7 +191,8 @@ class EagerLogger(_Base):
                 )
                 cost.ops += len(blobs)
                 cost.bytes_serialized += sum(map(len, blobs))
-            self._put({key(ref.request_id, f"i{p}"): blob for p, blob in enumerate(blobs)})
+            if self._put({key(ref.request_id, f"i{p}"): blob for p, blob in enumerate(blobs)}):
+                self.stats.count_logged(0, n)
         self._opened(refs)
 
     def paginate(self, ref: RequestRef, seen_up_to: int) -> int:
@@ -392,6 +402,7 @@ class LazyLogger(_Base):
             entries = {key(ref.request_id, "u"): user_blob, **self._encode_pages(ctx, [0])}
             if self._put(entries):
                 ctx.logged[0] = True
+                self.stats.count_logged(*self.paging.bounds(0, n))
             self.contexts.add(ctx)
         self._opened(refs)
 
@@ -402,6 +413,8 @@ class LazyLogger(_Base):
         todo = [int(p) for p in np.unique(pages) if p < len(ctx.logged) and not ctx.logged[p]]
         if todo and self._put(self._encode_pages(ctx, todo)):
             ctx.logged[todo] = True
+            for page in todo:
+                self.stats.count_logged(*self.paging.bounds(page, ref.n_items))
             setattr(self.stats, counter, getattr(self.stats, counter) + len(todo))
         if ctx.logged.all():
             self.contexts.release(ref.request_id, "completed")

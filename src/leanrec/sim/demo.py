@@ -141,14 +141,7 @@ def run_demo(
         "identical_examples": bool(identical),
         "traffic": {
             "viewed_items": traffic.viewed,
-            "median_depth_hint": float(
-                np.median(
-                    np.repeat(
-                        np.arange(1, len(traffic.viewed_by_position) + 1),
-                        -np.diff(np.append(traffic.viewed_by_position, 0)),
-                    )
-                )
-            ),
+            "median_depth": int((traffic.viewed_by_position >= traffic.requests / 2).sum()),
             "fast_scroll_sessions": traffic.fast_scroll_sessions,
             "signals_sent": traffic.signals_sent,
             "signals_lost": traffic.signals_lost,
@@ -179,6 +172,7 @@ def _path_figures(p: Pipeline, skewed: int, fresh_skew: int) -> dict:
         "kv_bytes_read": st.bytes_read,
         "kv_expiries": st.expiries,
         "kv_bytes_held_after": st.bytes_held,
+        "kv_peak_bytes_held": st.peak_bytes_held,
         "serialize_cpu_seconds": led["serialize"].cpu_seconds,
         "bytes_serialized": led["serialize"].bytes_serialized,
         "plumbing_cpu_seconds": led.total().cpu_seconds,
@@ -196,6 +190,8 @@ def _path_figures(p: Pipeline, skewed: int, fresh_skew: int) -> dict:
         "pages_on_signal": ls.pages_on_signal,
         "pages_on_touch": ls.pages_on_touch,
         "warehouse_bytes": p.warehouse.bytes_stored(),
+        "warehouse_bytes_per_example": p.warehouse.bytes_stored() / max(js.examples, 1),
+        "logged_by_position": ls.logged_by_position.tolist(),
         "warehouse_files": len(p.warehouse._files),
         "stage_bytes": {
             "serialized": led["serialize"].bytes_serialized,

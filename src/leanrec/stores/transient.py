@@ -34,6 +34,7 @@ class TransientStats:
     rejected_writes: int = 0
     keys_held: int = 0
     bytes_held: int = 0
+    peak_bytes_held: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """JSON-ready counters."""
@@ -123,6 +124,7 @@ class MemoryTransientStore:
             self._stats.bytes_held += self._size(key, value)
             self._stats.bytes_written += len(value)
         self._stats.writes += len(items)
+        self._stats.peak_bytes_held = max(self._stats.peak_bytes_held, self._stats.bytes_held)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """Read values; an entry past its TTL reads as missing and is dropped."""

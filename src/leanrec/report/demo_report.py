@@ -1,0 +1,188 @@
+"""What ``leanrec demo`` shows: a side-by-side table, ``report.json`` and ``report.html``.
+
+Every figure is a pair measured in the same run, naive and lean, with the ratio lean / naive.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt
+import numpy as np
+from rich.table import Table
+
+# (key in report.json, label, unit) of the rows shown side by side, in order.
+ROWS: tuple[tuple[str, str, str], ...] = (
+    ("kv_writes", "transient-store writes", "count"),
+    ("kv_bytes_written", "transient-store bytes written", "bytes"),
+    ("kv_bytes_read", "transient-store bytes read", "bytes"),
+    ("bytes_serialized", "bytes serialized", "bytes"),
+    ("serialize_cpu_seconds", "serialization CPU", "seconds"),
+    ("plumbing_cpu_seconds", "plumbing CPU, all stages", "seconds"),
+    ("kv_peak_bytes_held", "transient store held, peak", "bytes"),
+    ("context_peak_bytes", "ranked contexts held by the logger, peak", "bytes"),
+    ("context_byte_seconds", "ranked contexts held by the logger", "byte·s"),
+    ("examples", "training examples", "count"),
+    ("labels_lost", "labels lost", "count"),
+    ("skewed_examples", "skewed examples", "count"),
+    ("fresh_join_would_skew", "examples a fresh feature lookup would skew", "count"),
+    ("warehouse_bytes", "warehouse bytes", "bytes"),
+    ("warehouse_bytes_per_example", "warehouse bytes per example", "bytes"),
+    ("events_refused", "events refused (malformed)", "count"),
+    ("duplicate_events", "duplicate events absorbed", "count"),
+    ("late_events", "late events counted", "count"),
+)
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "bytes" or unit == "byte·s":
+        for scale, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+            if abs(value) >= scale:
+                suffix = "·s" if unit == "byte·s" else ""
+                return f"{value / scale:,.2f} {name}{suffix}"
+        return f"{value:,.0f} B" + ("·s" if unit == "byte·s" else "")
+    if unit == "seconds":
+        return f"{value:,.3f} s"
+    return f"{value:,.0f}"
+
+
+def _ratio(naive: float, lean: float) -> str:
+    if naive == 0:
+        return "—" if lean == 0 else "n/a"
+    return f"{lean / naive:.3f}"
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(label, naive, lean, lean/naive) per row, formatted."""
+    out = []
+    for key, label, unit in ROWS:
+        pair = report.get(key)
+        if not isinstance(pair, dict):
+            continue
+        out.append(
+            (label, _fmt(pair["naive"], unit), _fmt(pair["lean"], unit), _ratio(pair["naive"], pair["lean"]))
+        )
+    return out
+
+
+def render_table(report: dict) -> Table:
+    """The side-by-side table for the terminal."""
+    table = Table(
+        title=f"leanrec demo — {report['requests']:,} requests, seed {report['seed']}: naive vs lean",
+        caption=f"identical examples on both paths: {report['identical_examples']} · "
+        f"wall time {report['wall_seconds']:.1f} s",
+    )
+    table.add_column("figure")
+    table.add_column("naive", justify="right")
+    table.add_column("lean", justify="right")
+    table.add_column("lean / naive", justify="right", style="bold")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def write_json(report: dict, path: Path) -> None:
+    """Write ``report.json``."""
+    path.write_text(json.dumps(report, indent=2, sort_keys=False))
+
+
+def _png(fig: plt.Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_positions(report: dict) -> str:
+    """Views by scroll position against positions logged by each policy (PNG, base64)."""
+    views = np.array(report["traffic"]["views_by_position"], float)
+    pos = np.arange(1, len(views) + 1)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(pos, views, color="black", lw=2, label="items viewed")
+    for name, color in (("naive", "tab:red"), ("lean", "tab:green")):
+        logged = np.array(report["logged_by_position"][name], float)
+        ax.step(
+            np.arange(1, len(logged) + 1), logged, where="mid", color=color, label=f"features logged: {name}"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("scroll position")
+    ax.set_ylabel("requests")
+    ax.set_title("What users saw, and what each policy logged")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_bytes(report: dict) -> str:
+    """Bytes by stage for each path (PNG, base64)."""
+    stages = list(report["stage_bytes"]["naive"])
+    x = np.arange(len(stages))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, color) in enumerate((("naive", "tab:red"), ("lean", "tab:green"))):
+        values = [max(report["stage_bytes"][name][s], 1) for s in stages]
+        ax.bar(x + (i - 0.5) * 0.4, values, 0.4, color=color, label=name)
+    ax.set_xticks(x, [s.replace("_", " ") for s in stages])
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes")
+    ax.set_title("Bytes by stage")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_cpu(report: dict) -> str:
+    """CPU seconds by stage for each path (PNG, base64)."""
+    ledgers = {name: report["ledger"][name] for name in ("naive", "lean")}
+    stages = sorted(set(ledgers["naive"]) | set(ledgers["lean"]))
+    x = np.arange(len(stages))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, color) in enumerate((("naive", "tab:red"), ("lean", "tab:green"))):
+        values = [ledgers[name].get(s, {}).get("cpu_seconds", 0.0) for s in stages]
+        ax.bar(x + (i - 0.5) * 0.4, values, 0.4, color=color, label=name)
+    ax.set_xticks(x, [s.replace("_", " ") for s in stages], rotation=20)
+    ax.set_ylabel("CPU seconds")
+    ax.set_title("Plumbing CPU by stage")
+    ax.legend()
+    return _png(fig)
+
+
+def write_html(report: dict, path: Path) -> None:
+    """Write ``report.html``: the table and three plots, self-contained."""
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in summary_rows(report)
+    )
+    plots = "".join(
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{png}"></figure>'
+        for alt, png in (
+            ("views and logged positions by scroll position", plot_positions(report)),
+            ("bytes by stage", plot_bytes(report)),
+            ("CPU seconds by stage", plot_cpu(report)),
+        )
+    )
+    fs = report["featureset"]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>leanrec demo report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: .3rem .8rem; border-bottom: 1px solid #ddd; }}
+td:not(:first-child) {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td:last-child {{ font-weight: bold; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>leanrec demo: naive vs lean plumbing</h1>
+<p>{report["requests"]:,} ranked requests (seed {report["seed"]}), the same traffic through both paths in one
+process. FeatureSet <code>{html.escape(fs["name"])}</code> v{fs["version"]}: {fs["features"]} features,
+{fs["request_side_bytes"]:,} B per request side, {fs["item_side_bytes"]:,} B per item.
+Identical examples on both paths: <b>{report["identical_examples"]}</b>.
+Wall time {report["wall_seconds"]:.1f} s.</p>
+<p>Naive: every ranked item logged at rank time with the whole scored vector, impression-level warehouse.
+Lean: user features once per request, head of the list at rank time and later pages when the user
+scrolls there (or an event touches them), request-level warehouse.</p>
+<table><tr><th>figure</th><th>naive</th><th>lean</th><th>lean / naive</th></tr>{rows}</table>
+{plots}
+</body></html>"""
+    path.write_text(page)
