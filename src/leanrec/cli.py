@@ -38,7 +38,14 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     if out.exists() and not out.is_dir():
         console.print(f"[red]error:[/red] --out {out} exists and is not a folder")
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".leanrec-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        console.print(f"[red]error:[/red] cannot write to --out {out}: {exc.strerror or exc}")
+        return 2
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("ranking, logging, joining", total=args.requests)

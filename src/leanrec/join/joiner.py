@@ -52,6 +52,7 @@ class JoinStats:
     examples: int = 0
     positives: int = 0
     labels_lost: int = 0  # a viewed item whose frozen features were not found
+    requests_without_features: int = 0  # the request side itself was gone (expired or never written)
     events_joined: int = 0
     duplicate_events: int = 0
     mismatched_events: int = 0  # item id differs from the one logged at that position
@@ -192,6 +193,8 @@ class LabelJoiner:
         self._ack.extend(state.message_ids)
         self._delete.extend(self.logger.keys(ref))
         self._joined[ref.request_id] = self.clock.now_ms()
+        if fetched.request is None and len(viewed):
+            self.stats.requests_without_features += 1
         if fetched.request is None or len(positions) == 0:
             return None  # no example: nothing for the warehouse (both layouts agree on that)
         return RequestRecord(

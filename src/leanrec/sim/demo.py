@@ -192,7 +192,7 @@ def _path_figures(p: Pipeline, skewed: int, fresh_skew: int) -> dict:
         "warehouse_bytes": p.warehouse.bytes_stored(),
         "warehouse_bytes_per_example": p.warehouse.bytes_stored() / max(js.examples, 1),
         "logged_by_position": ls.logged_by_position.tolist(),
-        "warehouse_files": len(p.warehouse._files),
+        "warehouse_files": len(p.warehouse.files),
         "stage_bytes": {
             "serialized": led["serialize"].bytes_serialized,
             "kv_written": led["kv_write"].bytes_written,

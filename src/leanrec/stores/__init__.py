@@ -30,7 +30,7 @@ def open_transient_store(url: str, clock: Clock | None = None) -> TransientStore
     """
     parsed = urlparse(url)
     if parsed.scheme == "memory":
-        opts = parse_qs(parsed.query)
+        opts = parse_qs(parsed.query, keep_blank_values=True)  # "max_bytes=" is malformed, not unset
         try:
             max_bytes = int(opts.get("max_bytes", [str(1 << 30)])[0])
         except ValueError:

@@ -105,6 +105,8 @@ class MemoryTransientStore:
         for key, value in items.items():
             if not isinstance(value, bytes | bytearray | memoryview):
                 raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
+        # Sizes are byte lengths: len() of a memoryview counts elements, not bytes.
+        items = {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
         self.purge_expired()
         incoming = sum(self._size(k, v) for k, v in items.items())
         replaced = sum(self._size(k, self._data[k][0]) for k in items if k in self._data)
@@ -118,7 +120,7 @@ class MemoryTransientStore:
         for key, value in items.items():
             if key in self._data:
                 self._drop(key)
-            self._data[key] = (bytes(value), expire_at)
+            self._data[key] = (value, expire_at)
             heapq.heappush(self._expiry, (expire_at, key))
             self._stats.keys_held += 1
             self._stats.bytes_held += self._size(key, value)
@@ -147,12 +149,16 @@ class MemoryTransientStore:
         return out
 
     def delete_many(self, keys: Sequence[str]) -> int:
-        """Delete the keys that exist."""
-        n = 0
+        """Delete the keys that exist; an entry past its TTL no longer exists (it counts as expired)."""
+        now, n = self.clock.now_ms(), 0
         for key in keys:
-            if key in self._data:
+            entry = self._data.get(key)
+            if entry is not None:
                 self._drop(key)
-                n += 1
+                if entry[1] <= now:
+                    self._stats.expiries += 1
+                else:
+                    n += 1
         self._stats.deletes += n
         return n
 

@@ -117,6 +117,11 @@ class ParquetWarehouse:
         self._files.extend(written)
         return written
 
+    @property
+    def files(self) -> list[str]:
+        """Paths of the files this writer committed."""
+        return list(self._files)
+
     def read(self) -> pa.Table:
         """All committed files of this warehouse."""
         return read_table(self.uri, self.featureset, self.layout)
