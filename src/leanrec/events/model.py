@@ -123,6 +123,10 @@ class EventBatch:
                 fields_ = (rec["position"], rec["item_id"], rec["ts_ms"])
                 if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields_):
                     raise ValueError("position, item_id and ts_ms must be integers")
+                if not (-(2**31) <= fields_[0] < 2**31 and -(2**31) <= fields_[1] < 2**31):
+                    raise ValueError("position and item_id must fit in 32 bits")  # never wrap around
+                if not -(2**63) <= fields_[2] < 2**63:
+                    raise ValueError("ts_ms must fit in 64 bits")
                 value = rec.get("value", 0.0)
                 if not isinstance(value, int | float) or isinstance(value, bool):
                     raise ValueError("value must be a number")

@@ -193,9 +193,10 @@ def decode_impressions(
 
     """
     dtype = _impression_dtype(fs)
-    bad = [len(b) for b in blobs if len(b) != dtype.itemsize]
+    bad = [b for b in blobs if len(b) != dtype.itemsize]
     if bad:
-        raise CodecError(f"IMPRESSION blob is {bad[0]} B, layout needs {dtype.itemsize} B")
+        _check(fs, bad[0], BlobKind.IMPRESSION)  # a blob of another FeatureSet: say so, not just its size
+        raise CodecError(f"IMPRESSION blob is {len(bad[0])} B, layout needs {dtype.itemsize} B")
     if not blobs:
         empty = np.empty(0, np.int32)
         return empty, empty, fs.layout(Side.REQUEST).zeros(), fs.layout(Side.ITEM).zeros()

@@ -90,7 +90,7 @@ class LoggerStats:
     pages_on_touch: int = 0
     write_failures: int = 0
     touch_after_release: int = 0  # events on a released context: only pages logged by then can join
-    unknown_requests: int = 0
+    signals_after_release: int = 0  # context completed, expired or never known: nothing left to log
     logged_by_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def count_logged(self, start: int, stop: int) -> None:
@@ -268,6 +268,7 @@ class ContextStats:
     completed: int = 0  # every page logged
     expired: int = 0  # idle or past their age limit
     evicted: int = 0  # pushed out by the byte bound
+    replaced: int = 0  # the same request id was logged again
 
 
 class ContextCache:
@@ -299,6 +300,7 @@ class ContextCache:
 
     def add(self, ctx: RequestContext) -> None:
         """Hold a new context, evicting the least recently touched while over the byte bound."""
+        self.release(ctx.ref.request_id, "replaced")  # a request logged twice replaces its context
         self._ctx[ctx.ref.request_id] = ctx
         self.stats.held += 1
         self.stats.bytes_held += ctx.nbytes
@@ -428,7 +430,7 @@ class LazyLogger(_Base):
         pages = np.arange(int(self.paging.page_of(np.array([last]))[0]) + 1)
         logged = self._log_pages(ref, pages, "pages_on_signal")
         if logged < 0:
-            self.stats.unknown_requests += 1
+            self.stats.signals_after_release += 1
             return 0
         return logged
 

@@ -158,6 +158,10 @@ class LabelJoiner:
         self.stats.events_joined += len(ev)
         keys = np.stack([ev.position.astype(np.int64), ev.kind.astype(np.int64), ev.ts_ms])
         self.stats.duplicate_events += len(ev) - (np.unique(keys, axis=1).shape[1] if len(ev) else 0)
+        # A client presents its own RequestRef: positions past the list that was ranked name no item.
+        off_list = (ev.position < 0) | (ev.position >= ref.n_items)
+        self.stats.mismatched_events += int(off_list.sum())
+        ev = ev.take(~off_list)
         fetched = self.logger.fetch(ref, np.unique(ev.position))
         with self.ledger.cpu("join") as cost:
             viewed = np.unique(ev.position)

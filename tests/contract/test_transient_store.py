@@ -1,0 +1,349 @@
+"""Contract suite of the TransientStore protocol: every backend must pass it unchanged.
+
+Backends are built from a URL, as the configuration builds them. To run the suite against another
+backend, add its URL to ``STORE_URLS`` (e.g. ``redis://127.0.0.1:6379/15``). Every test expects a fresh,
+empty store (its counters and ``keys_held`` start at zero), so a server backend must start each store on
+an empty database (e.g. flush the test database when ``store_factory`` opens it). A backend whose URL
+scheme is not ``memory`` runs on real time: ``advance`` sleeps, so every TTL below is short.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from leanrec.clock import ManualClock
+from leanrec.stores import MemoryTransientStore, StoreFullError, TransientStore, open_transient_store
+
+STORE_URLS = [
+    pytest.param("memory://", id="memory"),
+    # pytest.param("redis://127.0.0.1:6379/15", id="redis"),  # with the Redis backend
+]
+
+TTL_MS = 300
+"""Short enough that a real-time backend sleeps through the suite in a few seconds."""
+
+Advance = Callable[[int], None]
+StoreFactory = Callable[..., tuple[TransientStore, Advance]]
+
+
+def _with_max_bytes(url: str, max_bytes: int | None) -> str:
+    if max_bytes is None:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}max_bytes={max_bytes}"
+
+
+@pytest.fixture(params=STORE_URLS)
+def store_url(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def store_factory(store_url: str) -> Iterator[StoreFactory]:
+    """Builds empty stores of one backend: ``make(max_bytes=None) -> (store, advance_ms)``.
+
+    The in-memory store gets a ManualClock, so ``advance_ms`` moves its time instantly; a real-time
+    backend is driven by sleeping.
+    """
+    made: list[TransientStore] = []
+
+    def make(max_bytes: int | None = None) -> tuple[TransientStore, Advance]:
+        url = _with_max_bytes(store_url, max_bytes)
+        advance: Advance
+        if store_url.startswith("memory://"):
+            clock = ManualClock(1_700_000_000_000)
+            store = open_transient_store(url, clock=clock)
+            advance = clock.advance
+        else:
+            store = open_transient_store(url)
+
+            def advance(ms: int) -> None:
+                time.sleep(ms / 1000)
+
+        made.append(store)
+        return store, advance
+
+    yield make
+    for store in made:
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+
+
+def _key(i: int, suffix: str = "u") -> str:
+    return f"lr:{{contract-r{i}}}:{suffix}"
+
+
+# ----------------------------------------------------------------------------------- round trip
+def test_round_trip_in_key_order_with_misses_as_none(store_factory: StoreFactory) -> None:
+    store, _ = store_factory()
+    items = {_key(i): bytes([i]) * (i + 1) for i in range(5)}
+    store.put_many(items, TTL_MS * 100)
+    asked = [_key(3), _key(99), _key(0), _key(4), _key(98), _key(3)]
+    got = store.get_many(asked)
+    assert got == [items[_key(3)], None, items[_key(0)], items[_key(4)], None, items[_key(3)]]
+
+
+def test_round_trip_is_byte_exact_for_binary_values(store_factory: StoreFactory) -> None:
+    store, _ = store_factory()
+    rng = np.random.default_rng(3)
+    items = {_key(i, f"p{i}"): rng.integers(0, 256, 1_000 + i, dtype=np.uint8).tobytes() for i in range(8)}
+    items[_key(100)] = b""  # an empty value is a value, not a miss
+    items[_key(101)] = b"\x00" * 64
+    store.put_many(items, TTL_MS * 100)
+    keys = list(items)
+    assert store.get_many(keys) == [items[k] for k in keys]
+
+
+def test_get_many_of_no_keys_is_empty(store_factory: StoreFactory) -> None:
+    store, _ = store_factory()
+    assert store.get_many([]) == []
+
+
+def test_bytes_like_values_are_stored_and_accounted_as_their_bytes(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    floats = np.arange(10, dtype="<f4")  # a memoryview of it has 10 elements but 40 bytes
+    buf = bytearray(b"abc")
+    items = {_key(0): buf, _key(1): memoryview(floats)}
+    store.put_many(items, TTL_MS)
+    buf[:] = b"XYZ"  # the store holds its own bytes
+    floats[:] = -1
+    assert store.get_many([_key(0), _key(1)]) == [b"abc", np.arange(10, dtype="<f4").tobytes()]
+    stats = store.stats()
+    assert stats.bytes_written == 3 + 40
+    assert stats.bytes_held >= 3 + 40
+    advance(TTL_MS * 2)
+    store.purge_expired()
+    assert store.stats().bytes_held == 0
+    assert store.stats().keys_held == 0
+
+
+# ----------------------------------------------------------------------------------- TTL
+def test_key_is_present_before_its_ttl_and_gone_after(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    store.put_many({_key(0): b"frozen"}, TTL_MS)
+    advance(TTL_MS // 3)
+    assert store.get_many([_key(0)]) == [b"frozen"]
+    advance(TTL_MS)  # now 4/3 of the TTL after the write
+    assert store.get_many([_key(0)]) == [None]
+
+
+def test_entries_of_one_batch_share_the_ttl_but_batches_keep_their_own(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    store.put_many({_key(0): b"a", _key(1): b"b"}, TTL_MS)
+    advance(TTL_MS // 2)
+    store.put_many({_key(2): b"c"}, TTL_MS)
+    advance(TTL_MS * 3 // 4)  # first batch is past its TTL, second is not
+    assert store.get_many([_key(0), _key(1), _key(2)]) == [None, None, b"c"]
+
+
+def test_rewriting_a_key_with_a_later_ttl_keeps_it_alive(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    store.put_many({_key(0): b"v1", _key(1): b"other"}, TTL_MS)
+    advance(TTL_MS // 2)
+    store.put_many({_key(0): b"v2"}, TTL_MS)
+    advance(TTL_MS * 3 // 4)  # past the first TTL, inside the second
+    assert store.purge_expired() == 1  # only the key that was not rewritten
+    assert store.get_many([_key(0), _key(1)]) == [b"v2", None]
+    stats = store.stats()
+    assert stats.keys_held == 1
+    assert stats.bytes_held >= len(b"v2")
+    advance(TTL_MS)
+    assert store.get_many([_key(0)]) == [None]
+
+
+def test_purge_expired_releases_all_memory(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    for batch in range(4):
+        store.put_many({_key(batch * 10 + i): b"x" * 500 for i in range(10)}, TTL_MS)
+    held = store.stats()
+    assert held.keys_held == 40
+    assert held.bytes_held >= 40 * 500
+    advance(TTL_MS + TTL_MS // 3)
+    assert store.purge_expired() == 40
+    stats = store.stats()
+    assert stats.keys_held == 0
+    assert stats.bytes_held == 0
+    assert stats.expiries == 40
+    assert store.purge_expired() == 0  # nothing left to purge
+    if isinstance(store, MemoryTransientStore):
+        assert len(store) == 0
+
+
+def test_purge_keeps_live_entries(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    store.put_many({_key(0): b"short"}, TTL_MS)
+    store.put_many({_key(1): b"long"}, TTL_MS * 100)
+    advance(TTL_MS + TTL_MS // 3)
+    assert store.purge_expired() == 1
+    assert store.get_many([_key(0), _key(1)]) == [None, b"long"]
+    assert store.stats().keys_held == 1
+
+
+# ----------------------------------------------------------------------------------- delete
+def test_delete_many_returns_how_many_existed(store_factory: StoreFactory) -> None:
+    store, _ = store_factory()
+    store.put_many({_key(i): b"v" * 10 for i in range(4)}, TTL_MS * 100)
+    assert store.delete_many([_key(0), _key(2), _key(77)]) == 2
+    assert store.get_many([_key(i) for i in range(4)]) == [None, b"v" * 10, None, b"v" * 10]
+    assert store.delete_many([_key(0), _key(2)]) == 0  # gone already
+    assert store.delete_many([]) == 0
+    stats = store.stats()
+    assert stats.keys_held == 2
+    assert store.delete_many([_key(1), _key(3)]) == 2
+    assert store.stats().keys_held == 0
+    assert store.stats().bytes_held == 0
+
+
+def test_delete_many_does_not_count_expired_keys(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    store.put_many({_key(0): b"old"}, TTL_MS)
+    store.put_many({_key(1): b"live"}, TTL_MS * 100)
+    advance(TTL_MS + TTL_MS // 3)
+    assert store.delete_many([_key(0), _key(1)]) == 1  # an expired key no longer exists
+    assert store.stats().keys_held == 0
+    assert store.stats().bytes_held == 0
+
+
+# ----------------------------------------------------------------------------------- counters
+def test_counters_count_writes_bytes_hits_misses_and_expiries(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    assert store.stats().writes == 0
+    store.put_many({_key(0): b"a" * 10, _key(1): b"b" * 20}, TTL_MS)
+    store.put_many({_key(2): b"c" * 30}, TTL_MS)
+    stats = store.stats()
+    assert (stats.writes, stats.bytes_written) == (3, 60)
+    assert (stats.keys_held, stats.hits, stats.misses) == (3, 0, 0)
+
+    store.get_many([_key(0), _key(9), _key(2), _key(8), _key(7)])
+    stats = store.stats()
+    assert (stats.hits, stats.misses) == (2, 3)
+    assert stats.bytes_read == 40
+    assert stats.reads == 5
+
+    advance(TTL_MS + TTL_MS // 3)
+    store.get_many([_key(1)])  # expired: a miss
+    store.purge_expired()
+    store.get_many([_key(0), _key(2)])
+    stats = store.stats()
+    assert stats.expiries == 3  # each expired entry counted once, at read or at purge
+    assert (stats.hits, stats.misses) == (2, 6)
+    assert (stats.keys_held, stats.bytes_held) == (0, 0)
+    assert (stats.writes, stats.bytes_written) == (3, 60)  # reads and expiries write nothing
+
+
+def test_stats_is_a_snapshot(store_factory: StoreFactory) -> None:
+    store, _ = store_factory()
+    before = store.stats()
+    store.put_many({_key(0): b"x"}, TTL_MS)
+    assert before.writes == 0
+    assert store.stats().writes == 1
+
+
+# ----------------------------------------------------------------------------------- byte bound
+def test_batch_that_does_not_fit_is_refused_whole_and_nothing_held_is_lost(
+    store_factory: StoreFactory,
+) -> None:
+    store, _ = store_factory(max_bytes=10_000)
+    held = {_key(0): b"a" * 3_000, _key(1): b"b" * 3_000}
+    store.put_many(held, TTL_MS * 100)
+    too_big = {_key(0): b"A" * 3_000, _key(2): b"c" * 3_000, _key(3): b"d" * 3_000}
+    with pytest.raises(StoreFullError):
+        store.put_many(too_big, TTL_MS * 100)
+    got = store.get_many([_key(0), _key(1), _key(2), _key(3)])
+    assert got == [held[_key(0)], held[_key(1)], None, None]  # _key(0) keeps its old value
+    stats = store.stats()
+    assert stats.keys_held == 2
+    assert stats.writes == 2
+    assert stats.bytes_written == 6_000
+    assert stats.rejected_writes == 3
+    # a batch that fits still goes in
+    store.put_many({_key(4): b"e" * 1_000}, TTL_MS * 100)
+    assert store.get_many([_key(4)]) == [b"e" * 1_000]
+
+
+def test_a_single_batch_larger_than_the_bound_is_refused(store_factory: StoreFactory) -> None:
+    store, _ = store_factory(max_bytes=1_000)
+    with pytest.raises(StoreFullError, match="1000"):
+        store.put_many({_key(0): b"x" * 2_000}, TTL_MS)
+    assert store.get_many([_key(0)]) == [None]
+    assert store.stats().keys_held == 0
+    assert store.stats().bytes_held == 0
+
+
+def test_rewriting_a_key_counts_only_the_new_value_against_the_bound(store_factory: StoreFactory) -> None:
+    store, _ = store_factory(max_bytes=10_000)
+    store.put_many({_key(0): b"a" * 6_000}, TTL_MS * 100)
+    store.put_many({_key(0): b"b" * 7_000}, TTL_MS * 100)  # replaces, does not add up to 13,000
+    assert store.get_many([_key(0)]) == [b"b" * 7_000]
+    assert store.stats().keys_held == 1
+
+
+def test_expired_entries_do_not_count_against_the_bound(store_factory: StoreFactory) -> None:
+    store, advance = store_factory(max_bytes=10_000)
+    store.put_many({_key(0): b"a" * 6_000}, TTL_MS)
+    with pytest.raises(StoreFullError):
+        store.put_many({_key(1): b"b" * 6_000}, TTL_MS)
+    advance(TTL_MS + TTL_MS // 3)
+    store.put_many({_key(1): b"b" * 6_000}, TTL_MS)
+    assert store.get_many([_key(0), _key(1)]) == [None, b"b" * 6_000]
+
+
+# ----------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("bad", ["text", 42, None, [1, 2], np.zeros(3, np.uint8)])
+def test_non_bytes_values_are_refused_and_nothing_is_written(
+    store_factory: StoreFactory, bad: object
+) -> None:
+    store, _ = store_factory()
+    with pytest.raises(TypeError, match=r"contract-r1"):
+        store.put_many({_key(0): b"good", _key(1): bad}, TTL_MS)  # type: ignore[dict-item]
+    assert store.get_many([_key(0), _key(1)]) == [None, None]
+    assert store.stats().writes == 0
+    assert store.stats().keys_held == 0
+
+
+@pytest.mark.parametrize("ttl", [0, -1, -TTL_MS])
+def test_non_positive_ttl_is_refused(store_factory: StoreFactory, ttl: int) -> None:
+    store, _ = store_factory()
+    with pytest.raises(ValueError, match="ttl_ms"):
+        store.put_many({_key(0): b"x"}, ttl)
+    assert store.get_many([_key(0)]) == [None]
+    assert store.stats().writes == 0
+
+
+# ----------------------------------------------------------------------------------- URLs
+@pytest.mark.parametrize("url", ["ftp://host/x", "memcached://127.0.0.1:11211", "nothing-at-all"])
+def test_open_refuses_unknown_schemes(url: str) -> None:
+    with pytest.raises(ValueError, match="backend") as err:
+        open_transient_store(url)
+    assert url in str(err.value)
+    assert "memory://" in str(err.value)  # says what is known
+
+
+@pytest.mark.parametrize("value", ["lots", "1.5", "", "12abc"])
+def test_open_refuses_a_malformed_max_bytes(store_url: str, value: str) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        open_transient_store(f"{store_url}{'&' if '?' in store_url else '?'}max_bytes={value}")
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_open_refuses_a_non_positive_max_bytes(store_url: str, value: str) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        open_transient_store(f"{store_url}{'&' if '?' in store_url else '?'}max_bytes={value}")
+
+
+def test_open_applies_max_bytes(store_factory: StoreFactory) -> None:
+    store, _ = store_factory(max_bytes=2_000)
+    store.put_many({_key(0): b"x" * 1_500}, TTL_MS)
+    with pytest.raises(StoreFullError):
+        store.put_many({_key(1): b"y" * 1_500}, TTL_MS)
+
+
+def test_memory_url_builds_the_embedded_store() -> None:
+    store = open_transient_store("memory://?max_bytes=4096", clock=ManualClock())
+    assert isinstance(store, MemoryTransientStore)
+    assert isinstance(store, TransientStore)
+    assert store.max_bytes == 4096

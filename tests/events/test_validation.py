@@ -1,0 +1,294 @@
+"""Event validation, record parsing, and the serving entry points that use them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leanrec.clock import ManualClock
+from leanrec.energy import CostLedger
+from leanrec.events import EventBatch, EventKind, EventLimits, MemoryEventBus, RequestRef, validate
+from leanrec.featurelog import ContextCache, LazyLogger, Paging, key
+from leanrec.funnel import Funnel
+from leanrec.serve import LoggingService
+from leanrec.stores import MemoryTransientStore
+from leanrec.world import World
+
+T0 = 1_700_000_000_000
+REF = RequestRef("r1", user_id=5, ts_ms=T0, n_items=100)
+LIMITS = EventLimits(max_events=50, window_ms=600_000, max_watch_ms=3_600_000.0)
+
+
+def _batch(rows: list[tuple[int, int, int, int, float]], request_id: str = "r1") -> EventBatch:
+    """Rows of (position, item_id, kind, ts_ms, value)."""
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * 5
+    return EventBatch(
+        request_id,
+        np.asarray(cols[0], np.int32),
+        np.asarray(cols[1], np.int32),
+        np.asarray(cols[2], np.int8),
+        np.asarray(cols[3], np.int64),
+        np.asarray(cols[4], np.float32),
+    )
+
+
+GOOD = [
+    (0, 100, EventKind.VIEW, T0 + 1_000, 0.0),
+    (3, 103, EventKind.CLICK, T0 + 2_000, 0.0),
+    (3, 103, EventKind.WATCH, T0 + 9_000, 12_000.0),
+    (99, 199, EventKind.LIKE, T0 + LIMITS.window_ms, 0.0),  # last position, last moment: still fine
+    (7, 107, EventKind.SHARE, T0, 0.0),  # at rank time: fine
+    (8, 108, EventKind.WATCH, T0 + 5, LIMITS.max_watch_ms),  # the longest plausible watch
+]
+
+BAD = {
+    "unknown_kind": [(4, 104, 9, T0 + 1_000, 0.0), (4, 104, -1, T0 + 1_000, 0.0)],
+    "bad_position": [(100, 1, EventKind.VIEW, T0 + 1, 0.0), (-1, 1, EventKind.VIEW, T0 + 1, 0.0)],
+    "before_rank": [(1, 101, EventKind.CLICK, T0 - 1, 0.0)],
+    "late": [(1, 101, EventKind.CLICK, T0 + LIMITS.window_ms + 1, 0.0)],
+    "bad_value": [
+        (2, 102, EventKind.WATCH, T0 + 10, float("nan")),
+        (2, 102, EventKind.WATCH, T0 + 10, -1.0),
+        (2, 102, EventKind.WATCH, T0 + 10, LIMITS.max_watch_ms + 1_000),
+        (2, 102, EventKind.WATCH, T0 + 10, float("inf")),
+    ],
+}
+
+MESSAGE_SAYS = {
+    "unknown_kind": "kind",
+    "bad_position": "position outside the ranked list of 100",
+    "before_rank": "before the ranking",
+    "late": "after the attribution window of 600000 ms",
+    "bad_value": "value must be finite",
+}
+
+
+def _rows_of(batch: EventBatch) -> list[tuple[int, int, int, int, float]]:
+    return list(
+        zip(
+            batch.position.tolist(),
+            batch.item_id.tolist(),
+            batch.kind.tolist(),
+            batch.ts_ms.tolist(),
+            batch.value.tolist(),
+            strict=True,
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------- validate
+def test_a_good_batch_is_kept_whole() -> None:
+    kept, report = validate(_batch(GOOD), REF, LIMITS)
+    assert _rows_of(kept) == [(p, i, int(k), t, v) for p, i, k, t, v in GOOD]
+    assert report.total == 0
+    assert not report.refused
+    assert report.messages == {}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD))
+def test_each_bad_event_is_refused_counted_and_explained_and_the_good_kept(reason: str) -> None:
+    bad = BAD[reason]
+    rows = [GOOD[0], bad[0], GOOD[1], *bad[1:], GOOD[2]]
+    kept, report = validate(_batch(rows), REF, LIMITS)
+    assert report.refused == {reason: len(bad)}
+    assert report.total == len(bad)
+    assert MESSAGE_SAYS[reason] in report.messages[reason]
+    assert _rows_of(kept) == [(p, i, int(k), t, v) for p, i, k, t, v in (GOOD[0], GOOD[1], GOOD[2])]
+    assert kept.request_id == "r1"
+
+
+def test_every_reason_in_one_batch_each_counted_once() -> None:
+    rows = [r for bad in BAD.values() for r in bad] + GOOD
+    # an event wrong in two ways is counted under one reason only
+    rows.append((200, 1, 9, T0 - 5, float("nan")))
+    kept, report = validate(_batch(rows), REF, LIMITS)
+    assert len(kept) == len(GOOD)
+    assert report.total == len(rows) - len(GOOD)
+    assert set(report.refused) == set(BAD)
+    for reason, bad in BAD.items():
+        assert report.refused[reason] >= len(bad)
+
+
+def test_too_many_events_refuse_the_batch() -> None:
+    rows = [(i % 100, i, EventKind.VIEW, T0 + i, 0.0) for i in range(LIMITS.max_events + 1)]
+    kept, report = validate(_batch(rows), REF, LIMITS)
+    assert len(kept) == 0
+    assert report.refused == {"too_many": 51}
+    assert "51 events" in report.messages["too_many"]
+    assert "limit 50" in report.messages["too_many"]
+    # at the limit it is fine
+    kept, report = validate(_batch(rows[:50]), REF, LIMITS)
+    assert len(kept) == 50
+    assert report.total == 0
+
+
+def test_events_of_another_request_are_refused() -> None:
+    kept, report = validate(_batch(GOOD, request_id="r2"), REF, LIMITS)
+    assert len(kept) == 0
+    assert report.refused == {"wrong_request": len(GOOD)}
+    assert "r2" in report.messages["wrong_request"]
+    assert "r1" in report.messages["wrong_request"]
+
+
+def test_an_empty_batch_is_valid_and_empty() -> None:
+    kept, report = validate(_batch([]), REF, LIMITS)
+    assert len(kept) == 0
+    assert report.total == 0
+
+
+# ----------------------------------------------------------------------------------- from_records
+def _record(**over: object) -> dict[str, object]:
+    rec: dict[str, object] = {"position": 3, "item_id": 103, "kind": "click", "ts_ms": T0 + 10}
+    rec.update(over)
+    return rec
+
+
+def test_from_records_builds_columns() -> None:
+    batch, errors = EventBatch.from_records(
+        "r1",
+        [_record(), _record(kind="WATCH", value=1500), _record(position=0, kind="View", value=0.5)],
+    )
+    assert errors == []
+    assert batch.request_id == "r1"
+    assert batch.position.tolist() == [3, 3, 0]
+    assert batch.kind.tolist() == [EventKind.CLICK, EventKind.WATCH, EventKind.VIEW]
+    assert batch.value.tolist() == [0.0, 1500.0, 0.5]
+    assert batch.ts_ms.tolist() == [T0 + 10] * 3
+    assert (batch.position.dtype, batch.item_id.dtype, batch.kind.dtype) == (np.int32, np.int32, np.int8)
+    assert (batch.ts_ms.dtype, batch.value.dtype) == (np.int64, np.float32)
+
+
+def _without(field: str) -> dict[str, object]:
+    rec = _record()
+    del rec[field]
+    return rec
+
+
+MALFORMED = [
+    (_without("position"), "missing field 'position'"),
+    (_without("kind"), "missing field 'kind'"),
+    (_without("ts_ms"), "missing field 'ts_ms'"),
+    (_without("item_id"), "missing field 'item_id'"),
+    (_record(position=2.5), "must be integers"),
+    (_record(position="3"), "must be integers"),
+    (_record(position=None), "must be integers"),
+    (_record(ts_ms=1.0e12), "must be integers"),
+    (_record(kind="poke"), "unknown kind 'poke'"),
+    (_record(kind=1), "unknown kind 1"),
+    (_record(position=True), "must be integers"),
+    (_record(item_id=False), "must be integers"),
+    (_record(kind="watch", value=True), "value must be a number"),
+    (_record(kind="watch", value="12"), "value must be a number"),
+    (["not", "an", "object"], "expected an object"),
+    (_record(position=2**31), "must fit in"),
+    (_record(position=2**32 + 3), "must fit in"),
+    (_record(item_id=-(2**31) - 1), "must fit in"),
+    (_record(ts_ms=2**63), "must fit in"),
+    (_record(ts_ms=2**70), "must fit in"),
+]
+
+
+@pytest.mark.parametrize(("bad", "says"), MALFORMED, ids=[m[1] + f"-{i}" for i, m in enumerate(MALFORMED)])
+def test_malformed_records_are_refused_naming_the_event_and_the_good_kept(bad: object, says: str) -> None:
+    records = [_record(position=0), _record(position=1), bad, _record(position=3, kind="like")]
+    batch, errors = EventBatch.from_records("r1", records)  # type: ignore[arg-type]
+    assert len(errors) == 1
+    assert errors[0].startswith("event 2: ")
+    assert says in errors[0]
+    assert batch.position.tolist() == [0, 1, 3]
+    assert batch.kind.tolist() == [EventKind.CLICK, EventKind.CLICK, EventKind.LIKE]
+
+
+def test_from_records_reports_every_bad_record() -> None:
+    records = [
+        _record(kind="poke"),
+        _record(),
+        _without("ts_ms"),
+        _record(position=True),
+        _record(position=9),
+    ]
+    batch, errors = EventBatch.from_records("r1", records)
+    assert [e.split(":")[0] for e in errors] == ["event 0", "event 2", "event 3"]
+    assert batch.position.tolist() == [3, 9]
+
+
+def test_from_records_with_nothing_good_is_an_empty_batch() -> None:
+    batch, errors = EventBatch.from_records("r1", [_record(kind="poke")])
+    assert len(batch) == 0
+    assert len(errors) == 1
+    assert batch.ts_ms.dtype == np.int64
+
+
+# ----------------------------------------------------------------------------------- LoggingService
+@pytest.fixture
+def service(small_world: World) -> tuple[LoggingService, MemoryEventBus, MemoryTransientStore, RequestRef]:
+    clock, ledger = ManualClock(T0), CostLedger()
+    store = MemoryTransientStore(clock=clock)
+    bus = MemoryEventBus()
+    contexts = ContextCache(1 << 30, 120_000, LIMITS.window_ms, clock, ledger)
+    logger = LazyLogger(small_world.featureset, store, bus, ledger, 900_000, contexts, Paging())
+    svc = LoggingService(logger, bus, LIMITS)
+    batch = Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0]))
+    svc.ranked([REF], batch)
+    bus.consume(10)  # the RequestOpened record
+    bus.ack([mid for mid, _ in bus.claim_pending()])
+    return svc, bus, store, REF
+
+
+def test_service_appends_only_good_events_and_counts_the_refused(service) -> None:
+    svc, bus, store, ref = service
+    late_deep = (50, 150, EventKind.CLICK, T0 + LIMITS.window_ms + 5, 0.0)  # page 5, but late
+    rows = [GOOD[0], BAD["bad_value"][0], GOOD[1], BAD["unknown_kind"][0], late_deep, BAD["bad_position"][0]]
+    report = svc.events(ref, _batch(rows))
+    assert report.refused == {"bad_value": 1, "unknown_kind": 1, "late": 1, "bad_position": 1}
+    assert svc.stats.events_refused == {"bad_value": 1, "unknown_kind": 1, "late": 1, "bad_position": 1}
+    assert svc.stats.events_accepted == 2
+    assert svc.stats.event_batches == 1
+    [(_, appended)] = bus.consume(10)
+    assert isinstance(appended, EventBatch)
+    assert _rows_of(appended) == [(p, i, int(k), t, v) for p, i, k, t, v in (GOOD[0], GOOD[1])]
+    # a refused event does not log its page
+    assert store.get_many([key(ref.request_id, "p5")]) == [None]
+
+
+def test_service_touch_logs_the_page_of_a_good_deep_event(service) -> None:
+    svc, bus, store, ref = service
+    svc.events(ref, _batch([(50, 150, EventKind.CLICK, T0 + 1_000, 0.0)]))
+    assert store.get_many([key(ref.request_id, "p5"), key(ref.request_id, "p4")])[0] is not None
+    assert store.get_many([key(ref.request_id, "p4")]) == [None]
+    assert len(bus.consume(10)) == 1
+
+
+def test_service_appends_nothing_for_an_all_bad_batch(service) -> None:
+    svc, bus, _, ref = service
+    report = svc.events(ref, _batch(BAD["late"] + BAD["before_rank"]))
+    assert report.total == 2
+    assert bus.consume(10) == []
+    assert svc.stats.events_accepted == 0
+    assert svc.stats.events_refused == {"late": 1, "before_rank": 1}
+    # counts add up over batches
+    svc.events(ref, _batch(BAD["late"]))
+    assert svc.stats.events_refused == {"late": 2, "before_rank": 1}
+
+
+@pytest.mark.parametrize("seen_up_to", [-1, 100, 10_000])
+def test_paginate_outside_the_list_is_refused_clearly(service, seen_up_to: int) -> None:
+    svc, _, store, ref = service
+    with pytest.raises(ValueError, match=rf"seen_up_to={seen_up_to} is outside the ranked list of 100"):
+        svc.paginate(ref, seen_up_to)
+    assert svc.stats.paginations == 0
+    assert store.stats().writes == 2
+
+
+def test_paginate_inside_the_list_logs_pages(service) -> None:
+    svc, _, store, ref = service
+    assert svc.paginate(ref, 99) == 11
+    assert svc.stats.paginations == 1
+    assert store.stats().writes == 2 + 11
+
+
+def test_ranked_refuses_refs_that_do_not_match_the_batch(small_world: World, service) -> None:
+    svc, *_ = service
+    batch = Funnel(small_world).rank(np.array([1, 2]), np.array([T0, T0]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="1 request refs for a batch of 2"):
+        svc.ranked([RequestRef("x", 1, T0, 100)], batch)

@@ -1,0 +1,235 @@
+"""The logged blob: byte-exact round trips, no per-value framing, and refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from leanrec.featurelog import codec
+from leanrec.featurelog.codec import HEADER_BYTES, BlobKind, CodecError
+from leanrec.schema import FeatureBlock, FeatureSet, Side
+from leanrec.world import default_featureset
+
+
+@pytest.fixture(scope="module")
+def fs() -> FeatureSet:
+    return default_featureset()[0]
+
+
+def _random_block(fs: FeatureSet, side: Side, rows: int, seed: int) -> FeatureBlock:
+    """Rows of arbitrary bit patterns: NaNs with payloads, infinities, subnormals, -0.0 among them."""
+    lay = fs.layout(side)
+    rng = np.random.default_rng(seed)
+    floats = rng.integers(0, 2**32, (rows, lay.float_width), dtype=np.uint32).view("<f4")
+    ints = rng.integers(-(2**31), 2**31, (rows, lay.int_width), dtype=np.int64).astype("<i4")
+    specials = np.array([0x80000000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x7F800000, 0x00000001], np.uint32)
+    floats.view(np.uint32)[:, : len(specials)] = specials  # -0.0, NaNs (quiet, negative, signalling), ...
+    floats[:, -1] = -0.0
+    floats[0, -2] = np.nan
+    return FeatureBlock(floats, ints)
+
+
+def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
+    return (
+        a.floats.shape == b.floats.shape
+        and a.ints.shape == b.ints.shape
+        and np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32))
+        and np.array_equal(a.ints, b.ints)
+    )
+
+
+def _other_version(fs: FeatureSet) -> FeatureSet:
+    return FeatureSet(fs.name, fs.version + 1, fs.features, fs.retired)
+
+
+def _other_shape(fs: FeatureSet) -> FeatureSet:
+    feats = tuple(dataclasses.replace(f, size=49) if f.name == "u_hist" else f for f in fs.features)
+    return FeatureSet(fs.name, fs.version, feats)
+
+
+# ----------------------------------------------------------------------------------- REQUEST
+def test_request_round_trip_is_byte_exact(fs: FeatureSet) -> None:
+    block = _random_block(fs, Side.REQUEST, 1, seed=1)
+    assert np.isnan(block.floats).any()
+    assert np.signbit(block.floats[0, -1]) and block.floats[0, -1] == 0
+    blob = codec.encode_request(fs, block)
+    back = codec.decode_request(fs, blob)
+    assert _bits_equal(back, block)
+    assert back.floats.dtype == np.dtype("<f4")
+    assert back.ints.dtype == np.dtype("<i4")
+
+
+def test_request_blob_is_header_plus_raw_row(fs: FeatureSet) -> None:
+    lay = fs.layout(Side.REQUEST)
+    block = _random_block(fs, Side.REQUEST, 1, seed=2)
+    blob = codec.encode_request(fs, block)
+    assert HEADER_BYTES == 16
+    assert len(blob) == HEADER_BYTES + lay.row_bytes
+    assert blob[HEADER_BYTES:] == block.floats.astype("<f4").tobytes() + block.ints.astype("<i4").tobytes()
+    assert blob[:2] == b"LR"
+    assert blob[3] == BlobKind.REQUEST
+
+
+def test_request_of_more_than_one_row_is_refused(fs: FeatureSet) -> None:
+    with pytest.raises(CodecError, match="one row"):
+        codec.encode_request(fs, _random_block(fs, Side.REQUEST, 2, seed=3))
+
+
+# ----------------------------------------------------------------------------------- PAGE
+@pytest.mark.parametrize(("first", "rows"), [(0, 6), (6, 9), (96, 4), (0, 1), (65_000, 3)])
+def test_page_round_trip_is_byte_exact(fs: FeatureSet, first: int, rows: int) -> None:
+    block = _random_block(fs, Side.ITEM, rows, seed=first + rows)
+    ids = np.random.default_rng(first).integers(0, 50_000, rows).astype(np.int32)
+    blob = codec.encode_page(fs, first, ids, block)
+    assert len(blob) == HEADER_BYTES + rows * (4 + fs.layout(Side.ITEM).row_bytes)
+    page = codec.decode_page(fs, blob)
+    assert page.first_position == first
+    assert np.array_equal(page.item_ids, ids)
+    assert _bits_equal(page.block, block)
+
+
+def test_page_with_mismatched_ids_and_rows_is_refused(fs: FeatureSet) -> None:
+    with pytest.raises(CodecError, match="3 item ids for 4"):
+        codec.encode_page(fs, 0, np.arange(3), _random_block(fs, Side.ITEM, 4, seed=0))
+
+
+def test_page_position_outside_the_header_is_refused(fs: FeatureSet) -> None:
+    with pytest.raises(CodecError, match="position"):
+        codec.encode_page(fs, 2**16, np.arange(1), _random_block(fs, Side.ITEM, 1, seed=0))
+
+
+# ----------------------------------------------------------------------------------- IMPRESSION
+def test_impressions_round_trip_is_byte_exact(fs: FeatureSet) -> None:
+    n = 100
+    request = _random_block(fs, Side.REQUEST, 1, seed=4)
+    items = _random_block(fs, Side.ITEM, n, seed=5)
+    ids = np.random.default_rng(6).permutation(50_000)[:n].astype(np.int32)
+    blobs = codec.encode_impressions(fs, ids, request, items)
+    assert len(blobs) == n
+    req_lay, item_lay = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    assert {len(b) for b in blobs} == {HEADER_BYTES + 4 + req_lay.row_bytes + item_lay.row_bytes}
+
+    positions, got_ids, got_req, got_items = codec.decode_impressions(fs, blobs)
+    assert np.array_equal(positions, np.arange(n))
+    assert np.array_equal(got_ids, ids)
+    assert _bits_equal(got_items, items)
+    assert _bits_equal(got_req, FeatureBlock.concat([request] * n))
+
+
+def test_impressions_decode_any_subset_in_any_order(fs: FeatureSet) -> None:
+    request = _random_block(fs, Side.REQUEST, 1, seed=7)
+    items = _random_block(fs, Side.ITEM, 20, seed=8)
+    ids = np.arange(1_000, 1_020, dtype=np.int32)
+    blobs = codec.encode_impressions(fs, ids, request, items)
+    pick = np.array([17, 3, 4, 0])
+    positions, got_ids, _, got_items = codec.decode_impressions(fs, [blobs[p] for p in pick])
+    assert np.array_equal(positions, pick)
+    assert np.array_equal(got_ids, ids[pick])
+    assert _bits_equal(got_items, items.take(pick))
+
+
+def test_no_impressions_decode_to_empty_blocks(fs: FeatureSet) -> None:
+    positions, ids, request, items = codec.decode_impressions(fs, [])
+    assert len(positions) == len(ids) == len(request) == len(items) == 0
+    assert items.floats.shape[1] == fs.layout(Side.ITEM).float_width
+
+
+# ----------------------------------------------------------------------------------- refusals
+def _blobs(fs: FeatureSet) -> dict[BlobKind, bytes]:
+    request = _random_block(fs, Side.REQUEST, 1, seed=9)
+    items = _random_block(fs, Side.ITEM, 6, seed=10)
+    ids = np.arange(6, dtype=np.int32)
+    return {
+        BlobKind.REQUEST: codec.encode_request(fs, request),
+        BlobKind.PAGE: codec.encode_page(fs, 0, ids, items),
+        BlobKind.IMPRESSION: codec.encode_impressions(fs, ids, request, items)[0],
+    }
+
+
+def _decode(fs: FeatureSet, kind: BlobKind, blob: bytes) -> object:
+    if kind is BlobKind.REQUEST:
+        return codec.decode_request(fs, blob)
+    if kind is BlobKind.PAGE:
+        return codec.decode_page(fs, blob)
+    return codec.decode_impressions(fs, [blob])
+
+
+def _writer(fs: FeatureSet, which: str) -> FeatureSet:
+    return _other_version(fs) if which == "version" else _other_shape(fs)
+
+
+@pytest.mark.parametrize("which", ["version", "fingerprint"])
+@pytest.mark.parametrize("kind", list(BlobKind))
+def test_blob_of_another_featureset_is_refused_naming_both(
+    fs: FeatureSet, which: str, kind: BlobKind
+) -> None:
+    other = _writer(fs, which)
+    if which == "version":
+        assert other.fingerprint == fs.fingerprint  # the version alone must be caught
+    else:
+        assert other.fingerprint != fs.fingerprint
+    blob = _blobs(other)[kind]
+    with pytest.raises(CodecError) as err:
+        _decode(fs, kind, blob)
+    msg = str(err.value)
+    assert f"{other.fingerprint:08x} v{other.version}" in msg
+    assert f"{fs.fingerprint:08x} v{fs.version}" in msg
+
+
+def test_impressions_of_two_featuresets_in_one_batch_are_refused(fs: FeatureSet) -> None:
+    ours = _blobs(fs)[BlobKind.IMPRESSION]
+    theirs = _blobs(_other_version(fs))[BlobKind.IMPRESSION]
+    with pytest.raises(CodecError, match="different FeatureSets"):
+        codec.decode_impressions(fs, [ours, ours, theirs])
+
+
+@pytest.mark.parametrize("kind", list(BlobKind))
+@pytest.mark.parametrize("cut", [0, 1, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 3, -1])
+def test_truncated_blobs_are_refused(fs: FeatureSet, kind: BlobKind, cut: int) -> None:
+    blob = _blobs(fs)[kind]
+    with pytest.raises(CodecError, match=r"\d+ B"):
+        _decode(fs, kind, blob[:cut])
+
+
+@pytest.mark.parametrize("kind", list(BlobKind))
+def test_blobs_with_trailing_bytes_are_refused(fs: FeatureSet, kind: BlobKind) -> None:
+    with pytest.raises(CodecError, match=r"\d+ B"):
+        _decode(fs, kind, _blobs(fs)[kind] + b"\x00\x00\x00\x00")
+
+
+@pytest.mark.parametrize("kind", list(BlobKind))
+def test_wrong_magic_is_refused(fs: FeatureSet, kind: BlobKind) -> None:
+    blob = _blobs(fs)[kind]
+    with pytest.raises(CodecError, match="magic"):
+        _decode(fs, kind, b"XX" + blob[2:])
+
+
+@pytest.mark.parametrize("kind", list(BlobKind))
+def test_unknown_codec_version_is_refused(fs: FeatureSet, kind: BlobKind) -> None:
+    blob = bytearray(_blobs(fs)[kind])
+    blob[2] = codec.CODEC_VERSION + 1
+    with pytest.raises(CodecError, match="codec version"):
+        _decode(fs, kind, bytes(blob))
+
+
+@pytest.mark.parametrize(
+    ("written", "read_as"),
+    [
+        (BlobKind.REQUEST, BlobKind.PAGE),
+        (BlobKind.PAGE, BlobKind.REQUEST),
+        (BlobKind.PAGE, BlobKind.IMPRESSION),
+        (BlobKind.IMPRESSION, BlobKind.REQUEST),
+    ],
+)
+def test_wrong_kind_is_refused(fs: FeatureSet, written: BlobKind, read_as: BlobKind) -> None:
+    blob = _blobs(fs)[written]
+    if read_as is BlobKind.IMPRESSION:  # same length as an impression, another kind in the header
+        blob = blob[:HEADER_BYTES] + bytes(len(_blobs(fs)[BlobKind.IMPRESSION]) - HEADER_BYTES)
+    with pytest.raises(CodecError, match=f"expected a {read_as.name} blob"):
+        _decode(fs, read_as, blob)
+
+
+def test_codec_error_is_a_value_error() -> None:
+    assert issubclass(CodecError, ValueError)

@@ -1,0 +1,511 @@
+"""Eager and lazy feature loggers, paging, log-on-touch, fetch, and the context cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from leanrec.clock import ManualClock
+from leanrec.energy import CostLedger
+from leanrec.events import EventBatch, EventKind, MemoryEventBus, RequestOpened, RequestRef
+from leanrec.featurelog import ContextCache, EagerLogger, LazyLogger, Paging, RequestContext, codec, key
+from leanrec.funnel import Funnel, RankedBatch
+from leanrec.schema import FeatureBlock, Owner, Side
+from leanrec.stores import MemoryTransientStore
+from leanrec.world import World
+
+START_MS = 1_700_000_000_000
+TTL_MS = 900_000
+N_ITEMS = 100
+
+# Page of each of 100 positions, written out: a head of 6, then pages of 9.
+PAGE_BY_HAND = [0] * 6 + [p for p in range(1, 12) for _ in range(9)][:94]
+
+
+@dataclass
+class Ranked:
+    world: World
+    refs: list[RequestRef]
+    batch: RankedBatch
+    saved: RankedBatch  # an independent copy of what was scored
+
+
+def _copy(batch: RankedBatch) -> RankedBatch:
+    return RankedBatch(
+        batch.user_ids.copy(),
+        batch.item_ids.copy(),
+        batch.scores.copy(),
+        batch.request.copy(),
+        batch.items.copy(),
+    )
+
+
+def _rank(world: World, n_requests: int, now_ms: int = START_MS, seed: int = 0) -> Ranked:
+    rng = np.random.default_rng(seed)
+    users = rng.choice(world.config.n_users, n_requests, replace=False)
+    batch = Funnel(world).rank(users, np.full(n_requests, now_ms), rng.integers(0, 3, n_requests))
+    refs = [RequestRef(f"req-{seed}-{b}", int(users[b]), now_ms, batch.n_items) for b in range(n_requests)]
+    return Ranked(world, refs, batch, _copy(batch))
+
+
+@pytest.fixture
+def ranked(small_world: World) -> Ranked:
+    return _rank(small_world, 3)
+
+
+@dataclass
+class Rig:
+    clock: ManualClock
+    store: MemoryTransientStore
+    bus: MemoryEventBus
+    ledger: CostLedger
+    contexts: ContextCache | None
+    logger: EagerLogger | LazyLogger
+
+
+def _lazy(
+    world: World,
+    max_context_bytes: int = 1 << 30,
+    idle_ms: int = 120_000,
+    store_bytes: int = 1 << 30,
+    lookahead: int = 2,
+) -> Rig:
+    clock, ledger = ManualClock(START_MS), CostLedger()
+    store = MemoryTransientStore(max_bytes=store_bytes, clock=clock)
+    bus = MemoryEventBus()
+    contexts = ContextCache(max_context_bytes, idle_ms, 600_000, clock, ledger)
+    logger = LazyLogger(world.featureset, store, bus, ledger, TTL_MS, contexts, Paging(6, 9), lookahead)
+    return Rig(clock, store, bus, ledger, contexts, logger)
+
+
+def _eager(world: World) -> Rig:
+    clock, ledger = ManualClock(START_MS), CostLedger()
+    store = MemoryTransientStore(clock=clock)
+    bus = MemoryEventBus()
+    return Rig(clock, store, bus, ledger, None, EagerLogger(world.featureset, store, bus, ledger, TTL_MS))
+
+
+def _opened(rig: Rig) -> dict[str, RequestOpened]:
+    return {m.request_id: m for _, m in rig.bus.consume(10_000) if isinstance(m, RequestOpened)}
+
+
+def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
+    return (
+        a.floats.shape == b.floats.shape
+        and a.ints.shape == b.ints.shape
+        and np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32))
+        and np.array_equal(a.ints, b.ints)
+    )
+
+
+def _items_of(batch: RankedBatch, b: int, positions: np.ndarray | slice) -> FeatureBlock:
+    n = batch.n_items
+    return batch.items.take(slice(b * n, (b + 1) * n)).take(positions)
+
+
+def _lazy_held(rig: Rig, rid: str) -> set[str]:
+    """Suffixes of the request's lazy entries the store holds."""
+    names = ["u"] + [f"p{p}" for p in range(12)] + [f"i{p}" for p in range(N_ITEMS)]
+    values = rig.store.get_many([key(rid, s) for s in names])
+    return {s for s, v in zip(names, values, strict=True) if v is not None}
+
+
+def _click(rid: str, positions: list[int], item_ids: np.ndarray, ts_ms: int = START_MS + 1_000) -> EventBatch:
+    n = len(positions)
+    return EventBatch(
+        rid,
+        np.array(positions, np.int32),
+        item_ids[positions].astype(np.int32),
+        np.full(n, EventKind.CLICK, np.int8),
+        np.full(n, ts_ms, np.int64),
+        np.zeros(n, np.float32),
+    )
+
+
+# ----------------------------------------------------------------------------------- paging
+def test_paging_head_then_pages_of_nine() -> None:
+    paging = Paging()
+    assert (paging.head, paging.size) == (6, 9)
+    assert paging.page_of(np.arange(100)).tolist() == PAGE_BY_HAND
+    assert paging.page_of(np.array([0, 5, 6, 14, 15, 96, 99])).tolist() == [0, 0, 1, 1, 2, 11, 11]
+    assert paging.bounds(0, 100) == (0, 6)
+    assert paging.bounds(1, 100) == (6, 15)
+    assert paging.bounds(2, 100) == (15, 24)
+    assert paging.bounds(11, 100) == (96, 100)  # the last page is short
+    assert paging.count(100) == 12
+    assert (paging.count(1), paging.count(6), paging.count(7), paging.count(15), paging.count(16)) == (
+        1,
+        1,
+        2,
+        2,
+        3,
+    )
+
+
+def test_pages_tile_the_list() -> None:
+    paging = Paging()
+    covered = []
+    for page in range(paging.count(100)):
+        start, stop = paging.bounds(page, 100)
+        covered.extend(range(start, stop))
+        assert set(paging.page_of(np.arange(start, stop)).tolist()) == {page}
+    assert covered == list(range(100))
+
+
+def test_key_format_is_hash_tagged_by_request() -> None:
+    assert key("abc-1", "u") == "lr:{abc-1}:u"
+    assert key("abc-1", "p7") == "lr:{abc-1}:p7"
+
+
+# ----------------------------------------------------------------------------------- eager
+def test_eager_logs_every_ranked_item_with_user_and_item_features(ranked: Ranked) -> None:
+    rig = _eager(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    stats = rig.store.stats()
+    assert stats.writes == 3 * N_ITEMS
+    assert stats.keys_held == 3 * N_ITEMS
+    assert rig.logger.stats.entries_written == 3 * N_ITEMS
+    fs = ranked.world.featureset
+    for b, ref in enumerate(ranked.refs):
+        blobs = rig.store.get_many([key(ref.request_id, f"i{p}") for p in range(N_ITEMS)])
+        assert all(v is not None for v in blobs)
+        positions, ids, request, items = codec.decode_impressions(fs, blobs)
+        assert np.array_equal(positions, np.arange(N_ITEMS))
+        assert np.array_equal(ids, ranked.saved.item_ids[b])
+        assert _bits_equal(
+            request, FeatureBlock.concat([ranked.saved.request.take(slice(b, b + 1))] * N_ITEMS)
+        )
+        assert _bits_equal(items, _items_of(ranked.saved, b, slice(None)))
+    opened = _opened(rig)
+    assert set(opened) == {r.request_id for r in ranked.refs}
+    assert {m.fs_version for m in opened.values()} == {fs.version}
+    assert {m.n_items for m in opened.values()} == {N_ITEMS}
+
+
+def test_eager_fetch_is_byte_exact(ranked: Ranked) -> None:
+    rig = _eager(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    opened = _opened(rig)
+    positions = np.array([99, 0, 7, 50])
+    got = rig.logger.fetch(opened[ranked.refs[1].request_id], positions)
+    assert got.found.all()
+    assert np.array_equal(got.item_ids, ranked.saved.item_ids[1, positions])
+    assert _bits_equal(got.items, _items_of(ranked.saved, 1, positions))
+    assert got.request is not None
+    assert _bits_equal(got.request, ranked.saved.request.take(slice(1, 2)))
+    assert rig.logger.keys(opened[ranked.refs[1].request_id]) == [
+        key(ranked.refs[1].request_id, f"i{p}") for p in range(N_ITEMS)
+    ]
+
+
+# ----------------------------------------------------------------------------------- lazy at rank time
+def test_lazy_logs_request_side_once_and_the_head_only(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    fs = ranked.world.featureset
+    stats = rig.store.stats()
+    assert stats.writes == 2 * len(ranked.refs)
+    assert stats.keys_held == 2 * len(ranked.refs)
+    for b, ref in enumerate(ranked.refs):
+        assert _lazy_held(rig, ref.request_id) == {"u", "p0"}
+        user_blob, head_blob = rig.store.get_many(
+            [f"lr:{{{ref.request_id}}}:u", f"lr:{{{ref.request_id}}}:p0"]
+        )
+        assert user_blob is not None and head_blob is not None
+        assert len(user_blob) == codec.HEADER_BYTES + fs.layout(Side.REQUEST).row_bytes
+        assert _bits_equal(codec.decode_request(fs, user_blob), ranked.saved.request.take(slice(b, b + 1)))
+        head = codec.decode_page(fs, head_blob)
+        assert head.first_position == 0
+        assert np.array_equal(head.item_ids, ranked.saved.item_ids[b, :6])
+        assert _bits_equal(head.block, _items_of(ranked.saved, b, slice(0, 6)))
+    assert len(rig.contexts) == len(ranked.refs)
+    opened = _opened(rig)
+    assert rig.logger.keys(opened[ranked.refs[0].request_id]) == [key(ranked.refs[0].request_id, "u")] + [
+        key(ranked.refs[0].request_id, f"p{p}") for p in range(12)
+    ]
+
+
+def test_lazy_writes_far_fewer_bytes_than_eager(ranked: Ranked) -> None:
+    eager, lazy = _eager(ranked.world), _lazy(ranked.world)
+    eager.logger.log_ranked(ranked.refs, ranked.batch)
+    lazy.logger.log_ranked(ranked.refs, ranked.batch)
+    # eager repeats the request side 100 times; lazy writes it once plus six item rows
+    assert lazy.store.stats().bytes_written * 20 < eager.store.stats().bytes_written
+
+
+# ----------------------------------------------------------------------------------- pagination
+@pytest.mark.parametrize("seen_up_to", [0, 3, 4, 12, 13, 20, 50, 96, 97, 99])
+def test_paginate_logs_exactly_the_pages_covering_seen_plus_lookahead(
+    ranked: Ranked, seen_up_to: int
+) -> None:
+    rig = _lazy(ranked.world, lookahead=2)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ref = ranked.refs[0]
+    last = min(seen_up_to + 2, N_ITEMS - 1)
+    want = set(PAGE_BY_HAND[: last + 1])
+    writes = rig.store.stats().writes
+    logged = rig.logger.paginate(ref, seen_up_to)
+    assert logged == len(want - {0})
+    assert rig.store.stats().writes == writes + logged
+    assert _lazy_held(rig, ref.request_id) == {"u"} | {f"p{p}" for p in want}
+    assert rig.logger.stats.pages_on_signal == logged
+    for other in ranked.refs[1:]:
+        assert _lazy_held(rig, other.request_id) == {"u", "p0"}
+    # the same signal again logs nothing new
+    assert rig.logger.paginate(ref, seen_up_to) == 0
+    assert rig.store.stats().writes == writes + logged
+
+
+def test_paginate_without_lookahead(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world, lookahead=0)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ref = ranked.refs[0]
+    assert rig.logger.paginate(ref, 5) == 0  # still inside the head
+    assert rig.logger.paginate(ref, 6) == 1
+    assert rig.logger.paginate(ref, 24) == 2  # pages 2 (15-23) and 3 (24-32)
+    assert _lazy_held(rig, ref.request_id) == {"u", "p0", "p1", "p2", "p3"}
+
+
+def test_lazy_pages_hold_the_features_as_scored(ranked: Ranked) -> None:
+    """Pages logged later hold the rank-time bytes, whatever happened to the store and the batch since."""
+    world = ranked.world
+    rig = _lazy(world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    # the feature store moves on, and the caller reuses the batch buffers
+    touched = np.unique(ranked.saved.item_ids)
+    garbage = world.store.get_many(Owner.ITEM, touched)
+    garbage.floats[:] = 123.0
+    garbage.ints[:] = 7
+    world.store.put_many(Owner.ITEM, touched, garbage)
+    ranked.batch.items.floats[:] = -1.0
+    ranked.batch.request.ints[:] = -5
+    rig.clock.advance(30_000)
+
+    ref = ranked.refs[2]
+    rig.logger.paginate(ref, 40)
+    opened = _opened(rig)[ref.request_id]
+    positions = np.arange(0, 43)
+    got = rig.logger.fetch(opened, positions)
+    assert got.found.all()
+    assert np.array_equal(got.item_ids, ranked.saved.item_ids[2, positions])
+    assert _bits_equal(got.items, _items_of(ranked.saved, 2, positions))
+    assert got.request is not None
+    assert _bits_equal(got.request, ranked.saved.request.take(slice(2, 3)))
+
+
+# ----------------------------------------------------------------------------------- log-on-touch
+def test_touch_logs_the_page_of_an_event_when_no_signal_came(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ref = ranked.refs[1]
+    writes = rig.store.stats().writes
+    rig.logger.touch(ref, _click(ref.request_id, [50], ranked.saved.item_ids[1]))
+    assert PAGE_BY_HAND[50] == 5
+    assert _lazy_held(rig, ref.request_id) == {"u", "p0", "p5"}
+    assert rig.store.stats().writes == writes + 1
+    assert rig.logger.stats.pages_on_touch == 1
+    assert rig.logger.stats.pages_on_signal == 0
+    # touching logged pages again writes nothing
+    assert Paging().bounds(5, N_ITEMS) == (42, 51)
+    rig.logger.touch(ref, _click(ref.request_id, [42, 47, 50, 2], ranked.saved.item_ids[1]))
+    assert rig.store.stats().writes == writes + 1
+    # and the touched position can be joined byte for byte
+    got = rig.logger.fetch(_opened(rig)[ref.request_id], np.array([50, 49]))
+    assert got.found.tolist() == [True, True]
+    assert _bits_equal(got.items, _items_of(ranked.saved, 1, np.array([50, 49])))
+
+
+def test_touch_with_no_events_logs_nothing(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    writes = rig.store.stats().writes
+    rig.logger.touch(ranked.refs[0], _click(ranked.refs[0].request_id, [], ranked.saved.item_ids[0]))
+    assert rig.store.stats().writes == writes
+
+
+def test_touch_logs_each_touched_page_once(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ref = ranked.refs[0]
+    rig.logger.touch(ref, _click(ref.request_id, [99, 20, 21, 98, 7], ranked.saved.item_ids[0]))
+    assert _lazy_held(rig, ref.request_id) == {"u", "p0", "p1", "p2", "p11"}
+    assert rig.logger.stats.pages_on_touch == 3
+
+
+# ----------------------------------------------------------------------------------- fetch
+def test_fetch_is_byte_exact_for_logged_positions_and_not_found_for_the_rest(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ref = ranked.refs[0]
+    rig.logger.paginate(ref, 10)  # pages 0 and 1: positions 0-14
+    rig.logger.touch(ref, _click(ref.request_id, [60], ranked.saved.item_ids[0]))  # page 7: 60-68
+    positions = np.array([0, 5, 6, 14, 15, 50, 59, 60, 68, 69, 99, 3])
+    want = np.array([p <= 14 or 60 <= p <= 68 for p in positions])
+    got = rig.logger.fetch(_opened(rig)[ref.request_id], positions)
+    assert got.found.tolist() == want.tolist()
+    assert np.array_equal(got.item_ids[want], ranked.saved.item_ids[0, positions[want]])
+    assert (got.item_ids[~want] == -1).all()
+    assert _bits_equal(got.items.take(want), _items_of(ranked.saved, 0, positions[want]))
+    assert not got.items.floats[~want].any()
+    assert not got.items.ints[~want].any()
+    assert got.request is not None
+    assert _bits_equal(got.request, ranked.saved.request.take(slice(0, 1)))
+
+
+def test_fetch_of_a_request_never_logged_finds_nothing(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    ghost = RequestOpened("never-ranked", 1, START_MS, N_ITEMS, ranked.world.featureset.version)
+    got = rig.logger.fetch(ghost, np.array([0, 1, 50]))
+    assert got.found.tolist() == [False, False, False]
+    assert got.request is None
+    assert got.item_ids.tolist() == [-1, -1, -1]
+
+
+# ----------------------------------------------------------------------------------- contexts
+def _context(world: World, rid: str, ts_ms: int, n: int = N_ITEMS) -> RequestContext:
+    fs = world.featureset
+    return RequestContext(
+        RequestRef(rid, 0, ts_ms, n),
+        np.arange(n, dtype=np.int32),
+        fs.layout(Side.REQUEST).zeros(1),
+        fs.layout(Side.ITEM).zeros(n),
+        np.zeros(Paging().count(n), bool),
+        ts_ms,
+    )
+
+
+def test_context_nbytes_counts_what_it_holds(small_world: World) -> None:
+    fs = small_world.featureset
+    ctx = _context(small_world, "a", START_MS)
+    want = 4 * N_ITEMS + fs.layout(Side.REQUEST).row_bytes + N_ITEMS * fs.layout(Side.ITEM).row_bytes + 12
+    assert ctx.nbytes == want
+
+
+def test_byte_bound_evicts_the_least_recently_touched(small_world: World) -> None:
+    clock, ledger = ManualClock(START_MS), CostLedger()
+    size = _context(small_world, "x", START_MS).nbytes
+    cache = ContextCache(int(2.5 * size), 600_000, 600_000, clock, ledger)
+    cache.add(_context(small_world, "a", START_MS))
+    clock.advance(1_000)
+    cache.add(_context(small_world, "b", clock.now_ms()))
+    clock.advance(1_000)
+    assert cache.get("a") is not None  # a is now more recent than b
+    cache.add(_context(small_world, "c", clock.now_ms()))
+    assert len(cache) == 2
+    assert cache.stats.evicted == 1
+    assert cache.get("b") is None
+    assert cache.get("a") is not None
+    assert cache.get("c") is not None
+    assert cache.stats.bytes_held == 2 * size
+    assert cache.stats.peak_bytes <= int(2.5 * size)
+    assert ledger["context"].ops == 1
+    assert ledger["context"].byte_seconds_held == pytest.approx(size * 1.0)  # b lived one second
+
+
+def test_idle_contexts_expire_and_release_their_memory(small_world: World) -> None:
+    clock, ledger = ManualClock(START_MS), CostLedger()
+    cache = ContextCache(1 << 30, idle_ms=10_000, max_age_ms=600_000, clock=clock, ledger=ledger)
+    size = _context(small_world, "x", START_MS).nbytes
+    cache.add(_context(small_world, "a", START_MS))
+    cache.add(_context(small_world, "b", START_MS))
+    clock.advance(6_000)
+    assert cache.get("b") is not None  # b is touched, a is not
+    clock.advance(3_999)
+    assert cache.expire() == 0
+    clock.advance(1)
+    assert cache.expire() == 1  # a: idle 10 s
+    assert cache.get("a") is None
+    assert cache.stats.expired == 1
+    assert cache.stats.bytes_held == size
+    clock.advance(6_000)
+    assert cache.expire() == 1  # b: idle 10 s since its touch
+    assert len(cache) == 0
+    assert cache.stats.expired == 2
+    assert (cache.stats.held, cache.stats.bytes_held) == (0, 0)
+    assert ledger["context"].byte_seconds_held == pytest.approx(size * 10.0 + size * 16.0)
+    assert ledger["context"].byte_seconds_held > 0
+
+
+def test_contexts_older_than_max_age_expire_even_if_touched(small_world: World) -> None:
+    clock, ledger = ManualClock(START_MS), CostLedger()
+    cache = ContextCache(1 << 30, idle_ms=10_000, max_age_ms=25_000, clock=clock, ledger=ledger)
+    cache.add(_context(small_world, "a", START_MS))
+    for _ in range(4):
+        clock.advance(6_000)
+        assert cache.get("a") is not None
+        assert cache.expire() == 0
+    clock.advance(1_000)
+    assert cache.expire() == 1
+
+
+@pytest.mark.parametrize("bad", [(0, 1, 1), (1, 0, 1), (1, 1, 0), (-5, 1, 1)])
+def test_context_bounds_must_be_positive(bad: tuple[int, int, int]) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        ContextCache(*bad, clock=ManualClock(), ledger=CostLedger())
+
+
+def test_lazy_logger_tick_expires_idle_contexts_and_charges_the_ledger(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world, idle_ms=20_000)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    assert rig.contexts.stats.bytes_held > 0
+    held = rig.contexts.stats.bytes_held
+    rig.clock.advance(19_999)
+    rig.logger.tick()
+    assert len(rig.contexts) == 3
+    rig.clock.advance(1)
+    rig.logger.tick()
+    assert len(rig.contexts) == 0
+    assert rig.contexts.stats.expired == 3
+    assert rig.contexts.stats.bytes_held == 0
+    assert rig.ledger["context"].byte_seconds_held == pytest.approx(held * 20.0)
+    # a signal for an expired context cannot log its pages any more, and says so
+    assert rig.logger.paginate(ranked.refs[0], 30) == 0
+    assert rig.logger.stats.signals_after_release == 1
+    assert _lazy_held(rig, ranked.refs[0].request_id) == {"u", "p0"}
+
+
+def test_context_with_every_page_logged_is_released_as_completed(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    size = rig.contexts.stats.bytes_held // 3
+    rig.clock.advance(5_000)
+    rig.logger.paginate(ranked.refs[0], 97)
+    assert rig.contexts.stats.completed == 1
+    assert len(rig.contexts) == 2
+    assert rig.contexts.stats.bytes_held == 2 * size
+    assert rig.ledger["context"].byte_seconds_held == pytest.approx(size * 5.0)
+    assert _lazy_held(rig, ranked.refs[0].request_id) == {"u"} | {f"p{p}" for p in range(12)}
+
+
+def test_context_completed_by_touch_and_signal_together(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ref = ranked.refs[1]
+    rig.logger.touch(ref, _click(ref.request_id, [99], ranked.saved.item_ids[1]))
+    assert rig.contexts.stats.completed == 0
+    rig.logger.paginate(ref, 93)  # pages up to 10; page 11 came by touch
+    assert rig.contexts.stats.completed == 1
+    assert rig.logger.stats.pages_on_touch == 1
+    assert rig.logger.stats.pages_on_signal == 10
+
+
+def test_evicted_context_counts_touches_after_release(ranked: Ranked) -> None:
+    size = _context(ranked.world, "x", START_MS).nbytes
+    rig = _lazy(ranked.world, max_context_bytes=int(2.5 * size))
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    assert rig.contexts.stats.evicted == 1
+    first = ranked.refs[0]
+    rig.logger.touch(first, _click(first.request_id, [50, 60], ranked.saved.item_ids[0]))
+    assert rig.logger.stats.touch_after_release == 2
+    assert _lazy_held(rig, first.request_id) == {"u", "p0"}  # the head is still there to join
+
+
+def test_a_full_store_is_counted_not_fatal(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world, store_bytes=1_000)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)  # does not raise
+    assert rig.logger.stats.write_failures == 2 * len(ranked.refs)
+    assert rig.logger.stats.entries_written == 0
+    assert rig.store.stats().keys_held == 0
+    assert len(_opened(rig)) == len(ranked.refs)

@@ -1,0 +1,135 @@
+"""The ranking funnel: 100 distinct items in score order, and the exact features it scored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leanrec.funnel import Funnel, RankedBatch
+from leanrec.schema import FeatureBlock, Owner, Side
+from leanrec.world import World
+
+T_MS = 1_700_000_000_000
+
+
+def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
+    return (
+        a.floats.shape == b.floats.shape
+        and a.ints.shape == b.ints.shape
+        and np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32))
+        and np.array_equal(a.ints, b.ints)
+    )
+
+
+def _rank(world: World, users: np.ndarray, funnel: Funnel | None = None) -> RankedBatch:
+    funnel = funnel or Funnel(world)
+    b = len(users)
+    return funnel.rank(users, T_MS + np.arange(b) * 3_600_000, np.arange(b) % 3)
+
+
+@pytest.fixture
+def users() -> np.ndarray:
+    return np.array([0, 17, 17, 399, 123, 250])  # a user twice: two requests, same features
+
+
+def test_rank_returns_100_distinct_items_per_request_in_score_order(small_world: World, users) -> None:
+    batch = _rank(small_world, users)
+    assert len(batch) == len(users)
+    assert batch.n_items == 100
+    assert batch.item_ids.shape == batch.scores.shape == (len(users), 100)
+    assert batch.item_ids.dtype == np.int32
+    assert np.array_equal(batch.user_ids, users)
+    for row in batch.item_ids:
+        assert len(np.unique(row)) == 100
+        assert row.min() >= 0
+        assert row.max() < small_world.config.n_items
+    assert (np.diff(batch.scores, axis=1) <= 0).all()
+    assert np.isfinite(batch.scores).all()
+
+
+def test_returned_blocks_equal_the_store_rows_at_rank_time(small_world: World, users) -> None:
+    fs = small_world.featureset
+    batch = _rank(small_world, users)
+    assert batch.request.floats.shape == (len(users), fs.layout(Side.REQUEST).float_width)
+    assert batch.request.ints.shape == (len(users), fs.layout(Side.REQUEST).int_width)
+    assert batch.items.floats.shape == (len(users) * 100, fs.layout(Side.ITEM).float_width)
+    store = small_world.store
+    context = small_world.context_block(T_MS + np.arange(len(users)) * 3_600_000, np.arange(len(users)) % 3)
+    want_request = FeatureBlock.hstack([store.get_many(Owner.USER, users), context])
+    assert _bits_equal(batch.request, want_request)
+    want_items = store.get_many(Owner.ITEM, batch.item_ids.ravel())
+    assert _bits_equal(batch.items, want_items)
+    # the item rows really are those items: their id feature says so
+    i_id = fs.owner_slots(Owner.ITEM)["i_id"]
+    assert np.array_equal(batch.items.ints[:, i_id.offset], batch.item_ids.ravel())
+
+
+def test_scores_are_the_scorers_scores_of_the_returned_features(small_world: World, users) -> None:
+    funnel = Funnel(small_world)
+    batch = _rank(small_world, users, funnel)
+    again = funnel.scorer.score(batch.request, batch.items, batch.n_items)
+    assert np.allclose(again, batch.scores, rtol=1e-5, atol=1e-4)
+
+
+def test_returned_blocks_are_copies_a_later_store_change_does_not_reach(small_world: World, users) -> None:
+    batch = _rank(small_world, users)
+    want_request, want_items = batch.request.copy(), batch.items.copy()
+    store = small_world.store
+    for owner in (Owner.USER, Owner.ITEM):
+        block = store.blocks[owner]
+        assert not np.shares_memory(batch.request.floats, block.floats)
+        assert not np.shares_memory(batch.items.floats, block.floats)
+        assert not np.shares_memory(batch.items.ints, block.ints)
+    # overwrite every row the ranking read, then let traffic move the world too
+    items = np.unique(batch.item_ids)
+    junk = store.get_many(Owner.ITEM, items)
+    junk.floats[:] = 42.0
+    junk.ints[:] = 3
+    store.put_many(Owner.ITEM, items, junk)
+    ujunk = store.get_many(Owner.USER, users)
+    ujunk.floats[:] = -7.0
+    store.put_many(Owner.USER, users, ujunk)
+    assert (store.get_many(Owner.ITEM, batch.item_ids[0]).floats == 42.0).all()
+    eng = small_world.engage(batch.user_ids, batch.item_ids, np.random.default_rng(0))
+    small_world.apply(batch.user_ids, batch.item_ids, eng)
+    assert _bits_equal(batch.request, want_request)
+    assert _bits_equal(batch.items, want_items)
+
+
+def test_same_world_same_ranking(small_world: World, users) -> None:
+    a = _rank(small_world, users)
+    b = _rank(small_world, users)
+    assert np.array_equal(a.item_ids, b.item_ids)
+    # a user ranked twice in one batch at different times: the request rows differ only by context
+    assert np.array_equal(a.request.floats[1], a.request.floats[2])
+
+
+def test_ranking_is_personal(small_world: World) -> None:
+    batch = _rank(small_world, np.array([1, 2, 3, 4]))
+    overlaps = [len(np.intersect1d(batch.item_ids[0], row)) for row in batch.item_ids[1:]]
+    assert min(overlaps) < 100
+
+
+def test_ranking_favours_what_the_user_would_click(small_world: World) -> None:
+    rng = np.random.default_rng(2)
+    users = rng.choice(small_world.config.n_users, 40, replace=False)
+    batch = _rank(small_world, users)
+    ranked_p = small_world.click_probability(users, batch.item_ids).mean()
+    random_items = np.stack([rng.choice(small_world.config.n_items, 100, replace=False) for _ in users])
+    random_p = small_world.click_probability(users, random_items).mean()
+    assert ranked_p > 1.5 * random_p
+
+
+@pytest.mark.parametrize(("n_retrieve", "n_rank"), [(1000, 0), (50, 100), (5000, 100)])
+def test_funnel_refuses_impossible_sizes(small_world: World, n_retrieve: int, n_rank: int) -> None:
+    with pytest.raises(ValueError, match="n_rank"):
+        Funnel(small_world, n_retrieve=n_retrieve, n_rank=n_rank)
+
+
+def test_smaller_funnel(small_world: World) -> None:
+    batch = Funnel(small_world, n_retrieve=200, n_rank=20).rank(
+        np.array([5, 6]), np.array([0, 0]), np.array([0, 1])
+    )
+    assert batch.item_ids.shape == (2, 20)
+    assert len(batch.items) == 40
+    assert all(len(np.unique(r)) == 20 for r in batch.item_ids)

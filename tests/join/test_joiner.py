@@ -1,0 +1,320 @@
+"""LabelJoiner: what becomes an example, what is dropped, what is lost, and when it lets go."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from leanrec.clock import ManualClock
+from leanrec.energy.ledger import CostLedger
+from leanrec.events.bus import MemoryEventBus
+from leanrec.events.model import EventBatch, EventKind, EventLimits, RequestRef
+from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging, key
+from leanrec.funnel.ranker import Funnel, RankedBatch
+from leanrec.join.joiner import LabelJoiner
+from leanrec.schema import Side
+from leanrec.serve.service import LoggingService
+from leanrec.stores.transient import MemoryTransientStore
+from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout, request_to_impression
+from leanrec.world import World
+
+T0 = int(datetime(2026, 11, 2, 9, 15, tzinfo=UTC).timestamp() * 1000)
+WINDOW = 300_000
+LATENESS = 30_000
+JOIN_AT = T0 + WINDOW + LATENESS
+SORT = [("request_id", "ascending"), ("position", "ascending")]
+FLAGS = ("click", "like", "share", "hide")
+
+
+@dataclass
+class Rig:
+    clock: ManualClock
+    store: MemoryTransientStore
+    bus: MemoryEventBus
+    logger: FeatureLogger
+    service: LoggingService
+    joiner: LabelJoiner
+    warehouse: ParquetWarehouse
+
+    def examples(self) -> pa.Table:
+        table = self.warehouse.read()
+        if self.warehouse.layout is TableLayout.REQUEST:
+            table = request_to_impression(table, self.warehouse.featureset)
+        return table.sort_by(SORT)
+
+    def files(self) -> list[Path]:
+        return sorted(Path(self.warehouse.uri).rglob("*.parquet"))
+
+
+def make_rig(world: World, lazy: bool, root: Path, clock: ManualClock) -> Rig:
+    fs = world.featureset
+    store = MemoryTransientStore(clock=clock)
+    bus = MemoryEventBus()
+    ledger = CostLedger()
+    ttl = WINDOW + 120_000
+    logger: FeatureLogger
+    if lazy:
+        contexts = ContextCache(1 << 30, 60_000, WINDOW, clock, ledger)
+        logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, Paging(6, 9), lookahead=2)
+        layout = TableLayout.REQUEST
+    else:
+        logger = EagerLogger(fs, store, bus, ledger, ttl)
+        layout = TableLayout.IMPRESSION
+    warehouse = ParquetWarehouse(str(root), fs, layout, ledger)
+    joiner = LabelJoiner(logger, bus, warehouse, ledger, clock, WINDOW, LATENESS)
+    service = LoggingService(logger, bus, EventLimits(window_ms=WINDOW))
+    return Rig(clock, store, bus, logger, service, joiner, warehouse)
+
+
+def rank(world: World, users: Sequence[int]) -> tuple[list[RequestRef], RankedBatch]:
+    funnel = Funnel(world)
+    u = np.asarray(users, np.int64)
+    batch = funnel.rank(u, np.full(len(u), T0), np.zeros(len(u), np.int64))
+    return [RequestRef(f"j{b}", int(x), T0, batch.n_items) for b, x in enumerate(u)], batch
+
+
+def events(
+    ref: RequestRef, items: np.ndarray, rows: Sequence[tuple[int, EventKind, int, float]]
+) -> EventBatch:
+    pos = np.array([r[0] for r in rows], np.int32)
+    return EventBatch(
+        ref.request_id,
+        pos,
+        items[pos].astype(np.int32),
+        np.array([int(r[1]) for r in rows], np.int8),
+        np.array([ref.ts_ms + r[2] for r in rows], np.int64),
+        np.array([r[3] for r in rows], np.float32),
+    )
+
+
+def views(positions: Sequence[int] | range, start_ms: int = 1_000) -> list[tuple]:
+    return [(int(p), EventKind.VIEW, start_ms + 400 * i, 0.0) for i, p in enumerate(positions)]
+
+
+def join(rig: Rig) -> None:
+    rig.clock.set(max(JOIN_AT, rig.clock.now_ms()))
+    rig.joiner.poll()
+    rig.joiner.join_due()
+    rig.joiner.flush()
+
+
+@pytest.fixture(params=[True, False], ids=["lazy", "eager"])
+def lazy(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def test_any_event_at_a_position_makes_the_item_viewed(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [7])
+    ref, items = refs[0], batch.item_ids[0]
+    rig.service.ranked(refs, batch)
+    rows = [
+        (0, EventKind.VIEW, 1_000, 0.0),
+        (3, EventKind.LIKE, 2_000, 0.0),  # a like without a view event: the item was seen
+        (5, EventKind.HIDE, 2_500, 0.0),
+        (8, EventKind.WATCH, 3_000, 1_234.0),
+        (11, EventKind.SHARE, 3_500, 0.0),
+    ]
+    rig.service.events(ref, events(ref, items, rows))
+    join(rig)
+    ex = rig.examples()
+    assert ex.column("position").to_pylist() == [0, 3, 5, 8, 11]
+    assert ex.column("item_id").to_pylist() == items[[0, 3, 5, 8, 11]].tolist()
+    assert ex.column("like").to_pylist() == [False, True, False, False, False]
+    assert ex.column("hide").to_pylist() == [False, False, True, False, False]
+    assert ex.column("share").to_pylist() == [False, False, False, False, True]
+    assert ex.column("click").to_pylist() == [False] * 5
+    assert ex.column("watch_ms").to_pylist() == [0, 0, 0, 1_234, 0]
+    assert ex.column("view_ms").to_pylist() == [T0 + r[2] for r in rows]
+    assert rig.joiner.stats.examples == 5
+    assert rig.joiner.stats.positives == 0
+
+
+def test_no_engagement_is_a_negative_and_unviewed_items_are_dropped(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [1, 2, 3])
+    rig.service.ranked(refs, batch)
+    # j0: six plain views; j1: views, one clicked and watched twice; j2: nothing at all.
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(range(6))))
+    rows = [
+        *views([0, 1, 2, 9]),
+        (9, EventKind.CLICK, 5_000, 0.0),
+        (9, EventKind.WATCH, 9_000, 800.0),
+        (9, EventKind.WATCH, 7_000, 2_100.0),
+    ]
+    rig.service.events(refs[1], events(refs[1], batch.item_ids[1], rows))
+    join(rig)
+
+    ex = rig.examples()
+    assert list(zip(ex.column("request_id").to_pylist(), ex.column("position").to_pylist(), strict=True)) == [
+        *(("j0", p) for p in range(6)),
+        *(("j1", p) for p in (0, 1, 2, 9)),
+    ]
+    neg = ex.filter(pc.equal(ex.column("request_id"), "j0"))
+    for flag in FLAGS:
+        assert neg.column(flag).to_pylist() == [False] * 6
+    assert neg.column("watch_ms").to_pylist() == [0] * 6
+    j1 = ex.filter(pc.equal(ex.column("request_id"), "j1"))
+    assert j1.column("click").to_pylist() == [False, False, False, True]
+    assert j1.column("watch_ms").to_pylist() == [0, 0, 0, 2_100]  # the longest watch
+    assert rig.joiner.stats.requests_joined == 3
+    assert rig.joiner.stats.examples == 10
+    assert rig.joiner.stats.positives == 1
+    # One row per request with examples in the lean layout, one per example in the naive one.
+    assert rig.warehouse.read().num_rows == (2 if lazy else 10)
+
+
+def test_labels_lost_when_frozen_features_are_gone(small_world: World, tmp_path: Path, lazy: bool) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [4, 5])
+    rig.service.ranked(refs, batch)
+    rig.service.paginate(refs[0], 4)  # logs page 1 (positions 6..14) in the lazy path
+    for b, ref in enumerate(refs):
+        rig.service.events(ref, events(ref, batch.item_ids[b], views(range(10))))
+    rid0, rid1 = refs[0].request_id, refs[1].request_id
+    if lazy:
+        gone = [key(rid0, "p1"), key(rid1, "u")]  # a page of j0, the whole request side of j1
+    else:
+        gone = [key(rid0, f"i{p}") for p in range(6, 10)] + [key(rid1, f"i{p}") for p in range(10)]
+    assert rig.store.delete_many(gone) == len(gone)
+    join(rig)
+
+    assert rig.joiner.stats.labels_lost == 4 + 10
+    assert rig.joiner.stats.examples == 6
+    ex = rig.examples()
+    assert ex.column("request_id").to_pylist() == ["j0"] * 6
+    assert ex.column("position").to_pylist() == list(range(6))
+    assert rig.joiner.stats.requests_without_features == 1
+
+
+def test_messages_are_acked_and_keys_deleted_only_after_the_warehouse_flush(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [8, 9])
+    rig.service.ranked(refs, batch)
+    for b, ref in enumerate(refs):
+        rig.service.events(ref, events(ref, batch.item_ids[b], views(range(3 + b))))
+    keys = [key(ref.request_id, "u" if lazy else "i0") for ref in refs]
+    clock.set(JOIN_AT)
+    assert rig.joiner.poll() == 4  # two RequestOpened, two event batches
+    assert rig.joiner.join_due() == 2
+    # Joined, not yet durable: nothing acknowledged, nothing deleted, nothing visible.
+    assert rig.bus.pending() == 4
+    assert rig.files() == []
+    assert all(v is not None for v in rig.store.get_many(keys))
+    held = rig.store.stats().keys_held
+    assert held == (4 if lazy else 200)
+
+    committed = rig.joiner.flush()
+    assert len(committed) == 1
+    assert rig.files() == [Path(committed[0])]
+    assert rig.bus.pending() == 0
+    assert rig.store.get_many(keys) == [None, None]
+    assert rig.store.stats().keys_held == 0
+    assert rig.store.stats().deletes == held
+
+
+class FailingSink:
+    """A warehouse writer whose commit fails."""
+
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+
+    def append(self, records: Sequence[RequestRecord]) -> None:
+        self.records.extend(records)
+
+    def flush(self) -> list[str]:
+        raise OSError("disk full")
+
+
+def test_a_failed_commit_acks_nothing_and_deletes_nothing(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    sink = FailingSink()
+    rig.joiner.sink = sink
+    refs, batch = rank(small_world, [8])
+    rig.service.ranked(refs, batch)
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(range(4))))
+    held = rig.store.stats().keys_held
+    clock.set(JOIN_AT)
+    rig.joiner.poll()
+    rig.joiner.join_due()
+    with pytest.raises(OSError, match="disk full"):
+        rig.joiner.flush()
+    assert len(sink.records) == 1 and len(sink.records[0]) == 4
+    assert rig.bus.pending() == 2
+    assert len(rig.bus.claim_pending()) == 2  # a recovering consumer can take them again
+    assert rig.store.stats().keys_held == held
+
+
+def test_a_request_is_joined_when_its_window_and_lateness_have_passed(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [3])
+    rig.service.ranked(refs, batch)
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(range(2))))
+    clock.set(JOIN_AT - 1)
+    rig.joiner.poll()
+    assert rig.joiner.join_due() == 0
+    assert rig.joiner.open_requests == 1
+    clock.set(JOIN_AT)
+    assert rig.joiner.join_due() == 1
+    assert rig.joiner.open_requests == 0
+
+
+def test_events_of_a_request_never_opened_are_counted_as_orphans(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [3])
+    rig.service.ranked(refs, batch)
+    stranger = RequestRef("stranger", 3, T0, 100)
+    rig.service.events(stranger, events(stranger, batch.item_ids[0], views(range(3))))
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(range(2))))
+    join(rig)
+    assert rig.joiner.stats.orphan_events == 3
+    assert rig.examples().column("request_id").to_pylist() == ["j0", "j0"]
+    assert rig.bus.pending() == 0
+
+
+def test_joined_features_are_the_logged_ones(small_world: World, tmp_path: Path, lazy: bool) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [12])
+    rig.service.ranked(refs, batch)
+    positions = [0, 4, 17, 63]
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(positions)))
+    join(rig)
+    table = rig.warehouse.read()
+    if lazy:
+        assert table.num_rows == 1
+        items = table.column("items")[0].values
+        got = items.field("i_emb").values.to_numpy().reshape(len(positions), -1)
+    else:
+        table = table.sort_by("position")
+        got = table.column("i_emb").combine_chunks().values.to_numpy().reshape(len(positions), -1)
+    layout = small_world.featureset.layout(Side.ITEM)
+    emb = next(s for s in layout.slots if s.feature.name == "i_emb")
+    want = batch.items.floats[positions, emb.offset : emb.stop]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

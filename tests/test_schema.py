@@ -1,0 +1,274 @@
+"""FeatureSet: validation, layouts, fingerprints, serialisation and row fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from leanrec.schema import (
+    PAD_ID,
+    SIDE_OWNERS,
+    Feature,
+    FeatureBlock,
+    FeatureSet,
+    Kind,
+    Owner,
+    Side,
+)
+from leanrec.world import WorldConfig, default_featureset
+
+U, C, I = Owner.USER, Owner.CONTEXT, Owner.ITEM
+
+
+def _small_fs(version: int = 1) -> FeatureSet:
+    """Owners interleaved in registry order, so layouts must regroup them."""
+    return FeatureSet(
+        "tiny",
+        version,
+        (
+            Feature("i_a", I, Kind.DENSE, 3),
+            Feature("u_a", U, Kind.DENSE, 2),
+            Feature("c_hour", C, Kind.SPARSE, 1, 24),
+            Feature("u_id", U, Kind.SPARSE, 1, 100),
+            Feature("i_id", I, Kind.SPARSE, 1, 500),
+            Feature("u_hist", U, Kind.SEQUENCE, 4, 500),
+            Feature("c_x", C, Kind.DENSE, 1),
+            Feature("u_b", U, Kind.DENSE, 5),
+            Feature("i_tags", I, Kind.MULTI_HOT, 3, 40),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------- validation
+def test_duplicate_names_are_refused() -> None:
+    feats = (Feature("x", U, Kind.DENSE), Feature("y", I, Kind.DENSE), Feature("x", I, Kind.DENSE, 2))
+    with pytest.raises(ValueError, match=r"duplicate.*'x'"):
+        FeatureSet("dup", 1, feats)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "bad name", "kind": Kind.DENSE}, "identifier"),
+        ({"name": "1x", "kind": Kind.DENSE}, "identifier"),
+        ({"name": "x", "kind": Kind.DENSE, "size": 0}, "size"),
+        ({"name": "x", "kind": Kind.DENSE, "size": -3}, "size"),
+        ({"name": "x", "kind": Kind.SEQUENCE, "size": 0, "vocab": 10}, "size"),
+        ({"name": "x", "kind": Kind.SPARSE, "size": 2, "vocab": 10}, "sparse"),
+        ({"name": "x", "kind": Kind.SPARSE, "vocab": 0}, "vocabulary"),
+        ({"name": "x", "kind": Kind.MULTI_HOT, "size": 4}, "vocabulary"),
+        ({"name": "x", "kind": Kind.SEQUENCE, "size": 4, "vocab": -1}, "vocabulary"),
+    ],
+)
+def test_invalid_features_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Feature(owner=U, **kwargs)
+
+
+@pytest.mark.parametrize("version", [-1, 2**16])
+def test_version_must_fit_16_bits(version: int) -> None:
+    with pytest.raises(ValueError, match="version"):
+        FeatureSet("v", version, (Feature("x", U, Kind.DENSE),))
+
+
+def test_lookup_by_name() -> None:
+    fs = _small_fs()
+    assert fs["u_hist"].size == 4
+    with pytest.raises(KeyError, match="nope"):
+        fs["nope"]
+
+
+# ----------------------------------------------------------------------------------- layouts
+def _check_contiguous(slots, is_float: bool, width: int) -> None:
+    offset = 0
+    for slot in slots:
+        if slot.feature.is_float is is_float:
+            assert slot.offset == offset, slot.feature.name
+            assert slot.stop == offset + slot.feature.size
+            offset = slot.stop
+    assert offset == width
+
+
+@pytest.mark.parametrize("fs", [_small_fs(), default_featureset()[0]], ids=["tiny", "demo"])
+def test_layouts_group_owners_and_pack_contiguously(fs: FeatureSet) -> None:
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    # request side: every user feature, then every context feature, each in registry order
+    assert req.names == [f.name for f in fs.of(U)] + [f.name for f in fs.of(C)]
+    assert item.names == [f.name for f in fs.of(I)]
+    assert SIDE_OWNERS[Side.REQUEST] == (U, C)
+    for lay, owners in ((req, (U, C)), (item, (I,))):
+        feats = [f for f in fs.features if f.owner in owners]
+        assert lay.float_width == sum(f.size for f in feats if f.kind is Kind.DENSE)
+        assert lay.int_width == sum(f.size for f in feats if f.kind is not Kind.DENSE)
+        assert lay.row_bytes == 4 * (lay.float_width + lay.int_width)
+        _check_contiguous(lay.slots, True, lay.float_width)
+        _check_contiguous(lay.slots, False, lay.int_width)
+    assert len(req.slots) + len(item.slots) == len(fs)
+
+
+def test_tiny_layout_offsets_by_hand() -> None:
+    fs = _small_fs()
+    req = {s.feature.name: s.offset for s in fs.layout(Side.REQUEST).slots}
+    assert req == {"u_a": 0, "u_id": 0, "u_hist": 1, "u_b": 2, "c_hour": 5, "c_x": 7}
+    item = {s.feature.name: s.offset for s in fs.layout(Side.ITEM).slots}
+    assert item == {"i_a": 0, "i_id": 0, "i_tags": 1}
+    assert (fs.layout(Side.REQUEST).float_width, fs.layout(Side.REQUEST).int_width) == (8, 6)
+    assert fs.layout(Side.REQUEST).row_bytes == 56
+
+
+def test_owner_slots_are_offsets_inside_the_owner_block() -> None:
+    fs = _small_fs()
+    u, c = fs.owner_slots(U), fs.owner_slots(C)
+    assert {n: s.offset for n, s in u.items()} == {"u_a": 0, "u_id": 0, "u_hist": 1, "u_b": 2}
+    assert {n: s.offset for n, s in c.items()} == {"c_hour": 0, "c_x": 0}
+    assert fs.widths(U) == (7, 5)
+    assert fs.widths(C) == (1, 1)
+    assert fs.widths(I) == (3, 4)
+
+
+def test_request_layout_is_user_block_then_context_block() -> None:
+    """A request row assembled with hstack(user, context) puts each feature where the layout says."""
+    fs = _small_fs()
+    rng = np.random.default_rng(0)
+    blocks = {
+        o: FeatureBlock(
+            rng.normal(size=(3, fs.widths(o)[0])).astype("<f4"),
+            rng.integers(0, 9, (3, fs.widths(o)[1])).astype("<i4"),
+        )
+        for o in (U, C)
+    }
+    row = FeatureBlock.hstack([blocks[U], blocks[C]])
+    for slot in fs.layout(Side.REQUEST).slots:
+        f = slot.feature
+        own = fs.owner_slots(f.owner)[f.name]
+        src = blocks[f.owner].floats if f.is_float else blocks[f.owner].ints
+        dst = row.floats if f.is_float else row.ints
+        assert np.array_equal(dst[:, slot.offset : slot.stop], src[:, own.offset : own.stop]), f.name
+
+
+def test_zeros_has_the_layout_shape() -> None:
+    lay = _small_fs().layout(Side.ITEM)
+    z = lay.zeros(4)
+    assert z.floats.shape == (4, 3)
+    assert z.ints.shape == (4, 4)
+    assert z.floats.dtype == np.dtype("<f4")
+    assert z.ints.dtype == np.dtype("<i4")
+    assert z.nbytes == 4 * lay.row_bytes
+
+
+# ----------------------------------------------------------------------------------- fingerprint
+def _replace(fs: FeatureSet, target: str, **changes) -> FeatureSet:
+    feats = tuple(dataclasses.replace(f, **changes) if f.name == target else f for f in fs.features)
+    return FeatureSet(fs.name, fs.version, feats)
+
+
+@pytest.mark.parametrize(
+    ("name", "changes"),
+    [
+        ("u_hist", {"size": 5}),
+        ("u_b", {"size": 4}),
+        ("c_x", {"owner": Owner.USER}),
+        ("i_a", {"kind": Kind.MULTI_HOT, "vocab": 10}),
+        ("i_id", {"name": "i_item"}),
+    ],
+)
+def test_fingerprint_changes_when_a_feature_changes_shape(name: str, changes: dict) -> None:
+    fs = _small_fs()
+    assert _replace(fs, name, **changes).fingerprint != fs.fingerprint
+
+
+def test_fingerprint_changes_when_features_are_reordered_or_removed() -> None:
+    fs = _small_fs()
+    assert FeatureSet(fs.name, 1, fs.features[::-1]).fingerprint != fs.fingerprint
+    assert FeatureSet(fs.name, 1, fs.features[:-1]).fingerprint != fs.fingerprint
+
+
+def test_fingerprint_is_stable_for_the_same_shape() -> None:
+    fs = _small_fs()
+    assert _small_fs().fingerprint == fs.fingerprint
+    assert _replace(fs, "u_b", doc="reworded").fingerprint == fs.fingerprint
+    assert 0 <= fs.fingerprint < 2**32
+
+
+# ----------------------------------------------------------------------------------- JSON
+@pytest.mark.parametrize("fs", [_small_fs(), default_featureset()[0]], ids=["tiny", "demo"])
+def test_json_round_trip(fs: FeatureSet) -> None:
+    fs = FeatureSet(fs.name, 3, fs.features, {"old_feature": "noise, retired by audit"})
+    back = FeatureSet.from_json(fs.to_json())
+    assert back == fs
+    assert back.fingerprint == fs.fingerprint
+    assert back.layout(Side.REQUEST) == fs.layout(Side.REQUEST)
+    assert back.layout(Side.ITEM) == fs.layout(Side.ITEM)
+    assert back.retired == {"old_feature": "noise, retired by audit"}
+    assert [f.doc for f in back.features] == [f.doc for f in fs.features]
+    assert all(isinstance(f.owner, Owner) and isinstance(f.kind, Kind) for f in back.features)
+
+
+# ----------------------------------------------------------------------------------- row fingerprints
+def _block(rows: int = 4) -> FeatureBlock:
+    rng = np.random.default_rng(5)
+    return FeatureBlock(
+        rng.normal(size=(rows, 6)).astype("<f4"), rng.integers(-1, 1_000, (rows, 3)).astype("<i4")
+    )
+
+
+def test_row_fingerprints_are_equal_for_equal_rows() -> None:
+    b = _block()
+    b.floats[2] = b.floats[0]
+    b.ints[2] = b.ints[0]
+    fp = b.row_fingerprints()
+    assert fp.dtype == np.uint64
+    assert fp.shape == (4,)
+    assert fp[0] == fp[2]
+    assert len(set(fp.tolist())) == 3
+    # same rows in another block, another order: same fingerprints
+    other = b.take(np.array([3, 1, 0]))
+    assert other.row_fingerprints().tolist() == [fp[3], fp[1], fp[0]]
+
+
+def test_row_fingerprints_see_every_single_byte_change() -> None:
+    base = _block()
+    want = base.row_fingerprints()
+    for arr_name in ("floats", "ints"):
+        n_bytes = getattr(base, arr_name)[1].nbytes
+        for byte in range(n_bytes):
+            for delta in (1, 0x80):
+                b = base.copy()
+                raw = getattr(b, arr_name).view(np.uint8)
+                raw[1, byte] ^= delta
+                got = b.row_fingerprints()
+                assert got[1] != want[1], (arr_name, byte, delta)
+                assert np.array_equal(np.delete(got, 1), np.delete(want, 1))
+
+
+def test_row_fingerprints_tell_negative_zero_and_nan_payloads_apart() -> None:
+    b = FeatureBlock(np.zeros((4, 2), "<f4"), np.full((4, 1), PAD_ID, "<i4"))
+    b.floats[1, 0] = -0.0
+    b.floats[2, 0] = np.nan
+    b.floats.view(np.uint32)[3, 0] = 0x7FC00001  # another NaN
+    fp = b.row_fingerprints()
+    assert len(set(fp.tolist())) == 4
+
+
+# ----------------------------------------------------------------------------------- demo set
+def test_default_featureset_is_a_late_stage_rankers() -> None:
+    fs, noise = default_featureset(WorldConfig())
+    user, item = fs.of(U), fs.of(I)
+    assert len(user) >= 150
+    assert len(item) >= 50
+    assert len(fs.of(C)) >= 1
+    hist = fs["u_hist"]
+    assert (hist.owner, hist.kind, hist.size) == (U, Kind.SEQUENCE, 50)
+    assert hist.vocab == WorldConfig().n_items
+    names = {f.name for f in fs.features}
+    assert noise < names
+    informative = names - noise
+    for owner in (U, I):
+        owned = {f.name for f in fs.of(owner)}
+        assert owned & noise, f"no noise among {owner} features"
+        assert owned & informative, f"no informative {owner} features"
+    assert {"u_taste_00", "i_taste_00", "u_hist", "i_click_rate"} <= informative
+    assert {"u_noise_00", "i_noise_00"} <= noise
+    assert {Kind.DENSE, Kind.SPARSE, Kind.MULTI_HOT, Kind.SEQUENCE} == {f.kind for f in fs.features}

@@ -1,0 +1,186 @@
+"""The synthetic world: reproducible, power-law popularity, scroll depth, engagement, drift."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from leanrec.schema import PAD_ID, FeatureBlock, Owner
+from leanrec.world import HISTORY_LEN, World, WorldConfig
+
+
+def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
+    return np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32)) and np.array_equal(
+        a.ints, b.ints
+    )
+
+
+def _col(world: World, owner: Owner, name: str) -> np.ndarray:
+    slot = world.featureset.owner_slots(owner)[name]
+    block = world.store.blocks[owner]
+    src = block.floats if slot.feature.is_float else block.ints
+    return src[:, slot.offset : slot.stop].copy()
+
+
+# ----------------------------------------------------------------------------------- reproducibility
+def test_same_config_gives_the_same_world(small_world: World, small_config: WorldConfig) -> None:
+    again = World(small_config)
+    for owner in (Owner.USER, Owner.ITEM):
+        assert _bits_equal(again.store.blocks[owner], small_world.store.blocks[owner])
+    assert np.array_equal(again.popularity, small_world.popularity)
+    assert np.array_equal(again.item_category, small_world.item_category)
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    items = np.tile(np.arange(100), (5, 1))
+    users = np.arange(5)
+    ea, eb = small_world.engage(users, items, rng_a), again.engage(users, items, rng_b)
+    assert np.array_equal(ea.click, eb.click)
+    assert np.array_equal(ea.depth, eb.depth)
+
+
+def test_another_seed_gives_another_world(small_world: World, small_config: WorldConfig) -> None:
+    other = World(dataclasses.replace(small_config, seed=small_config.seed + 1))
+    for owner in (Owner.USER, Owner.ITEM):
+        a, b = other.store.blocks[owner], small_world.store.blocks[owner]
+        assert a.floats.shape == b.floats.shape
+        assert not np.array_equal(a.floats, b.floats)
+    assert not np.array_equal(other.popularity, small_world.popularity)
+
+
+def test_store_blocks_have_the_featureset_widths(small_world: World, small_config: WorldConfig) -> None:
+    fs = small_world.featureset
+    for owner, n in ((Owner.USER, small_config.n_users), (Owner.ITEM, small_config.n_items)):
+        block = small_world.store.blocks[owner]
+        assert (block.floats.shape, block.ints.shape) == ((n, fs.widths(owner)[0]), (n, fs.widths(owner)[1]))
+        assert np.isfinite(block.floats).all()
+    assert np.array_equal(_col(small_world, Owner.ITEM, "i_id").ravel(), np.arange(small_config.n_items))
+    assert np.array_equal(_col(small_world, Owner.USER, "u_id").ravel(), np.arange(small_config.n_users))
+
+
+def test_id_features_stay_inside_their_vocabulary(small_world: World) -> None:
+    fs = small_world.featureset
+    for owner in (Owner.USER, Owner.ITEM):
+        for name, slot in fs.owner_slots(owner).items():
+            if slot.feature.is_float:
+                continue
+            ids = _col(small_world, owner, name)
+            real = ids[ids != PAD_ID]
+            assert real.min(initial=0) >= 0, name
+            assert real.max(initial=0) < slot.feature.vocab, name
+
+
+# ----------------------------------------------------------------------------------- popularity
+def test_popularity_has_a_power_law_tail(small_world: World) -> None:
+    pop = np.sort(small_world.popularity)[::-1]
+    assert pop.sum() == pytest.approx(1.0)
+    top = int(len(pop) * 0.01)
+    assert pop[:top].sum() > 0.3  # the top 1% hold a large share (uniform would be 1%)
+    assert pop[: len(pop) // 2].sum() > 0.85
+    ranks = np.arange(1, len(pop) + 1)
+    slope = np.polyfit(np.log(ranks), np.log(pop), 1)[0]
+    assert slope == pytest.approx(-small_world.config.popularity_exponent, abs=0.05)
+
+
+def test_view_counters_follow_popularity(small_world: World) -> None:
+    views = _col(small_world, Owner.ITEM, "i_views_log").ravel()
+    order = np.argsort(-small_world.popularity)
+    top, bottom = views[order[:30]], views[order[-300:]]
+    assert top.mean() > bottom.mean() + 3  # log views: the head is viewed 20 times as much and more
+
+
+# ----------------------------------------------------------------------------------- scroll depth
+def test_scroll_depth_median_about_six_with_a_long_tail(small_world: World) -> None:
+    assert small_world.config.scroll_median == WorldConfig().scroll_median
+    assert small_world.config.scroll_sigma == WorldConfig().scroll_sigma
+    depth = small_world.sample_depth(20_000, np.random.default_rng(0), 100)
+    assert depth.dtype == np.int32
+    assert 5 <= np.median(depth) <= 7
+    assert depth.min() >= 1
+    assert depth.max() <= 100
+    assert (depth >= 50).any()
+    assert (depth <= 12).mean() > 0.7  # steep decay: most sessions stop early
+    assert (depth >= 50).mean() < 0.05
+
+
+def test_scroll_depth_is_clipped_to_the_list(small_world: World) -> None:
+    depth = small_world.sample_depth(5_000, np.random.default_rng(1), 10)
+    assert depth.max() == 10
+    assert depth.min() >= 1
+
+
+# ----------------------------------------------------------------------------------- engagement
+def _traffic(world: World, b: int = 200, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    users = rng.choice(world.config.n_users, b, replace=False)
+    items = np.stack([rng.choice(world.config.n_items, 100, replace=False) for _ in range(b)])
+    return users, items
+
+
+def test_engagement_only_on_viewed_positions(small_world: World) -> None:
+    users, items = _traffic(small_world)
+    eng = small_world.engage(users, items, np.random.default_rng(4))
+    assert eng.viewed.shape == eng.click.shape == (200, 100)
+    # viewed is exactly the prefix of length depth
+    assert np.array_equal(eng.viewed, np.arange(100)[None, :] < eng.depth[:, None])
+    assert not (eng.click & ~eng.viewed).any()
+    assert not (eng.like & ~eng.click).any()
+    assert not (eng.share & ~eng.like).any()
+    assert not (eng.hide & ~eng.viewed).any()
+    assert not (eng.hide & eng.click).any()
+    assert ((eng.watch_ms > 0) == eng.click).all()
+    assert eng.click.sum() > 0
+    assert eng.like.sum() > 0
+    assert ((eng.p_click > 0) & (eng.p_click < 1)).all()
+
+
+def test_clicks_follow_the_oracle(small_world: World) -> None:
+    users, items = _traffic(small_world, b=400, seed=5)
+    eng = small_world.engage(users, items, np.random.default_rng(6))
+    v = eng.viewed
+    hi = eng.p_click[v] > np.median(eng.p_click[v])
+    clicks = eng.click[v]
+    assert clicks[hi].mean() > 2 * clicks[~hi].mean()
+
+
+def test_apply_moves_counters_of_viewed_items_only(small_world: World) -> None:
+    users, items = _traffic(small_world, b=50)
+    eng = small_world.engage(users, items, np.random.default_rng(7))
+    before = _col(small_world, Owner.ITEM, "i_views_log").ravel()
+    small_world.apply(users, items, eng)
+    after = _col(small_world, Owner.ITEM, "i_views_log").ravel()
+    viewed = np.unique(items[eng.viewed])
+    unviewed = np.setdiff1d(np.arange(small_world.config.n_items), viewed)
+    assert len(viewed) > 0
+    assert (after[viewed] > before[viewed]).all()
+    assert np.array_equal(after[unviewed].view(np.uint32), before[unviewed].view(np.uint32))
+
+
+def test_apply_prepends_clicks_to_the_history_of_users_who_clicked(small_world: World) -> None:
+    users, items = _traffic(small_world, b=60, seed=8)
+    eng = small_world.engage(users, items, np.random.default_rng(9))
+    hist_before = _col(small_world, Owner.USER, "u_hist")
+    cat_before = _col(small_world, Owner.USER, "u_hist_cat")
+    small_world.apply(users, items, eng)
+    hist_after = _col(small_world, Owner.USER, "u_hist")
+    cat_after = _col(small_world, Owner.USER, "u_hist_cat")
+    clicked_any = eng.click.any(axis=1)
+    assert clicked_any.sum() > 0
+    assert (~clicked_any).sum() > 0
+    for r, u in enumerate(users):
+        if clicked_any[r]:
+            new = items[r][eng.click[r]][::-1]  # most recent click first
+            want = np.concatenate([new, hist_before[u]])[:HISTORY_LEN]
+            assert np.array_equal(hist_after[u], want)
+            real = hist_after[u] != PAD_ID
+            assert np.array_equal(cat_after[u][real], small_world.item_category[hist_after[u][real]])
+        else:
+            assert np.array_equal(hist_after[u], hist_before[u])
+            assert np.array_equal(cat_after[u], cat_before[u])
+    untouched = np.setdiff1d(np.arange(small_world.config.n_users), users)
+    assert np.array_equal(hist_after[untouched], hist_before[untouched])
+
+
+def test_world_refuses_a_corpus_too_small_to_retrieve_from() -> None:
+    with pytest.raises(ValueError, match="1,000 items"):
+        World(WorldConfig(n_users=10, n_items=999, n_creators=40))

@@ -1,0 +1,302 @@
+"""ParquetWarehouse: partitions, compression, atomic commits, readers, schemas and refusals."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from leanrec.schema import FeatureBlock, FeatureSet, Side
+from leanrec.warehouse import (
+    ParquetWarehouse,
+    RequestRecord,
+    TableLayout,
+    WarehouseError,
+    arrays_block,
+    read_table,
+    warehouse_bytes,
+)
+from leanrec.warehouse.tables import FEATURESET_KEY, LAYOUT_KEY
+from leanrec.world import WorldConfig, default_featureset
+
+LAYOUTS = [TableLayout.REQUEST, TableLayout.IMPRESSION]
+HOUR_MS = 3_600_000
+T0 = int(datetime(2026, 11, 2, 8, tzinfo=UTC).timestamp() * 1000)
+
+
+@pytest.fixture(scope="module")
+def fs(small_config: WorldConfig) -> FeatureSet:
+    return default_featureset(small_config)[0]
+
+
+def make_records(fs: FeatureSet, times: list[int], seed: int = 0) -> list[RequestRecord]:
+    """One record per time, with 1..7 viewed items each, random exact features and labels."""
+    rng = np.random.default_rng(seed)
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    out = []
+    for i, ts in enumerate(times):
+        k = int(rng.integers(1, 8))
+        positions = np.sort(rng.choice(100, k, replace=False)).astype(np.int32)
+        out.append(
+            RequestRecord(
+                f"w{seed:02d}-{i:04d}",
+                int(rng.integers(0, 400)),
+                ts,
+                fs.version,
+                FeatureBlock(
+                    rng.normal(size=(1, req.float_width)).astype(np.float32),
+                    rng.integers(-1, 20, (1, req.int_width)).astype(np.int32),
+                ),
+                positions,
+                rng.integers(0, 3_000, k).astype(np.int32),
+                ts + np.sort(rng.integers(100, 500_000, k)).astype(np.int64),
+                FeatureBlock(
+                    rng.normal(size=(k, item.float_width)).astype(np.float32),
+                    rng.integers(-1, 20, (k, item.int_width)).astype(np.int32),
+                ),
+                {
+                    "click": rng.random(k) < 0.4,
+                    "like": rng.random(k) < 0.2,
+                    "share": rng.random(k) < 0.1,
+                    "hide": rng.random(k) < 0.1,
+                    "watch_ms": rng.integers(0, 90_000, k).astype(np.int32),
+                },
+            )
+        )
+    return out
+
+
+def write(root: Path, fs: FeatureSet, layout: TableLayout, records: list[RequestRecord]) -> ParquetWarehouse:
+    wh = ParquetWarehouse(str(root), fs, layout)
+    wh.append(records)
+    wh.flush()
+    return wh
+
+
+def cols(table: pa.Table) -> dict[str, pa.ChunkedArray]:
+    return {name: table.column(name) for name in table.column_names}
+
+
+def bits(block: FeatureBlock) -> np.ndarray:
+    return np.hstack([block.floats.view(np.uint32), block.ints.view(np.uint32)])
+
+
+# --------------------------------------------------------------------------- files and partitions
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_files_are_zstd_parquet_under_hive_partitions(
+    fs: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    times = [T0 + 5, T0 + HOUR_MS - 1, T0 + HOUR_MS, T0 + 16 * HOUR_MS + 7, T0 + 16 * HOUR_MS + 9]
+    records = make_records(fs, times)
+    wh = ParquetWarehouse(str(tmp_path / "wh"), fs, layout)
+    wh.append(records)
+    written = wh.flush()
+    assert len(written) == 3  # 08h, 09h, and 00h of the next day
+    rel = sorted(str(Path(p).relative_to(tmp_path / "wh")) for p in written)
+    pattern = re.compile(r"dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/part-[0-9a-f]+\.parquet")
+    assert all(pattern.fullmatch(r) for r in rel), rel
+    assert [r.rsplit("/", 1)[0] for r in rel] == [
+        "dt=2026-11-02/hour=08",
+        "dt=2026-11-02/hour=09",
+        "dt=2026-11-03/hour=00",
+    ]
+    for path in written:
+        folder = Path(path).parent
+        day, hour = folder.parent.name.split("=")[1], int(folder.name.split("=")[1])
+        pf = pq.ParquetFile(path)
+        ts = pf.read(columns=["ts_ms"]).column("ts_ms").to_numpy()
+        for t in ts:
+            when = datetime.fromtimestamp(int(t) / 1000, UTC)
+            assert (f"{when:%Y-%m-%d}", when.hour) == (day, hour)
+        meta = pf.metadata
+        codecs = {
+            meta.row_group(g).column(c).compression
+            for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns)
+        }
+        assert codecs == {"ZSTD"}
+    assert sorted(Path(p).name for p in wh.files) == sorted(Path(p).name for p in written)
+    assert wh.bytes_stored() == sum(Path(p).stat().st_size for p in written)
+    assert wh.flush() == []  # nothing buffered, nothing written
+
+
+def test_the_buffer_commits_itself_when_full(fs: FeatureSet, tmp_path: Path) -> None:
+    wh = ParquetWarehouse(str(tmp_path / "wh"), fs, TableLayout.REQUEST, flush_rows=3)
+    records = make_records(fs, [T0 + i for i in range(4)])
+    wh.append(records[:2])
+    assert list((tmp_path / "wh").rglob("*.parquet")) == []
+    wh.append(records[2:])
+    assert len(list((tmp_path / "wh").rglob("*.parquet"))) == 1
+    assert wh.read().num_rows == 4
+
+
+def test_files_are_written_under_a_hidden_name_and_renamed(
+    fs: FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "wh"
+    seen: list[str] = []
+    real = pq.write_table
+
+    def spy(table: pa.Table, where: str, **kwargs: object) -> None:
+        real(table, where, **kwargs)
+        seen.append(str(where))
+        # The half-committed file is on disk now: no reader may see it.
+        assert Path(where).name.startswith(".")
+        with pytest.raises(WarehouseError, match="holds no Parquet files"):
+            read_table(str(root), fs)
+        assert warehouse_bytes(str(root)) == 0
+        assert ds.dataset(str(root), format="parquet").files == []
+        assert list(root.rglob("*.parquet")) == []
+
+    monkeypatch.setattr(pq, "write_table", spy)
+    wh = write(root, fs, TableLayout.REQUEST, make_records(fs, [T0 + 1, T0 + 2]))
+    assert len(seen) == 1
+    assert not Path(seen[0]).exists()
+    assert [Path(p).name for p in wh.files] == [Path(seen[0]).name.removeprefix(".").removesuffix(".tmp")]
+    assert wh.read().num_rows == 2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_leftover_temp_file_breaks_no_reader(fs: FeatureSet, tmp_path: Path, layout: TableLayout) -> None:
+    root = tmp_path / "wh"
+    records = make_records(fs, [T0 + 1, T0 + 2, T0 + 3])
+    wh = write(root, fs, layout, records)
+    size = wh.bytes_stored()
+    part = Path(wh.files[0]).parent
+    (part / ".part-x.parquet.tmp").write_bytes(b"PAR1 half a file")  # a writer died mid-commit
+    n = 3 if layout is TableLayout.REQUEST else sum(len(r) for r in records)
+    assert read_table(str(root), fs, layout).num_rows == n
+    assert warehouse_bytes(str(root)) == size
+    dataset = ds.dataset(str(root), format="parquet", partitioning="hive")
+    assert dataset.count_rows() == n
+    glob = f"{root}/**/*.parquet"
+    got = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning=true)").fetchall()
+    assert got == [(n,)]
+
+
+# --------------------------------------------------------------------------- readers
+def test_pyarrow_and_duckdb_open_both_layouts_as_they_are(fs: FeatureSet, tmp_path: Path) -> None:
+    records = make_records(fs, [T0 + 10 * i for i in range(6)] + [T0 + HOUR_MS + 1], seed=3)
+    n_examples = sum(len(r) for r in records)
+    for layout, rows in ((TableLayout.REQUEST, len(records)), (TableLayout.IMPRESSION, n_examples)):
+        root = tmp_path / layout.value
+        write(root, fs, layout, records)
+        table = ds.dataset(str(root), format="parquet", partitioning="hive").to_table()
+        assert table.num_rows == rows
+        assert sorted(set(table.column("hour").to_pylist())) == [8, 9]
+        assert set(table.column("dt").to_pylist()) == {"2026-11-02"}
+        glob = f"{root}/**/*.parquet"
+        con = duckdb.connect()
+        src = f"read_parquet('{glob}', hive_partitioning=true)"
+        assert con.sql(f"SELECT count(*) FROM {src}").fetchall() == [(rows,)]
+        assert con.sql(f"SELECT count(DISTINCT request_id) FROM {src}").fetchall() == [(len(records),)]
+        hours = con.sql(f"SELECT DISTINCT CAST(hour AS INTEGER) FROM {src} ORDER BY 1").fetchall()
+        assert hours == [(8,), (9,)]
+        if layout is TableLayout.REQUEST:
+            assert con.sql(f"SELECT sum(len(items)) FROM {src}").fetchall() == [(n_examples,)]
+            clicks = con.sql(f"SELECT count(*) FROM (SELECT unnest(items) AS it FROM {src}) WHERE it.click")
+        else:
+            clicks = con.sql(f"SELECT count(*) FROM {src} WHERE click")
+        want_clicks = sum(int(r.labels["click"].sum()) for r in records)
+        assert clicks.fetchall() == [(want_clicks,)]
+        # A feature vector reads back with its values, in DuckDB too.
+        r = records[2]
+        [(u_emb,)] = con.sql(
+            f"SELECT u_emb_0 FROM {src} WHERE request_id = '{r.request_id}' LIMIT 1"
+        ).fetchall()
+        slot = next(s for s in fs.layout(Side.REQUEST).slots if s.feature.name == "u_emb_0")
+        assert np.array_equal(np.array(u_emb, np.float32), r.request.floats[0, slot.offset : slot.stop])
+        con.close()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_schema_carries_the_featureset_and_layout(
+    fs: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    wh = write(tmp_path / "wh", fs, layout, make_records(fs, [T0]))
+    meta = pq.read_schema(wh.files[0]).metadata
+    assert FeatureSet.from_json(meta[FEATURESET_KEY].decode()) == fs
+    assert meta[LAYOUT_KEY].decode() == layout.value
+    assert wh.read().schema.metadata[FEATURESET_KEY] == fs.to_json().encode()
+
+
+def test_request_level_rows_hold_the_request_side_once(fs: FeatureSet, tmp_path: Path) -> None:
+    records = make_records(fs, [T0 + i for i in range(5)], seed=8)
+    table = write(tmp_path / "wh", fs, TableLayout.REQUEST, records).read().sort_by("request_id")
+    req_names = fs.layout(Side.REQUEST).names
+    item_names = fs.layout(Side.ITEM).names
+    assert table.num_rows == len(records)
+    item_type = table.schema.field("items").type.value_type
+    inner = {item_type.field(i).name for i in range(item_type.num_fields)}
+    assert not inner & set(req_names)  # no request-side feature inside an item
+    assert set(item_names) <= inner
+    assert set(req_names) <= set(table.column_names)
+    lengths = pc.list_value_length(table.column("items")).to_pylist()
+    assert lengths == [len(r) for r in records]
+    got = arrays_block(fs.layout(Side.REQUEST), cols(table), table.num_rows)
+    want = FeatureBlock.concat([r.request for r in records])
+    assert np.array_equal(bits(got), bits(want))
+    for i, r in enumerate(records):
+        items = table.column("items")[i].values
+        item_cols = {name: items.field(name) for name in item_names}
+        block = arrays_block(fs.layout(Side.ITEM), item_cols, len(r))
+        assert np.array_equal(bits(block), bits(r.items))
+        assert items.field("position").to_numpy().tolist() == r.positions.tolist()
+        assert items.field("watch_ms").to_numpy().tolist() == r.labels["watch_ms"].tolist()
+
+
+def test_impression_level_rows_are_one_per_viewed_item(fs: FeatureSet, tmp_path: Path) -> None:
+    records = make_records(fs, [T0 + i for i in range(5)], seed=9)
+    table = write(tmp_path / "wh", fs, TableLayout.IMPRESSION, records).read()
+    table = table.sort_by([("request_id", "ascending"), ("position", "ascending")])
+    assert table.num_rows == sum(len(r) for r in records)
+    req = arrays_block(fs.layout(Side.REQUEST), cols(table), table.num_rows)
+    items = arrays_block(fs.layout(Side.ITEM), cols(table), table.num_rows)
+    parent = np.repeat(np.arange(len(records)), [len(r) for r in records])
+    want_req = FeatureBlock.concat([r.request for r in records]).take(parent)  # repeated in every row
+    assert np.array_equal(bits(req), bits(want_req))
+    assert np.array_equal(bits(items), bits(FeatureBlock.concat([r.items for r in records])))
+    assert (
+        table.column("item_id").to_numpy().tolist() == np.concatenate([r.item_ids for r in records]).tolist()
+    )
+
+
+# --------------------------------------------------------------------------- refusals
+def test_read_table_refuses_unusable_paths_with_a_clear_error(fs: FeatureSet, tmp_path: Path) -> None:
+    with pytest.raises(WarehouseError, match="does not exist"):
+        read_table(str(tmp_path / "nowhere"), fs)
+    a_file = tmp_path / "file.parquet"
+    a_file.write_bytes(b"x")
+    with pytest.raises(WarehouseError, match="is not a folder"):
+        read_table(str(a_file), fs)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WarehouseError, match="holds no Parquet files"):
+        read_table(str(empty), fs)
+    (empty / "dt=2026-11-02" / "hour=08").mkdir(parents=True)
+    (empty / "dt=2026-11-02" / "hour=08" / ".part-z.parquet.tmp").write_bytes(b"half")
+    with pytest.raises(WarehouseError, match="holds no Parquet files"):
+        read_table(str(empty), fs)
+    with pytest.raises(WarehouseError, match="does not exist"):
+        warehouse_bytes(str(tmp_path / "nowhere"))
+
+
+def test_read_table_refuses_the_wrong_layout(fs: FeatureSet, tmp_path: Path) -> None:
+    records = make_records(fs, [T0])
+    lean = write(tmp_path / "lean", fs, TableLayout.REQUEST, records)
+    naive = write(tmp_path / "naive", fs, TableLayout.IMPRESSION, records)
+    with pytest.raises(WarehouseError, match="is request-level, expected impression-level"):
+        read_table(lean.uri, fs, TableLayout.IMPRESSION)
+    with pytest.raises(WarehouseError, match="is impression-level, expected request-level"):
+        read_table(naive.uri, fs, TableLayout.REQUEST)
+    # Without a layout asked for, each reads as what it is.
+    assert read_table(lean.uri, fs).schema.names[-1] == "items"
+    assert read_table(naive.uri, fs).num_rows == len(records[0])
