@@ -87,11 +87,7 @@ class Rig:
         self.joiner.flush()
 
     def examples(self) -> pa.Table:
-        """The warehouse as impression rows, sorted by request and position."""
-        table = self.warehouse.read()
-        if self.warehouse.layout is TableLayout.REQUEST:
-            table = request_to_impression(table, self.warehouse.featureset)
-        return table.sort_by(SORT)
+        return self.warehouse.read_examples()
 
     def parquet_files(self) -> list[Path]:
         return sorted(Path(self.warehouse.uri).rglob("*.parquet"))

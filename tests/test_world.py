@@ -7,14 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from leanrec.schema import PAD_ID, FeatureBlock, Owner
+from leanrec.schema import PAD_ID, Owner
 from leanrec.world import HISTORY_LEN, World, WorldConfig
-
-
-def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
-    return np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32)) and np.array_equal(
-        a.ints, b.ints
-    )
 
 
 def _col(world: World, owner: Owner, name: str) -> np.ndarray:
@@ -28,7 +22,7 @@ def _col(world: World, owner: Owner, name: str) -> np.ndarray:
 def test_same_config_gives_the_same_world(small_world: World, small_config: WorldConfig) -> None:
     again = World(small_config)
     for owner in (Owner.USER, Owner.ITEM):
-        assert _bits_equal(again.store.blocks[owner], small_world.store.blocks[owner])
+        assert again.store.blocks[owner].same_bytes(small_world.store.blocks[owner])
     assert np.array_equal(again.popularity, small_world.popularity)
     assert np.array_equal(again.item_category, small_world.item_category)
     rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)

@@ -317,6 +317,15 @@ class FeatureBlock:
         """Join blocks of different owners column-wise (e.g. user then context)."""
         return FeatureBlock(np.hstack([b.floats for b in blocks]), np.hstack([b.ints for b in blocks]))
 
+    def same_bytes(self, other: FeatureBlock) -> bool:
+        """Whether both blocks hold exactly the same bytes (NaN payloads and -0.0 included)."""
+        return (
+            self.floats.shape == other.floats.shape
+            and self.ints.shape == other.ints.shape
+            and np.array_equal(self.floats.view(np.uint32), other.floats.view(np.uint32))
+            and np.array_equal(self.ints, other.ints)
+        )
+
     def row_fingerprints(self) -> np.ndarray:
         """``(N,)`` uint64 hash of each row's exact bytes, to check frozen features byte for byte."""
         bits = np.hstack([self.floats.view(np.uint32), self.ints.view(np.uint32)]).astype(np.uint64)

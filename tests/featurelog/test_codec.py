@@ -31,15 +31,6 @@ def _random_block(fs: FeatureSet, side: Side, rows: int, seed: int) -> FeatureBl
     return FeatureBlock(floats, ints)
 
 
-def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
-    return (
-        a.floats.shape == b.floats.shape
-        and a.ints.shape == b.ints.shape
-        and np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32))
-        and np.array_equal(a.ints, b.ints)
-    )
-
-
 def _other_version(fs: FeatureSet) -> FeatureSet:
     return FeatureSet(fs.name, fs.version + 1, fs.features, fs.retired)
 
@@ -56,7 +47,7 @@ def test_request_round_trip_is_byte_exact(fs: FeatureSet) -> None:
     assert np.signbit(block.floats[0, -1]) and block.floats[0, -1] == 0
     blob = codec.encode_request(fs, block)
     back = codec.decode_request(fs, blob)
-    assert _bits_equal(back, block)
+    assert back.same_bytes(block)
     assert back.floats.dtype == np.dtype("<f4")
     assert back.ints.dtype == np.dtype("<i4")
 
@@ -87,7 +78,7 @@ def test_page_round_trip_is_byte_exact(fs: FeatureSet, first: int, rows: int) ->
     page = codec.decode_page(fs, blob)
     assert page.first_position == first
     assert np.array_equal(page.item_ids, ids)
-    assert _bits_equal(page.block, block)
+    assert page.block.same_bytes(block)
 
 
 def test_page_with_mismatched_ids_and_rows_is_refused(fs: FeatureSet) -> None:
@@ -114,8 +105,8 @@ def test_impressions_round_trip_is_byte_exact(fs: FeatureSet) -> None:
     positions, got_ids, got_req, got_items = codec.decode_impressions(fs, blobs)
     assert np.array_equal(positions, np.arange(n))
     assert np.array_equal(got_ids, ids)
-    assert _bits_equal(got_items, items)
-    assert _bits_equal(got_req, FeatureBlock.concat([request] * n))
+    assert got_items.same_bytes(items)
+    assert got_req.same_bytes(FeatureBlock.concat([request] * n))
 
 
 def test_impressions_decode_any_subset_in_any_order(fs: FeatureSet) -> None:
@@ -127,7 +118,7 @@ def test_impressions_decode_any_subset_in_any_order(fs: FeatureSet) -> None:
     positions, got_ids, _, got_items = codec.decode_impressions(fs, [blobs[p] for p in pick])
     assert np.array_equal(positions, pick)
     assert np.array_equal(got_ids, ids[pick])
-    assert _bits_equal(got_items, items.take(pick))
+    assert got_items.same_bytes(items.take(pick))
 
 
 def test_no_impressions_decode_to_empty_blocks(fs: FeatureSet) -> None:

@@ -91,15 +91,6 @@ def _opened(rig: Rig) -> dict[str, RequestOpened]:
     return {m.request_id: m for _, m in rig.bus.consume(10_000) if isinstance(m, RequestOpened)}
 
 
-def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
-    return (
-        a.floats.shape == b.floats.shape
-        and a.ints.shape == b.ints.shape
-        and np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32))
-        and np.array_equal(a.ints, b.ints)
-    )
-
-
 def _items_of(batch: RankedBatch, b: int, positions: np.ndarray | slice) -> FeatureBlock:
     n = batch.n_items
     return batch.items.take(slice(b * n, (b + 1) * n)).take(positions)
@@ -174,10 +165,9 @@ def test_eager_logs_every_ranked_item_with_user_and_item_features(ranked: Ranked
         positions, ids, request, items = codec.decode_impressions(fs, blobs)
         assert np.array_equal(positions, np.arange(N_ITEMS))
         assert np.array_equal(ids, ranked.saved.item_ids[b])
-        assert _bits_equal(
-            request, FeatureBlock.concat([ranked.saved.request.take(slice(b, b + 1))] * N_ITEMS)
-        )
-        assert _bits_equal(items, _items_of(ranked.saved, b, slice(None)))
+        repeated = FeatureBlock.concat([ranked.saved.request.take(slice(b, b + 1))] * N_ITEMS)
+        assert request.same_bytes(repeated)
+        assert items.same_bytes(_items_of(ranked.saved, b, slice(None)))
     opened = _opened(rig)
     assert set(opened) == {r.request_id for r in ranked.refs}
     assert {m.fs_version for m in opened.values()} == {fs.version}
@@ -192,9 +182,9 @@ def test_eager_fetch_is_byte_exact(ranked: Ranked) -> None:
     got = rig.logger.fetch(opened[ranked.refs[1].request_id], positions)
     assert got.found.all()
     assert np.array_equal(got.item_ids, ranked.saved.item_ids[1, positions])
-    assert _bits_equal(got.items, _items_of(ranked.saved, 1, positions))
+    assert got.items.same_bytes(_items_of(ranked.saved, 1, positions))
     assert got.request is not None
-    assert _bits_equal(got.request, ranked.saved.request.take(slice(1, 2)))
+    assert got.request.same_bytes(ranked.saved.request.take(slice(1, 2)))
     assert rig.logger.keys(opened[ranked.refs[1].request_id]) == [
         key(ranked.refs[1].request_id, f"i{p}") for p in range(N_ITEMS)
     ]
@@ -215,11 +205,11 @@ def test_lazy_logs_request_side_once_and_the_head_only(ranked: Ranked) -> None:
         )
         assert user_blob is not None and head_blob is not None
         assert len(user_blob) == codec.HEADER_BYTES + fs.layout(Side.REQUEST).row_bytes
-        assert _bits_equal(codec.decode_request(fs, user_blob), ranked.saved.request.take(slice(b, b + 1)))
+        assert codec.decode_request(fs, user_blob).same_bytes(ranked.saved.request.take(slice(b, b + 1)))
         head = codec.decode_page(fs, head_blob)
         assert head.first_position == 0
         assert np.array_equal(head.item_ids, ranked.saved.item_ids[b, :6])
-        assert _bits_equal(head.block, _items_of(ranked.saved, b, slice(0, 6)))
+        assert head.block.same_bytes(_items_of(ranked.saved, b, slice(0, 6)))
     assert len(rig.contexts) == len(ranked.refs)
     opened = _opened(rig)
     assert rig.logger.keys(opened[ranked.refs[0].request_id]) == [key(ranked.refs[0].request_id, "u")] + [
@@ -290,9 +280,9 @@ def test_lazy_pages_hold_the_features_as_scored(ranked: Ranked) -> None:
     got = rig.logger.fetch(opened, positions)
     assert got.found.all()
     assert np.array_equal(got.item_ids, ranked.saved.item_ids[2, positions])
-    assert _bits_equal(got.items, _items_of(ranked.saved, 2, positions))
+    assert got.items.same_bytes(_items_of(ranked.saved, 2, positions))
     assert got.request is not None
-    assert _bits_equal(got.request, ranked.saved.request.take(slice(2, 3)))
+    assert got.request.same_bytes(ranked.saved.request.take(slice(2, 3)))
 
 
 # ----------------------------------------------------------------------------------- log-on-touch
@@ -314,7 +304,7 @@ def test_touch_logs_the_page_of_an_event_when_no_signal_came(ranked: Ranked) -> 
     # and the touched position can be joined byte for byte
     got = rig.logger.fetch(_opened(rig)[ref.request_id], np.array([50, 49]))
     assert got.found.tolist() == [True, True]
-    assert _bits_equal(got.items, _items_of(ranked.saved, 1, np.array([50, 49])))
+    assert got.items.same_bytes(_items_of(ranked.saved, 1, np.array([50, 49])))
 
 
 def test_touch_with_no_events_logs_nothing(ranked: Ranked) -> None:
@@ -347,11 +337,11 @@ def test_fetch_is_byte_exact_for_logged_positions_and_not_found_for_the_rest(ran
     assert got.found.tolist() == want.tolist()
     assert np.array_equal(got.item_ids[want], ranked.saved.item_ids[0, positions[want]])
     assert (got.item_ids[~want] == -1).all()
-    assert _bits_equal(got.items.take(want), _items_of(ranked.saved, 0, positions[want]))
+    assert got.items.take(want).same_bytes(_items_of(ranked.saved, 0, positions[want]))
     assert not got.items.floats[~want].any()
     assert not got.items.ints[~want].any()
     assert got.request is not None
-    assert _bits_equal(got.request, ranked.saved.request.take(slice(0, 1)))
+    assert got.request.same_bytes(ranked.saved.request.take(slice(0, 1)))
 
 
 def test_fetch_of_a_request_never_logged_finds_nothing(ranked: Ranked) -> None:

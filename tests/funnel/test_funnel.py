@@ -12,15 +12,6 @@ from leanrec.world import World
 T_MS = 1_700_000_000_000
 
 
-def _bits_equal(a: FeatureBlock, b: FeatureBlock) -> bool:
-    return (
-        a.floats.shape == b.floats.shape
-        and a.ints.shape == b.ints.shape
-        and np.array_equal(a.floats.view(np.uint32), b.floats.view(np.uint32))
-        and np.array_equal(a.ints, b.ints)
-    )
-
-
 def _rank(world: World, users: np.ndarray, funnel: Funnel | None = None) -> RankedBatch:
     funnel = funnel or Funnel(world)
     b = len(users)
@@ -56,9 +47,9 @@ def test_returned_blocks_equal_the_store_rows_at_rank_time(small_world: World, u
     store = small_world.store
     context = small_world.context_block(T_MS + np.arange(len(users)) * 3_600_000, np.arange(len(users)) % 3)
     want_request = FeatureBlock.hstack([store.get_many(Owner.USER, users), context])
-    assert _bits_equal(batch.request, want_request)
+    assert batch.request.same_bytes(want_request)
     want_items = store.get_many(Owner.ITEM, batch.item_ids.ravel())
-    assert _bits_equal(batch.items, want_items)
+    assert batch.items.same_bytes(want_items)
     # the item rows really are those items: their id feature says so
     i_id = fs.owner_slots(Owner.ITEM)["i_id"]
     assert np.array_equal(batch.items.ints[:, i_id.offset], batch.item_ids.ravel())
@@ -92,8 +83,8 @@ def test_returned_blocks_are_copies_a_later_store_change_does_not_reach(small_wo
     assert (store.get_many(Owner.ITEM, batch.item_ids[0]).floats == 42.0).all()
     eng = small_world.engage(batch.user_ids, batch.item_ids, np.random.default_rng(0))
     small_world.apply(batch.user_ids, batch.item_ids, eng)
-    assert _bits_equal(batch.request, want_request)
-    assert _bits_equal(batch.items, want_items)
+    assert batch.request.same_bytes(want_request)
+    assert batch.items.same_bytes(want_items)
 
 
 def test_same_world_same_ranking(small_world: World, users) -> None:

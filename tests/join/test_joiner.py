@@ -22,7 +22,7 @@ from leanrec.join.joiner import LabelJoiner
 from leanrec.schema import Side
 from leanrec.serve.service import LoggingService
 from leanrec.stores.transient import MemoryTransientStore
-from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout, request_to_impression
+from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout
 from leanrec.world import World
 
 T0 = int(datetime(2026, 11, 2, 9, 15, tzinfo=UTC).timestamp() * 1000)
@@ -44,10 +44,7 @@ class Rig:
     warehouse: ParquetWarehouse
 
     def examples(self) -> pa.Table:
-        table = self.warehouse.read()
-        if self.warehouse.layout is TableLayout.REQUEST:
-            table = request_to_impression(table, self.warehouse.featureset)
-        return table.sort_by(SORT)
+        return self.warehouse.read_examples()
 
     def files(self) -> list[Path]:
         return sorted(Path(self.warehouse.uri).rglob("*.parquet"))

@@ -21,7 +21,7 @@ from leanrec.funnel.ranker import Funnel
 from leanrec.schema import FeatureSet, Owner, Side
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
 from leanrec.sim.traffic import Scored, TrafficConfig, TrafficSim, TrafficStats
-from leanrec.warehouse.tables import arrays_block, request_to_impression
+from leanrec.warehouse.tables import arrays_block
 from leanrec.world import World, WorldConfig
 
 
@@ -39,14 +39,6 @@ class DemoResult:
     report: dict
     traffic: TrafficStats
     pipelines: dict[Plumbing, Pipeline]
-
-
-def _examples(p: Pipeline) -> pa.Table:
-    """A pipeline's warehouse as impression rows, sorted by request and position."""
-    table = p.warehouse.read()
-    if p.plumbing is Plumbing.LEAN:
-        table = request_to_impression(table, p.warehouse.featureset)
-    return table.sort_by([("request_id", "ascending"), ("position", "ascending")])
 
 
 def check_examples(
@@ -121,7 +113,7 @@ def run_demo(
     traffic = sim.run(progress)
     sim_seconds = time.perf_counter() - t0
 
-    tables = {k: _examples(p) for k, p in pipes.items()}
+    tables = {k: p.warehouse.read_examples() for k, p in pipes.items()}
     naive_t, lean_t = tables[Plumbing.NAIVE], tables[Plumbing.LEAN]
     identical = naive_t.num_rows == lean_t.num_rows and naive_t.equals(lean_t)
     paths: dict[str, dict] = {}

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from leanrec.energy.ledger import CostLedger
 from leanrec.schema import FeatureSet
 from leanrec.warehouse.records import RequestRecord
-from leanrec.warehouse.tables import LAYOUT_KEY, TableLayout, records_table, schema
+from leanrec.warehouse.tables import LAYOUT_KEY, TableLayout, records_table, request_to_impression, schema
 
 
 class WarehouseError(ValueError):
@@ -125,6 +125,16 @@ class ParquetWarehouse:
     def read(self) -> pa.Table:
         """All committed files of this warehouse."""
         return read_table(self.uri, self.featureset, self.layout)
+
+    def read_examples(self) -> pa.Table:
+        """Every committed example as an impression row, sorted by request id and position.
+
+        The same view of either layout, so the two can be compared row for row.
+        """
+        table = self.read()
+        if self.layout is TableLayout.REQUEST:
+            table = request_to_impression(table, self.featureset)
+        return table.sort_by([("request_id", "ascending"), ("position", "ascending")])
 
     def bytes_stored(self) -> int:
         """Size of every Parquet file under the path."""
