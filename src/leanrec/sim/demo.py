@@ -132,6 +132,7 @@ def run_demo(
         },
         "identical_examples": bool(identical),
         "traffic": {
+            "rate_per_s": tconf.rate_per_s,
             "viewed_items": traffic.viewed,
             "median_depth": int((traffic.viewed_by_position >= traffic.requests / 2).sum()),
             "fast_scroll_sessions": traffic.fast_scroll_sessions,
