@@ -1,0 +1,206 @@
+"""RedisTransientStore: the TransientStore protocol on a Redis server.
+
+Each batch is one round trip: ``put_many`` pipelines ``SET key value PX ttl_ms``, ``get_many`` is one
+``MGET``, ``delete_many`` one ``DEL``. Redis expires keys itself (on access and by its active expiry
+cycle), so ``purge_expired`` has nothing to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.exceptions
+
+from leanrec.stores.transient import StoreFullError, TransientStats
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, fit for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class RedisTransientStore:
+    """TransientStore on a Redis server, one round trip per batch.
+
+    Counters of this client (writes, reads, hits, misses, deletes, bytes, rejected writes) are kept
+    client-side. The rest comes from the server: ``expiries`` is the growth of ``INFO stats``
+    ``expired_keys`` since the store was opened (server-wide, so it counts every database's expiries),
+    ``keys_held`` is ``DBSIZE`` (which includes keys past their TTL that Redis has not reclaimed yet),
+    and ``bytes_held`` is the growth of ``INFO memory`` ``used_memory_dataset`` since the store was
+    opened, clamped at 0. ``bytes_held`` is an approximation: it includes allocator rounding and
+    whatever other data the server gained or released meanwhile (other clients, other databases), and
+    it jitters by some hundred bytes. ``used_memory_dataset`` is ``used_memory`` less the server's
+    bookkeeping; ``used_memory`` itself is not used because it counts the clients' query buffers, which
+    grow by tens of kB after one pipelined batch and shrink only when the client idles.
+    ``peak_bytes_held`` is the largest ``bytes_held`` this client observed.
+
+    With ``max_bytes``, a batch is refused whole with :class:`StoreFullError` when the dataset memory
+    plus the batch's bytes (keys plus values, less the values it replaces) would exceed the dataset
+    memory at open plus ``max_bytes``. A Redis ``OOM`` reply (the server's ``maxmemory``) is a
+    StoreFullError too.
+
+    Args:
+        url: ``redis://[user:password@]host:port/db``, as ``redis.Redis.from_url`` takes it.
+        max_bytes: Bound on the memory this store may add to the server; ``None`` for no bound.
+
+    Raises:
+        ValueError: If ``max_bytes`` is not positive.
+        ConnectionError: If the server at ``url`` does not answer.
+
+    """
+
+    def __init__(self, url: str, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.url = url
+        self.max_bytes = max_bytes
+        self._client: redis.Redis = redis.Redis.from_url(url)
+        self._stats = TransientStats()
+        with self._errors():
+            self._expired_at_open = self._expired_keys()
+            self._used_at_open = self._used_memory()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn a lost connection into an error that names the server."""
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            raise ConnectionError(
+                f"Redis transient store at {_redact(self.url)} is not answering: {err}"
+            ) from err
+
+    def _expired_keys(self) -> int:
+        return int(self._client.info("stats")["expired_keys"])
+
+    def _used_memory(self) -> int:
+        """The server's ``used_memory_dataset``: memory of keys and values, without client buffers."""
+        return int(self._client.info("memory")["used_memory_dataset"])
+
+    def _bytes_held(self, used_memory: int) -> int:
+        held = max(0, used_memory - self._used_at_open)
+        self._stats.peak_bytes_held = max(self._stats.peak_bytes_held, held)
+        return held
+
+    def _check_bound(self, items: Mapping[str, bytes]) -> None:
+        """Refuse the batch if it would take the server past its bound; needs one round trip."""
+        if self.max_bytes is None:
+            return
+        keys = list(items)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.info("memory")
+        for key in keys:
+            pipe.strlen(key)
+        info, *old_lengths = pipe.execute()
+        used = int(info["used_memory_dataset"])
+        self._bytes_held(used)
+        incoming = sum(len(k.encode()) + len(v) for k, v in items.items())
+        replaced = sum(len(k.encode()) + n for k, n in zip(keys, old_lengths, strict=True) if n)
+        if used + incoming - replaced > self._used_at_open + self.max_bytes:
+            self._stats.rejected_writes += len(items)
+            raise StoreFullError(
+                f"transient store full: Redis at {_redact(self.url)} holds {used - self._used_at_open} B "
+                f"more than at open, batch of {incoming} B would exceed the bound of {self.max_bytes} B"
+            )
+
+    def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        """Write all entries with one TTL in one pipeline; refuse the whole batch if it does not fit.
+
+        Raises:
+            ValueError: If ``ttl_ms`` is not positive.
+            TypeError: If a value is not bytes-like.
+            StoreFullError: If the batch would exceed ``max_bytes`` or the server is out of memory.
+
+        """
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+        for key, value in items.items():
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
+        items = {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+        if not items:
+            return
+        with self._errors():
+            self._check_bound(items)
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.set(key, value, px=int(ttl_ms))
+            results = pipe.execute(raise_on_error=False)
+            self._refuse_on_oom(list(items), results)
+        self._stats.writes += len(items)
+        self._stats.bytes_written += sum(len(v) for v in items.values())
+
+    def _refuse_on_oom(self, keys: list[str], results: list[Any]) -> None:
+        """Undo a batch the server refused in part for lack of memory, then raise StoreFullError.
+
+        A key the batch did write is deleted again, so no part of the batch stays; a value it replaced
+        is lost with it.
+        """
+        errors = [r for r in results if isinstance(r, Exception)]
+        if not errors:
+            return
+        oom = [
+            e for e in errors if isinstance(e, redis.exceptions.ResponseError) and str(e).startswith("OOM")
+        ]
+        written = [k for k, r in zip(keys, results, strict=True) if not isinstance(r, Exception)]
+        if written:
+            self._client.delete(*written)
+        if oom:
+            self._stats.rejected_writes += len(keys)
+            raise StoreFullError(f"Redis at {_redact(self.url)} is out of memory: {oom[0]}") from oom[0]
+        raise errors[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read values in key order with one MGET; a key past its TTL reads as missing."""
+        if not keys:
+            return []
+        with self._errors():
+            out: list[bytes | None] = self._client.mget(list(keys))
+        hits = [v for v in out if v is not None]
+        self._stats.reads += len(keys)
+        self._stats.hits += len(hits)
+        self._stats.misses += len(keys) - len(hits)
+        self._stats.bytes_read += sum(len(v) for v in hits)
+        return out
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete the keys with one DEL; returns how many existed (a key past its TTL does not)."""
+        if not keys:
+            return 0
+        with self._errors():
+            n = int(self._client.delete(*keys))
+        self._stats.deletes += n
+        return n
+
+    def purge_expired(self) -> int:
+        """Nothing to do: Redis drops expired keys itself. Returns 0."""
+        return 0
+
+    def stats(self) -> TransientStats:
+        """A snapshot of the counters; the server-side ones take one round trip."""
+        with self._errors():
+            pipe = self._client.pipeline(transaction=False)
+            pipe.info("stats")
+            pipe.info("memory")
+            pipe.dbsize()
+            info_stats, info_memory, dbsize = pipe.execute()
+        self._stats.expiries = max(0, int(info_stats["expired_keys"]) - self._expired_at_open)
+        self._stats.keys_held = int(dbsize)
+        self._stats.bytes_held = self._bytes_held(int(info_memory["used_memory_dataset"]))
+        return TransientStats(**asdict(self._stats))
+
+    def close(self) -> None:
+        """Close the connections to the server."""
+        self._client.close()
