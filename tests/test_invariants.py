@@ -49,7 +49,7 @@ T0 = int(datetime(2026, 11, 2, 8, 30, tzinfo=UTC).timestamp() * 1000)
 WINDOW = 600_000
 LATENESS = 60_000
 TTL = WINDOW + 300_000
-JOIN_AT = T0 + WINDOW + LATENESS
+JOIN_AT = T0 + WINDOW + LATENESS + 2_000  # the joiner settles 2 s after the lateness
 SORT = [("request_id", "ascending"), ("position", "ascending")]
 
 
@@ -117,7 +117,9 @@ def make_rig(
         layout = TableLayout.IMPRESSION
     warehouse = ParquetWarehouse(str(root), fs, layout, ledger)
     joiner = LabelJoiner(logger, bus, warehouse, ledger, clock, WINDOW, LATENESS)
-    service = LoggingService(logger, bus, limits or EventLimits(window_ms=WINDOW))
+    service = LoggingService(
+        logger, bus, limits or EventLimits(window_ms=WINDOW, lateness_ms=LATENESS), clock
+    )
     return Rig(lazy, clock, store, bus, ledger, logger, service, joiner, warehouse)
 
 
@@ -323,7 +325,7 @@ def test_out_of_order_and_duplicate_events_give_the_same_record(
 
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
-def test_redelivered_messages_are_not_written_twice(
+def test_redelivered_messages_and_resent_batches_are_not_written_twice(
     small_world: World, funnel: Funnel, tmp_path: Path, lazy: bool
 ) -> None:
     clock = ManualClock(T0)
@@ -331,31 +333,112 @@ def test_redelivered_messages_are_not_written_twice(
     refs, batch = rank(funnel, [1, 2])
     rig.service.ranked(refs, batch)
     clock.set(T0 + 5_000)
+    sent = []
     for b, ref in enumerate(refs):
         rows = [*views(range(4 + 3 * b)), (1, EventKind.CLICK, 3_000, 0.0)]
-        rig.service.events(ref, events(ref, batch.item_ids[b], rows))
+        sent.append((ref, events(ref, batch.item_ids[b], rows)))
+        assert rig.service.events(*sent[-1]).total == 0
+    n_events = sum(len(ev) for _, ev in sent)
     first_delivery = list(rig.bus.log)
-    n_events = sum(len(m) for m in first_delivery if isinstance(m, EventBatch))
-    # The bus delivers everything a second time before the join (an at-least-once producer retry).
+    assert [type(m) for m in first_delivery] == [RequestOpened, RequestOpened]
+    # Before the join, the bus delivers every record a second time (an at-least-once producer retry)
+    # and the client sends every batch a second time, without a batch id (a retry after a timeout).
     rig.bus.append_many(first_delivery)
+    clock.set(T0 + 8_000)
+    for ref, ev in sent:
+        assert rig.service.events(ref, ev).total == 0
     clock.set(JOIN_AT)
     rig.settle()
     table, files = rig.examples(), rig.parquet_files()
     assert table.num_rows == 4 + 7
+    assert table.column("click").to_pylist() == [p == 1 for p in range(4)] + [p == 1 for p in range(7)]
     assert rig.joiner.stats.requests_joined == 2
+    assert rig.joiner.stats.duplicate_events == n_events
     assert rig.bus.pending() == 0
 
-    # ... and a third time after the join was committed: counted as late, nothing new is written.
+    # ... and a third time after the join was committed: the records are acknowledged without a
+    # second join, and the batches are refused at ingest because the window closed.
     clock.set(JOIN_AT + 10_000)
     rig.bus.append_many(first_delivery)
+    for ref, ev in sent:
+        report = rig.service.events(ref, ev)
+        assert report.refused == {"window_closed": len(ev)}
+        assert "window closed" in report.messages["window_closed"]
     rig.settle()
     rig.joiner.drain()
     assert rig.parquet_files() == files
     assert rig.examples().equals(table)
     assert rig.joiner.stats.requests_joined == 2
     assert rig.joiner.stats.examples == 11
-    assert rig.joiner.stats.late_events == n_events
+    assert rig.service.stats.events_refused == {"window_closed": n_events}
     assert rig.bus.pending() == 0 and rig.bus.backlog() == 0
+    assert rig.store.stats().keys_held == 0  # nothing was logged or stored again
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_a_batch_sent_again_under_its_batch_id_is_refused_and_the_record_is_unchanged(
+    small_world: World, funnel: Funnel, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    once = make_rig(small_world, lazy, tmp_path / "once", clock)
+    twice = make_rig(small_world, lazy, tmp_path / "twice", clock)
+    refs, batch = rank(funnel, [7, 8])
+    for rig in (once, twice):
+        rig.service.ranked(refs, batch)
+    clock.set(T0 + 5_000)
+    sent = []
+    for b, ref in enumerate(refs):
+        sent.append((ref, events(ref, batch.item_ids[b], views(range(3)))))
+        sent.append((ref, events(ref, batch.item_ids[b], [(b, EventKind.LIKE, 4_000, 0.0)])))
+    for i, (ref, ev) in enumerate(sent):
+        assert once.service.events(ref, ev, batch_id=f"b{i % 2}").total == 0
+        assert twice.service.events(ref, ev, batch_id=f"b{i % 2}").total == 0
+    clock.set(T0 + 9_000)
+    for i, (ref, ev) in enumerate(sent):
+        report = twice.service.events(ref, ev, batch_id=f"b{i % 2}")
+        assert report.refused == {"replayed": len(ev)}
+    clock.set(JOIN_AT)
+    for rig in (once, twice):
+        rig.settle()
+    a, b = once.warehouse.read(), twice.warehouse.read()
+    if not lazy:
+        a, b = a.sort_by(SORT), b.sort_by(SORT)
+    assert a.num_rows == (2 if lazy else 6)
+    assert a.equals(b)
+    assert once.examples().column("like").to_pylist() == [True, False, False, False, True, False]
+    assert twice.service.stats.events_refused == {"replayed": sum(len(ev) for _, ev in sent)}
+    assert twice.joiner.stats.duplicate_events == 0  # the replays never reached the join
+    assert twice.joiner.stats.events_joined == once.joiner.stats.events_joined == 8
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_a_batch_accepted_at_the_deadline_is_joined_and_one_after_it_is_refused(
+    small_world: World, funnel: Funnel, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(funnel, [9])
+    ref, items = refs[0], batch.item_ids[0]
+    rig.service.ranked(refs, batch)
+    clock.set(T0 + 5_000)
+    rig.service.events(ref, events(ref, items, views(range(4))))
+    rig.settle()
+    deadline = T0 + WINDOW + LATENESS
+    clock.set(deadline)
+    rig.settle()  # the joiner waits past the deadline, so a batch accepted at it still lands
+    assert rig.joiner.stats.requests_joined == 0
+    assert rig.service.events(ref, events(ref, items, [(1, EventKind.CLICK, WINDOW, 0.0)])).total == 0
+    clock.set(deadline + 1)
+    refused = rig.service.events(ref, events(ref, items, [(2, EventKind.CLICK, WINDOW, 0.0)]))
+    assert refused.refused == {"window_closed": 1}
+    clock.set(JOIN_AT)
+    rig.settle()
+    table = rig.examples()
+    assert table.column("position").to_pylist() == [0, 1, 2, 3]
+    assert table.column("click").to_pylist() == [False, True, False, False]
+    assert rig.joiner.stats.events_joined == 5
+    assert rig.service.stats.events_accepted == 5
+    assert rig.service.stats.events_refused == {"window_closed": 1}
 
 
 # --------------------------------------------------------------------------- 3. lazy = eager
@@ -393,7 +476,13 @@ def test_lazy_and_eager_paths_give_identical_examples(
     assert len(opened) == 4
     eager_keys = [k for r in opened for k in eager.logger.keys(r)]
     assert all(v is not None for v in eager.store.get_many(eager_keys))
-    assert eager.store.stats().writes == 4 * batch.n_items
+    assert eager.logger.stats.entries_written == 4 * batch.n_items
+    assert lazy.logger.stats.entries_written < eager.logger.stats.entries_written / 5
+    # Both paths store the same event batches beside the features: five batches, one append each.
+    ev_keys = [f"lr:{{{r.request_id}}}:ev" for r in opened]
+    assert eager.store.get_lists_many(ev_keys) == lazy.store.get_lists_many(ev_keys)
+    assert [len(c) for c in eager.store.get_lists_many(ev_keys)] == [1, 3, 1, 0]
+    assert eager.store.stats().writes == 4 * batch.n_items + 5
     assert lazy.store.stats().writes < eager.store.stats().writes / 5
     assert lazy.store.stats().bytes_written < eager.store.stats().bytes_written / 5
 
@@ -547,16 +636,19 @@ def test_entries_never_joined_are_gone_after_the_ttl(
     # No joiner ever comes for these requests.
     opened = [m for m in rig.bus.log if isinstance(m, RequestOpened)]
     keys = [k for ref in opened for k in rig.logger.keys(ref)]
+    ev_keys = [f"lr:{{{ref.request_id}}}:ev" for ref in opened]
     held = rig.store.stats()
-    assert held.keys_held == (3 * 100 if not lazy else 3 * 2 + 1)
+    assert held.keys_held == (3 * 100 if not lazy else 3 * 2 + 1) + 1  # and req000's event list
     assert held.bytes_held > 0
 
     clock.set(T0 + ttl - 1)
     assert rig.store.purge_expired() == 0
     present = [v is not None for v in rig.store.get_many(keys)]
-    assert sum(present) == held.keys_held  # everything logged is still there one ms before the TTL
+    present += [bool(chunks) for chunks in rig.store.get_lists_many(ev_keys)]
+    assert sum(present) == held.keys_held  # everything stored is still there one ms before the TTL
     clock.set(T0 + 1_000 + ttl)
     assert rig.store.get_many(keys) == [None] * len(keys)
+    assert rig.store.get_lists_many(ev_keys) == [[]] * len(ev_keys)
     rig.store.purge_expired()
     after = rig.store.stats()
     assert after.keys_held == 0
@@ -708,11 +800,19 @@ def test_bad_events_are_refused_counted_and_the_good_ones_still_join(
     assert table.column("position").to_pylist() == [0, 1, 2, 3, 4, 5]
     assert table.column("click").to_pylist() == [False, True, False, False, False, False]
     assert table.column("watch_ms").to_pylist() == [0, 0, 0, 8_000, 0, 0]
-    assert rig.joiner.stats.orphan_events == 2
+    assert set(table.column("request_id").to_pylist()) == {ref.request_id}
+    assert rig.joiner.stats.events_joined == len(good) + 1  # nothing of the ghost's events
     assert rig.joiner.stats.labels_lost == 0
     assert sum(rig.service.stats.events_refused.values()) == 8 + 51 + 3
+    # The ghost's batch was never joined: it waits in the store until its TTL, then it is gone.
+    ghost_ev = f"lr:{{{ghost.request_id}}}:ev"
+    assert [len(EventBatch.from_bytes(c)) for c in rig.store.get_lists_many([ghost_ev])[0]] == [2]
+    clock.set(T0 + 10_000 + TTL)
+    rig.store.purge_expired()
+    assert rig.store.get_lists_many([ghost_ev]) == [[]]
     if lazy:
         assert rig.logger.stats.signals_after_release == 1
+        assert rig.logger.stats.touch_after_release == 2  # no context to log the ghost's pages from
 
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
@@ -738,16 +838,21 @@ def test_late_and_mismatched_events_are_counted_not_joined(
     assert rig.joiner.stats.mismatched_events == 2
     assert rig.joiner.stats.examples == 3
 
-    # A batch inside the window that arrives after the join: accepted by the service (its times are
-    # fine), counted as late by the joiner, and nothing already written changes.
+    # A batch inside the window that arrives after the join (its event times are fine): refused
+    # whole at ingest because the window closed, counted, and nothing already written changes.
     clock.set(JOIN_AT + 30_000)
     late = events(ref, items, [(3, EventKind.VIEW, WINDOW - 10, 0.0), (3, EventKind.CLICK, WINDOW - 5, 0.0)])
-    assert rig.service.events(ref, late).total == 0
+    report = rig.service.events(ref, late)
+    assert report.refused == {"window_closed": 2}
+    assert "window closed" in report.messages["window_closed"]
+    assert rig.service.stats.events_refused == {"window_closed": 2}
     rig.settle()
-    assert rig.joiner.stats.late_events == 2
+    rig.joiner.drain()
+    assert rig.joiner.stats.requests_joined == 1
     assert rig.parquet_files() == files
     assert rig.examples().equals(table)
     assert rig.bus.pending() == 0
+    assert rig.store.stats().keys_held == 0  # the refused batch stored nothing, logged no page
 
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])

@@ -61,6 +61,131 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+_SERVE_FLAGS = (
+    ("--host", str, "interface to listen on (default 127.0.0.1)"),
+    ("--port", int, "TCP port (default 8000)"),
+    ("--store-url", str, "transient store: memory:// or redis://host:port/db"),
+    ("--bus-url", str, "event bus: memory:// or redis://host:port/db (joiners must share it)"),
+    ("--logging", str, "lazy (default), eager or off"),
+    ("--n-users", int, "users of the synthetic world (default 10000)"),
+    ("--n-items", int, "items of the corpus (default 50000)"),
+    ("--seed", int, "seed of the world (default 7)"),
+    ("--window-ms", int, "attribution window (default 600000)"),
+    ("--lateness-ms", int, "how long after the window event batches may arrive (default 60000)"),
+    ("--warehouse", str, "joiner: warehouse folder or URI"),
+    ("--consumer", str, "joiner: name in the bus's consumer group"),
+    ("--poll-ms", int, "joiner: poll interval"),
+)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file of settings; flags override it")
+    for flag, kind, text in _SERVE_FLAGS:
+        p.add_argument(flag, type=kind, default=None, help=text)
+
+
+def _config(args: argparse.Namespace, console: Console):
+    from leanrec.serve.config import ConfigError, ServeConfig
+
+    overrides = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _SERVE_FLAGS
+    }
+    try:
+        return ServeConfig.load(args.config, **overrides)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return None
+
+
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    import uvicorn
+
+    from leanrec.serve.app import create_app
+
+    config = _config(args, console)
+    if config is None:
+        return 2
+    try:
+        app = create_app(config)
+    except (ConnectionError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    console.print(
+        f"leanrec serve: logging={config.logging}, store={config.store_url}, bus={config.bus_url}, "
+        f"http://{config.host}:{config.port}"
+    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
+def _join(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.join.worker import run_worker
+    from leanrec.serve.config import ConfigError
+
+    config = _config(args, console)
+    if config is None:
+        return 2
+    console.print(
+        f"leanrec join: consumer {config.consumer}, bus {config.bus_url}, warehouse {config.warehouse}"
+    )
+    try:
+        report = run_worker(config, max_seconds=args.max_seconds)
+    except (ConfigError, ConnectionError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    console.print(
+        f"stopped: took over {report.recovered} pending, joined {report.requests_joined} requests, "
+        f"{report.examples} examples, {report.labels_lost} labels lost, {report.files} files"
+    )
+    return 0
+
+
+def _simulate(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from leanrec.sim.client import TargetError, simulate
+    from leanrec.world import WorldConfig
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("sessions", total=args.requests)
+            report = simulate(
+                args.target,
+                args.requests,
+                args.concurrency,
+                args.seconds,
+                args.seed,
+                WorldConfig(n_users=args.n_users, n_items=args.n_items, seed=args.world_seed),
+                progress=lambda n: progress.advance(task, n),
+            )
+    except TargetError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    table = Table(
+        title=f"leanrec simulate → {args.target}: {report.requests} sessions in {report.seconds:.1f} s"
+    )
+    for col in ("endpoint", "calls", "p50 ms", "p90 ms", "p99 ms"):
+        table.add_column(col, justify="left" if col == "endpoint" else "right")
+    for endpoint in ("rank", "paginate", "events"):
+        p50, p90, p99 = report.percentiles(endpoint)
+        table.add_row(
+            endpoint, str(len(report.latency_ms.get(endpoint, []))), f"{p50:.2f}", f"{p90:.2f}", f"{p99:.2f}"
+        )
+    console.print(table)
+    console.print(
+        f"throughput: {report.requests / max(report.seconds, 1e-9):,.1f} ranked requests/s; "
+        f"failed sessions: {report.sessions_failed}; responses: {dict(sorted(report.status.items()))}"
+    )
+    server = Table(title="server-side figures (from /metrics)")
+    server.add_column("metric")
+    server.add_column("value", justify="right")
+    for name, value in sorted(report.server.items()):
+        server.add_row(name, f"{value:,.0f}")
+    console.print(server)
+    return 0 if report.sessions_failed == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="leanrec", description="Lean data plumbing for feed recommenders.")
@@ -75,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=_positive, default=5_000, help="ranked requests (default 5000)")
     demo.add_argument("--seed", type=_seed, default=7, help="seed of the world and the traffic (default 7)")
     demo.add_argument("--out", default="leanrec-demo", help="output folder (default ./leanrec-demo)")
+
+    serve = sub.add_parser("serve", help="serve the ranking API (rank, paginate, events, healthz, metrics)")
+    _add_config_flags(serve)
+    join = sub.add_parser("join", help="run a joiner worker on a shared (Redis) bus")
+    _add_config_flags(join)
+    join.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run)")
+    sim = sub.add_parser("simulate", help="drive a running service with simulated users over HTTP")
+    sim.add_argument("--target", required=True, help="base URL of the service (loopback only)")
+    sim.add_argument("--requests", type=_positive, default=1_000, help="sessions to run (default 1000)")
+    sim.add_argument("--concurrency", type=_positive, default=8, help="sessions in flight (default 8)")
+    sim.add_argument("--seconds", type=float, default=60.0, help="time bound of the run (default 60)")
+    sim.add_argument("--seed", type=_seed, default=7, help="seed of the users' behaviour")
+    sim.add_argument("--n-users", type=_positive, default=10_000, help="must match the service's world")
+    sim.add_argument("--n-items", type=_positive, default=50_000, help="must match the service's world")
+    sim.add_argument("--world-seed", type=_seed, default=7, help="must match the service's --seed")
     return parser
 
 
@@ -82,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``leanrec`` command."""
     args = build_parser().parse_args(argv)
     console = Console()
-    if args.command == "demo":
-        return _demo(args, console)
+    commands = {"demo": _demo, "serve": _serve, "join": _join, "simulate": _simulate}
+    if args.command in commands:
+        return commands[args.command](args, console)
     return 2  # argparse refuses unknown commands before this
 
 

@@ -25,7 +25,13 @@ import pytest
 import redis
 
 from leanrec.clock import ManualClock
-from leanrec.stores import MemoryTransientStore, StoreFullError, TransientStore, open_transient_store
+from leanrec.stores import (
+    MemoryTransientStore,
+    OnceAppend,
+    StoreFullError,
+    TransientStore,
+    open_transient_store,
+)
 
 STORE_URLS = [
     pytest.param("memory://", id="memory"),
@@ -402,3 +408,43 @@ def test_memory_url_builds_the_embedded_store() -> None:
     assert isinstance(store, MemoryTransientStore)
     assert isinstance(store, TransientStore)
     assert store.max_bytes == 4096
+
+
+# --------------------------------------------------------------- lists and replay guards
+
+
+def test_append_many_keeps_chunks_in_order_until_the_ttl(store_factory) -> None:
+    store, advance = store_factory()
+    store.append_many({"lr:{a}:ev": b"one", "lr:{b}:ev": b"x"}, TTL_MS)
+    store.append_many({"lr:{a}:ev": b"two"}, TTL_MS)
+    assert store.get_lists_many(["lr:{a}:ev", "lr:{b}:ev", "lr:{c}:ev"]) == [[b"one", b"two"], [b"x"], []]
+    advance(TTL_MS + 50)
+    assert store.get_lists_many(["lr:{a}:ev", "lr:{b}:ev"]) == [[], []]
+
+
+def test_lists_and_values_do_not_mix(store_factory) -> None:
+    store, _ = store_factory()
+    store.put_many({"k": b"v"}, TTL_MS)
+    with pytest.raises(TypeError):
+        store.append_many({"k": b"chunk"}, TTL_MS)
+    assert store.get_many(["k"]) == [b"v"]
+
+
+def test_append_once_refuses_a_token_seen_before(store_factory) -> None:
+    store, advance = store_factory()
+    first = OnceAppend("lr:{r}:ev", b"batch-1", "lr:{r}:seen", "b1")
+    again = OnceAppend("lr:{r}:ev", b"batch-1 replayed", "lr:{r}:seen", "b1")
+    other = OnceAppend("lr:{r}:ev", b"batch-2", "lr:{r}:seen", "b2")
+    assert store.append_once([first], TTL_MS) == [True]
+    assert store.append_once([again, other], TTL_MS) == [False, True]
+    assert store.get_lists_many(["lr:{r}:ev"]) == [[b"batch-1", b"batch-2"]]
+    advance(TTL_MS + 50)
+    assert store.get_lists_many(["lr:{r}:ev", "lr:{r}:seen"]) == [[], []]
+    assert store.append_once([again], TTL_MS) == [True]  # the guard expired with the request
+
+
+def test_delete_many_removes_lists(store_factory) -> None:
+    store, _ = store_factory()
+    store.append_many({"lr:{a}:ev": b"one"}, TTL_MS)
+    assert store.delete_many(["lr:{a}:ev"]) == 1
+    assert store.get_lists_many(["lr:{a}:ev"]) == [[]]

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
 from leanrec.clock import ManualClock
 from leanrec.energy import CostLedger
-from leanrec.events import EventBatch, EventKind, EventLimits, MemoryEventBus, RequestRef, validate
+from leanrec.events import (
+    EventBatch,
+    EventKind,
+    EventLimits,
+    MemoryEventBus,
+    Message,
+    RequestOpened,
+    RequestRef,
+    validate,
+)
 from leanrec.featurelog import ContextCache, LazyLogger, Paging, key
 from leanrec.funnel import Funnel
-from leanrec.serve import LoggingService
-from leanrec.stores import MemoryTransientStore
+from leanrec.serve import LoggingService, LoggingUnavailable
+from leanrec.stores import MemoryTransientStore, StoreFullError, TransientStore
 from leanrec.world import World
 
 T0 = 1_700_000_000_000
@@ -220,19 +232,70 @@ def test_from_records_with_nothing_good_is_an_empty_batch() -> None:
 
 
 # ----------------------------------------------------------------------------------- LoggingService
+class FaultyStore:
+    """The real in-process store, with named methods made to raise (a fault injector, not a mock)."""
+
+    def __init__(self, inner: MemoryTransientStore) -> None:
+        self.inner = inner
+        self.failing: dict[str, Exception] = {}
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.inner, name)
+
+        def call(*args: object, **kwargs: object) -> object:
+            self.calls[name] += 1
+            if name in self.failing:
+                raise self.failing[name]
+            return method(*args, **kwargs)
+
+        return call
+
+
+class FaultyBus(MemoryEventBus):
+    """The real in-process bus, whose appends raise while ``failing`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: Exception | None = None
+
+    def append_many(self, messages: Sequence[Message]) -> list[str]:
+        if self.failing is not None:
+            raise self.failing
+        return super().append_many(messages)
+
+
+def _service_on(
+    world: World, store: TransientStore, bus: MemoryEventBus, clock: ManualClock
+) -> tuple[LoggingService, LazyLogger]:
+    ledger = CostLedger()
+    contexts = ContextCache(1 << 30, 120_000, LIMITS.window_ms, clock, ledger)
+    logger = LazyLogger(world.featureset, store, bus, ledger, 900_000, contexts, Paging())
+    return LoggingService(logger, bus, LIMITS, clock), logger
+
+
 @pytest.fixture
 def service(small_world: World) -> tuple[LoggingService, MemoryEventBus, MemoryTransientStore, RequestRef]:
-    clock, ledger = ManualClock(T0), CostLedger()
+    clock = ManualClock(T0)
     store = MemoryTransientStore(clock=clock)
     bus = MemoryEventBus()
-    contexts = ContextCache(1 << 30, 120_000, LIMITS.window_ms, clock, ledger)
-    logger = LazyLogger(small_world.featureset, store, bus, ledger, 900_000, contexts, Paging())
-    svc = LoggingService(logger, bus, LIMITS)
+    svc, _ = _service_on(small_world, store, bus, clock)
     batch = Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0]))
     svc.ranked([REF], batch)
-    bus.consume(10)  # the RequestOpened record
+    [(_, opened)] = bus.consume(10)  # the RequestOpened record, the only thing the bus carries
+    assert isinstance(opened, RequestOpened)
     bus.ack([mid for mid, _ in bus.claim_pending()])
     return svc, bus, store, REF
+
+
+def _as_rows(rows: list[tuple]) -> list[tuple[int, int, int, int, float]]:
+    return [(p, i, int(k), t, v) for p, i, k, t, v in rows]
+
+
+def _stored(store: TransientStore, ref: RequestRef) -> list[EventBatch]:
+    """The event batches waiting for the joiner in the request's event list, oldest first."""
+    [blobs] = store.get_lists_many([key(ref.request_id, "ev")])
+    return [EventBatch.from_bytes(b) for b in blobs]
 
 
 def test_service_appends_only_good_events_and_counts_the_refused(service) -> None:
@@ -244,9 +307,10 @@ def test_service_appends_only_good_events_and_counts_the_refused(service) -> Non
     assert svc.stats.events_refused == {"bad_value": 1, "unknown_kind": 1, "late": 1, "bad_position": 1}
     assert svc.stats.events_accepted == 2
     assert svc.stats.event_batches == 1
-    [(_, appended)] = bus.consume(10)
-    assert isinstance(appended, EventBatch)
-    assert _rows_of(appended) == [(p, i, int(k), t, v) for p, i, k, t, v in (GOOD[0], GOOD[1])]
+    [appended] = _stored(store, ref)
+    assert appended.request_id == ref.request_id
+    assert _rows_of(appended) == _as_rows([GOOD[0], GOOD[1]])
+    assert bus.consume(10) == []  # event batches no longer travel on the bus
     # a refused event does not log its page
     assert store.get_many([key(ref.request_id, "p5")]) == [None]
 
@@ -256,19 +320,168 @@ def test_service_touch_logs_the_page_of_a_good_deep_event(service) -> None:
     svc.events(ref, _batch([(50, 150, EventKind.CLICK, T0 + 1_000, 0.0)]))
     assert store.get_many([key(ref.request_id, "p5"), key(ref.request_id, "p4")])[0] is not None
     assert store.get_many([key(ref.request_id, "p4")]) == [None]
-    assert len(bus.consume(10)) == 1
+    assert [_rows_of(b) for b in _stored(store, ref)] == [[(50, 150, int(EventKind.CLICK), T0 + 1_000, 0.0)]]
+    assert bus.consume(10) == []
+
+
+def test_service_appends_each_batch_to_the_request_event_list_in_order(service) -> None:
+    svc, _, store, ref = service
+    svc.events(ref, _batch([GOOD[1]]))
+    svc.events(ref, _batch([GOOD[0], GOOD[2]]))
+    assert [_rows_of(b) for b in _stored(store, ref)] == [_as_rows([GOOD[1]]), _as_rows([GOOD[0], GOOD[2]])]
+    [blobs] = store.get_lists_many([key(ref.request_id, "ev")])
+    assert blobs[0] == _batch([GOOD[1]]).to_bytes()
 
 
 def test_service_appends_nothing_for_an_all_bad_batch(service) -> None:
-    svc, bus, _, ref = service
+    svc, bus, store, ref = service
+    writes = store.stats().writes
     report = svc.events(ref, _batch(BAD["late"] + BAD["before_rank"]))
     assert report.total == 2
+    assert _stored(store, ref) == []
+    assert store.stats().writes == writes
     assert bus.consume(10) == []
     assert svc.stats.events_accepted == 0
     assert svc.stats.events_refused == {"late": 1, "before_rank": 1}
     # counts add up over batches
     svc.events(ref, _batch(BAD["late"]))
     assert svc.stats.events_refused == {"late": 2, "before_rank": 1}
+
+
+def test_a_batch_arriving_after_the_window_and_lateness_is_refused_whole(service) -> None:
+    svc, _, store, ref = service
+    clock: ManualClock = svc.clock  # type: ignore[assignment]
+    deadline = T0 + LIMITS.window_ms + LIMITS.lateness_ms
+    clock.set(deadline)  # at the deadline itself: still accepted
+    assert svc.events(ref, _batch([GOOD[0]])).total == 0
+    clock.set(deadline + 1)
+    deep = (50, 150, EventKind.CLICK, T0 + 1_000, 0.0)  # good times, a page not logged yet
+    rows = [GOOD[1], deep, BAD["bad_value"][0]]
+    report = svc.events(ref, _batch(rows))
+    assert report.refused == {"window_closed": 3}  # the whole batch, whatever its events
+    assert "window closed" in report.messages["window_closed"]
+    assert str(deadline) in report.messages["window_closed"]
+    assert svc.stats.events_refused == {"window_closed": 3}
+    assert svc.stats.events_accepted == 1
+    assert svc.stats.event_batches == 2
+    # nothing of the refused batch reached the store: neither its events nor the page it touched
+    assert [_rows_of(b) for b in _stored(store, ref)] == [_as_rows([GOOD[0]])]
+    assert store.get_many([key(ref.request_id, "p5")]) == [None]
+
+
+def test_a_replayed_batch_id_is_refused_and_appends_nothing(service) -> None:
+    svc, _, store, ref = service
+    assert svc.events(ref, _batch([GOOD[0], GOOD[1]]), batch_id="b1").total == 0
+    again = svc.events(ref, _batch([GOOD[0], GOOD[1]]), batch_id="b1")
+    assert again.refused == {"replayed": 2}
+    assert "'b1'" in again.messages["replayed"]
+    # a batch id is claimed only by a batch it accepted: the same events under another id are taken
+    assert svc.events(ref, _batch([GOOD[2]]), batch_id="b2").total == 0
+    # the guard is per request: another request may use the same batch id
+    other = RequestRef("r2", user_id=5, ts_ms=T0, n_items=100)
+    assert svc.events(other, _batch([GOOD[0]], request_id="r2"), batch_id="b1").total == 0
+    assert [len(b) for b in _stored(store, ref)] == [2, 1]
+    assert [len(b) for b in _stored(store, other)] == [1]
+    assert svc.stats.events_refused == {"replayed": 2}
+    assert svc.stats.events_accepted == 4
+    assert store.get_lists_many([key(ref.request_id, "seen")]) == [[b"b1", b"b2"]]
+
+
+def test_a_batch_without_an_id_is_stored_every_time_it_is_sent(service) -> None:
+    svc, _, store, ref = service
+    for _ in range(2):
+        assert svc.events(ref, _batch([GOOD[0]])).total == 0
+    assert len(_stored(store, ref)) == 2  # duplicates are absorbed by the idempotent join instead
+    assert svc.stats.events_refused == {}
+
+
+@pytest.mark.parametrize("error", [ConnectionError("refused"), OSError("reset"), StoreFullError("full")])
+def test_a_store_failure_at_rank_time_is_counted_not_raised(small_world: World, error: Exception) -> None:
+    clock = ManualClock(T0)
+    store = FaultyStore(MemoryTransientStore(clock=clock))
+    bus = MemoryEventBus()
+    svc, logger = _service_on(small_world, store, bus, clock)  # type: ignore[arg-type]
+    store.failing["put_many"] = error
+    refs = [REF, RequestRef("r2", 6, T0, 100)]
+    batch = Funnel(small_world).rank(np.array([5, 6]), np.array([T0, T0]), np.array([0, 0]))
+    svc.ranked(refs, batch)  # does not raise
+    assert store.calls["put_many"] == 2
+    assert logger.stats.write_failures == 2 * 2  # the request side and the head of each request
+    assert logger.stats.entries_written == 0
+    assert store.inner.stats().keys_held == 0
+    assert svc.stats.requests == 2
+    # the requests are still opened, so the joiner counts them as requests without features
+    assert [m.request_id for _, m in bus.consume(10)] == ["r1", "r2"]
+    assert logger.stats.bus_failures == 0
+    # once the store answers again, logging goes on
+    del store.failing["put_many"]
+    assert svc.paginate(REF, 10) == 2
+    # the request side that failed at rank time goes with the first pages logged afterwards
+    assert logger.stats.entries_written == 3
+    assert store.inner.get_many([key(REF.request_id, "u")])[0] is not None
+    assert logger.stats.write_failures == 4
+
+
+@pytest.mark.parametrize("error", [ConnectionError("refused"), OSError("broken pipe")])
+def test_a_bus_failure_at_rank_time_is_counted_not_raised(small_world: World, error: Exception) -> None:
+    clock = ManualClock(T0)
+    store = MemoryTransientStore(clock=clock)
+    bus = FaultyBus()
+    svc, logger = _service_on(small_world, store, bus, clock)
+    bus.failing = error
+    refs = [REF, RequestRef("r2", 6, T0, 100)]
+    batch = Funnel(small_world).rank(np.array([5, 6]), np.array([T0, T0]), np.array([0, 0]))
+    svc.ranked(refs, batch)  # does not raise
+    assert logger.stats.bus_failures == 2
+    assert logger.stats.write_failures == 0
+    assert logger.stats.entries_written == 4  # the features were logged; only the record is missing
+    assert bus.appended == 0
+    assert svc.stats.requests == 2
+    bus.failing = None
+    svc.ranked(
+        [RequestRef("r3", 5, T0, 100)], Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0]))
+    )
+    assert [m.request_id for _, m in bus.consume(10)] == ["r3"]
+    assert logger.stats.bus_failures == 2
+
+
+@pytest.mark.parametrize("error", [ConnectionError("refused"), OSError("reset"), StoreFullError("full")])
+def test_a_store_failure_on_events_raises_logging_unavailable_and_a_retry_is_accepted(
+    small_world: World, error: Exception
+) -> None:
+    clock = ManualClock(T0)
+    store = FaultyStore(MemoryTransientStore(clock=clock))
+    svc, _ = _service_on(small_world, store, MemoryEventBus(), clock)  # type: ignore[arg-type]
+    svc.ranked([REF], Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0])))
+    store.failing["append_once"] = error
+    with pytest.raises(LoggingUnavailable, match="event batch not stored"):
+        svc.events(REF, _batch([GOOD[0], GOOD[1]]), batch_id="b1")
+    assert svc.stats.events_accepted == 0
+    assert _stored(store.inner, REF) == []
+    # the guard and the append are one step: nothing marks b1 as seen, so the retry is taken
+    assert store.inner.get_lists_many([key(REF.request_id, "seen")]) == [[]]
+    del store.failing["append_once"]
+    assert svc.events(REF, _batch([GOOD[0], GOOD[1]]), batch_id="b1").total == 0
+    assert svc.stats.events_accepted == 2
+    assert [len(b) for b in _stored(store.inner, REF)] == [2]
+    assert svc.events(REF, _batch([GOOD[0], GOOD[1]]), batch_id="b1").refused == {"replayed": 2}
+
+
+def test_a_failed_unguarded_append_raises_logging_unavailable_and_keeps_the_refusal_counts(
+    small_world: World,
+) -> None:
+    clock = ManualClock(T0)
+    store = FaultyStore(MemoryTransientStore(clock=clock))
+    svc, _ = _service_on(small_world, store, MemoryEventBus(), clock)  # type: ignore[arg-type]
+    svc.ranked([REF], Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0])))
+    store.failing["append_many"] = ConnectionError("refused")
+    bad = (200, int(REF.n_items), int(EventKind.VIEW), T0 + 10, 0.0)  # off the list
+    with pytest.raises(LoggingUnavailable):
+        svc.events(REF, _batch([GOOD[0], bad]))
+    assert svc.stats.events_refused == {"bad_position": 1}
+    del store.failing["append_many"]
+    assert svc.events(REF, _batch([GOOD[0]])).total == 0
+    assert [len(b) for b in _stored(store.inner, REF)] == [1]
 
 
 @pytest.mark.parametrize("seen_up_to", [-1, 100, 10_000])

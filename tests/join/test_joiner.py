@@ -28,7 +28,7 @@ from leanrec.world import World
 T0 = int(datetime(2026, 11, 2, 9, 15, tzinfo=UTC).timestamp() * 1000)
 WINDOW = 300_000
 LATENESS = 30_000
-JOIN_AT = T0 + WINDOW + LATENESS
+JOIN_AT = T0 + WINDOW + LATENESS + 2_000  # the joiner settles 2 s after the lateness
 SORT = [("request_id", "ascending"), ("position", "ascending")]
 FLAGS = ("click", "like", "share", "hide")
 
@@ -66,7 +66,7 @@ def make_rig(world: World, lazy: bool, root: Path, clock: ManualClock) -> Rig:
         layout = TableLayout.IMPRESSION
     warehouse = ParquetWarehouse(str(root), fs, layout, ledger)
     joiner = LabelJoiner(logger, bus, warehouse, ledger, clock, WINDOW, LATENESS)
-    service = LoggingService(logger, bus, EventLimits(window_ms=WINDOW))
+    service = LoggingService(logger, bus, EventLimits(window_ms=WINDOW, lateness_ms=LATENESS), clock)
     return Rig(clock, store, bus, logger, service, joiner, warehouse)
 
 
@@ -208,21 +208,24 @@ def test_messages_are_acked_and_keys_deleted_only_after_the_warehouse_flush(
     for b, ref in enumerate(refs):
         rig.service.events(ref, events(ref, batch.item_ids[b], views(range(3 + b))))
     keys = [key(ref.request_id, "u" if lazy else "i0") for ref in refs]
+    ev_keys = [key(ref.request_id, "ev") for ref in refs]
     clock.set(JOIN_AT)
-    assert rig.joiner.poll() == 4  # two RequestOpened, two event batches
+    assert rig.joiner.poll() == 2  # the two RequestOpened records: event batches wait in the store
     assert rig.joiner.join_due() == 2
     # Joined, not yet durable: nothing acknowledged, nothing deleted, nothing visible.
-    assert rig.bus.pending() == 4
+    assert rig.bus.pending() == 2
     assert rig.files() == []
     assert all(v is not None for v in rig.store.get_many(keys))
+    assert [len(chunks) for chunks in rig.store.get_lists_many(ev_keys)] == [1, 1]
     held = rig.store.stats().keys_held
-    assert held == (4 if lazy else 200)
+    assert held == (4 if lazy else 200) + 2  # the features, and one event list per request
 
     committed = rig.joiner.flush()
     assert len(committed) == 1
     assert rig.files() == [Path(committed[0])]
     assert rig.bus.pending() == 0
     assert rig.store.get_many(keys) == [None, None]
+    assert rig.store.get_lists_many(ev_keys) == [[], []]
     assert rig.store.stats().keys_held == 0
     assert rig.store.stats().deletes == held
 
@@ -238,6 +241,9 @@ class FailingSink:
 
     def flush(self) -> list[str]:
         raise OSError("disk full")
+
+    def committed(self, request_ids: Sequence[str]) -> set[str]:
+        return set()
 
 
 def test_a_failed_commit_acks_nothing_and_deletes_nothing(
@@ -257,9 +263,10 @@ def test_a_failed_commit_acks_nothing_and_deletes_nothing(
     with pytest.raises(OSError, match="disk full"):
         rig.joiner.flush()
     assert len(sink.records) == 1 and len(sink.records[0]) == 4
-    assert rig.bus.pending() == 2
-    assert len(rig.bus.claim_pending()) == 2  # a recovering consumer can take them again
+    assert rig.bus.pending() == 1  # the RequestOpened record
+    assert len(rig.bus.claim_pending()) == 1  # a recovering consumer can take it again
     assert rig.store.stats().keys_held == held
+    assert [len(c) for c in rig.store.get_lists_many([key(refs[0].request_id, "ev")])] == [1]
 
 
 def test_a_request_is_joined_when_its_window_and_lateness_have_passed(
@@ -279,7 +286,7 @@ def test_a_request_is_joined_when_its_window_and_lateness_have_passed(
     assert rig.joiner.open_requests == 0
 
 
-def test_events_of_a_request_never_opened_are_counted_as_orphans(
+def test_events_of_a_request_never_opened_are_never_joined_and_expire_with_their_ttl(
     small_world: World, tmp_path: Path, lazy: bool
 ) -> None:
     clock = ManualClock(T0)
@@ -289,10 +296,22 @@ def test_events_of_a_request_never_opened_are_counted_as_orphans(
     stranger = RequestRef("stranger", 3, T0, 100)
     rig.service.events(stranger, events(stranger, batch.item_ids[0], views(range(3))))
     rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(range(2))))
+    if lazy:
+        assert rig.logger.stats.touch_after_release == 3  # no context to log the stranger's pages from
     join(rig)
-    assert rig.joiner.stats.orphan_events == 3
     assert rig.examples().column("request_id").to_pylist() == ["j0", "j0"]
+    assert rig.joiner.stats.requests_joined == 1
+    assert rig.joiner.stats.events_joined == 2
     assert rig.bus.pending() == 0
+    # No RequestOpened names the stranger, so no joiner deletes its events: only the TTL does.
+    stranger_ev = key("stranger", "ev")
+    assert [len(c) for c in rig.store.get_lists_many([stranger_ev])] == [1]
+    assert rig.store.stats().keys_held == 1
+    clock.set(T0 + rig.logger.ttl_ms)
+    assert rig.store.purge_expired() == 1
+    assert rig.store.get_lists_many([stranger_ev]) == [[]]
+    assert rig.store.stats().keys_held == 0
+    assert rig.store.stats().bytes_held == 0
 
 
 def test_joined_features_are_the_logged_ones(small_world: World, tmp_path: Path, lazy: bool) -> None:
@@ -315,3 +334,141 @@ def test_joined_features_are_the_logged_ones(small_world: World, tmp_path: Path,
     emb = next(s for s in layout.slots if s.feature.name == "i_emb")
     want = batch.items.floats[positions, emb.offset : emb.stop]
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def restart(rig: Rig) -> LabelJoiner:
+    """A new joiner process on the same bus, store and warehouse folder (the old one crashed)."""
+    old = rig.warehouse
+    warehouse = ParquetWarehouse(old.uri, old.featureset, old.layout, CostLedger())
+    return LabelJoiner(rig.logger, rig.bus, warehouse, CostLedger(), rig.clock, WINDOW, LATENESS)
+
+
+def request_counts(warehouse: ParquetWarehouse) -> dict[str, int]:
+    """Examples per request id in the warehouse."""
+    ids = warehouse.read_examples().column("request_id").to_pylist()
+    return {rid: ids.count(rid) for rid in sorted(set(ids))}
+
+
+def test_recover_acks_what_was_committed_before_a_crash_and_joins_the_rest_once(
+    small_world: World, tmp_path: Path, lazy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [8, 9])
+    rig.service.ranked(refs, batch)
+    for b, ref in enumerate(refs):
+        rig.service.events(ref, events(ref, batch.item_ids[b], views(range(3 + b))))
+    # A third request, ranked a minute later: still open when the worker dies.
+    t1 = T0 + 60_000
+    clock.set(t1)
+    later = Funnel(small_world).rank(np.array([10]), np.array([t1]), np.zeros(1, np.int64))
+    k0 = RequestRef("k0", 10, t1, later.n_items)
+    rig.service.ranked([k0], later)
+    rig.service.events(k0, events(k0, later.item_ids[0], views(range(5), 2_000)))
+
+    clock.set(JOIN_AT)
+    assert rig.joiner.poll() == 3
+    assert rig.joiner.join_due() == 2
+    # The warehouse commits j0 and j1, then the worker dies before it acknowledges them.
+    ack = rig.bus.ack
+
+    def die(ids: Sequence[str]) -> int:
+        monkeypatch.setattr(rig.bus, "ack", ack)
+        raise ConnectionError("worker killed")
+
+    monkeypatch.setattr(rig.bus, "ack", die)
+    with pytest.raises(ConnectionError, match="worker killed"):
+        rig.joiner.flush()
+    assert request_counts(rig.warehouse) == {"j0": 3, "j1": 4}
+    assert rig.bus.pending() == 3
+
+    joiner = restart(rig)
+    assert joiner.recover() == 3
+    assert joiner.stats.recovered_committed == 2
+    assert rig.bus.pending() == 1  # j0 and j1 acknowledged at once; k0 waits for its window
+    assert joiner.open_requests == 1
+    assert joiner.join_due() == 0
+    clock.set(JOIN_AT + 60_000)
+    joiner.poll()
+    assert joiner.join_due() == 1
+    joiner.flush()
+    assert request_counts(rig.warehouse) == {"j0": 3, "j1": 4, "k0": 5}
+    assert joiner.stats.requests_joined == 1
+    assert joiner.stats.examples == 5
+    assert rig.bus.pending() == 0
+    # A second recovery finds nothing left to take over.
+    assert joiner.recover() == 0
+    assert request_counts(rig.warehouse) == {"j0": 3, "j1": 4, "k0": 5}
+    # What the dead worker never deleted is gone with the TTL.
+    clock.set(t1 + rig.logger.ttl_ms)
+    rig.store.purge_expired()
+    assert rig.store.stats().keys_held == 0
+
+
+def test_recover_rejoins_what_was_joined_but_not_committed_before_a_crash(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [8, 9])
+    rig.service.ranked(refs, batch)
+    for b, ref in enumerate(refs):
+        rows = [*views(range(3 + b)), (1, EventKind.CLICK, 5_000, 0.0)]
+        rig.service.events(ref, events(ref, batch.item_ids[b], rows))
+    clock.set(JOIN_AT)
+    rig.joiner.poll()
+    assert rig.joiner.join_due() == 2  # joined into the writer's buffer ...
+    assert rig.files() == []  # ... and lost with the worker before the commit
+
+    joiner = restart(rig)
+    assert joiner.recover() == 2
+    assert joiner.stats.recovered_committed == 0
+    assert rig.bus.pending() == 2
+    assert joiner.join_due() == 2
+    joiner.flush()
+    assert request_counts(rig.warehouse) == {"j0": 3, "j1": 4}
+    assert rig.examples().column("click").to_pylist() == [False, True, False, False, True, False, False]
+    assert joiner.stats.labels_lost == 0
+    assert len(rig.files()) == 1
+    assert rig.bus.pending() == 0
+    assert rig.store.stats().keys_held == 0
+
+
+def test_messages_that_are_not_request_records_are_counted_and_acked(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [5])
+    rig.service.ranked(refs, batch)
+    # An event batch on the bus (a producer of the old flow) and some garbage.
+    stray = events(refs[0], batch.item_ids[0], views(range(4)))
+    rig.bus.append_many([stray, "garbage"])  # type: ignore[list-item]
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(range(2))))
+    join(rig)
+    assert rig.joiner.stats.malformed_messages == 2
+    assert rig.joiner.stats.requests_joined == 1
+    assert rig.examples().column("position").to_pylist() == [0, 1]  # the stray batch was not joined
+    assert rig.bus.pending() == 0
+
+
+def test_stored_event_blobs_that_do_not_decode_are_counted_and_the_rest_joins(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [5])
+    ref, items = refs[0], batch.item_ids[0]
+    rig.service.ranked(refs, batch)
+    rig.service.events(ref, events(ref, items, views(range(2))))
+    ev_key = key(ref.request_id, "ev")
+    good = events(ref, items, [(2, EventKind.VIEW, 3_000, 0.0), (2, EventKind.CLICK, 3_500, 0.0)])
+    rig.store.append_many({ev_key: b"not an event batch"}, 60_000)
+    rig.store.append_many({ev_key: good.to_bytes()[:-3]}, 60_000)  # truncated
+    rig.service.events(ref, good)
+    join(rig)
+    assert rig.joiner.stats.malformed_event_blobs == 2
+    assert rig.examples().column("position").to_pylist() == [0, 1, 2]
+    assert rig.examples().column("click").to_pylist() == [False, False, True]
+    assert rig.joiner.stats.events_joined == 4
+    assert rig.store.get_lists_many([ev_key]) == [[]]

@@ -8,6 +8,7 @@ import pytest
 
 from leanrec.sim.demo import DemoResult, run_demo
 from leanrec.sim.pipeline import Plumbing
+from leanrec.sim.traffic import TrafficConfig
 from leanrec.world import WorldConfig
 
 PER_PATH = (
@@ -58,12 +59,50 @@ def test_no_label_is_lost_and_no_example_is_skewed(demo: tuple[DemoResult, Path]
 
 
 def test_the_lean_path_writes_a_fraction_of_the_naive_bytes(demo: tuple[DemoResult, Path]) -> None:
-    report = demo[0].report
+    result = demo[0]
+    report = result.report
     kv = report["kv_bytes_written"]
     assert 0 < kv["lean"] <= 0.15 * kv["naive"]
     assert report["kv_writes"]["lean"] < report["kv_writes"]["naive"]
-    # The naive path logs every ranked item of every request.
-    assert report["kv_writes"]["naive"] == 200 * 100
+    naive_log = result.pipelines[Plumbing.NAIVE].logger.stats
+    lean_log = result.pipelines[Plumbing.LEAN].logger.stats
+    # The naive path logs every ranked item of every request, the lean one a fraction of them.
+    assert naive_log.entries_written == 200 * 100
+    assert naive_log.write_failures == lean_log.write_failures == 0
+    assert lean_log.entries_written < 0.15 * naive_log.entries_written
+    # Beside the features, both paths append the same event batches: one write each.
+    appends = {
+        path: report["kv_writes"][path] - result.pipelines[plumbing].logger.stats.entries_written
+        for path, plumbing in (("naive", Plumbing.NAIVE), ("lean", Plumbing.LEAN))
+    }
+    assert appends["naive"] == appends["lean"] > 200
+    sent = result.traffic.event_batches + result.traffic.duplicate_batches
+    assert appends["naive"] <= sent
+    if result.traffic.late_batches == 0:
+        assert appends["naive"] == sent  # every batch carries a good event, none arrived late
+
+
+def test_batches_after_the_window_are_refused_at_ingest_and_reported(tmp_path: Path) -> None:
+    config = WorldConfig(n_users=400, n_items=3_000, n_creators=200, seed=11)
+    traffic = TrafficConfig(late_share=0.2, duplicate_share=0.0)
+    result = run_demo(requests=60, seed=4, out=tmp_path, world_config=config, traffic_config=traffic)
+    report = result.report
+    assert result.traffic.late_batches > 10
+    for path, plumbing in (("naive", Plumbing.NAIVE), ("lean", Plumbing.LEAN)):
+        pipe = result.pipelines[plumbing]
+        refused = pipe.service.stats.events_refused
+        assert report["late_events"][path] == refused["window_closed"] > 0
+        assert report["events_refused_by_reason"][path] == dict(refused)
+        assert report["events_refused"][path] == sum(refused.values()) - refused["window_closed"]
+        # Every late batch was refused whole, and nothing else was: the rest were appended.
+        appended = report["kv_writes"][path] - pipe.logger.stats.entries_written
+        assert appended == result.traffic.event_batches - result.traffic.late_batches
+        assert pipe.joiner.stats.labels_lost == 0
+    assert report["events_refused_by_reason"]["naive"] == report["events_refused_by_reason"]["lean"]
+    assert report["identical_examples"] is True
+    # Views reported only by a late batch are missing; every other view became an example.
+    viewed = result.traffic.viewed
+    assert viewed - report["late_events"]["lean"] <= report["examples"]["lean"] < viewed
 
 
 def test_both_warehouses_are_on_disk_and_their_bytes_are_counted(demo: tuple[DemoResult, Path]) -> None:

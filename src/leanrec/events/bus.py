@@ -1,9 +1,9 @@
-"""EventBus: the append-only log between the serving side and the joiner.
+"""EventBus: the append-only log between the serving side and the joiners.
 
-The serving side appends a :class:`RequestOpened` record when it ranks and an
-:class:`~leanrec.events.model.EventBatch` when a client reports events. A consumer acknowledges a
-message only once what it produced from it is durable, so a consumer that dies loses nothing: its
-unacknowledged messages can be claimed again.
+The serving side appends a :class:`RequestOpened` record when it ranks: it is the unit of join work.
+(Event batches wait in the transient store beside the request's features, so whichever joiner takes
+the record finds them.) A consumer acknowledges a record only once what it produced from it is
+durable, so a consumer that dies loses nothing: its unacknowledged records can be claimed again.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
-
-from leanrec.events.model import EventBatch
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class RequestOpened:
     fs_version: int
 
 
-Message = RequestOpened | EventBatch
+Message = RequestOpened
 
 
 @runtime_checkable

@@ -7,6 +7,7 @@ refused with a reason and counted; the rest of its batch goes on.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ class EventKind(IntEnum):
     HIDE = 4
     WATCH = 5  # value: watch time in milliseconds
 
+
+_EVENTS_MAGIC = b"LE"
+_EVENTS_HEADER = struct.Struct("<2sBIH")
 
 LABELS: tuple[str, ...] = ("click", "like", "share", "hide", "watch_ms")
 """Per-item labels a join produces; boolean flags and the longest watch time."""
@@ -82,6 +86,44 @@ class EventBatch:
             self.ts_ms[mask],
             self.value[mask],
         )
+
+    def to_bytes(self) -> bytes:
+        """Compact encoding: a header, the request id, then each column as a raw little-endian buffer."""
+        rid = self.request_id.encode()
+        head = _EVENTS_HEADER.pack(_EVENTS_MAGIC, 1, len(self), len(rid))
+        cols = (
+            self.position.astype("<i4"),
+            self.item_id.astype("<i4"),
+            self.kind.astype("i1"),
+            self.ts_ms.astype("<i8"),
+            self.value.astype("<f4"),
+        )
+        return b"".join((head, rid, *(c.tobytes() for c in cols)))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> EventBatch:
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            ValueError: If the blob is not an event batch of this encoding.
+
+        """
+        if len(blob) < _EVENTS_HEADER.size:
+            raise ValueError(f"event blob of {len(blob)} B is shorter than its header")
+        magic, version, n, rid_len = _EVENTS_HEADER.unpack_from(blob)
+        if magic != _EVENTS_MAGIC or version != 1:
+            raise ValueError(f"not an event batch blob (magic {magic!r}, version {version})")
+        expect = _EVENTS_HEADER.size + rid_len + n * (4 + 4 + 1 + 8 + 4)
+        if len(blob) != expect:
+            raise ValueError(f"event blob of {n} events is {len(blob)} B, expected {expect} B")
+        off = _EVENTS_HEADER.size
+        rid = blob[off : off + rid_len].decode()
+        off += rid_len
+        cols = []
+        for dtype, width in (("<i4", 4), ("<i4", 4), ("i1", 1), ("<i8", 8), ("<f4", 4)):
+            cols.append(np.frombuffer(blob, dtype, n, off))
+            off += n * width
+        return cls(rid, *cols)
 
     @staticmethod
     def concat(request_id: str, batches: Sequence[EventBatch]) -> EventBatch:
@@ -164,13 +206,16 @@ class EventLimits:
 
     Attributes:
         max_events: Events in one batch.
-        window_ms: Attribution window after the ranking; later events are late.
+        window_ms: Attribution window after the ranking; events that happened later are late.
+        lateness_ms: How long after the window a batch may still arrive; after that the request is
+            being joined and the batch is refused.
         max_watch_ms: Longest plausible watch time.
 
     """
 
     max_events: int = 1_000
     window_ms: int = 600_000
+    lateness_ms: int = 60_000
     max_watch_ms: float = 3_600_000.0
 
 

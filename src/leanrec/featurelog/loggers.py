@@ -88,7 +88,8 @@ class LoggerStats:
     entries_written: int = 0
     pages_on_signal: int = 0
     pages_on_touch: int = 0
-    write_failures: int = 0
+    write_failures: int = 0  # entries the transient store did not take
+    bus_failures: int = 0  # RequestOpened records the bus did not take
     touch_after_release: int = 0  # events on a released context: only pages logged by then can join
     signals_after_release: int = 0  # context completed, expired or never known: nothing left to log
     logged_by_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -107,6 +108,7 @@ class FeatureLogger(Protocol):
 
     fs: FeatureSet
     store: TransientStore
+    ttl_ms: int
     stats: LoggerStats
 
     def log_ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
@@ -150,7 +152,8 @@ class _Base:
         with self.ledger.cpu("kv_write") as cost:
             try:
                 self.store.put_many(entries, self.ttl_ms)
-            except StoreFullError:
+            except (StoreFullError, ConnectionError, OSError):
+                # Ranking goes on without its log: the loss is counted, never raised to the client.
                 self.stats.write_failures += len(entries)
                 return False
             cost.ops += len(entries)
@@ -166,10 +169,13 @@ class _Base:
         return values
 
     def _opened(self, refs: list[RequestRef]) -> None:
-        self.bus.append_many(
-            [RequestOpened(r.request_id, r.user_id, r.ts_ms, r.n_items, self.fs.version) for r in refs]
-        )
         self.stats.requests += len(refs)
+        try:
+            self.bus.append_many(
+                [RequestOpened(r.request_id, r.user_id, r.ts_ms, r.n_items, self.fs.version) for r in refs]
+            )
+        except (ConnectionError, OSError):
+            self.stats.bus_failures += len(refs)  # these requests will not be joined: counted
 
     def tick(self) -> None:
         """Nothing held by default."""
@@ -252,6 +258,7 @@ class RequestContext:
     items: FeatureBlock
     logged: np.ndarray
     touched_ms: int
+    request_logged: bool = False
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -384,6 +391,13 @@ class LazyLogger(_Base):
             cost.bytes_serialized += sum(map(len, out.values()))
         return out
 
+    def _encode_request(self, ctx: RequestContext) -> dict[str, bytes]:
+        with self.ledger.cpu("serialize") as cost:
+            blob = codec.encode_request(self.fs, ctx.request)
+            cost.ops += 1
+            cost.bytes_serialized += len(blob)
+        return {key(ctx.ref.request_id, "u"): blob}
+
     def log_ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
         """Hold each request's frozen features; write the request side and the head page."""
         n = batch.n_items
@@ -397,13 +411,8 @@ class LazyLogger(_Base):
                 np.zeros(self.paging.count(n), bool),
                 now,
             )
-            with self.ledger.cpu("serialize") as cost:
-                user_blob = codec.encode_request(self.fs, ctx.request)
-                cost.ops += 1
-                cost.bytes_serialized += len(user_blob)
-            entries = {key(ref.request_id, "u"): user_blob, **self._encode_pages(ctx, [0])}
-            if self._put(entries):
-                ctx.logged[0] = True
+            if self._put({**self._encode_request(ctx), **self._encode_pages(ctx, [0])}):
+                ctx.logged[0] = ctx.request_logged = True
                 self.stats.count_logged(*self.paging.bounds(0, n))
             self.contexts.add(ctx)
         self._opened(refs)
@@ -413,12 +422,15 @@ class LazyLogger(_Base):
         if ctx is None:
             return -1
         todo = [int(p) for p in np.unique(pages) if p < len(ctx.logged) and not ctx.logged[p]]
-        if todo and self._put(self._encode_pages(ctx, todo)):
+        # A request side whose write failed at rank time (store down) goes with the next pages.
+        request = {} if ctx.request_logged else self._encode_request(ctx)
+        if todo and self._put({**request, **self._encode_pages(ctx, todo)}):
             ctx.logged[todo] = True
+            ctx.request_logged = True
             for page in todo:
                 self.stats.count_logged(*self.paging.bounds(page, ref.n_items))
             setattr(self.stats, counter, getattr(self.stats, counter) + len(todo))
-        if ctx.logged.all():
+        if ctx.logged.all() and ctx.request_logged:
             self.contexts.release(ref.request_id, "completed")
         return len(todo)
 

@@ -1,9 +1,12 @@
 """LabelJoiner: joins frozen features with the engagement that followed, when the window closes.
 
-It consumes the event bus: a RequestOpened record schedules the request's join at the end of its
-attribution window; event batches accumulate. At the join every viewed item (any event at its
-position) becomes one example, with no engagement meaning a negative; never-viewed items are dropped.
-Labels are flags and a maximum, so duplicate and out-of-order events give the same record.
+It consumes the event bus, whose RequestOpened records are the units of work (several workers in
+one consumer group split them): each schedules its request's join at the end of the attribution
+window. Event batches wait in the transient store beside the frozen features (``lr:{id}:ev``), so
+whichever worker joins a request finds everything it needs there. At the join every viewed item
+(any event at its position) becomes one example, with no engagement meaning a negative;
+never-viewed items are dropped. Labels are flags and a maximum, so duplicate and out-of-order
+events give the same record.
 Messages are acknowledged, and transient entries deleted, only after the warehouse has committed
 the records made from them.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
@@ -21,7 +24,7 @@ from leanrec.clock import Clock
 from leanrec.energy.ledger import CostLedger
 from leanrec.events.bus import EventBus, RequestOpened
 from leanrec.events.model import EventBatch, EventKind
-from leanrec.featurelog.loggers import FeatureLogger
+from leanrec.featurelog.loggers import FeatureLogger, key
 from leanrec.warehouse.records import RequestRecord
 
 _FLAGS = (
@@ -43,6 +46,10 @@ class RecordSink(Protocol):
         """Commit buffered records durably; returns what was committed."""
         ...
 
+    def committed(self, request_ids: Sequence[str]) -> set[str]:
+        """Which of these requests are already committed (recovery after a crash)."""
+        ...
+
 
 @dataclass
 class JoinStats:
@@ -56,8 +63,9 @@ class JoinStats:
     events_joined: int = 0
     duplicate_events: int = 0
     mismatched_events: int = 0  # item id differs from the one logged at that position
-    late_events: int = 0  # arrived after the request was joined
-    orphan_events: int = 0  # for a request this joiner never saw opened
+    malformed_messages: int = 0  # bus entries that are not RequestOpened records
+    malformed_event_blobs: int = 0  # stored event batches that do not decode
+    recovered_committed: int = 0  # taken over after a crash, found already in the warehouse
 
     def to_dict(self) -> dict[str, int]:
         """JSON-ready counters."""
@@ -68,7 +76,6 @@ class JoinStats:
 class _Open:
     ref: RequestOpened
     message_ids: list[str]
-    batches: list[EventBatch] = field(default_factory=list)
 
 
 class LabelJoiner:
@@ -81,8 +88,9 @@ class LabelJoiner:
         ledger: Cost counters.
         clock: Time source.
         window_ms: Attribution window after the ranking.
-        lateness_ms: Extra wait after the window for events still in flight.
-        remember_ms: How long a joined request id is remembered, to count late events.
+        lateness_ms: Extra wait after the window for event batches still in flight.
+        settle_ms: Wait after the lateness, so that a batch accepted at the deadline has landed.
+        remember_ms: How long a joined request id is remembered, so a redelivered record is not joined again.
 
     """
 
@@ -96,9 +104,10 @@ class LabelJoiner:
         window_ms: int,
         lateness_ms: int = 0,
         remember_ms: int | None = None,
+        settle_ms: int = 2_000,
     ) -> None:
         self.logger, self.bus, self.sink, self.ledger, self.clock = logger, bus, sink, ledger, clock
-        self.window_ms, self.lateness_ms = window_ms, lateness_ms
+        self.window_ms, self.lateness_ms, self.settle_ms = window_ms, lateness_ms, settle_ms
         self.remember_ms = remember_ms if remember_ms is not None else 2 * window_ms
         self.stats = JoinStats()
         self._open: dict[str, _Open] = {}
@@ -107,30 +116,55 @@ class LabelJoiner:
         self._ack: list[str] = []
         self._delete: list[str] = []
 
+    def _schedule(self, mid: str, msg: object) -> None:
+        if not isinstance(msg, RequestOpened):
+            self.stats.malformed_messages += 1
+            self._ack.append(mid)
+            return
+        if msg.request_id in self._open or msg.request_id in self._joined:
+            self._ack.append(mid)  # a redelivered record: already scheduled or joined
+            return
+        self._open[msg.request_id] = _Open(msg, [mid])
+        due = msg.ts_ms + self.window_ms + self.lateness_ms + self.settle_ms
+        heapq.heappush(self._due, (due, msg.request_id))
+
+    def _keys(self, ref: RequestOpened) -> list[str]:
+        """Every transient key of a request: frozen features, event batches and their replay guard."""
+        return [*self.logger.keys(ref), key(ref.request_id, "ev"), key(ref.request_id, "seen")]
+
     def poll(self, max_count: int = 100_000) -> int:
-        """Take new messages from the bus; returns how many."""
+        """Take new RequestOpened records from the bus and schedule their joins; returns how many."""
         messages = self.bus.consume(max_count)
         with self.ledger.cpu("join") as cost:
             cost.ops += len(messages)
             for mid, msg in messages:
-                if isinstance(msg, RequestOpened):
-                    if msg.request_id in self._open or msg.request_id in self._joined:
-                        self._ack.append(mid)  # a redelivered record: already scheduled or joined
-                        continue
-                    self._open[msg.request_id] = _Open(msg, [mid])
-                    heapq.heappush(self._due, (msg.ts_ms + self.window_ms + self.lateness_ms, msg.request_id))
-                    continue
-                state = self._open.get(msg.request_id)
-                if state is not None:
-                    state.batches.append(msg)
-                    state.message_ids.append(mid)
-                else:
-                    if msg.request_id in self._joined:
-                        self.stats.late_events += len(msg)
-                    else:
-                        self.stats.orphan_events += len(msg)
-                    self._ack.append(mid)
+                self._schedule(mid, msg)
         return len(messages)
+
+    def recover(self) -> int:
+        """Take over pending records (this worker's before a crash, or a dead worker's) and reschedule.
+
+        A request the warehouse already holds was committed before the crash and only its
+        acknowledgement was lost: it is acknowledged, not joined again, so no record is written twice.
+        Returns how many records were taken over.
+        """
+        pending = self.bus.claim_pending()
+        opened = [(mid, m) for mid, m in pending if isinstance(m, RequestOpened)]
+        done = self.sink.committed([m.request_id for _, m in opened]) if opened else set()
+        for mid, msg in pending:
+            if isinstance(msg, RequestOpened) and msg.request_id in done:
+                self._ack.append(mid)
+                self._delete.extend(self._keys(msg))
+                self.stats.recovered_committed += 1
+            else:
+                self._schedule(mid, msg)
+        if self._ack:
+            self.bus.ack(self._ack)
+            self._ack = []
+        if self._delete:
+            self.logger.store.delete_many(self._delete)
+            self._delete = []
+        return len(pending)
 
     def join_due(self, force: bool = False) -> int:
         """Join every request whose window has closed (all open requests if ``force``)."""
@@ -154,7 +188,14 @@ class LabelJoiner:
 
     def _join(self, state: _Open) -> RequestRecord | None:
         ref = state.ref
-        ev = EventBatch.concat(ref.request_id, state.batches)
+        ev_key = key(ref.request_id, "ev")
+        batches = []
+        for blob in self.logger.store.get_lists_many([ev_key])[0]:
+            try:
+                batches.append(EventBatch.from_bytes(blob))
+            except ValueError:
+                self.stats.malformed_event_blobs += 1
+        ev = EventBatch.concat(ref.request_id, batches)
         self.stats.events_joined += len(ev)
         keys = np.stack([ev.position.astype(np.int64), ev.kind.astype(np.int64), ev.ts_ms])
         self.stats.duplicate_events += len(ev) - (np.unique(keys, axis=1).shape[1] if len(ev) else 0)
@@ -195,7 +236,7 @@ class LabelJoiner:
         self.stats.examples += len(positions)
         self.stats.positives += int(labels["click"].sum())
         self._ack.extend(state.message_ids)
-        self._delete.extend(self.logger.keys(ref))
+        self._delete.extend(self._keys(ref))
         self._joined[ref.request_id] = self.clock.now_ms()
         if fetched.request is None and len(viewed):
             self.stats.requests_without_features += 1

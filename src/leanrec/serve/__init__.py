@@ -1,5 +1,5 @@
 """The serving side of logging: what a ranking service does after it ranks."""
 
-from leanrec.serve.service import LoggingService, ServiceStats
+from leanrec.serve.service import LoggingService, LoggingUnavailable, ServiceStats
 
-__all__ = ["LoggingService", "ServiceStats"]
+__all__ = ["LoggingService", "LoggingUnavailable", "ServiceStats"]

@@ -2,7 +2,8 @@
 
 ``ranked`` freezes and logs what the late ranker scored; ``paginate`` takes the client's scroll
 signal; ``events`` validates a client's event batch, lets the logger log any touched page that is not
-logged yet, and appends the batch to the bus. The HTTP service wraps exactly these calls.
+logged yet, and appends the batch to the request's event list in the transient store
+(``lr:{id}:ev``), where the joiner finds it. The HTTP service wraps exactly these calls.
 """
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from leanrec.clock import Clock
 from leanrec.events.bus import EventBus
 from leanrec.events.model import EventBatch, EventLimits, RequestRef, ValidationReport, validate
-from leanrec.featurelog.loggers import FeatureLogger
+from leanrec.featurelog.loggers import FeatureLogger, key
 from leanrec.funnel.ranker import RankedBatch
+from leanrec.stores.transient import OnceAppend, StoreFullError
+
+
+class LoggingUnavailable(RuntimeError):
+    """The transient store did not take an event batch; the client should send it again later."""
 
 
 @dataclass
@@ -31,14 +38,15 @@ class LoggingService:
     """Logging entry points of one ranking service.
 
     Args:
-        logger: Eager or lazy.
-        bus: Where validated event batches go.
-        limits: What an event batch may hold.
+        logger: Eager or lazy; its transient store also holds the event batches.
+        bus: Carries the RequestOpened records the logger emits.
+        limits: What an event batch may hold, and until when it may arrive.
+        clock: Arrival time of calls.
 
     """
 
-    def __init__(self, logger: FeatureLogger, bus: EventBus, limits: EventLimits) -> None:
-        self.logger, self.bus, self.limits = logger, bus, limits
+    def __init__(self, logger: FeatureLogger, bus: EventBus, limits: EventLimits, clock: Clock) -> None:
+        self.logger, self.bus, self.limits, self.clock = logger, bus, limits, clock
         self.stats = ServiceStats()
 
     def ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
@@ -55,13 +63,46 @@ class LoggingService:
         self.stats.paginations += 1
         return self.logger.paginate(ref, seen_up_to)
 
-    def events(self, ref: RequestRef, batch: EventBatch) -> ValidationReport:
-        """Validate, log touched pages, append; refused events are counted, never fatal."""
-        good, report = validate(batch, ref, self.limits)
+    def events(self, ref: RequestRef, batch: EventBatch, batch_id: str | None = None) -> ValidationReport:
+        """Validate, log touched pages, store; refused events are counted, never fatal.
+
+        Args:
+            ref: The request, as the client presents it.
+            batch: Its events.
+            batch_id: The client's id of this batch; a batch id seen before is refused as a replay.
+
+        Raises:
+            LoggingUnavailable: The transient store did not take the batch (nothing was accepted).
+
+        """
         self.stats.event_batches += 1
+        deadline = ref.ts_ms + self.limits.window_ms + self.limits.lateness_ms
+        if self.clock.now_ms() > deadline:
+            report = ValidationReport()
+            report.refuse(
+                "window_closed", len(batch), f"arrived after the attribution window closed (at {deadline} ms)"
+            )
+        else:
+            good, report = validate(batch, ref, self.limits)
+            if len(good):
+                self._store(ref, good, batch_id, report)
         self.stats.events_refused.update(report.refused)
-        if len(good):
-            self.logger.touch(ref, good)
-            self.bus.append_many([good])
-            self.stats.events_accepted += len(good)
         return report
+
+    def _store(
+        self, ref: RequestRef, good: EventBatch, batch_id: str | None, report: ValidationReport
+    ) -> None:
+        ttl, events_key = self.logger.ttl_ms, key(ref.request_id, "ev")
+        try:
+            self.logger.touch(ref, good)
+            if batch_id is None:
+                self.logger.store.append_many({events_key: good.to_bytes()}, ttl)
+            else:  # the guard check and the append are one atomic step: a retry is never a replay
+                entry = OnceAppend(events_key, good.to_bytes(), key(ref.request_id, "seen"), batch_id)
+                if not self.logger.store.append_once([entry], ttl)[0]:
+                    report.refuse("replayed", len(good), f"batch {batch_id!r} was accepted before")
+                    return
+        except (ConnectionError, StoreFullError, OSError) as exc:
+            self.stats.events_refused.update(report.refused)
+            raise LoggingUnavailable(f"event batch not stored: {exc}") from exc
+        self.stats.events_accepted += len(good)

@@ -107,12 +107,12 @@ def build_pipeline(
         logger = EagerLogger(fs, store, bus, ledger, ttl)
         layout = TableLayout.IMPRESSION
     else:
-        contexts = ContextCache(
-            config.context_max_bytes, config.context_idle_ms, config.window_ms, clock, ledger
-        )
+        max_age = config.window_ms + config.lateness_ms  # until the last event batch may arrive
+        contexts = ContextCache(config.context_max_bytes, config.context_idle_ms, max_age, clock, ledger)
         logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, config.paging, config.lookahead)
         layout = TableLayout.REQUEST
     warehouse = ParquetWarehouse(str(warehouse_dir), fs, layout, ledger, config.flush_rows)
     joiner = LabelJoiner(logger, bus, warehouse, ledger, clock, config.window_ms, config.lateness_ms)
-    service = LoggingService(logger, bus, EventLimits(window_ms=config.window_ms))
+    limits = EventLimits(window_ms=config.window_ms, lateness_ms=config.lateness_ms)
+    service = LoggingService(logger, bus, limits, clock)
     return Pipeline(plumbing, ledger, store, bus, logger, service, joiner, warehouse)

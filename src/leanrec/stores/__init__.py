@@ -5,18 +5,57 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlencode, urlparse
 
 from leanrec.clock import Clock
+from leanrec.schema import FeatureBlock, FeatureSet, Owner
 from leanrec.stores.features import FeatureStore, MemoryFeatureStore
-from leanrec.stores.transient import MemoryTransientStore, StoreFullError, TransientStats, TransientStore
+from leanrec.stores.transient import (
+    MemoryTransientStore,
+    OnceAppend,
+    StoreFullError,
+    TransientStats,
+    TransientStore,
+)
 
 __all__ = [
     "FeatureStore",
     "MemoryFeatureStore",
     "MemoryTransientStore",
+    "OnceAppend",
     "StoreFullError",
     "TransientStats",
     "TransientStore",
+    "open_feature_store",
     "open_transient_store",
 ]
+
+
+def open_feature_store(
+    url: str, featureset: FeatureSet, blocks: dict[Owner, FeatureBlock] | None = None
+) -> FeatureStore:
+    """Open a FeatureStore from a URL.
+
+    ``memory://`` is :class:`MemoryFeatureStore` over ``blocks``, which it needs (it holds nothing
+    else). ``redis://[user:password@]host:port/db`` is
+    :class:`~leanrec.stores.redis_features.RedisFeatureStore` on that server; ``blocks``, if given,
+    are written into it first (entity ``k`` of a block as id ``k``), overwriting those entities.
+
+    Raises:
+        ValueError: For a scheme leanrec has no backend for, or ``memory://`` without blocks.
+        ConnectionError: If a server backend does not answer.
+
+    """
+    scheme = urlparse(url).scheme
+    if scheme == "memory":
+        if blocks is None:
+            raise ValueError(f"{url}: the in-process feature store needs its blocks")
+        return MemoryFeatureStore(featureset, blocks)
+    if scheme == "redis":
+        from leanrec.stores.redis_features import RedisFeatureStore  # imports redis only when used
+
+        store = RedisFeatureStore(url, featureset)
+        if blocks is not None:
+            store.load_from(MemoryFeatureStore(featureset, blocks))
+        return store
+    raise ValueError(f"no FeatureStore backend for {url!r}; known schemes: memory://, redis://")
 
 
 def open_transient_store(url: str, clock: Clock | None = None) -> TransientStore:

@@ -58,19 +58,29 @@ class MemoryFeatureStore:
         """Number of entities of an owner."""
         return len(self._block(owner))
 
+    def _ids(self, owner: Owner, ids: np.ndarray) -> np.ndarray:
+        """``ids`` as an index array, refusing ids the store does not hold (a negative index would wrap)."""
+        ids = np.asarray(ids)
+        n = len(self._block(owner))
+        bad = ids[(ids < 0) | (ids >= n)]
+        if len(bad):
+            raise KeyError(f"no {owner} with id(s) {bad[:5].tolist()}: ids are 0..{n - 1}")
+        return ids
+
     def get_many(self, owner: Owner, ids: np.ndarray) -> FeatureBlock:
         """Gather rows; fancy indexing returns a copy, so later writes cannot reach it."""
-        return self._block(owner).take(np.asarray(ids))
+        return self._block(owner).take(self._ids(owner, ids))
 
     def get_feature(self, owner: Owner, name: str, ids: np.ndarray) -> np.ndarray:
         """Gather one feature's columns."""
         slot = self.featureset.owner_slots(owner)[name]
         block = self._block(owner)
         src = block.floats if slot.feature.is_float else block.ints
-        return src[np.asarray(ids), slot.offset : slot.stop]
+        return src[self._ids(owner, ids), slot.offset : slot.stop]
 
     def put_many(self, owner: Owner, ids: np.ndarray, block: FeatureBlock) -> None:
         """Scatter rows."""
+        ids = self._ids(owner, ids)
         target = self._block(owner)
         target.floats[ids] = block.floats
         target.ints[ids] = block.ints

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.exceptions
 
-from leanrec.stores.transient import StoreFullError, TransientStats
+from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStats
 
 
 def _redact(url: str) -> str:
@@ -66,7 +66,8 @@ class RedisTransientStore:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.url = url
         self.max_bytes = max_bytes
-        self._client: redis.Redis = redis.Redis.from_url(url)
+        # Short timeouts: a ranking must not wait on a hung server (its logging is counted as lost).
+        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
         self._stats = TransientStats()
         with self._errors():
             self._expired_at_open = self._expired_keys()
@@ -94,20 +95,22 @@ class RedisTransientStore:
         self._stats.peak_bytes_held = max(self._stats.peak_bytes_held, held)
         return held
 
-    def _check_bound(self, items: Mapping[str, bytes]) -> None:
+    def _check_bound(self, items: Mapping[str, bytes], replaces: bool = True) -> None:
         """Refuse the batch if it would take the server past its bound; needs one round trip."""
         if self.max_bytes is None:
             return
         keys = list(items)
         pipe = self._client.pipeline(transaction=False)
         pipe.info("memory")
-        for key in keys:
+        for key in keys if replaces else ():
             pipe.strlen(key)
         info, *old_lengths = pipe.execute()
         used = int(info["used_memory_dataset"])
         self._bytes_held(used)
         incoming = sum(len(k.encode()) + len(v) for k, v in items.items())
-        replaced = sum(len(k.encode()) + n for k, n in zip(keys, old_lengths, strict=True) if n)
+        replaced = (
+            sum(len(k.encode()) + n for k, n in zip(keys, old_lengths, strict=True) if n) if replaces else 0
+        )
         if used + incoming - replaced > self._used_at_open + self.max_bytes:
             self._stats.rejected_writes += len(items)
             raise StoreFullError(
@@ -173,6 +176,85 @@ class RedisTransientStore:
         self._stats.hits += len(hits)
         self._stats.misses += len(keys) - len(hits)
         self._stats.bytes_read += sum(len(v) for v in hits)
+        return out
+
+    def append_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        """RPUSH one chunk to each key's list and reset its TTL, in one pipeline.
+
+        Raises:
+            ValueError: If ``ttl_ms`` is not positive.
+            TypeError: If a value is not bytes-like, or a key holds a plain value.
+            StoreFullError: If the batch would exceed ``max_bytes`` or the server is out of memory.
+
+        """
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+        for key, value in items.items():
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
+        items = {k: bytes(v) for k, v in items.items()}
+        if not items:
+            return
+        with self._errors():
+            self._check_bound(items, replaces=False)
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.rpush(key, value)
+                pipe.pexpire(key, int(ttl_ms))
+            results = pipe.execute(raise_on_error=False)
+        wrong = [
+            r for r in results if isinstance(r, redis.exceptions.ResponseError) and "WRONGTYPE" in str(r)
+        ]
+        if wrong:
+            raise TypeError(f"a key of the batch holds a value, not a list: {wrong[0]}")
+        self._refuse_on_oom([k for k in items for _ in (0, 1)], results)
+        self._stats.writes += len(items)
+        self._stats.bytes_written += sum(len(v) for v in items.values())
+
+    def get_lists_many(self, keys: Sequence[str]) -> list[list[bytes]]:
+        """LRANGE every key in one pipeline; an empty list for a missing key."""
+        if not keys:
+            return []
+        with self._errors():
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.lrange(key, 0, -1)
+            results = pipe.execute(raise_on_error=False)
+        for key, r in zip(keys, results, strict=True):
+            if isinstance(r, Exception):
+                raise TypeError(f"{key!r} cannot be read as a list: {r}")
+        out: list[list[bytes]] = [list(r) for r in results]
+        self._stats.reads += len(keys)
+        self._stats.hits += sum(1 for r in out if r)
+        self._stats.misses += sum(1 for r in out if not r)
+        self._stats.bytes_read += sum(len(c) for r in out for c in r)
+        return out
+
+    # KEYS: guard set, list; ARGV: token, chunk, ttl. Atomic: a replay never appends.
+    _APPEND_ONCE = """
+    if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+    redis.call('RPUSH', KEYS[2], ARGV[2])
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+    return 1
+    """
+
+    def append_once(self, entries: Sequence[OnceAppend], ttl_ms: int) -> list[bool]:
+        """Per entry, one server-side script: SADD the token, and only if it was new RPUSH the chunk."""
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+        if not entries:
+            return []
+        with self._errors():
+            self._check_bound({e.list_key: e.chunk for e in entries}, replaces=False)
+            script = self._client.register_script(self._APPEND_ONCE)
+            pipe = self._client.pipeline(transaction=False)
+            for e in entries:
+                script(keys=[e.guard_key, e.list_key], args=[e.token, e.chunk, int(ttl_ms)], client=pipe)
+            results = pipe.execute()
+        out = [bool(r) for r in results]
+        self._stats.writes += sum(out)
+        self._stats.bytes_written += sum(len(e.chunk) for e, ok in zip(entries, out, strict=True) if ok)
         return out
 
     def delete_many(self, keys: Sequence[str]) -> int:

@@ -10,9 +10,18 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from leanrec.clock import Clock, SystemClock
+
+
+class OnceAppend(NamedTuple):
+    """One guarded append: ``chunk`` goes to ``list_key`` unless ``token`` is in ``guard_key``'s set."""
+
+    list_key: str
+    chunk: bytes
+    guard_key: str
+    token: str
 
 
 class StoreFullError(RuntimeError):
@@ -57,6 +66,22 @@ class TransientStore(Protocol):
         """Delete the keys; returns how many existed."""
         ...
 
+    def append_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        """Append one chunk to the list at each key, creating it; the list expires ``ttl_ms`` from now."""
+        ...
+
+    def get_lists_many(self, keys: Sequence[str]) -> list[list[bytes]]:
+        """The chunks appended to each key, in order; empty for a missing or expired key."""
+        ...
+
+    def append_once(self, entries: Sequence[OnceAppend], ttl_ms: int) -> list[bool]:
+        """Append each chunk unless its token is already in its guard set; True where appended.
+
+        Checking the guard and appending is one atomic step per entry, so a replayed batch is refused
+        and a retry after a failed call is never mistaken for a replay.
+        """
+        ...
+
     def purge_expired(self) -> int:
         """Drop every expired entry now; returns how many."""
         ...
@@ -85,67 +110,144 @@ class MemoryTransientStore:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.max_bytes = max_bytes
         self.clock = clock or SystemClock()
-        self._data: dict[str, tuple[bytes, int]] = {}
+        self._data: dict[str, tuple[bytes | list[bytes], int]] = {}
         self._expiry: list[tuple[int, str]] = []
         self._stats = TransientStats()
 
     @staticmethod
-    def _size(key: str, value: bytes) -> int:
-        return len(key) + len(value)
+    def _size(key: str, value: bytes | list[bytes]) -> int:
+        return len(key) + (sum(map(len, value)) if isinstance(value, list) else len(value))
 
     def _drop(self, key: str) -> None:
         value, _ = self._data.pop(key)
         self._stats.keys_held -= 1
         self._stats.bytes_held -= self._size(key, value)
 
-    def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
-        """Write all entries with one TTL; refuse the whole batch if it does not fit."""
+    def _live(self, key: str, now: int) -> tuple[bytes | list[bytes], int] | None:
+        """The entry at ``key``, or None if it is missing or past its TTL (then it is dropped)."""
+        entry = self._data.get(key)
+        if entry is not None and entry[1] <= now:
+            self._drop(key)
+            self._stats.expiries += 1
+            return None
+        return entry
+
+    @staticmethod
+    def _checked(items: Mapping[str, bytes], ttl_ms: int) -> dict[str, bytes]:
+        """A validated copy of a batch: positive TTL, bytes-like values made bytes."""
         if ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
         for key, value in items.items():
             if not isinstance(value, bytes | bytearray | memoryview):
                 raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
         # Sizes are byte lengths: len() of a memoryview counts elements, not bytes.
-        items = {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+        return {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+
+    def _reserve(self, net_bytes: int, n: int) -> None:
+        """Purge what expired, then refuse a batch adding ``net_bytes`` that would not fit."""
         self.purge_expired()
-        incoming = sum(self._size(k, v) for k, v in items.items())
-        replaced = sum(self._size(k, self._data[k][0]) for k in items if k in self._data)
-        if self._stats.bytes_held + incoming - replaced > self.max_bytes:
-            self._stats.rejected_writes += len(items)
+        if self._stats.bytes_held + net_bytes > self.max_bytes:
+            self._stats.rejected_writes += n
             raise StoreFullError(
-                f"transient store full: holding {self._stats.bytes_held} B, batch of {incoming} B "
+                f"transient store full: holding {self._stats.bytes_held} B, batch of {net_bytes} B "
                 f"would exceed the bound of {self.max_bytes} B"
             )
-        expire_at = self.clock.now_ms() + int(ttl_ms)
-        for key, value in items.items():
-            if key in self._data:
-                self._drop(key)
-            self._data[key] = (value, expire_at)
-            heapq.heappush(self._expiry, (expire_at, key))
-            self._stats.keys_held += 1
-            self._stats.bytes_held += self._size(key, value)
-            self._stats.bytes_written += len(value)
-        self._stats.writes += len(items)
+
+    def _place(self, key: str, value: bytes | list[bytes], expire_at: int) -> None:
+        if key in self._data:
+            self._drop(key)
+        self._data[key] = (value, expire_at)
+        heapq.heappush(self._expiry, (expire_at, key))
+        self._stats.keys_held += 1
+        self._stats.bytes_held += self._size(key, value)
         self._stats.peak_bytes_held = max(self._stats.peak_bytes_held, self._stats.bytes_held)
 
+    def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        """Write all entries with one TTL; refuse the whole batch if it does not fit."""
+        items = self._checked(items, ttl_ms)
+        incoming = sum(self._size(k, v) for k, v in items.items())
+        self._reserve(
+            incoming - sum(self._size(k, self._data[k][0]) for k in items if k in self._data), len(items)
+        )
+        expire_at = self.clock.now_ms() + int(ttl_ms)
+        for key, value in items.items():
+            self._place(key, value, expire_at)
+            self._stats.bytes_written += len(value)
+        self._stats.writes += len(items)
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Read values; an entry past its TTL reads as missing and is dropped."""
+        """Read values; an entry past its TTL reads as missing and is dropped.
+
+        Raises:
+            TypeError: If a key holds a list (written by ``append_many``).
+
+        """
         now = self.clock.now_ms()
         out: list[bytes | None] = []
         for key in keys:
-            entry = self._data.get(key)
-            if entry is not None and entry[1] <= now:
-                self._drop(key)
-                self._stats.expiries += 1
-                entry = None
+            entry = self._live(key, now)
             if entry is None:
                 self._stats.misses += 1
                 out.append(None)
-            else:
-                self._stats.hits += 1
-                self._stats.bytes_read += len(entry[0])
-                out.append(entry[0])
+                continue
+            if isinstance(entry[0], list):
+                raise TypeError(f"{key!r} holds a list; read it with get_lists_many")
+            self._stats.hits += 1
+            self._stats.bytes_read += len(entry[0])
+            out.append(entry[0])
         self._stats.reads += len(keys)
+        return out
+
+    def append_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
+        """Append one chunk to each key's list and reset its TTL; all or none are written.
+
+        Raises:
+            TypeError: If a key holds a value written by ``put_many``.
+
+        """
+        items = self._checked(items, ttl_ms)
+        now = self.clock.now_ms()
+        for key in items:
+            entry = self._live(key, now)
+            if entry is not None and not isinstance(entry[0], list):
+                raise TypeError(f"{key!r} holds a value, not a list")
+        self._reserve(sum(len(v) + (0 if k in self._data else len(k)) for k, v in items.items()), len(items))
+        expire_at = now + int(ttl_ms)
+        for key, value in items.items():
+            old = self._data.get(key)
+            self._place(key, [*(old[0] if old else []), value], expire_at)  # type: ignore[misc]
+            self._stats.bytes_written += len(value)
+        self._stats.writes += len(items)
+
+    def get_lists_many(self, keys: Sequence[str]) -> list[list[bytes]]:
+        """The chunks appended to each key, oldest first; empty for a missing key."""
+        now = self.clock.now_ms()
+        out: list[list[bytes]] = []
+        for key in keys:
+            entry = self._live(key, now)
+            if entry is None:
+                self._stats.misses += 1
+                out.append([])
+                continue
+            if not isinstance(entry[0], list):
+                raise TypeError(f"{key!r} holds a value; read it with get_many")
+            self._stats.hits += 1
+            self._stats.bytes_read += sum(map(len, entry[0]))
+            out.append(list(entry[0]))
+        self._stats.reads += len(keys)
+        return out
+
+    def append_once(self, entries: Sequence[OnceAppend], ttl_ms: int) -> list[bool]:
+        """Append each chunk whose token is new to its guard set (a list of tokens here)."""
+        out = []
+        for entry in entries:
+            (seen,) = self.get_lists_many([entry.guard_key])
+            token = entry.token.encode()
+            if token in seen:
+                out.append(False)
+                continue
+            self.append_many({entry.list_key: entry.chunk, entry.guard_key: token}, ttl_ms)
+            out.append(True)
         return out
 
     def delete_many(self, keys: Sequence[str]) -> int:

@@ -117,6 +117,25 @@ class ParquetWarehouse:
         self._files.extend(written)
         return written
 
+    def committed(self, request_ids: Sequence[str]) -> set[str]:
+        """Which of ``request_ids`` are in committed files (read from the request_id column only).
+
+        Used when a joiner takes over records after a crash: a request committed before the crash
+        must not be written again.
+        """
+        want = set(request_ids)
+        if not want:
+            return set()
+        try:
+            filesystem, files = _files(self.uri)
+        except WarehouseError:
+            return set()
+        if not files:
+            return set()
+        dataset = ds.dataset([f.path for f in files], filesystem=filesystem, format="parquet")
+        ids = dataset.to_table(columns=["request_id"], filter=ds.field("request_id").isin(list(want)))
+        return set(ids.column("request_id").to_pylist())
+
     @property
     def files(self) -> list[str]:
         """Paths of the files this writer committed."""

@@ -1,0 +1,423 @@
+"""``leanrec serve``: the ranking API over HTTP (FastAPI on uvicorn).
+
+- ``POST /v1/rank``: ranks the corpus for a user, freezes and logs the scored features, and returns
+  the request id, the ordered item ids and a signed token.
+- ``POST /v1/paginate`` and ``POST /v1/events``: the client's scroll signal and event batches, each
+  checked against the token.
+- ``GET /healthz``: which backends answer and whether logging is degraded; ``GET /metrics``: the
+  Prometheus text format; ``/openapi.json`` and ``/docs``: the generated API description.
+
+Ranking never waits on logging: if the transient store or the bus fails, the ranking is answered,
+the lost logging is counted, shown in ``/healthz`` and ``/metrics``, and logging resumes by itself
+when the backend answers again. An event batch the store did not take is answered with 503 and is
+not accepted, so the client sends it again.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, Field
+
+from leanrec.clock import SystemClock
+from leanrec.energy.ledger import CostLedger
+from leanrec.events import EventBatch, EventLimits, RequestRef, open_event_bus
+from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging
+from leanrec.funnel.ranker import Funnel
+from leanrec.serve.config import ServeConfig
+from leanrec.serve.service import LoggingService, LoggingUnavailable
+from leanrec.serve.tokens import TokenError, TokenSigner
+from leanrec.stores import open_transient_store
+from leanrec.world import World, WorldConfig
+
+
+class RankIn(BaseModel):
+    """A ranking request."""
+
+    user_id: int = Field(ge=0, description="the user to rank for")
+    surface: int = Field(0, ge=0, le=2, description="feed surface: 0 home, 1 explore, 2 following")
+
+
+class RankOut(BaseModel):
+    """A ranked list and the token later calls about it must present."""
+
+    request_id: str
+    items: list[int]
+    token: str
+
+
+class PaginateIn(BaseModel):
+    """The user has seen the list up to a position."""
+
+    request_id: str = Field(max_length=64)
+    token: str = Field(max_length=512)
+    seen_up_to: int = Field(ge=0)
+
+
+class EventIn(BaseModel):
+    """One event."""
+
+    position: int
+    item_id: int
+    kind: str = Field(max_length=16)
+    ts_ms: int
+    value: float = 0.0
+
+
+class EventsIn(BaseModel):
+    """A batch of events about one request."""
+
+    request_id: str = Field(max_length=64)
+    token: str = Field(max_length=512)
+    batch_id: str = Field(
+        min_length=1, max_length=64, description="client id of the batch; a replay is refused"
+    )
+    events: list[EventIn]
+
+
+class PaginateOut(BaseModel):
+    """Pages logged because of this signal."""
+
+    pages_logged: int
+
+
+class EventsOut(BaseModel):
+    """What happened to a batch: events accepted, refused by reason, and why."""
+
+    accepted: int
+    refused: dict[str, int]
+    messages: list[str] = []
+
+
+class ErrorOut(BaseModel):
+    """A refusal and what was wrong."""
+
+    error: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 409, 410, 413, 422, 503)
+}
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+@dataclass
+class _Health:
+    """Recent logging failures, for /healthz."""
+
+    window_s: float = 30.0
+    last_failure: float = field(default=-1e18)
+
+    def failed(self) -> None:
+        self.last_failure = time.monotonic()
+
+    @property
+    def degraded(self) -> bool:
+        return time.monotonic() - self.last_failure < self.window_s
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse a body larger than ``max_bytes`` with 413, before it is parsed."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        # A body without a length (chunked) is read here, at most max_bytes of it, and handed on whole:
+        # an exception raised from inside the app's receive() would reach FastAPI's body parsing,
+        # which turns it into a 400 "error parsing the body".
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": bytes(body), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        response = _error(413, f"request body larger than {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+def _replay(messages: list[dict], receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+    """A receive() that returns ``messages`` first, then goes on with ``receive``."""
+    queued = list(messages)
+
+    async def replayed() -> dict:
+        return queued.pop(0) if queued else await receive()
+
+    return replayed
+
+
+class _Collector:
+    """Exposes the service's own counters to Prometheus at scrape time (no double bookkeeping)."""
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        st = self.state
+        svc = st.service.stats if st.service else None
+        c = CounterMetricFamily("leanrec_ranked_requests", "Requests ranked")
+        c.add_metric([], st.ranked)
+        yield c
+        if st.logger is not None:
+            ls = st.logger.stats
+            for name, value, doc in (
+                (
+                    "leanrec_log_entries_written",
+                    ls.entries_written,
+                    "Transient-store entries the logger wrote",
+                ),
+                ("leanrec_log_write_failures", ls.write_failures, "Entries the transient store did not take"),
+                ("leanrec_log_bus_failures", ls.bus_failures, "RequestOpened records the bus did not take"),
+                ("leanrec_pages_on_signal", ls.pages_on_signal, "Pages logged on a pagination signal"),
+                ("leanrec_pages_on_touch", ls.pages_on_touch, "Pages logged because an event touched them"),
+            ):
+                m = CounterMetricFamily(name, doc)
+                m.add_metric([], value)
+                yield m
+            try:
+                ts = st.store.stats()  # a round trip on Redis: while it is down, these two are left out
+            except (ConnectionError, OSError):
+                ts = None
+            if ts is not None:
+                m = CounterMetricFamily(
+                    "leanrec_kv_bytes_written", "Bytes this service wrote to the transient store"
+                )
+                m.add_metric([], ts.bytes_written)
+                yield m
+                m = CounterMetricFamily("leanrec_kv_writes", "Transient-store writes of this service")
+                m.add_metric([], ts.writes)
+                yield m
+        if isinstance(st.logger, LazyLogger):
+            g = GaugeMetricFamily(
+                "leanrec_context_bytes_held", "Frozen features held for pages not logged yet"
+            )
+            g.add_metric([], st.logger.contexts.stats.bytes_held)
+            yield g
+        if svc is not None:
+            m = CounterMetricFamily("leanrec_events_accepted", "Events accepted")
+            m.add_metric([], svc.events_accepted)
+            yield m
+            r = CounterMetricFamily("leanrec_events_refused", "Events refused, by reason", labels=["reason"])
+            for reason, n in sorted(svc.events_refused.items()):
+                r.add_metric([reason], n)
+            yield r
+        g = GaugeMetricFamily("leanrec_logging_degraded", "1 while logging has failed in the last 30 s")
+        g.add_metric([], float(st.health.degraded))
+        yield g
+
+
+@dataclass
+class ServiceState:
+    """Everything one serving process holds."""
+
+    config: ServeConfig
+    world: World
+    funnel: Funnel
+    signer: TokenSigner
+    store: Any
+    bus: Any
+    logger: FeatureLogger | None
+    service: LoggingService | None
+    limits: EventLimits
+    health: _Health = field(default_factory=_Health)
+    ranked: int = 0
+
+
+def build_state(config: ServeConfig) -> ServiceState:
+    """Build the world, the funnel and the logging plumbing of one serving process."""
+    clock = SystemClock()
+    world = World(WorldConfig(n_users=config.n_users, n_items=config.n_items, seed=config.seed))
+    fs = world.featureset
+    ledger = CostLedger()
+    store = open_transient_store(config.store_url, clock=clock)
+    bus = open_event_bus(config.bus_url)
+    limits = EventLimits(
+        window_ms=config.window_ms, lateness_ms=config.lateness_ms, max_events=config.max_events
+    )
+    ttl = config.window_ms + config.lateness_ms + config.ttl_grace_ms
+    logger: FeatureLogger | None
+    if config.logging == "lazy":
+        max_age = config.window_ms + config.lateness_ms  # until the last event batch may arrive
+        contexts = ContextCache(config.context_max_bytes, config.context_idle_ms, max_age, clock, ledger)
+        logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, Paging(), config.lookahead)
+    elif config.logging == "eager":
+        logger = EagerLogger(fs, store, bus, ledger, ttl)
+    else:
+        logger = None
+    service = LoggingService(logger, bus, limits, clock) if logger is not None else None
+    signer = TokenSigner(config.secret_bytes(), config.window_ms + config.lateness_ms)
+    return ServiceState(config, world, Funnel(world), signer, store, bus, logger, service, limits)
+
+
+def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAPI:
+    """The ASGI app of one serving process."""
+    st = state or build_state(config)
+    app = FastAPI(
+        title="leanrec",
+        version="0.1.0",
+        description="Ranking with lean feature logging: rank, paginate, report events.",
+    )
+    app.state.leanrec = st
+    registry = CollectorRegistry()
+    registry.register(_Collector(st))
+    latency = Histogram(
+        "leanrec_http_seconds",
+        "Handling time by endpoint",
+        ["endpoint"],
+        registry=registry,
+        buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0),
+    )
+    clock = SystemClock()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                at = err.get("loc", ("body", "?"))[-1]
+                problems.append(f"at character {at}: {err.get('ctx', {}).get('error', err.get('msg'))}")
+                continue
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg')}")
+        kind = (
+            "malformed JSON"
+            if any(e.get("type") == "json_invalid" for e in exc.errors())
+            else "invalid request"
+        )
+        return _error(400 if kind == "malformed JSON" else 422, f"{kind}: " + "; ".join(problems))
+
+    def _ref(request_id: str, token: str) -> RequestRef | JSONResponse:
+        try:
+            return st.signer.check(token, request_id, clock.now_ms())
+        except TokenError as exc:
+            return _error(401, str(exc))
+
+    @app.post("/v1/rank", response_model=RankOut, responses=_ERRORS)
+    async def rank(body: RankIn) -> Any:
+        t0 = time.perf_counter()
+        if body.user_id >= config.n_users:
+            return _error(422, f"unknown user {body.user_id}: users are 0..{config.n_users - 1}")
+        now = clock.now_ms()
+        batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
+        ref = RequestRef(uuid.uuid4().hex[:16], body.user_id, now, batch.n_items)
+        if st.service is not None:
+            failures = st.logger.stats.write_failures + st.logger.stats.bus_failures  # type: ignore[union-attr]
+            st.service.ranked([ref], batch)
+            if st.logger.stats.write_failures + st.logger.stats.bus_failures > failures:  # type: ignore[union-attr]
+                st.health.failed()
+        st.ranked += 1
+        out = RankOut(request_id=ref.request_id, items=batch.item_ids[0].tolist(), token=st.signer.sign(ref))
+        latency.labels("rank").observe(time.perf_counter() - t0)
+        return out
+
+    @app.post("/v1/paginate", response_model=PaginateOut, responses=_ERRORS)
+    async def paginate(body: PaginateIn) -> Any:
+        t0 = time.perf_counter()
+        ref = _ref(body.request_id, body.token)
+        if isinstance(ref, JSONResponse):
+            return ref
+        if body.seen_up_to >= ref.n_items:
+            return _error(422, f"seen_up_to={body.seen_up_to} is beyond the ranked list of {ref.n_items}")
+        logged = 0
+        if st.service is not None:
+            failures = st.logger.stats.write_failures  # type: ignore[union-attr]
+            logged = st.service.paginate(ref, body.seen_up_to)
+            if st.logger.stats.write_failures > failures:  # type: ignore[union-attr]
+                st.health.failed()
+        latency.labels("paginate").observe(time.perf_counter() - t0)
+        return {"pages_logged": logged}
+
+    @app.post("/v1/events", response_model=EventsOut, responses=_ERRORS)
+    async def events(body: EventsIn) -> Any:
+        t0 = time.perf_counter()
+        ref = _ref(body.request_id, body.token)
+        if isinstance(ref, JSONResponse):
+            return ref
+        if len(body.events) > st.limits.max_events:
+            return _error(413, f"{len(body.events)} events in one batch, limit {st.limits.max_events}")
+        batch, errors = EventBatch.from_records(body.request_id, [e.model_dump() for e in body.events])
+        if st.service is None:
+            return {
+                "accepted": len(batch),
+                "refused": {"malformed": len(errors)} if errors else {},
+                "messages": errors,
+            }
+        try:
+            report = st.service.events(ref, batch, body.batch_id)
+        except LoggingUnavailable as exc:
+            st.health.failed()
+            return _error(503, f"{exc}; send the batch again later")
+        refused = dict(report.refused)
+        if errors:
+            refused["malformed"] = len(errors)
+        messages = [*errors[:5], *report.messages.values()]
+        accepted = len(batch) - report.total
+        latency.labels("events").observe(time.perf_counter() - t0)
+        if accepted == 0 and body.events:
+            status = 409 if "replayed" in refused else 410 if "window_closed" in refused else 422
+            return _error(status, "no event accepted: " + "; ".join(messages), refused=refused)
+        return {"accepted": accepted, "refused": refused, "messages": messages}
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        backends = {}
+        for name, probe in (
+            ("transient_store", lambda: st.store.get_many(["lr:{healthz}:probe"])),
+            ("event_bus", lambda: st.bus.pending()),
+        ):
+            try:
+                probe()
+                backends[name] = "up"
+            except (ConnectionError, OSError) as exc:
+                backends[name] = f"down: {exc}"
+        ls = st.logger.stats if st.logger is not None else None
+        down = any(v != "up" for v in backends.values())
+        body = {
+            "status": "degraded" if down or st.health.degraded else "ok",
+            "logging": config.logging,
+            "logging_degraded": down or st.health.degraded,
+            "backends": backends,
+            "lost_logging": {
+                "entries": ls.write_failures if ls else 0,
+                "opened_records": ls.bus_failures if ls else 0,
+            },
+            "ranked": st.ranked,
+        }
+        return JSONResponse(body, status_code=200)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    return app

@@ -1,0 +1,113 @@
+"""Configuration of ``leanrec serve`` and ``leanrec join``: one TOML file, overridden by flags."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used, with the reason."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of a serving process and of the joiners that work for it.
+
+    Attributes:
+        host: Interface to listen on.
+        port: TCP port.
+        store_url: TransientStore (``memory://`` or ``redis://host:port/db``).
+        bus_url: EventBus (``memory://`` or ``redis://host:port/db``); joiners must share it.
+        logging: ``lazy`` (the lean way), ``eager`` (the naive baseline) or ``off``.
+        n_users: Users of the synthetic world the service ranks for.
+        n_items: Items of its corpus.
+        seed: Seed of the world (joiners derive the FeatureSet from the same settings).
+        window_ms: Attribution window.
+        lateness_ms: How long after the window an event batch may arrive.
+        ttl_grace_ms: Transient entries live for window + lateness + this.
+        context_max_bytes: Byte bound of the lazy logger's held contexts.
+        context_idle_ms: A context untouched this long is released.
+        lookahead: Positions a pagination signal looks ahead.
+        max_body_bytes: Largest request body accepted.
+        max_events: Events in one batch.
+        secret: HMAC key of request tokens (``LEANREC_SECRET`` in the environment wins); every
+            process serving one deployment must share it.
+        warehouse: Folder (or URI) joiners write to.
+        consumer: Name of this joiner in the bus's consumer group.
+        poll_ms: How often a joiner polls the bus and joins what is due.
+
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store_url: str = "memory://"
+    bus_url: str = "memory://"
+    logging: str = "lazy"
+    n_users: int = 10_000
+    n_items: int = 50_000
+    seed: int = 7
+    window_ms: int = 600_000
+    lateness_ms: int = 60_000
+    ttl_grace_ms: int = 300_000
+    context_max_bytes: int = 512 << 20
+    context_idle_ms: int = 120_000
+    lookahead: int = 2
+    max_body_bytes: int = 256 << 10
+    max_events: int = 1_000
+    secret: str = "leanrec-development-secret-change-me"
+    warehouse: str = "leanrec-warehouse"
+    consumer: str = "joiner-1"
+    poll_ms: int = 1_000
+
+    def __post_init__(self) -> None:
+        if self.logging not in ("lazy", "eager", "off"):
+            raise ConfigError(f"logging must be lazy, eager or off, got {self.logging!r}")
+        for name in ("port", "n_users", "window_ms", "max_body_bytes", "max_events", "poll_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_items < 1000:
+            raise ConfigError(f"n_items must be at least 1000 (retrieval takes 1,000), got {self.n_items}")
+        if self.lateness_ms < 0 or self.ttl_grace_ms < 0:
+            raise ConfigError("lateness_ms and ttl_grace_ms must be >= 0")
+
+    def secret_bytes(self) -> bytes:
+        """The HMAC key: the environment's ``LEANREC_SECRET`` if set, else the configured one."""
+        raw = os.environ.get("LEANREC_SECRET", self.secret).encode()
+        return raw if len(raw) >= 16 else hashlib.sha256(raw).digest()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> ServeConfig:
+        """Settings from a TOML file (a ``[leanrec]`` table or top-level keys), then ``overrides``.
+
+        Overrides whose value is ``None`` are ignored (flags not given).
+
+        Raises:
+            ConfigError: Missing or malformed file, unknown key, or a value of the wrong type.
+
+        """
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+            values = data.get("leanrec", data)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for name, value in values.items():
+            want = int if known[name].type in ("int", int) else str
+            if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if want is str and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+        return replace(cls(), **values)

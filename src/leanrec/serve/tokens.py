@@ -1,0 +1,74 @@
+"""Signed request tokens: what a client presents with every call after ``/v1/rank``.
+
+The token carries the request's id, user, rank time and list length, signed with HMAC-SHA256, so the
+service needs no per-request state to check a pagination signal or an event batch, and a client cannot
+forge a request, claim another user's request or stretch the list it was shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from leanrec.events.model import RequestRef
+
+
+class TokenError(ValueError):
+    """A token that is malformed, forged or expired, with the reason."""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class TokenSigner:
+    """Signs and checks request tokens.
+
+    Args:
+        secret: HMAC key; every process serving or checking one request must share it.
+        valid_ms: How long after the ranking a token is accepted.
+
+    """
+
+    def __init__(self, secret: bytes, valid_ms: int) -> None:
+        if len(secret) < 16:
+            raise ValueError("the token secret must be at least 16 bytes")
+        self._secret, self.valid_ms = secret, valid_ms
+
+    def _mac(self, payload: bytes) -> str:
+        return _b64(hmac.new(self._secret, payload, hashlib.sha256).digest()[:18])
+
+    def sign(self, ref: RequestRef) -> str:
+        """A token for ``ref``."""
+        payload = f"{ref.request_id}|{ref.user_id}|{ref.ts_ms}|{ref.n_items}".encode()
+        return f"{_b64(payload)}.{self._mac(payload)}"
+
+    def check(self, token: str, request_id: str, now_ms: int) -> RequestRef:
+        """The request a token stands for.
+
+        Raises:
+            TokenError: Malformed, signed with another key, for another request, or expired.
+
+        """
+        try:
+            body, mac = token.split(".")
+            payload = _unb64(body)
+        except (ValueError, TypeError):
+            raise TokenError("malformed token") from None
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            raise TokenError("token signature does not match: forged or from another deployment")
+        try:
+            rid, user, ts, n = payload.decode().split("|")
+            ref = RequestRef(rid, int(user), int(ts), int(n))
+        except (ValueError, UnicodeDecodeError):
+            raise TokenError("malformed token payload") from None
+        if ref.request_id != request_id:
+            raise TokenError(f"token is for request {ref.request_id}, not {request_id}")
+        if now_ms > ref.ts_ms + self.valid_ms:
+            raise TokenError(f"token expired {now_ms - ref.ts_ms - self.valid_ms} ms ago")
+        return ref
