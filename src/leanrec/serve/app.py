@@ -7,7 +7,9 @@
 - ``GET /healthz``: which backends answer and whether logging is degraded; ``GET /metrics``: the
   Prometheus text format; ``/openapi.json`` and ``/docs``: the generated API description.
 
-Ranking never waits on logging: if the transient store or the bus fails, the ranking is answered,
+Ranking never waits on logging: a ranking is answered first and frozen and logged right after, on one
+logging thread that also serves the pagination and event calls in order. If the transient store
+or the bus fails, the ranking is answered,
 the lost logging is counted, shown in ``/healthz`` and ``/metrics``, and logging resumes by itself
 when the backend answers again. An event batch the store did not take is answered with 503 and is
 not accepted, so the client sends it again.
@@ -15,9 +17,12 @@ not accepted, so the client sends it again.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +134,60 @@ class _Health:
         return time.monotonic() - self.last_failure < self.window_s
 
 
+class LogLane:
+    """One thread that runs every logging call in arrival order, so ranking never waits on logging.
+
+    ``/v1/rank`` hands the freeze-and-log step to the lane and answers at once; paginate and event
+    calls go through the same lane and wait for their result, so they always follow the ranking
+    they refer to. The lane holds at most ``max_pending`` calls: past that a ranking's logging is
+    dropped and counted (and the service reports itself degraded) rather than letting memory grow.
+    """
+
+    def __init__(self, health: _Health, logger: FeatureLogger | None, max_pending: int = 10_000) -> None:
+        self.health, self.logger, self.max_pending = health, logger, max_pending
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leanrec-log")
+        self._lock = threading.Lock()
+        self.pending = 0
+        self.dropped = 0
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        stats = self.logger.stats if self.logger is not None else None
+        before = stats.write_failures + stats.bus_failures if stats else 0
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.pending -= 1
+            if stats and stats.write_failures + stats.bus_failures > before:
+                self.health.failed()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future | None:
+        """Queue a call; ``None`` if the lane is full (the call is dropped and counted)."""
+        with self._lock:
+            if self.pending >= self.max_pending:
+                self.dropped += 1
+                self.health.failed()
+                return None
+            self.pending += 1
+        return self._executor.submit(self._run, fn, *args)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Queue a call and wait for its result.
+
+        Raises:
+            LoggingUnavailable: The lane is full.
+
+        """
+        future = self.submit(fn, *args)
+        if future is None:
+            raise LoggingUnavailable(f"logging queue full ({self.max_pending} calls waiting)")
+        return await asyncio.wrap_future(future)
+
+    def drain(self) -> None:
+        """Block until every call queued so far has run (tests, shutdown)."""
+        self._executor.submit(lambda: None).result()
+
+
 class _BodyLimit:
     """ASGI middleware: refuse a body larger than ``max_bytes`` with 413, before it is parsed."""
 
@@ -231,6 +290,12 @@ class _Collector:
             for reason, n in sorted(svc.events_refused.items()):
                 r.add_metric([reason], n)
             yield r
+        g = GaugeMetricFamily("leanrec_logging_queue", "Logging calls waiting on the logging thread")
+        g.add_metric([], st.lane.pending)
+        yield g
+        m = CounterMetricFamily("leanrec_rankings_not_logged", "Rankings not logged: queue full")
+        m.add_metric([], st.lane.dropped)
+        yield m
         g = GaugeMetricFamily("leanrec_logging_degraded", "1 while logging has failed in the last 30 s")
         g.add_metric([], float(st.health.degraded))
         yield g
@@ -251,6 +316,11 @@ class ServiceState:
     limits: EventLimits
     health: _Health = field(default_factory=_Health)
     ranked: int = 0
+    last_tick_ms: int = 0
+    lane: LogLane = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lane = LogLane(self.health, self.logger)
 
 
 def build_state(config: ServeConfig) -> ServiceState:
@@ -331,10 +401,10 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
         ref = RequestRef(uuid.uuid4().hex[:16], body.user_id, now, batch.n_items)
         if st.service is not None:
-            failures = st.logger.stats.write_failures + st.logger.stats.bus_failures  # type: ignore[union-attr]
-            st.service.ranked([ref], batch)
-            if st.logger.stats.write_failures + st.logger.stats.bus_failures > failures:  # type: ignore[union-attr]
-                st.health.failed()
+            st.lane.submit(st.service.ranked, [ref], batch)  # logged after the answer, in order
+            if now - st.last_tick_ms >= 1_000:
+                st.last_tick_ms = now
+                st.lane.submit(st.logger.tick)  # type: ignore[union-attr]
         st.ranked += 1
         out = RankOut(request_id=ref.request_id, items=batch.item_ids[0].tolist(), token=st.signer.sign(ref))
         latency.labels("rank").observe(time.perf_counter() - t0)
@@ -350,10 +420,10 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             return _error(422, f"seen_up_to={body.seen_up_to} is beyond the ranked list of {ref.n_items}")
         logged = 0
         if st.service is not None:
-            failures = st.logger.stats.write_failures  # type: ignore[union-attr]
-            logged = st.service.paginate(ref, body.seen_up_to)
-            if st.logger.stats.write_failures > failures:  # type: ignore[union-attr]
-                st.health.failed()
+            try:
+                logged = await st.lane.call(st.service.paginate, ref, body.seen_up_to)
+            except LoggingUnavailable as exc:
+                return _error(503, str(exc))
         latency.labels("paginate").observe(time.perf_counter() - t0)
         return {"pages_logged": logged}
 
@@ -373,7 +443,7 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
                 "messages": errors,
             }
         try:
-            report = st.service.events(ref, batch, body.batch_id)
+            report = await st.lane.call(st.service.events, ref, batch, body.batch_id)
         except LoggingUnavailable as exc:
             st.health.failed()
             return _error(503, f"{exc}; send the batch again later")
@@ -396,9 +466,9 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             ("event_bus", lambda: st.bus.pending()),
         ):
             try:
-                probe()
+                await st.lane.call(probe)  # the lane owns the backends' clients
                 backends[name] = "up"
-            except (ConnectionError, OSError) as exc:
+            except (ConnectionError, OSError, LoggingUnavailable) as exc:
                 backends[name] = f"down: {exc}"
         ls = st.logger.stats if st.logger is not None else None
         down = any(v != "up" for v in backends.values())
@@ -410,7 +480,9 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             "lost_logging": {
                 "entries": ls.write_failures if ls else 0,
                 "opened_records": ls.bus_failures if ls else 0,
+                "rankings_dropped": st.lane.dropped,
             },
+            "logging_queue": st.lane.pending,
             "ranked": st.ranked,
         }
         return JSONResponse(body, status_code=200)
