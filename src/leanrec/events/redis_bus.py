@@ -209,7 +209,7 @@ class RedisEventBus:
         self.malformed = 0
         self.trimmed = 0
         self.last_malformed: str | None = None
-        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
+        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         with self._errors():
             self._ensure_group()
 

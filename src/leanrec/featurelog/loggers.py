@@ -424,7 +424,8 @@ class LazyLogger(_Base):
         todo = [int(p) for p in np.unique(pages) if p < len(ctx.logged) and not ctx.logged[p]]
         # A request side whose write failed at rank time (store down) goes with the next pages.
         request = {} if ctx.request_logged else self._encode_request(ctx)
-        if todo and self._put({**request, **self._encode_pages(ctx, todo)}):
+        written = bool(todo) and self._put({**request, **self._encode_pages(ctx, todo)})
+        if written:
             ctx.logged[todo] = True
             ctx.request_logged = True
             for page in todo:
@@ -432,7 +433,7 @@ class LazyLogger(_Base):
             setattr(self.stats, counter, getattr(self.stats, counter) + len(todo))
         if ctx.logged.all() and ctx.request_logged:
             self.contexts.release(ref.request_id, "completed")
-        return len(todo)
+        return len(todo) if written else 0
 
     def paginate(self, ref: RequestRef, seen_up_to: int) -> int:
         """Log every page covering positions up to ``seen_up_to + lookahead``."""

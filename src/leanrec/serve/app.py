@@ -465,11 +465,13 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             ("transient_store", lambda: st.store.get_many(["lr:{healthz}:probe"])),
             ("event_bus", lambda: st.bus.pending()),
         ):
-            try:
-                await st.lane.call(probe)  # the lane owns the backends' clients
+            try:  # through the lane, which owns the backends' clients; a long queue is an answer too
+                await asyncio.wait_for(st.lane.call(probe), timeout=1.0)
                 backends[name] = "up"
             except (ConnectionError, OSError, LoggingUnavailable) as exc:
                 backends[name] = f"down: {exc}"
+            except TimeoutError:
+                backends[name] = "down: no answer within 1 s"
         ls = st.logger.stats if st.logger is not None else None
         down = any(v != "up" for v in backends.values())
         body = {

@@ -48,7 +48,7 @@ class RedisFeatureStore:
         self.url = url
         self.featureset = featureset
         self.prefix = prefix
-        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
+        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         with self._errors():
             self._client.ping()
 

@@ -67,7 +67,8 @@ class RedisTransientStore:
         self.url = url
         self.max_bytes = max_bytes
         # Short timeouts: a ranking must not wait on a hung server (its logging is counted as lost).
-        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
+        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        self._append_sha: str | None = None
         self._stats = TransientStats()
         with self._errors():
             self._expired_at_open = self._expired_keys()
@@ -239,6 +240,23 @@ class RedisTransientStore:
     return 1
     """
 
+    def _append_once(self, entries: Sequence[OnceAppend], ttl_ms: int) -> list[Any]:
+        """EVALSHA the script per entry in one pipeline; load it first (again after a server restart)."""
+        for attempt in (0, 1):
+            if self._append_sha is None or attempt:
+                self._append_sha = self._client.script_load(self._APPEND_ONCE)
+            pipe = self._client.pipeline(transaction=False)
+            for e in entries:
+                pipe.evalsha(self._append_sha, 2, e.guard_key, e.list_key, e.token, e.chunk, ttl_ms)
+            results = pipe.execute(raise_on_error=False)
+            missing = [r for r in results if isinstance(r, redis.exceptions.NoScriptError)]
+            if not missing:
+                break
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        return results
+
     def append_once(self, entries: Sequence[OnceAppend], ttl_ms: int) -> list[bool]:
         """Per entry, one server-side script: SADD the token, and only if it was new RPUSH the chunk."""
         if ttl_ms <= 0:
@@ -247,11 +265,7 @@ class RedisTransientStore:
             return []
         with self._errors():
             self._check_bound({e.list_key: e.chunk for e in entries}, replaces=False)
-            script = self._client.register_script(self._APPEND_ONCE)
-            pipe = self._client.pipeline(transaction=False)
-            for e in entries:
-                script(keys=[e.guard_key, e.list_key], args=[e.token, e.chunk, int(ttl_ms)], client=pipe)
-            results = pipe.execute()
+            results = self._append_once(entries, int(ttl_ms))
         out = [bool(r) for r in results]
         self._stats.writes += sum(out)
         self._stats.bytes_written += sum(len(e.chunk) for e, ok in zip(entries, out, strict=True) if ok)
