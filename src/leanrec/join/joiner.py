@@ -121,8 +121,13 @@ class LabelJoiner:
             self.stats.malformed_messages += 1
             self._ack.append(mid)
             return
-        if msg.request_id in self._open or msg.request_id in self._joined:
-            self._ack.append(mid)  # a redelivered record: already scheduled or joined
+        state = self._open.get(msg.request_id)
+        if state is not None:  # delivered again while waiting: acknowledged with the first, after the commit
+            if mid not in state.message_ids:
+                state.message_ids.append(mid)
+            return
+        if msg.request_id in self._joined:
+            self._ack.append(mid)  # already joined: acknowledged by the next flush, after the commit
             return
         self._open[msg.request_id] = _Open(msg, [mid])
         due = msg.ts_ms + self.window_ms + self.lateness_ms + self.settle_ms
@@ -151,19 +156,17 @@ class LabelJoiner:
         pending = self.bus.claim_pending()
         opened = [(mid, m) for mid, m in pending if isinstance(m, RequestOpened)]
         done = self.sink.committed([m.request_id for _, m in opened]) if opened else set()
+        committed_ids, committed_keys = [], []
         for mid, msg in pending:
-            if isinstance(msg, RequestOpened) and msg.request_id in done:
-                self._ack.append(mid)
-                self._delete.extend(self._keys(msg))
+            if isinstance(msg, RequestOpened) and msg.request_id in done and msg.request_id not in self._open:
+                committed_ids.append(mid)
+                committed_keys.extend(self._keys(msg))
                 self.stats.recovered_committed += 1
             else:
                 self._schedule(mid, msg)
-        if self._ack:
-            self.bus.ack(self._ack)
-            self._ack = []
-        if self._delete:
-            self.logger.store.delete_many(self._delete)
-            self._delete = []
+        if committed_ids:  # safe now: their records are in the warehouse
+            self.bus.ack(committed_ids)
+            self.logger.store.delete_many(committed_keys)
         return len(pending)
 
     def join_due(self, force: bool = False) -> int:

@@ -26,6 +26,8 @@ from leanrec.warehouse.store import ParquetWarehouse
 from leanrec.warehouse.tables import TableLayout
 from leanrec.world import WorldConfig, default_featureset
 
+CLAIM_EVERY_MS = 60_000  # how often a worker looks for records a dead worker left pending
+
 
 @dataclass
 class WorkerReport:
@@ -53,11 +55,14 @@ def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
     fs, _ = default_featureset(WorldConfig(n_users=config.n_users, n_items=config.n_items, seed=config.seed))
     ledger = CostLedger()
     store = open_transient_store(config.store_url, clock=clock)
-    bus = open_event_bus(config.bus_url, consumer=config.consumer)
+    # Another worker may take over a record only when no live worker could still be waiting on it.
+    claim_idle_ms = config.window_ms + config.lateness_ms + 60_000
+    bus = open_event_bus(config.bus_url, consumer=config.consumer, claim_idle_ms=claim_idle_ms)
     ttl = config.window_ms + config.lateness_ms + config.ttl_grace_ms
     logger: FeatureLogger
     if config.logging == "lazy":
-        contexts = ContextCache(1 << 20, config.context_idle_ms, config.window_ms, clock, ledger)  # unused
+        # The joiner only reads what the lazy logger wrote; its context cache stays empty.
+        contexts = ContextCache(1 << 20, config.context_idle_ms, config.window_ms, clock, ledger)
         logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, Paging(), config.lookahead)
         layout = TableLayout.REQUEST
     else:
@@ -87,7 +92,11 @@ def run_worker(
         signal.signal(signal.SIGINT, _on_signal)
     recovered = joiner.recover()
     deadline = None if max_seconds is None else SystemClock().now_ms() + int(max_seconds * 1000)
+    next_claim = SystemClock().now_ms() + CLAIM_EVERY_MS
     while not stop.is_set():
+        if SystemClock().now_ms() >= next_claim:  # take over what a dead worker left pending
+            recovered += joiner.recover()
+            next_claim = SystemClock().now_ms() + CLAIM_EVERY_MS
         joiner.poll()
         if joiner.join_due():
             joiner.flush()
