@@ -16,7 +16,6 @@ The Redis tests skip when no server answers, and fail instead when the environme
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -32,6 +31,8 @@ from leanrec.stores import (
     TransientStore,
     open_transient_store,
 )
+
+from .conftest import require_redis
 
 STORE_URLS = [
     pytest.param("memory://", id="memory"),
@@ -56,24 +57,10 @@ def _exact(store: TransientStore) -> bool:
     return isinstance(store, MemoryTransientStore)
 
 
-def _require_redis(url: str) -> None:
-    """Skip without a Redis server, or fail if the environment variable CI is set."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as err:
-        message = f"Redis is required at {url} for the Redis backend's contract tests: {err}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    finally:
-        client.close()
-
-
 @pytest.fixture(params=STORE_URLS)
 def store_url(request: pytest.FixtureRequest) -> str:
     if request.param.startswith("redis://"):
-        _require_redis(request.param)
+        require_redis(request.param)
     return request.param
 
 

@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import redis
 import redis.exceptions
 
 from leanrec.events.bus import RequestOpened
-from leanrec.stores.redis_transient import _redact
+from leanrec.stores.redis_common import answering, connect
 
 log = logging.getLogger(__name__)
 
@@ -209,18 +209,13 @@ class RedisEventBus:
         self.malformed = 0
         self.trimmed = 0
         self.last_malformed: str | None = None
-        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        self._client: redis.Redis = connect(url)
         with self._errors():
             self._ensure_group()
 
     # ------------------------------------------------------------------------------- plumbing
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn a lost connection into an error that names the server, without its password."""
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            raise ConnectionError(f"Redis event bus at {_redact(self.url)} is not answering: {err}") from err
+    def _errors(self) -> AbstractContextManager[None]:
+        return answering("Redis event bus", self.url)
 
     def _ensure_group(self) -> None:
         """Create the stream and the group (at the stream's start) unless they exist."""

@@ -13,8 +13,8 @@ or by another program) is refused rather than misread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 import redis
@@ -22,7 +22,7 @@ import redis.exceptions
 
 from leanrec.schema import FeatureBlock, FeatureSet, Owner
 from leanrec.stores.features import MemoryFeatureStore
-from leanrec.stores.redis_transient import _redact
+from leanrec.stores.redis_common import answering, connect, redact
 
 _F32 = np.dtype("<f4")
 _I32 = np.dtype("<i4")
@@ -48,19 +48,12 @@ class RedisFeatureStore:
         self.url = url
         self.featureset = featureset
         self.prefix = prefix
-        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        self._client: redis.Redis = connect(url)
         with self._errors():
             self._client.ping()
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn a lost connection into an error that names the server, without its password."""
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            raise ConnectionError(
-                f"Redis feature store at {_redact(self.url)} is not answering: {err}"
-            ) from err
+    def _errors(self) -> AbstractContextManager[None]:
+        return answering("Redis feature store", self.url)
 
     # ------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -85,7 +78,7 @@ class RedisFeatureStore:
         shown = ", ".join(str(i) for i in ids[:10].tolist()) + (", ..." if len(ids) > 10 else "")
         return KeyError(
             f"feature store holds no {Owner(owner).value} features for {len(ids)} id(s): [{shown}] "
-            f"(Redis at {_redact(self.url)}, prefix {self.prefix!r})"
+            f"(Redis at {redact(self.url)}, prefix {self.prefix!r})"
         )
 
     def _rows(

@@ -7,28 +7,16 @@ cycle), so ``purge_expired`` has nothing to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.exceptions
 
+from leanrec.stores.redis_common import answering, connect, redact
 from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStats
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, fit for an error message."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class RedisTransientStore:
@@ -66,23 +54,15 @@ class RedisTransientStore:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.url = url
         self.max_bytes = max_bytes
-        # Short timeouts: a ranking must not wait on a hung server (its logging is counted as lost).
-        self._client: redis.Redis = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        self._client: redis.Redis = connect(url)
         self._append_sha: str | None = None
         self._stats = TransientStats()
         with self._errors():
             self._expired_at_open = self._expired_keys()
             self._used_at_open = self._used_memory()
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn a lost connection into an error that names the server."""
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            raise ConnectionError(
-                f"Redis transient store at {_redact(self.url)} is not answering: {err}"
-            ) from err
+    def _errors(self) -> AbstractContextManager[None]:
+        return answering("Redis transient store", self.url)
 
     def _expired_keys(self) -> int:
         return int(self._client.info("stats")["expired_keys"])
@@ -115,7 +95,7 @@ class RedisTransientStore:
         if used + incoming - replaced > self._used_at_open + self.max_bytes:
             self._stats.rejected_writes += len(items)
             raise StoreFullError(
-                f"transient store full: Redis at {_redact(self.url)} holds {used - self._used_at_open} B "
+                f"transient store full: Redis at {redact(self.url)} holds {used - self._used_at_open} B "
                 f"more than at open, batch of {incoming} B would exceed the bound of {self.max_bytes} B"
             )
 
@@ -163,7 +143,7 @@ class RedisTransientStore:
             self._client.delete(*written)
         if oom:
             self._stats.rejected_writes += len(keys)
-            raise StoreFullError(f"Redis at {_redact(self.url)} is out of memory: {oom[0]}") from oom[0]
+            raise StoreFullError(f"Redis at {redact(self.url)} is out of memory: {oom[0]}") from oom[0]
         raise errors[0]
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
