@@ -186,6 +186,103 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     return 0 if report.sessions_failed == 0 else 1
 
 
+def _progress_columns() -> tuple:
+    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.train.trainer import TrainConfig, save_checkpoint, train
+    from leanrec.warehouse.store import WarehouseError, featureset_of
+
+    try:
+        fs = featureset_of(args.warehouse)
+    except WarehouseError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.exists():
+        console.print(f"[red]error:[/red] --out {out} must be a file path in an existing folder")
+        return 2
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        request_level=not args.impression_level,
+        full_metrics=args.full_metrics,
+        seed=args.seed,
+    )
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.completed:,} examples"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, int] = {}
+
+        def seen(phase: str, n: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(f"{phase} ({fs.name} v{fs.version})", total=None)
+            progress.advance(tasks[phase], n)
+
+        try:
+            model, result = train(args.warehouse, fs, cfg, progress=seen)
+        except WarehouseError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+    save_checkpoint(model, out, result)
+    console.print(
+        _metrics_table(
+            f"held-out test, best of {result.epochs_run} epochs (epoch {result.best_epoch})", result.test
+        )
+    )
+    console.print(
+        f"{result.examples_per_second:,.0f} examples/s; validation AUC by epoch: "
+        f"{[round(a, 4) for a in result.valid_auc]}; model: {out}"
+    )
+    return 0
+
+
+def _metrics_table(title: str, metrics: dict[str, float]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    return table
+
+
+def _evaluate(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.train.reader import ReadStats
+    from leanrec.train.trainer import (
+        CheckpointError,
+        TrainConfig,
+        _batches,
+        evaluate_arrays,
+        load_checkpoint,
+        predict,
+    )
+    from leanrec.warehouse.store import WarehouseError, featureset_of
+
+    try:
+        fs = featureset_of(args.warehouse)
+        model = load_checkpoint(args.model, fs)
+    except (WarehouseError, CheckpointError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    cfg = TrainConfig()
+    with Progress(TextColumn("[bold]evaluating"), TimeElapsedColumn(), console=console, transient=True) as p:
+        p.add_task("evaluate", total=None)
+        arrays = predict(model, _batches(args.warehouse, fs, cfg, 2, ReadStats(), None))
+    if len(arrays[0]) == 0:
+        console.print("[red]error:[/red] the warehouse has no held-out test requests")
+        return 2
+    console.print(
+        _metrics_table(f"{args.model} on the held-out requests of {args.warehouse}", evaluate_arrays(*arrays))
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="leanrec", description="Lean data plumbing for feed recommenders.")
@@ -215,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--n-users", type=_positive, default=10_000, help="must match the service's world")
     sim.add_argument("--n-items", type=_positive, default=50_000, help="must match the service's world")
     sim.add_argument("--world-seed", type=_seed, default=7, help="must match the service's --seed")
+    tr = sub.add_parser("train", help="train the late ranker on a warehouse (request-level by default)")
+    tr.add_argument("--warehouse", required=True, help="warehouse folder (either layout)")
+    tr.add_argument("--out", required=True, help="checkpoint file to write")
+    tr.add_argument("--epochs", type=_positive, default=5, help="most epochs (early stopping on AUC)")
+    tr.add_argument("--impression-level", action="store_true", help="one user side per impression (baseline)")
+    tr.add_argument("--full-metrics", action="store_true", help="full metric suite at every validation")
+    tr.add_argument("--seed", type=_seed, default=0)
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a warehouse's held-out requests")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--warehouse", required=True)
     return parser
 
 
@@ -222,7 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``leanrec`` command."""
     args = build_parser().parse_args(argv)
     console = Console()
-    commands = {"demo": _demo, "serve": _serve, "join": _join, "simulate": _simulate}
+    commands = {
+        "demo": _demo,
+        "serve": _serve,
+        "join": _join,
+        "simulate": _simulate,
+        "train": _train,
+        "evaluate": _evaluate,
+    }
     if args.command in commands:
         return commands[args.command](args, console)
     return 2  # argparse refuses unknown commands before this

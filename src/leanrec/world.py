@@ -32,6 +32,7 @@ class WorldConfig:
         popularity_exponent: Zipf exponent of item popularity (power-law tail).
         scroll_median: Median number of items a session views.
         scroll_sigma: Log-normal spread of scroll depth (larger: longer tail).
+        history_len: Length of the user's click history and its side sequences.
         seed: Everything the world draws follows from it.
 
     """
@@ -42,6 +43,7 @@ class WorldConfig:
     popularity_exponent: float = 1.0
     scroll_median: float = 6.0
     scroll_sigma: float = 1.0
+    history_len: int = HISTORY_LEN
     seed: int = 7
 
 
@@ -61,7 +63,7 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
     Noise features have no relation to engagement: an audit should retire them.
     """
     U, C, I = Owner.USER, Owner.CONTEXT, Owner.ITEM
-    nu, ni = config.n_users, config.n_items
+    nu, ni, hl = config.n_users, config.n_items, config.history_len
     feats: list[Feature] = [
         *_dense(U, "u_taste", 24, "noisy projection of the user's latent taste"),
         *_dense(U, "u_act", 8, "activity counters, updated as the user engages"),
@@ -81,11 +83,11 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         *_ids(U, "u_noise_id", 13, 1000, "pure noise id"),
         Feature("u_topics", U, Kind.MULTI_HOT, 8, N_CATEGORIES, "categories the user follows"),
         Feature("u_noise_tags", U, Kind.MULTI_HOT, 8, 500, "pure noise tag set"),
-        Feature("u_hist", U, Kind.SEQUENCE, HISTORY_LEN, ni, "last 50 items the user clicked"),
-        Feature("u_hist_cat", U, Kind.SEQUENCE, HISTORY_LEN, N_CATEGORIES, "categories of u_hist"),
-        Feature("u_hist_creator", U, Kind.SEQUENCE, HISTORY_LEN, config.n_creators, "creators of u_hist"),
-        Feature("u_hist_action", U, Kind.SEQUENCE, HISTORY_LEN, 2, "1 where the click was also a like"),
-        Feature("u_hist_age", U, Kind.DENSE, HISTORY_LEN, doc="log hours since each u_hist click"),
+        Feature("u_hist", U, Kind.SEQUENCE, hl, ni, f"last {hl} items the user clicked"),
+        Feature("u_hist_cat", U, Kind.SEQUENCE, hl, N_CATEGORIES, "categories of u_hist"),
+        Feature("u_hist_creator", U, Kind.SEQUENCE, hl, config.n_creators, "creators of u_hist"),
+        Feature("u_hist_action", U, Kind.SEQUENCE, hl, 2, "1 where the click was also a like"),
+        Feature("u_hist_age", U, Kind.DENSE, hl, doc="log hours since each u_hist click"),
         Feature("c_hour", C, Kind.SPARSE, 1, 24, "hour of day"),
         Feature("c_dow", C, Kind.SPARSE, 1, 7, "day of week"),
         Feature("c_surface", C, Kind.SPARSE, 1, SURFACES, "feed surface"),
@@ -242,11 +244,12 @@ class World:
         order = np.lexsort((-self.popularity, self.item_category))
         counts = np.bincount(self.item_category, minlength=N_CATEGORIES)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        cat = np.where(rng.random((nu, HISTORY_LEN)) < 0.5, self.user_cats[:, :1], self.user_cats[:, 1:])
-        pick = (counts[cat] * rng.random((nu, HISTORY_LEN)) ** 3).astype(int)
+        hl = self.config.history_len
+        cat = np.where(rng.random((nu, hl)) < 0.5, self.user_cats[:, :1], self.user_cats[:, 1:])
+        pick = (counts[cat] * rng.random((nu, hl)) ** 3).astype(int)
         hist = order[starts[cat] + np.minimum(pick, counts[cat] - 1)]
-        length = np.minimum(HISTORY_LEN, rng.geometric(1 / 30, nu))
-        hist[np.arange(HISTORY_LEN)[None, :] >= length[:, None]] = PAD_ID
+        length = np.minimum(hl, rng.geometric(1 / (0.6 * hl), nu))  # mean 30 at the default 50
+        hist[np.arange(hl)[None, :] >= length[:, None]] = PAD_ID
         return hist
 
     def _write_history_side(self, b: FeatureBlock, hist: np.ndarray) -> None:
@@ -379,8 +382,8 @@ class World:
             i = row_of[int(users[r])]
             for slot, new in ((hist, clicked), (action, liked)):
                 row = ublock.ints[i, slot.offset : slot.stop]
-                row[:] = np.concatenate([new, row])[:HISTORY_LEN]
+                row[:] = np.concatenate([new, row])[: self.config.history_len]
             ages = ublock.floats[i, age.offset : age.stop]
-            ages[:] = np.concatenate([np.zeros(len(clicked), np.float32), ages])[:HISTORY_LEN]
+            ages[:] = np.concatenate([np.zeros(len(clicked), np.float32), ages])[: self.config.history_len]
         self._write_history_side(ublock, ublock.ints[:, hist.offset : hist.stop])
         self.store.put_many(Owner.USER, uniq, ublock)

@@ -22,7 +22,14 @@ import pyarrow.parquet as pq
 from leanrec.energy.ledger import CostLedger
 from leanrec.schema import FeatureSet
 from leanrec.warehouse.records import RequestRecord
-from leanrec.warehouse.tables import LAYOUT_KEY, TableLayout, records_table, request_to_impression, schema
+from leanrec.warehouse.tables import (
+    FEATURESET_KEY,
+    LAYOUT_KEY,
+    TableLayout,
+    records_table,
+    request_to_impression,
+    schema,
+)
 
 
 class WarehouseError(ValueError):
@@ -180,6 +187,24 @@ def _files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
 def warehouse_bytes(uri: str) -> int:
     """Bytes of the committed Parquet files under a warehouse path."""
     return sum(f.size for f in _files(uri)[1])
+
+
+def featureset_of(uri: str) -> FeatureSet:
+    """The FeatureSet a warehouse was written with, from its first file's metadata.
+
+    Raises:
+        WarehouseError: The path is missing or empty, or its files carry no FeatureSet.
+
+    """
+    filesystem, files = _files(uri)
+    if not files:
+        raise WarehouseError(f"warehouse {uri} holds no Parquet files")
+    meta = pq.read_schema(files[0].path, filesystem=filesystem).metadata or {}
+    if FEATURESET_KEY not in meta:
+        raise WarehouseError(
+            f"{files[0].path} is not a leanrec warehouse file (no FeatureSet in its metadata)"
+        )
+    return FeatureSet.from_json(meta[FEATURESET_KEY].decode())
 
 
 def read_table(uri: str, fs: FeatureSet, layout: TableLayout | None = None) -> pa.Table:

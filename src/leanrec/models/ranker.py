@@ -1,0 +1,189 @@
+"""The late ranker: a DLRM-style model built from the FeatureSet, with a request-level forward path.
+
+Everything that depends only on the request side (the user's dense tower, the user's embedding
+lookups, the transformer over the user's history) is the *user side*. A request-level batch computes
+it once per request and broadcasts it to the request's items; an impression-level batch computes it
+once per item. Both paths share every parameter and give the same outputs: the request-level one
+simply does not repeat work.
+
+Per item: the item's dense tower and embedding lookups, target attention of the item over the
+encoded history, an interaction of user and item vectors, a top MLP, and two heads (click, like).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanrec.schema import FeatureSet, Kind, Side
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Sizes of the late ranker.
+
+    Attributes:
+        dim: Width of every embedding and of the history encoder.
+        hidden: Width of the dense towers and the top MLP.
+        heads: Attention heads of the history encoder.
+        history: Name of the id-sequence feature the encoder reads (its ids are items).
+        item_id: Item-side feature whose embedding table the history shares.
+
+    """
+
+    dim: int = 32
+    hidden: int = 128
+    heads: int = 2
+    history: str = "u_hist"
+    item_id: str = "i_id"
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@dataclass
+class UserSide:
+    """The user side of B rows: a vector, and the encoded history with its mask."""
+
+    vector: torch.Tensor  # (B, hidden)
+    history: torch.Tensor  # (B, L, dim)
+    mask: torch.Tensor  # (B, L) True where the history has an entry
+
+    def take(self, rows: torch.Tensor) -> UserSide:
+        """Broadcast to items: row ``rows[i]`` for item i."""
+        return UserSide(self.vector[rows], self.history[rows], self.mask[rows])
+
+
+class LateRanker(nn.Module):
+    """The late-stage ranker of one FeatureSet version.
+
+    Args:
+        fs: The FeatureSet whose layouts the inputs follow; the checkpoint records its version.
+        config: Sizes.
+
+    """
+
+    def __init__(self, fs: FeatureSet, config: RankerConfig = RankerConfig()) -> None:
+        super().__init__()
+        self.fs, self.config = fs, config
+        req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+        d, h = config.dim, config.hidden
+        self.register_buffer("req_mean", torch.zeros(req.float_width))
+        self.register_buffer("req_std", torch.ones(req.float_width))
+        self.register_buffer("item_mean", torch.zeros(item.float_width))
+        self.register_buffer("item_std", torch.ones(item.float_width))
+        self.user_dense = _mlp([req.float_width, 2 * h, h])
+        self.item_dense = _mlp([item.float_width, h, h])
+        # One table per id feature; the history shares the item-id table so attention compares like
+        # with like. Padding (-1) maps to a zero row that is never trained.
+        self.tables = nn.ModuleDict()
+        self._req_ids: list[tuple[str, int, int]] = []  # (name, offset, size) of pooled request ids
+        self._item_ids: list[tuple[str, int, int]] = []
+        self._side_seqs: list[tuple[str, int, int]] = []  # sequences aligned with the history
+        hist_slot = None
+        for side, out in ((req, self._req_ids), (item, self._item_ids)):
+            for slot in side.slots:
+                f = slot.feature
+                if f.is_float:
+                    continue
+                if f.name == config.history:
+                    hist_slot = slot
+                    continue
+                self.tables[f.name] = nn.Embedding(f.vocab + 1, d, padding_idx=f.vocab)
+                if f.kind is Kind.SEQUENCE and f.size == fs[config.history].size:
+                    self._side_seqs.append((f.name, slot.offset, f.size))
+                else:
+                    out.append((f.name, slot.offset, f.size))
+        if hist_slot is None:
+            raise ValueError(f"FeatureSet {fs.name} v{fs.version} has no history feature {config.history!r}")
+        self._hist = (hist_slot.offset, hist_slot.feature.size)
+        self._item_id_vocab = fs[config.item_id].vocab
+        self.encoder = nn.TransformerEncoderLayer(
+            d, config.heads, dim_feedforward=2 * d, batch_first=True, dropout=0.0
+        )
+        n_req, n_item = len(self._req_ids), len(self._item_ids)
+        self.user_mix = _mlp([h + (n_req + 1) * d, h, h])
+        self.item_mix = _mlp([h + n_item * d, h, h])
+        self.query = nn.Linear(h, d)
+        self.top = _mlp([3 * h + d, h, h // 2, 2])
+
+    # ------------------------------------------------------------------ inputs
+    def fit_normalizer(self, req_floats: torch.Tensor, item_floats: torch.Tensor) -> None:
+        """Standardise dense inputs with statistics of training data (stored in the checkpoint)."""
+        for name, x in (("req", req_floats), ("item", item_floats)):
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(1e-3))
+
+    def _ids(self, name: str, ints: torch.Tensor, offset: int, size: int) -> torch.Tensor:
+        table = self.tables[name]
+        ids = ints[:, offset : offset + size]
+        return table(torch.where(ids < 0, table.padding_idx, ids))  # (B, size, d)
+
+    # ------------------------------------------------------------------ the two halves
+    def user_side(self, floats: torch.Tensor, ints: torch.Tensor) -> UserSide:
+        """Everything that depends only on the request side, for B rows."""
+        dense = self.user_dense((floats - self.req_mean) / self.req_std)
+        pooled = [self._ids(n, ints, o, s).sum(1) for n, o, s in self._req_ids]
+        off, size = self._hist
+        hist = ints[:, off : off + size]
+        mask = hist >= 0
+        table = self.tables[self.config.item_id]
+        tokens = table(torch.where(mask, hist, table.padding_idx))
+        for n, o, s in self._side_seqs:
+            tokens = tokens + self._ids(n, ints, o, s)
+        # An empty history attends to nothing; keep one slot open so softmax stays defined.
+        enc_mask = mask.clone()
+        enc_mask[:, 0] = True
+        encoded = self.encoder(tokens, src_key_padding_mask=~enc_mask)
+        summary = (encoded * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        vector = self.user_mix(torch.cat([dense, summary, *pooled], dim=1))
+        return UserSide(vector, encoded, enc_mask)
+
+    def item_side(self, floats: torch.Tensor, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item vectors ``(N, hidden)`` and the item-id embeddings used as attention keys ``(N, dim)``."""
+        dense = self.item_dense((floats - self.item_mean) / self.item_std)
+        pooled = [self._ids(n, ints, o, s).sum(1) for n, o, s in self._item_ids]
+        vector = self.item_mix(torch.cat([dense, *pooled], dim=1))
+        return vector, self.query(vector)
+
+    def score(self, user: UserSide, item_vec: torch.Tensor, item_query: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 2)`` (click, like) for N items whose user side is ``user`` (N rows)."""
+        att = torch.einsum("nld,nd->nl", user.history, item_query) / self.config.dim**0.5
+        att = att.masked_fill(~user.mask, float("-inf")).softmax(-1)
+        target = torch.einsum("nl,nld->nd", att, user.history)
+        z = torch.cat([user.vector, item_vec, user.vector * item_vec, target], dim=1)
+        return self.top(z)
+
+    def forward(
+        self,
+        req_floats: torch.Tensor,
+        req_ints: torch.Tensor,
+        item_floats: torch.Tensor,
+        item_ints: torch.Tensor,
+        item_request: torch.Tensor,
+        request_level: bool = True,
+    ) -> torch.Tensor:
+        """Logits ``(N, 2)``.
+
+        Args:
+            req_floats: ``(R, F_req)`` request-side dense inputs.
+            req_ints: ``(R, I_req)`` request-side ids (-1 = padding).
+            item_floats: ``(N, F_item)``.
+            item_ints: ``(N, I_item)``.
+            item_request: ``(N,)`` the request row of each item.
+            request_level: Compute the user side once per request row (True) or once per item.
+
+        """
+        if request_level:
+            user = self.user_side(req_floats, req_ints).take(item_request)
+        else:
+            user = self.user_side(req_floats[item_request], req_ints[item_request])
+        item_vec, item_query = self.item_side(item_floats, item_ints)
+        return self.score(user, item_vec, item_query)

@@ -1,0 +1,308 @@
+"""Training and evaluating the late ranker from a warehouse, one request at a time.
+
+Requests are split into train, validation and test by a hash of their id, so the split is the same
+for either warehouse layout and for every run. A request-level batch computes the user side once
+per request; an impression-level batch once per item. Early stopping watches one validation metric
+(click AUC); ``full_metrics`` computes the whole suite at every validation, so its share of the
+training time can be measured.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from leanrec.models.ranker import LateRanker, RankerConfig
+from leanrec.schema import FeatureSet
+from leanrec.train.metrics import auc, log_loss, per_request
+from leanrec.train.reader import Batch, ReadStats, iter_batches
+from leanrec.warehouse.store import WarehouseError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the FeatureSet or is not a leanrec checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        epochs: Most passes over the training requests.
+        patience: Validations without improvement before stopping early.
+        lr: Adam learning rate.
+        batch_requests: Requests per request-level batch.
+        batch_impressions: Rows per impression-level batch.
+        request_level: Compute the user side once per request (the lean way).
+        full_metrics: Compute the full metric suite at every validation, not only AUC.
+        seed: Seeds initialisation and shuffling.
+        valid_percent: Requests (by id hash) held out for validation.
+        test_percent: Requests held out for the final test.
+        like_weight: Weight of the like head's loss.
+
+    """
+
+    epochs: int = 5
+    patience: int = 2
+    lr: float = 2e-3
+    batch_requests: int = 128
+    batch_impressions: int = 1280
+    request_level: bool = True
+    full_metrics: bool = False
+    seed: int = 0
+    valid_percent: int = 10
+    test_percent: int = 10
+    like_weight: float = 0.5
+    by_request: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a training run measured."""
+
+    epochs_run: int = 0
+    best_epoch: int = 0
+    valid_auc: list[float] = field(default_factory=list)
+    test: dict[str, float] = field(default_factory=dict)
+    examples_trained: int = 0
+    train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
+    validation_seconds: float = 0.0
+    bytes_read: int = 0
+
+    @property
+    def examples_per_second(self) -> float:
+        """Training examples processed per wall-clock second of training steps."""
+        return self.examples_trained / max(self.train_seconds, 1e-9)
+
+
+def split_of(request_ids: list[str], valid_percent: int, test_percent: int) -> np.ndarray:
+    """0 train, 1 validation, 2 test for each request id (a stable hash of the id)."""
+    bucket = np.fromiter((zlib.crc32(r.encode()) % 100 for r in request_ids), np.int64, len(request_ids))
+    return np.where(bucket < valid_percent, 1, np.where(bucket < valid_percent + test_percent, 2, 0))
+
+
+def _subset(batch: Batch, keep_request: np.ndarray) -> Batch | None:
+    """The requests of ``batch`` where ``keep_request`` (per request row) holds, with their items."""
+    keep = torch.from_numpy(keep_request)
+    if not keep.any():
+        return None
+    new_row = torch.cumsum(keep.long(), 0) - 1
+    items = keep[batch.item_request]
+    return Batch(
+        req_floats=batch.req_floats[keep],
+        req_ints=batch.req_ints[keep],
+        item_floats=batch.item_floats[items],
+        item_ints=batch.item_ints[items],
+        item_request=new_row[batch.item_request[items]],
+        click=batch.click[items],
+        like=batch.like[items],
+        request_ids=[r for r, k in zip(batch.request_ids, keep_request, strict=True) if k],
+        positions=batch.positions[items],
+    )
+
+
+def _batches(
+    uri: str,
+    fs: FeatureSet,
+    cfg: TrainConfig,
+    part: int,
+    stats: ReadStats,
+    shuffle: int | None,
+    files: list[str] | None = None,
+):
+    for batch in iter_batches(
+        uri,
+        fs,
+        batch_requests=cfg.batch_requests,
+        batch_impressions=cfg.batch_impressions,
+        shuffle_seed=shuffle,
+        stats=stats,
+        files=files,
+        by_request=cfg.by_request,
+    ):
+        sub = _subset(batch, split_of(batch.request_ids, cfg.valid_percent, cfg.test_percent) == part)
+        if sub is not None:
+            yield sub
+
+
+def predict(model: LateRanker, batches, request_level: bool = True) -> tuple[np.ndarray, ...]:
+    """Click and like probabilities with labels and request groups, over batches."""
+    clicks, likes, p_click, p_like, groups = [], [], [], [], []
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            logits = model(
+                b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, request_level
+            )
+            probs = torch.sigmoid(logits).numpy()
+            p_click.append(probs[:, 0])
+            p_like.append(probs[:, 1])
+            clicks.append(b.click.numpy())
+            likes.append(b.like.numpy())
+            # Group by request id: an impression-level batch has one request row per item.
+            groups.append(np.asarray(b.request_ids, dtype=object)[b.item_request.numpy()])
+
+    def cat(xs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(xs) if xs else np.empty(0)
+
+    request_of_item = np.unique(cat(groups).astype(str), return_inverse=True)[1] if groups else np.empty(0)
+    return cat(clicks), cat(likes), cat(p_click), cat(p_like), request_of_item
+
+
+def evaluate_arrays(
+    click: np.ndarray,
+    like: np.ndarray,
+    p_click: np.ndarray,
+    p_like: np.ndarray,
+    groups: np.ndarray,
+    full: bool = True,
+) -> dict[str, float]:
+    """AUC of click (and, with ``full``, log loss, like AUC, NDCG@10, MRR, recall@10 per request)."""
+    out = {"auc": auc(click, p_click)}
+    if full:
+        out.update({"log_loss": log_loss(click, p_click), "like_auc": auc(like, p_like)})
+        out.update(per_request(groups, click, p_click, k=10))
+    return out
+
+
+def train(
+    uri: str,
+    fs: FeatureSet,
+    cfg: TrainConfig = TrainConfig(),
+    model_config: RankerConfig | None = None,
+    progress: Callable[[str, int], None] | None = None,
+    files: list[str] | None = None,
+) -> tuple[LateRanker, TrainResult]:
+    """Train a late ranker on the warehouse at ``uri`` and test it on the held-out requests.
+
+    Args:
+        uri: Warehouse folder (either layout).
+        fs: The FeatureSet the model is built for; the warehouse must hold it.
+        cfg: Training settings.
+        model_config: Model sizes.
+        progress: Called with (phase, examples) as batches are processed.
+        files: Only these warehouse files (a data-parallel shard).
+
+    Raises:
+        WarehouseError: The warehouse is missing, empty, or of another FeatureSet lineage.
+
+    """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the same seed gives the same model, bit for bit
+    try:
+        return _train(uri, fs, cfg, model_config or RankerConfig(), progress, files)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(
+    uri: str,
+    fs: FeatureSet,
+    cfg: TrainConfig,
+    model_config: RankerConfig,
+    progress: Callable[[str, int], None] | None,
+    files: list[str] | None,
+) -> tuple[LateRanker, TrainResult]:
+    torch.manual_seed(cfg.seed)
+    model = LateRanker(fs, model_config)
+    stats = ReadStats()
+    first = next(iter(_batches(uri, fs, cfg, 0, ReadStats(), None, files)), None)
+    if first is None:
+        raise WarehouseError(f"warehouse {uri} has no training requests")
+    # Per example, so both layouts give the same statistics (a request counts once per item).
+    model.fit_normalizer(first.req_floats[first.item_request], first.item_floats)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    bce = nn.BCEWithLogitsLoss()
+    result = TrainResult()
+    best, best_state, waited = -1.0, None, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for b in _batches(uri, fs, cfg, 0, stats, cfg.seed + epoch, files):
+            logits = model(
+                b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, cfg.request_level
+            )
+            loss = bce(logits[:, 0], b.click) + cfg.like_weight * bce(logits[:, 1], b.like)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            result.examples_trained += b.n_items
+            if progress:
+                progress("train", b.n_items)
+        result.train_seconds += time.perf_counter() - t0
+        result.train_cpu_seconds += time.process_time() - c0
+        t1 = time.perf_counter()
+        metrics = evaluate_arrays(
+            *predict(model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level),
+            full=cfg.full_metrics,
+        )
+        result.validation_seconds += time.perf_counter() - t1
+        result.valid_auc.append(metrics["auc"])
+        result.epochs_run = epoch + 1
+        if metrics["auc"] > best:
+            best, best_state, waited, result.best_epoch = metrics["auc"], _state(model), 0, epoch + 1
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.test = evaluate_arrays(
+        *predict(model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level)
+    )
+    result.bytes_read = stats.bytes_read
+    return model, result
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(model: LateRanker, path: str | Path, result: TrainResult | None = None) -> None:
+    """Save weights with the FeatureSet (and its version) they expect."""
+    torch.save(
+        {
+            "leanrec": 1,
+            "featureset": model.fs.to_json(),
+            "fs_version": model.fs.version,
+            "fs_fingerprint": model.fs.fingerprint,
+            "model_config": asdict(model.config),
+            "state": model.state_dict(),
+            "result": asdict(result) if result else None,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | Path, fs: FeatureSet | None = None) -> LateRanker:
+    """Load a model; refuse one built for another FeatureSet version than ``fs``.
+
+    Raises:
+        CheckpointError: Not a leanrec checkpoint, or its FeatureSet does not match ``fs``.
+
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from None
+    if not isinstance(data, dict) or data.get("leanrec") != 1:
+        raise CheckpointError(f"{path} is not a leanrec checkpoint")
+    saved = FeatureSet.from_json(data["featureset"])
+    if fs is not None and (saved.fingerprint != fs.fingerprint or saved.version != fs.version):
+        raise CheckpointError(
+            f"checkpoint {path} expects FeatureSet {saved.name} v{saved.version} ({saved.fingerprint:08x}); "
+            f"the data is {fs.name} v{fs.version} ({fs.fingerprint:08x})"
+        )
+    model = LateRanker(fs or saved, RankerConfig(**data["model_config"]))
+    model.load_state_dict(data["state"])
+    return model

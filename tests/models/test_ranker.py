@@ -1,0 +1,90 @@
+"""The late ranker's two forward paths share parameters and agree, outputs and gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from leanrec.funnel import Funnel
+from leanrec.models import LateRanker, RankerConfig
+from leanrec.world import World
+
+
+@pytest.fixture
+def inputs(small_world: World) -> tuple[torch.Tensor, ...]:
+    batch = Funnel(small_world).rank(np.arange(6), np.zeros(6, np.int64), np.zeros(6, np.int64))
+    rng = np.random.default_rng(1)
+    # 6 requests, a different number of viewed items each (as a request-level batch has them)
+    counts = np.array([1, 3, 7, 2, 12, 5])
+    rows = np.concatenate([b * 100 + rng.choice(100, c, replace=False) for b, c in enumerate(counts)])
+    return (
+        torch.from_numpy(batch.request.floats.copy()),
+        torch.from_numpy(batch.request.ints.astype(np.int64)),
+        torch.from_numpy(batch.items.floats[rows].copy()),
+        torch.from_numpy(batch.items.ints[rows].astype(np.int64)),
+        torch.from_numpy(np.repeat(np.arange(6), counts)),
+    )
+
+
+def _model(small_world: World) -> LateRanker:
+    torch.manual_seed(0)
+    return LateRanker(small_world.featureset, RankerConfig(dim=16, hidden=32))
+
+
+def test_both_paths_give_the_same_outputs(small_world: World, inputs) -> None:
+    model = _model(small_world)
+    model.fit_normalizer(inputs[0], inputs[2])
+    request_level = model(*inputs, request_level=True)
+    impression_level = model(*inputs, request_level=False)
+    assert request_level.shape == (len(inputs[4]), 2)
+    torch.testing.assert_close(request_level, impression_level, rtol=1e-5, atol=1e-6)
+
+
+def test_both_paths_give_the_same_gradients(small_world: World, inputs) -> None:
+    model = _model(small_world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for request_level in (True, False):
+        out = model(*inputs, request_level=request_level)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, torch.ones_like(out) * 0.3)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    compared = 0
+    for a, b in zip(*grads, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        compared += 1
+    assert compared > 10
+
+
+def test_the_user_side_depends_on_the_request_only(small_world: World, inputs) -> None:
+    model = _model(small_world)
+    req_floats, req_ints, item_floats, item_ints, item_request = inputs
+    user = model.user_side(req_floats, req_ints)
+    assert user.vector.shape[0] == req_floats.shape[0]
+    # changing an item changes its score but not the user side
+    out = model(*inputs)
+    item_floats2 = item_floats.clone()
+    item_floats2[0] += 1.0
+    out2 = model(req_floats, req_ints, item_floats2, item_ints, item_request)
+    assert not torch.equal(out[0], out2[0])
+    torch.testing.assert_close(out[1:], out2[1:])
+
+
+def test_padding_rows_stay_zero_through_training(small_world: World, inputs) -> None:
+    model = _model(small_world)
+    req_floats, req_ints, *rest = inputs
+    ints = req_ints.clone()
+    slot = small_world.featureset.owner_slots(small_world.featureset["u_topics"].owner)["u_topics"]
+    ints[:, slot.stop - 1] = -1  # pad the last topic of every user
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(2):
+        loss = model(req_floats, ints, *rest).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    table = model.tables["u_topics"]
+    assert torch.count_nonzero(table.weight[table.padding_idx]) == 0  # padding adds nothing, ever
+    assert torch.count_nonzero(table.weight.grad[: table.padding_idx]) > 0  # real rows did learn

@@ -1,0 +1,296 @@
+"""The streaming warehouse reader, on the two warehouses of a real (small) demo run."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from leanrec.schema import FeatureSet, Side
+from leanrec.sim.demo import run_demo
+from leanrec.train.reader import Batch, ReadStats, iter_batches, shard, warehouse_files
+from leanrec.warehouse.store import WarehouseError
+from leanrec.warehouse.tables import TableLayout
+from leanrec.world import WorldConfig, default_featureset
+
+CONFIG = WorldConfig(n_users=400, n_items=3_000, n_creators=200, seed=3)
+
+
+@dataclass
+class Demo:
+    fs: FeatureSet
+    lean: str
+    naive: str
+    examples: int
+    lean_split: str  # the same examples over 4 files of several row groups each
+    naive_split: str
+
+
+def _split_copy(src: str, dst: Path, parts: int, row_groups_per_part: int) -> str:
+    """Rewrite a warehouse's examples over ``parts`` files of several row groups (metadata kept)."""
+    table = pa.concat_tables([pq.ParquetFile(p).read() for p in warehouse_files(src)])
+    bounds = np.linspace(0, table.num_rows, parts + 1).astype(int)
+    for k in range(parts):
+        part = table.slice(bounds[k], bounds[k + 1] - bounds[k])
+        folder = dst / "dt=2026-11-02" / f"hour={k:02d}"
+        folder.mkdir(parents=True)
+        size = max(1, part.num_rows // row_groups_per_part)
+        pq.write_table(part, folder / f"part-{k}.parquet", row_group_size=size, compression="zstd")
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    out = tmp_path_factory.mktemp("demo")
+    result = run_demo(requests=150, seed=3, out=out, world_config=CONFIG)
+    lean, naive = str(out / "warehouse" / "lean"), str(out / "warehouse" / "naive")
+    return Demo(
+        fs=default_featureset(CONFIG)[0],
+        lean=lean,
+        naive=naive,
+        examples=result.report["examples"]["lean"],
+        lean_split=_split_copy(lean, out / "split" / "lean", 4, 3),
+        naive_split=_split_copy(naive, out / "split" / "naive", 4, 3),
+    )
+
+
+def examples(batches: list[Batch]) -> dict[str, np.ndarray]:
+    """Every example of a stream with its request's features, sorted by (request id, position)."""
+    out: dict[str, list[np.ndarray]] = {}
+    for b in batches:
+        rows = b.item_request.numpy()
+        cols = {
+            "request_id": np.asarray(b.request_ids, dtype=object)[rows],
+            "position": b.positions.numpy(),
+            "item_floats": b.item_floats.numpy().view(np.uint32),  # bit-exact comparisons
+            "item_ints": b.item_ints.numpy(),
+            "req_floats": b.req_floats[b.item_request].numpy().view(np.uint32),
+            "req_ints": b.req_ints[b.item_request].numpy(),
+            "click": b.click.numpy(),
+            "like": b.like.numpy(),
+        }
+        for k, v in cols.items():
+            out.setdefault(k, []).append(v)
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    order = np.lexsort((cat["position"], cat["request_id"].astype(str)))
+    return {k: v[order] for k, v in cat.items()}
+
+
+def keys(batches: list[Batch]) -> list[tuple[str, int]]:
+    """(request id, position) of every example, in stream order."""
+    return [
+        (b.request_ids[r], p)
+        for b in batches
+        for r, p in zip(b.item_request.tolist(), b.positions.tolist(), strict=True)
+    ]
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert np.array_equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------- same examples
+
+
+def test_both_layouts_yield_the_same_examples(demo: Demo) -> None:
+    lean = list(iter_batches(demo.lean, demo.fs, batch_requests=32))
+    naive = list(iter_batches(demo.naive, demo.fs, batch_impressions=300))
+    a, b = examples(lean), examples(naive)
+    assert_same(a, b)
+    assert len(a["position"]) == demo.examples > 0
+    assert sum(x.n_items for x in lean) == sum(x.n_items for x in naive) == demo.examples
+    assert 0 < a["click"].sum() < demo.examples  # both labels present
+    assert set(np.unique(a["click"])) <= {0.0, 1.0} and set(np.unique(a["like"])) <= {0.0, 1.0}
+    assert (a["req_ints"] == -1).any()  # PAD_ID kept as is (short user histories)
+
+
+def test_request_level_batches(demo: Demo) -> None:
+    fs = demo.fs
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    batches = list(iter_batches(demo.lean, fs, batch_requests=32))
+    assert [b.n_requests for b in batches] == [32, 32, 32, 32, 22]
+    for b in batches:
+        r, n = b.n_requests, b.n_items
+        assert b.req_floats.shape == (r, req.float_width) and b.req_floats.dtype == torch.float32
+        assert b.req_ints.shape == (r, req.int_width) and b.req_ints.dtype == torch.int64
+        assert b.item_floats.shape == (n, item.float_width) and b.item_floats.dtype == torch.float32
+        assert b.item_ints.shape == (n, item.int_width) and b.item_ints.dtype == torch.int64
+        for t, dtype in ((b.item_request, torch.int64), (b.positions, torch.int64)):
+            assert t.shape == (n,) and t.dtype == dtype
+        for t in (b.click, b.like):
+            assert t.shape == (n,) and t.dtype == torch.float32
+        assert len(b.request_ids) == r == len(set(b.request_ids))
+        assert n > r  # several items per request
+        ir = b.item_request
+        assert int(ir.min()) == 0 and int(ir.max()) == r - 1  # every request has items, all < R
+        assert bool((ir[1:] >= ir[:-1]).all())  # items grouped by request
+        first = torch.ones(n, dtype=torch.bool)
+        first[1:] = ir[1:] != ir[:-1]
+        assert bool((b.positions[first] == 0).all())  # each request's items start at position 0
+
+
+def test_impression_level_batches(demo: Demo) -> None:
+    batches = list(iter_batches(demo.naive, demo.fs, batch_impressions=300))
+    sizes = [b.n_items for b in batches]
+    assert sizes[:-1] == [300] * (len(sizes) - 1) and 0 < sizes[-1] <= 300
+    for b in batches:
+        assert b.n_requests == b.n_items == len(b.request_ids)
+        assert torch.equal(b.item_request, torch.arange(b.n_items))
+    # the layout is detected from the metadata; naming it gives the same stream
+    named = list(iter_batches(demo.naive, demo.fs, TableLayout.IMPRESSION, batch_impressions=300))
+    assert keys(named) == keys(batches)
+
+
+def test_batches_run_across_row_groups_and_files(demo: Demo) -> None:
+    files = warehouse_files(demo.lean_split)
+    assert len(files) == 4 and files == sorted(files)
+    assert all(pq.ParquetFile(f).num_row_groups >= 3 for f in files)
+    lean = list(iter_batches(demo.lean_split, demo.fs, batch_requests=32))
+    naive = list(iter_batches(demo.naive_split, demo.fs, batch_impressions=300))
+    assert [b.n_requests for b in lean] == [32, 32, 32, 32, 22]
+    assert [b.n_items for b in naive][:-1] == [300] * (len(naive) - 1)
+    whole = examples(list(iter_batches(demo.lean, demo.fs)))
+    assert_same(examples(lean), whole)
+    assert_same(examples(naive), whole)
+    assert keys(lean) == keys(list(iter_batches(demo.lean, demo.fs, batch_requests=32)))
+
+
+# --------------------------------------------------------------------------- sharding and shuffling
+
+
+@pytest.mark.parametrize("which", ["lean_split", "naive_split"])
+def test_shards_hold_each_example_once(demo: Demo, which: str) -> None:
+    uri = getattr(demo, which)
+    files = warehouse_files(uri)
+    per_rank = [shard(files, rank, 2) for rank in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == files and not set(per_rank[0]) & set(per_rank[1])
+    assert shard(files[::-1], 1, 2) == per_rank[1]  # the same partition whatever the order given
+    got = [keys(list(iter_batches(uri, demo.fs, files=f, batch_requests=16))) for f in per_rank]
+    assert all(got)
+    assert not set(got[0]) & set(got[1])
+    assert len(got[0]) + len(got[1]) == demo.examples
+    assert set(got[0]) | set(got[1]) == set(keys(list(iter_batches(uri, demo.fs))))
+    assert list(iter_batches(uri, demo.fs, files=[])) == []  # a rank without files reads nothing
+
+
+def test_shard_arguments() -> None:
+    assert shard(["c", "a", "b"], 0, 1) == ["a", "b", "c"]
+    assert shard(["a"], 1, 2) == []
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError):
+            shard(["a"], rank, world)
+
+
+@pytest.mark.parametrize("which", ["lean_split", "naive_split"])
+def test_shuffle_is_deterministic_and_keeps_every_example(demo: Demo, which: str) -> None:
+    uri = getattr(demo, which)
+
+    def run(seed: int | None) -> list[Batch]:
+        return list(iter_batches(uri, demo.fs, batch_requests=32, batch_impressions=300, shuffle_seed=seed))
+
+    plain, once, again, other = run(None), run(5), run(5), run(6)
+    assert keys(once) == keys(again)
+    assert keys(once) != keys(plain) and keys(other) != keys(once)
+    assert_same(examples(once), examples(plain))
+    for a, b in zip(once, again, strict=True):
+        assert torch.equal(a.item_floats, b.item_floats) and torch.equal(a.req_ints, b.req_ints)
+    if which == "lean_split":  # requests move as units: items still grouped, positions from 0
+        for b in once:
+            ir = b.item_request
+            assert bool((ir[1:] >= ir[:-1]).all())
+        assert [b.n_requests for b in once] == [32, 32, 32, 32, 22]
+
+
+# --------------------------------------------------------------------------- bytes read
+
+
+def test_bytes_read_counts_projected_column_chunks(demo: Demo) -> None:
+    read: dict[str, ReadStats] = {}
+    for name in ("lean", "naive"):
+        uri = getattr(demo, name)
+        stats = read[name] = ReadStats()
+        batches = list(iter_batches(uri, demo.fs, stats=stats))
+        assert stats.bytes_read > 0
+        assert stats.examples == sum(b.n_items for b in batches) == demo.examples
+        assert stats.batches == len(batches) and stats.files == 1 and stats.row_groups == 1
+        everything = sum(
+            md.row_group(g).column(c).total_compressed_size
+            for md in (pq.ParquetFile(f).metadata for f in warehouse_files(uri))
+            for g in range(md.num_row_groups)
+            for c in range(md.num_columns)
+        )
+        assert stats.bytes_read < everything  # ids, times and other labels are not read
+        assert stats.rows == (150 if name == "lean" else demo.examples)  # requests or impressions
+        first = stats.bytes_read
+        list(iter_batches(uri, demo.fs, stats=stats))
+        assert stats.bytes_read == 2 * first  # a counter accumulates across passes
+    assert read["lean"].bytes_read < read["naive"].bytes_read
+
+
+def test_bytes_read_of_a_stream_cut_short(demo: Demo) -> None:
+    stats = ReadStats()
+    stream = iter_batches(demo.lean_split, demo.fs, batch_requests=8, stats=stats)
+    next(stream)
+    assert stats.files == 1 and stats.row_groups == 1  # only what was needed so far
+    full = ReadStats()
+    list(iter_batches(demo.lean_split, demo.fs, stats=full))
+    assert 0 < stats.bytes_read < full.bytes_read and full.row_groups >= 12
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_a_missing_path_is_refused(demo: Demo, tmp_path: Path) -> None:
+    with pytest.raises(WarehouseError, match="does not exist"):
+        iter_batches(str(tmp_path / "nope"), demo.fs)
+    with pytest.raises(WarehouseError, match="does not exist"):
+        warehouse_files(str(tmp_path / "nope"))
+    with pytest.raises(WarehouseError, match="does not exist"):
+        list(iter_batches(demo.lean, demo.fs, files=[str(tmp_path / "gone.parquet")]))
+
+
+def test_a_folder_without_parquet_files_is_refused(demo: Demo, tmp_path: Path) -> None:
+    (tmp_path / "dt=2026-11-02").mkdir()
+    (tmp_path / "dt=2026-11-02" / ".part-x.parquet.tmp").write_bytes(b"half a file")
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(WarehouseError, match="no Parquet files"):
+        iter_batches(str(tmp_path), demo.fs)
+    with pytest.raises(WarehouseError, match="no Parquet files"):
+        warehouse_files(str(tmp_path))
+
+
+def test_a_featureset_of_another_shape_is_refused(demo: Demo) -> None:
+    fs = demo.fs
+    dropped = FeatureSet(fs.name, fs.version + 1, fs.features[:-1])
+    gone = re.escape(f"not in the reader's FeatureSet: ['{fs.features[-1].name}']")
+    for uri in (demo.lean, demo.naive):
+        with pytest.raises(WarehouseError, match=gone):
+            iter_batches(uri, dropped)
+    with pytest.raises(WarehouseError, match="another lineage"):
+        iter_batches(demo.lean, FeatureSet("other", fs.version, fs.features))
+
+
+def test_a_layout_other_than_expected_is_refused(demo: Demo) -> None:
+    with pytest.raises(WarehouseError, match="request-level, expected impression-level"):
+        iter_batches(demo.lean, demo.fs, TableLayout.IMPRESSION)
+    mixed = [*warehouse_files(demo.lean), *warehouse_files(demo.naive)]
+    with pytest.raises(WarehouseError, match="impression-level; the files before it are request-level"):
+        list(iter_batches(demo.lean, demo.fs, files=mixed))
+
+
+def test_a_parquet_file_not_from_leanrec_is_refused(demo: Demo, tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": [1, 2, 3]}), tmp_path / "part-0.parquet")
+    with pytest.raises(WarehouseError, match="not a leanrec warehouse file"):
+        iter_batches(str(tmp_path), demo.fs)
+    (tmp_path / "part-0.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(WarehouseError, match="not a readable Parquet file"):
+        iter_batches(str(tmp_path), demo.fs)
