@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,33 @@ def _subset(batch: Batch, keep_request: np.ndarray) -> Batch | None:
         request_ids=[r for r, k in zip(batch.request_ids, keep_request, strict=True) if k],
         positions=batch.positions[items],
     )
+
+
+class Replicas:
+    """How the training loop cooperates with other data-parallel replicas; this base is a process alone.
+
+    :mod:`leanrec.train.distributed` overrides each step with collectives across ranks.
+    """
+
+    rank = 0
+
+    def wrap(self, model: LateRanker) -> nn.Module:
+        """The module the training steps call (e.g. a ``DistributedDataParallel``)."""
+        return model
+
+    def share_normalizer(self, model: LateRanker) -> None:
+        """Make the normalizer statistics the same on every replica."""
+
+    def join(self, wrapped: nn.Module) -> AbstractContextManager:
+        """Context of one epoch's training steps (lets replicas hold uneven numbers of batches)."""
+        return nullcontext()
+
+    def end_epoch(self, model: LateRanker, opt: torch.optim.Optimizer, steps: int) -> None:
+        """After an epoch's steps (``steps`` on this replica): make every replica's state the same."""
+
+    def gather(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        """Predictions of every replica (see :func:`predict`), so metrics cover the whole split."""
+        return arrays
 
 
 def _batches(
@@ -210,15 +238,20 @@ def _train(
     model_config: RankerConfig,
     progress: Callable[[str, int], None] | None,
     files: list[str] | None,
+    replicas: Replicas | None = None,
 ) -> tuple[LateRanker, TrainResult]:
+    rep = replicas or Replicas()
     torch.manual_seed(cfg.seed)
     model = LateRanker(fs, model_config)
     stats = ReadStats()
     first = next(iter(_batches(uri, fs, cfg, 0, ReadStats(), None, files)), None)
-    if first is None:
+    if first is None and rep.rank == 0:
         raise WarehouseError(f"warehouse {uri} has no training requests")
-    # Per example, so both layouts give the same statistics (a request counts once per item).
-    model.fit_normalizer(first.req_floats[first.item_request], first.item_floats)
+    if first is not None:
+        # Per example, so both layouts give the same statistics (a request counts once per item).
+        model.fit_normalizer(first.req_floats[first.item_request], first.item_floats)
+    rep.share_normalizer(model)
+    wrapped = rep.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     bce = nn.BCEWithLogitsLoss()
     result = TrainResult()
@@ -226,22 +259,26 @@ def _train(
     for epoch in range(cfg.epochs):
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
-        for b in _batches(uri, fs, cfg, 0, stats, cfg.seed + epoch, files):
-            logits = model(
-                b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, cfg.request_level
-            )
-            loss = bce(logits[:, 0], b.click) + cfg.like_weight * bce(logits[:, 1], b.like)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            result.examples_trained += b.n_items
-            if progress:
-                progress("train", b.n_items)
+        steps = 0
+        with rep.join(wrapped):
+            for b in _batches(uri, fs, cfg, 0, stats, cfg.seed + epoch, files):
+                logits = wrapped(
+                    b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, cfg.request_level
+                )
+                loss = bce(logits[:, 0], b.click) + cfg.like_weight * bce(logits[:, 1], b.like)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+                result.examples_trained += b.n_items
+                if progress:
+                    progress("train", b.n_items)
+        rep.end_epoch(model, opt, steps)
         result.train_seconds += time.perf_counter() - t0
         result.train_cpu_seconds += time.process_time() - c0
         t1 = time.perf_counter()
         metrics = evaluate_arrays(
-            *predict(model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level),
+            *rep.gather(predict(model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level)),
             full=cfg.full_metrics,
         )
         result.validation_seconds += time.perf_counter() - t1
@@ -256,7 +293,7 @@ def _train(
     if best_state is not None:
         model.load_state_dict(best_state)
     result.test = evaluate_arrays(
-        *predict(model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level)
+        *rep.gather(predict(model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level))
     )
     result.bytes_read = stats.bytes_read
     return model, result
