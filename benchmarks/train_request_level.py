@@ -22,10 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from leanrec.sim.demo import run_demo
-from leanrec.train.metrics import auc
-from leanrec.train.trainer import TrainConfig, split_of, train
-from leanrec.warehouse.store import ParquetWarehouse
-from leanrec.warehouse.tables import TableLayout
+from leanrec.sim.loop import oracle_auc
+from leanrec.train.trainer import TrainConfig, train
 from leanrec.world import World, WorldConfig
 
 
@@ -33,17 +31,6 @@ def build(root: Path, requests: int, seed: int, history: int) -> tuple[World, Pa
     cfg = WorldConfig(seed=seed, history_len=history)
     run_demo(requests, seed, root, world_config=cfg)
     return World(cfg), root / "warehouse" / "lean", root / "warehouse" / "naive"
-
-
-def oracle_auc(world: World, lean: Path, cfg: TrainConfig) -> float:
-    """AUC of the world's true click probabilities on the held-out test requests."""
-    table = ParquetWarehouse(str(lean), world.featureset, TableLayout.REQUEST).read_examples()
-    rids = table.column("request_id").to_pylist()
-    test = split_of(rids, cfg.valid_percent, cfg.test_percent) == 2
-    users = table.column("user_id").to_numpy()[test]
-    items = table.column("item_id").to_numpy()[test]
-    p = world.click_probability(users, items[:, None])[:, 0]
-    return auc(table.column("click").to_numpy()[test], p)
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ def _seed(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
-    from leanrec.report.demo_report import render_table, write_html, write_json
+    from leanrec.report.demo_report import render_loop, render_table, write_html, write_json
     from leanrec.sim.demo import run_demo
 
     out = Path(args.out)
@@ -51,9 +51,29 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         task = progress.add_task("ranking, logging, joining", total=args.requests)
         result = run_demo(args.requests, args.seed, out, progress=lambda n: progress.advance(task, n))
     report = result.report
+    if args.rounds == 2:
+        from leanrec.sim.loop import close_loop
+
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.completed:,}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            tasks: dict[str, int] = {}
+
+            def seen(phase: str, n: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = progress.add_task(phase, total=None)
+                progress.advance(tasks[phase], n)
+
+            report["loop"] = close_loop(result, args.requests, args.seed, out, progress=seen)
     write_json(report, out / "report.json")
     write_html(report, out / "report.html")
     console.print(render_table(report))
+    if "loop" in report:
+        console.print(render_loop(report["loop"]))
     console.print(
         f"reports: {out / 'report.json'}, {out / 'report.html'}; warehouses: "
         f"{out / 'warehouse' / 'naive'}, {out / 'warehouse' / 'lean'}"
@@ -297,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=_positive, default=5_000, help="ranked requests (default 5000)")
     demo.add_argument("--seed", type=_seed, default=7, help="seed of the world and the traffic (default 7)")
     demo.add_argument("--out", default="leanrec-demo", help="output folder (default ./leanrec-demo)")
+    demo.add_argument(
+        "--rounds",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: also train a model on round 0's warehouse and serve round 1 with it (closing the loop)",
+    )
 
     serve = sub.add_parser("serve", help="serve the ranking API (rank, paginate, events, healthz, metrics)")
     _add_config_flags(serve)

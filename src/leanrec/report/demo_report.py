@@ -88,6 +88,24 @@ def render_table(report: dict) -> Table:
     return table
 
 
+def render_loop(loop: dict) -> Table:
+    """Round 0 (stand-in ranker) against round 1 (the model trained on round 0's warehouse)."""
+    table = Table(title="closing the loop: round 0 ranks with the stand-in, round 1 with the trained model")
+    table.add_column("figure")
+    table.add_column("round 0", justify="right")
+    table.add_column("round 1", justify="right")
+    table.add_column("round 1 / round 0", justify="right", style="bold")
+    for key in ("clicks_per_request", "likes_per_request", "viewed_per_request"):
+        a, b = loop["round0"][key], loop["round1"][key]
+        table.add_row(key.replace("_", " "), f"{a:.3f}", f"{b:.3f}", f"{b / a:.3f}" if a else "—")
+    m = loop["model"]
+    table.caption = (
+        f"model held-out AUC {m['test_auc']:.4f}, oracle AUC {m['oracle_auc']:.4f} (gap {m['auc_gap']:.4f}); "
+        f"{m['epochs_run']} epochs at {m['examples_per_second']:,.0f} examples/s"
+    )
+    return table
+
+
 def write_json(report: dict, path: Path) -> None:
     """Write ``report.json``."""
     path.write_text(json.dumps(report, indent=2, sort_keys=False))

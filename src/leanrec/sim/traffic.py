@@ -81,6 +81,8 @@ class TrafficStats:
 
     requests: int = 0
     viewed: int = 0
+    clicks: int = 0
+    likes: int = 0
     viewed_by_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     fast_scroll_sessions: int = 0
     signals_sent: int = 0
@@ -196,6 +198,8 @@ class TrafficSim:
         self.world.apply(users, batch.item_ids, eng)  # the store moves on before anyone engages
         self.stats.requests += k
         self.stats.viewed += int(eng.viewed.sum())
+        self.stats.clicks += int(eng.click.sum())
+        self.stats.likes += int(eng.like.sum())
         self.stats.viewed_by_position += eng.viewed.sum(axis=0)
         for b, ref in enumerate(refs):
             self._session(ref, batch.item_ids[b], eng, b)
