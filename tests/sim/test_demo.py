@@ -137,3 +137,33 @@ def test_a_run_needs_at_least_one_request(tmp_path: Path, requests: int) -> None
     with pytest.raises(ValueError, match="at least 1"):
         run_demo(requests=requests, out=tmp_path)
     assert not (tmp_path / "warehouse").exists()
+
+
+def test_an_unavailable_store_makes_clients_send_again_and_nothing_is_lost(
+    small_config, tmp_path: Path
+) -> None:
+    from leanrec.clock import ManualClock
+    from leanrec.funnel import Funnel
+    from leanrec.serve.service import LoggingUnavailable
+    from leanrec.sim.pipeline import PipelineConfig, Plumbing, build_pipeline
+    from leanrec.sim.traffic import TrafficConfig, TrafficSim
+    from leanrec.world import World
+
+    world, clock, pconf = World(small_config), ManualClock(), PipelineConfig()
+    pipe = build_pipeline(Plumbing.LEAN, world.featureset, clock, tmp_path / "wh", pconf)
+    real, seen = pipe.service.events, set()
+
+    def flaky(ref, batch, batch_id=None):  # the first delivery of every batch meets a 503
+        key = (ref.request_id, batch.ts_ms.tobytes(), batch.position.tobytes())
+        if key not in seen:
+            seen.add(key)
+            raise LoggingUnavailable("store briefly full")
+        return real(ref, batch, batch_id)
+
+    pipe.service.events = flaky  # type: ignore[method-assign]
+    cfg = TrafficConfig(requests=80, seed=2, duplicate_share=0.0, late_share=0.0, bad_event_share=0.0)
+    stats = TrafficSim(world, Funnel(world), [pipe], clock, cfg, pconf).run()
+    assert stats.retried_batches == stats.event_batches > 0
+    assert stats.dropped_batches == 0
+    assert pipe.joiner.stats.labels_lost == 0
+    assert pipe.joiner.stats.examples == stats.viewed  # every viewed item still became an example

@@ -53,12 +53,13 @@ class UserSide:
     """The user side of B rows: a vector, and the encoded history with its mask."""
 
     vector: torch.Tensor  # (B, hidden)
+    linear: torch.Tensor  # (B, dim) linear projection of the dense inputs, for the dot interaction
     history: torch.Tensor  # (B, L, dim)
     mask: torch.Tensor  # (B, L) True where the history has an entry
 
     def take(self, rows: torch.Tensor) -> UserSide:
         """Broadcast to items: row ``rows[i]`` for item i."""
-        return UserSide(self.vector[rows], self.history[rows], self.mask[rows])
+        return UserSide(self.vector[rows], self.linear[rows], self.history[rows], self.mask[rows])
 
 
 class LateRanker(nn.Module):
@@ -112,7 +113,11 @@ class LateRanker(nn.Module):
         self.user_mix = _mlp([h + (n_req + 1) * d, h, h])
         self.item_mix = _mlp([h + n_item * d, h, h])
         self.query = nn.Linear(h, d)
-        self.top = _mlp([3 * h + d, h, h // 2, 2])
+        # DLRM's dot interaction on linear projections of the dense inputs: a bilinear user-item
+        # term the MLPs would otherwise have to approximate.
+        self.user_linear = nn.Linear(req.float_width, d)
+        self.item_linear = nn.Linear(item.float_width, d)
+        self.top = _mlp([3 * h + 2 * d, h, h // 2, 2])
 
     # ------------------------------------------------------------------ inputs
     def fit_normalizer(self, req_floats: torch.Tensor, item_floats: torch.Tensor) -> None:
@@ -129,7 +134,8 @@ class LateRanker(nn.Module):
     # ------------------------------------------------------------------ the two halves
     def user_side(self, floats: torch.Tensor, ints: torch.Tensor) -> UserSide:
         """Everything that depends only on the request side, for B rows."""
-        dense = self.user_dense((floats - self.req_mean) / self.req_std)
+        normed = (floats - self.req_mean) / self.req_std
+        dense = self.user_dense(normed)
         pooled = [self._ids(n, ints, o, s).sum(1) for n, o, s in self._req_ids]
         off, size = self._hist
         hist = ints[:, off : off + size]
@@ -144,21 +150,28 @@ class LateRanker(nn.Module):
         encoded = self.encoder(tokens, src_key_padding_mask=~enc_mask)
         summary = (encoded * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         vector = self.user_mix(torch.cat([dense, summary, *pooled], dim=1))
-        return UserSide(vector, encoded, enc_mask)
+        return UserSide(vector, self.user_linear(normed), encoded, enc_mask)
 
-    def item_side(self, floats: torch.Tensor, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item vectors ``(N, hidden)`` and the item-id embeddings used as attention keys ``(N, dim)``."""
-        dense = self.item_dense((floats - self.item_mean) / self.item_std)
+    def item_side(
+        self, floats: torch.Tensor, ints: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Item vectors ``(N, hidden)``, attention queries and linear projections (``(N, dim)`` each)."""
+        normed = (floats - self.item_mean) / self.item_std
+        dense = self.item_dense(normed)
         pooled = [self._ids(n, ints, o, s).sum(1) for n, o, s in self._item_ids]
         vector = self.item_mix(torch.cat([dense, *pooled], dim=1))
-        return vector, self.query(vector)
+        return vector, self.query(vector), self.item_linear(normed)
 
-    def score(self, user: UserSide, item_vec: torch.Tensor, item_query: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, user: UserSide, item_vec: torch.Tensor, item_query: torch.Tensor, item_linear: torch.Tensor
+    ) -> torch.Tensor:
         """Logits ``(N, 2)`` (click, like) for N items whose user side is ``user`` (N rows)."""
         att = torch.einsum("nld,nd->nl", user.history, item_query) / self.config.dim**0.5
         att = att.masked_fill(~user.mask, float("-inf")).softmax(-1)
         target = torch.einsum("nl,nld->nd", att, user.history)
-        z = torch.cat([user.vector, item_vec, user.vector * item_vec, target], dim=1)
+        z = torch.cat(
+            [user.vector, item_vec, user.vector * item_vec, target, user.linear * item_linear], dim=1
+        )
         return self.top(z)
 
     def forward(
@@ -185,5 +198,4 @@ class LateRanker(nn.Module):
             user = self.user_side(req_floats, req_ints).take(item_request)
         else:
             user = self.user_side(req_floats[item_request], req_ints[item_request])
-        item_vec, item_query = self.item_side(item_floats, item_ints)
-        return self.score(user, item_vec, item_query)
+        return self.score(user, *self.item_side(item_floats, item_ints))

@@ -142,6 +142,8 @@ def run_demo(
             "duplicate_batches": traffic.duplicate_batches,
             "bad_events": traffic.bad_events,
             "late_batches": traffic.late_batches,
+            "retried_batches": traffic.retried_batches,
+            "dropped_batches": traffic.dropped_batches,
             "views_by_position": traffic.viewed_by_position.tolist(),
         },
         "sim_seconds": sim_seconds,

@@ -19,9 +19,12 @@ import numpy as np
 from leanrec.clock import ManualClock
 from leanrec.events.model import EventBatch, EventKind, RequestRef
 from leanrec.funnel.ranker import Funnel, RankedBatch
+from leanrec.serve.service import LoggingUnavailable
 from leanrec.sim.pipeline import Pipeline, PipelineConfig
 from leanrec.world import Engagement, World
 
+RETRIES = 3
+RETRY_MS = 5_000
 START_MS = int(datetime(2026, 11, 2, 8, tzinfo=UTC).timestamp() * 1000)
 
 
@@ -64,6 +67,8 @@ class _Op:
     kind: str = field(compare=False)
     ref: RequestRef = field(compare=False)
     arg: int | EventBatch = field(compare=False)
+    only: int | None = field(default=None, compare=False)  # a retry for one pipeline
+    attempt: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -91,6 +96,8 @@ class TrafficStats:
     duplicate_batches: int = 0
     bad_events: int = 0
     late_batches: int = 0
+    retried_batches: int = 0  # answered "unavailable" (a full or lost store) and sent again later
+    dropped_batches: int = 0  # still unavailable after the client's last retry
 
 
 class TrafficSim:
@@ -176,11 +183,24 @@ class TrafficSim:
         return self.stats
 
     def _deliver(self, op: _Op) -> None:
-        for p in self.pipelines:
+        for i, p in enumerate(self.pipelines):
+            if op.only is not None and op.only != i:
+                continue
             if op.kind == "page":
                 p.service.paginate(op.ref, int(op.arg))  # type: ignore[arg-type]
-            else:
+                continue
+            try:
                 p.service.events(op.ref, op.arg)  # type: ignore[arg-type]
+            except LoggingUnavailable:  # the client sends the batch again later, as a 503 asks
+                if op.attempt < RETRIES:
+                    self.stats.retried_batches += 1
+                    self._seq += 1
+                    heapq.heappush(
+                        self._ops,
+                        _Op(op.t_ms + RETRY_MS, self._seq, op.kind, op.ref, op.arg, i, op.attempt + 1),
+                    )
+                else:
+                    self.stats.dropped_batches += 1
 
     def _rank(self, t_ms: int, first: int, k: int) -> None:
         users = self.world.sample_users(k, self.rng)

@@ -47,6 +47,7 @@ class TrainConfig:
         valid_percent: Requests (by id hash) held out for validation.
         test_percent: Requests held out for the final test.
         like_weight: Weight of the like head's loss.
+        weight_decay: AdamW's decoupled weight decay (keeps the large id tables from memorising).
 
     """
 
@@ -62,6 +63,7 @@ class TrainConfig:
     test_percent: int = 10
     like_weight: float = 0.5
     by_request: bool = True
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -252,7 +254,7 @@ def _train(
         model.fit_normalizer(first.req_floats[first.item_request], first.item_floats)
     rep.share_normalizer(model)
     wrapped = rep.wrap(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bce = nn.BCEWithLogitsLoss()
     result = TrainResult()
     best, best_state, waited = -1.0, None, 0
