@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+
+@contextmanager
+def _phases(console: Console, suffix: str = "") -> Iterator[Callable[[str, int], None]]:
+    """A progress display with one counter per phase; yields ``seen(phase, count)``."""
+    columns = (TextColumn("[bold]{task.description}"), TextColumn("{task.completed:,}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def seen(phase: str, n: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase + suffix, total=None)
+            progress.advance(tasks[phase], n)
+
+        yield seen
 
 
 def _positive(text: str) -> int:
@@ -54,20 +71,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     if args.rounds == 2:
         from leanrec.sim.loop import close_loop
 
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            TextColumn("{task.completed:,}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            tasks: dict[str, int] = {}
-
-            def seen(phase: str, n: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = progress.add_task(phase, total=None)
-                progress.advance(tasks[phase], n)
-
+        with _phases(console) as seen:
             report["loop"] = close_loop(result, args.requests, args.seed, out, progress=seen)
     write_json(report, out / "report.json")
     write_html(report, out / "report.html")
@@ -229,20 +233,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         full_metrics=args.full_metrics,
         seed=args.seed,
     )
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        TextColumn("{task.completed:,} examples"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        tasks: dict[str, int] = {}
-
-        def seen(phase: str, n: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task(f"{phase} ({fs.name} v{fs.version})", total=None)
-            progress.advance(tasks[phase], n)
-
+    with _phases(console, f" ({fs.name} v{fs.version})") as seen:
         try:
             model, result = train(args.warehouse, fs, cfg, progress=seen)
         except WarehouseError as exc:
