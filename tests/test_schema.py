@@ -60,6 +60,7 @@ def test_duplicate_names_are_refused() -> None:
         ({"name": "x", "kind": Kind.SPARSE, "vocab": 0}, "vocabulary"),
         ({"name": "x", "kind": Kind.MULTI_HOT, "size": 4}, "vocabulary"),
         ({"name": "x", "kind": Kind.SEQUENCE, "size": 4, "vocab": -1}, "vocabulary"),
+        ({"name": "x", "kind": Kind.SPARSE, "vocab": 5, "space": "two_tower"}, "embedding space"),
     ],
 )
 def test_invalid_features_are_refused(kwargs: dict, match: str) -> None:

@@ -67,6 +67,9 @@ class Feature:
         size: Values per entity (1 for a scalar or a single id; the width of a vector, set or sequence).
         vocab: Number of distinct ids for id kinds (ids are in ``[0, vocab)``), 0 for dense.
         doc: What the feature is, for reports and audits.
+        space: For dense vectors: the name of the embedding space they live in (e.g. a pretrained
+            two-tower's). A user-side and an item-side vector of one space can be compared by a dot
+            product, and the late ranker does so.
 
     """
 
@@ -76,6 +79,7 @@ class Feature:
     size: int = 1
     vocab: int = 0
     doc: str = ""
+    space: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -86,6 +90,8 @@ class Feature:
             raise ValueError(f"feature {self.name}: a sparse id has size 1, got {self.size}")
         if self.kind is not Kind.DENSE and self.vocab < 1:
             raise ValueError(f"feature {self.name}: id kinds need a vocabulary size")
+        if self.space and self.kind is not Kind.DENSE:
+            raise ValueError(f"feature {self.name}: only dense vectors live in an embedding space")
 
     @property
     def is_float(self) -> bool:
@@ -111,6 +117,7 @@ class Feature:
             "size": self.size,
             "vocab": self.vocab,
             "doc": self.doc,
+            "space": self.space,
         }
 
 
@@ -270,7 +277,15 @@ class FeatureSet:
         """Inverse of :meth:`to_json`."""
         d = json.loads(text)
         feats = tuple(
-            Feature(f["name"], Owner(f["owner"]), Kind(f["kind"]), f["size"], f["vocab"], f.get("doc", ""))
+            Feature(
+                f["name"],
+                Owner(f["owner"]),
+                Kind(f["kind"]),
+                f["size"],
+                f["vocab"],
+                f.get("doc", ""),
+                f.get("space", ""),
+            )
             for f in d["features"]
         )
         return cls(d["name"], d["version"], feats, dict(d.get("retired", {})))

@@ -33,6 +33,7 @@ class WorldConfig:
         scroll_median: Median number of items a session views.
         scroll_sigma: Log-normal spread of scroll depth (larger: longer tail).
         history_len: Length of the user's click history and its side sequences.
+        embedding_noise: Per-dimension noise of the pretrained taste embeddings (u_emb_0, i_emb).
         seed: Everything the world draws follows from it.
 
     """
@@ -44,6 +45,7 @@ class WorldConfig:
     scroll_median: float = 6.0
     scroll_sigma: float = 1.0
     history_len: int = HISTORY_LEN
+    embedding_noise: float = 0.1
     seed: int = 7
 
 
@@ -68,8 +70,10 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         *_dense(U, "u_taste", 24, "noisy projection of the user's latent taste"),
         *_dense(U, "u_act", 8, "activity counters, updated as the user engages"),
         *_dense(U, "u_noise", 92, "pure noise"),
-        Feature("u_emb_0", U, Kind.DENSE, 16, doc="pretrained user embedding (taste)"),
-        Feature("u_emb_1", U, Kind.DENSE, 16, doc="pretrained user embedding (taste, noisier)"),
+        Feature("u_emb_0", U, Kind.DENSE, 16, doc="pretrained user embedding (taste)", space="two_tower"),
+        Feature(
+            "u_emb_1", U, Kind.DENSE, 16, doc="pretrained user embedding (taste, noisier)", space="two_tower"
+        ),
         Feature("u_emb_long", U, Kind.DENSE, 64, doc="long-term interest embedding (taste)"),
         Feature("u_emb_2", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
         Feature("u_emb_3", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
@@ -97,7 +101,7 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         Feature("i_like_rate", I, Kind.DENSE, doc="smoothed like rate, drifts"),
         Feature("i_followers_log", I, Kind.DENSE, doc="log followers of the creator, grows with likes"),
         *_dense(I, "i_noise", 24, "pure noise"),
-        Feature("i_emb", I, Kind.DENSE, 16, doc="pretrained item embedding"),
+        Feature("i_emb", I, Kind.DENSE, 16, doc="pretrained item embedding", space="two_tower"),
         Feature("i_noise_emb", I, Kind.DENSE, 4, doc="stale embedding, pure noise"),
         Feature("i_id", I, Kind.SPARSE, 1, ni, "item id"),
         Feature("i_category", I, Kind.SPARSE, 1, N_CATEGORIES, "item category"),
@@ -207,7 +211,12 @@ class World:
         lat = self.user_latent
         self._set_many(b, U, "u_taste", lat @ self.proj_user_taste + 0.5 * rng.normal(size=(nu, 24)))
         self._set_many(b, U, "u_noise", rng.normal(size=(nu, 92)))
-        self._set(b, U, "u_emb_0", lat @ self.proj_embedding + 0.3 * rng.normal(size=(nu, 16)))
+        self._set(
+            b,
+            U,
+            "u_emb_0",
+            lat @ self.proj_embedding + self.config.embedding_noise * rng.normal(size=(nu, 16)),
+        )
         self._set(b, U, "u_emb_1", lat @ self.proj_embedding + 0.8 * rng.normal(size=(nu, 16)))
         self._set(
             b, U, "u_emb_long", lat @ rng.normal(size=(LATENT_DIM, 64)) + 0.5 * rng.normal(size=(nu, 64))
@@ -284,7 +293,9 @@ class World:
         lat = self.item_latent
         self._set_many(b, I, "i_taste", lat @ self.proj_item_taste + 0.5 * rng.normal(size=(ni, 16)))
         self._set_many(b, I, "i_noise", rng.normal(size=(ni, 24)))
-        self._set(b, I, "i_emb", lat @ self.proj_embedding + 0.3 * rng.normal(size=(ni, 16)))
+        self._set(
+            b, I, "i_emb", lat @ self.proj_embedding + self.config.embedding_noise * rng.normal(size=(ni, 16))
+        )
         self._set(b, I, "i_noise_emb", rng.normal(size=(ni, 4)))
         self._set(b, I, "i_id", np.arange(ni))
         self._set(b, I, "i_category", self.item_category)

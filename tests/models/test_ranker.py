@@ -8,6 +8,7 @@ import torch
 
 from leanrec.funnel import Funnel
 from leanrec.models import LateRanker, RankerConfig
+from leanrec.schema import Side
 from leanrec.world import World
 
 
@@ -88,3 +89,39 @@ def test_padding_rows_stay_zero_through_training(small_world: World, inputs) -> 
     table = model.tables["u_topics"]
     assert torch.count_nonzero(table.weight[table.padding_idx]) == 0  # padding adds nothing, ever
     assert torch.count_nonzero(table.weight.grad[: table.padding_idx]) > 0  # real rows did learn
+
+
+def test_vectors_of_one_embedding_space_meet_in_a_dot_product(small_world: World, inputs) -> None:
+    """With the deep part silenced, the logits are exactly the wide dot products of the raw vectors."""
+    model = _model(small_world)
+    fs = small_world.featureset
+    assert model.space_sum.shape == (32, 2)  # u_emb_0 and u_emb_1 each against i_emb
+    last = model.top[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    with torch.no_grad():
+        model.space_weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    out = model(*inputs).detach().numpy()
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    cols = {s.feature.name: slice(s.offset, s.stop) for s in (*req.slots, *item.slots) if s.feature.is_float}
+    users = inputs[0].numpy()[inputs[4].numpy()]
+    items = inputs[2].numpy()
+    dot0 = (users[:, cols["u_emb_0"]] * items[:, cols["i_emb"]]).sum(1)
+    dot1 = (users[:, cols["u_emb_1"]] * items[:, cols["i_emb"]]).sum(1)
+    np.testing.assert_allclose(out[:, 0], dot0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 1], 2 * dot1, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_input_norms_are_each_features_first_layer_weight_norm(small_world: World) -> None:
+    model = _model(small_world)
+    fs = small_world.featureset
+    slots = fs.layout(Side.ITEM).slots
+    norms = model.dense_input_norms(Side.ITEM).detach()
+    assert norms.shape == (len(slots),)
+    for i, slot in enumerate(slots):
+        if not slot.feature.is_float:
+            assert norms[i] < 1e-5
+            continue
+        cols = slice(slot.offset, slot.stop)
+        expect = torch.cat([model.item_dense[0].weight[:, cols], model.item_linear.weight[:, cols]]).norm()
+        torch.testing.assert_close(norms[i], expect.detach())

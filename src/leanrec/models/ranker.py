@@ -54,12 +54,50 @@ class UserSide:
 
     vector: torch.Tensor  # (B, hidden)
     linear: torch.Tensor  # (B, dim) linear projection of the dense inputs, for the dot interaction
+    spaced: torch.Tensor  # (B, S) raw user vectors that share an embedding space with item vectors
     history: torch.Tensor  # (B, L, dim)
     mask: torch.Tensor  # (B, L) True where the history has an entry
 
     def take(self, rows: torch.Tensor) -> UserSide:
         """Broadcast to items: row ``rows[i]`` for item i."""
-        return UserSide(self.vector[rows], self.linear[rows], self.history[rows], self.mask[rows])
+        return UserSide(
+            self.vector[rows], self.linear[rows], self.spaced[rows], self.history[rows], self.mask[rows]
+        )
+
+
+@dataclass
+class ItemSide:
+    """The item side of N rows."""
+
+    vector: torch.Tensor  # (N, hidden)
+    query: torch.Tensor  # (N, dim) the item's attention query over the user's history
+    linear: torch.Tensor  # (N, dim) linear projection of the dense inputs, for the dot interaction
+    spaced: torch.Tensor  # (N, S) raw item vectors matched with ``UserSide.spaced``, column for column
+
+
+def _space_pairs(fs: FeatureSet) -> tuple[list[int], list[int], torch.Tensor]:
+    """Pairs of a request-side and an item-side dense vector of one embedding space and size.
+
+    Returns:
+        Float columns of the request layout and of the item layout, aligned (S each), and a
+        ``(S, P)`` 0/1 matrix that sums each of the P pairs' elementwise products into its dot product.
+
+    """
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    u_cols: list[int] = []
+    i_cols: list[int] = []
+    pair_of: list[int] = []
+    for us in req.slots:
+        for it in item.slots:
+            uf, itf = us.feature, it.feature
+            if uf.space and uf.space == itf.space and uf.is_float and itf.is_float and uf.size == itf.size:
+                pair_of += [pair_of[-1] + 1 if pair_of else 0] * uf.size
+                u_cols += range(us.offset, us.stop)
+                i_cols += range(it.offset, it.stop)
+    n_pairs = pair_of[-1] + 1 if pair_of else 0
+    summing = torch.zeros(len(pair_of), n_pairs)
+    summing[torch.arange(len(pair_of)), torch.tensor(pair_of, dtype=torch.long)] = 1.0
+    return u_cols, i_cols, summing
 
 
 class LateRanker(nn.Module):
@@ -117,7 +155,22 @@ class LateRanker(nn.Module):
         # term the MLPs would otherwise have to approximate.
         self.user_linear = nn.Linear(req.float_width, d)
         self.item_linear = nn.Linear(item.float_width, d)
-        self.top = _mlp([3 * h + 2 * d, h, h // 2, 2])
+        # Vectors the FeatureSet places in one embedding space interact directly: their elementwise
+        # products and dot product go to the top MLP. A learnt projection would have to rediscover
+        # the alignment from data, which MLPs do slowly.
+        u_cols, i_cols, summing = _space_pairs(fs)
+        self.register_buffer("user_space_cols", torch.tensor(u_cols, dtype=torch.long))
+        self.register_buffer("item_space_cols", torch.tensor(i_cols, dtype=torch.long))
+        self.register_buffer("space_sum", summing)
+        # Wide part: each pair's dot product also adds straight to both logits, with a learnt weight.
+        self.space_weight = nn.Parameter(torch.zeros(summing.shape[1], 2))
+        self.top = _mlp([3 * h + 2 * d + len(u_cols) + summing.shape[1], h, h // 2, 2])
+        # Slot of each dense input column, for per-feature weight norms.
+        for side, name in ((req, "req"), (item, "item")):
+            slot_of = [
+                i for i, sl in enumerate(side.slots) if sl.feature.is_float for _ in range(sl.feature.size)
+            ]
+            self.register_buffer(f"{name}_column_slot", torch.tensor(slot_of, dtype=torch.long))
 
     # ------------------------------------------------------------------ inputs
     def fit_normalizer(self, req_floats: torch.Tensor, item_floats: torch.Tensor) -> None:
@@ -125,6 +178,21 @@ class LateRanker(nn.Module):
         for name, x in (("req", req_floats), ("item", item_floats)):
             getattr(self, f"{name}_mean").copy_(x.mean(0))
             getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(1e-3))
+
+    def dense_input_norms(self, side: Side) -> torch.Tensor:
+        """L2 norm of the first-layer weights that read each slot of a side, ``(n_slots,)``.
+
+        The inputs are standardised, so the norms compare across features; id slots get 0. The
+        trainer's group lasso penalises their sum, and audits read them as weight-based importance.
+        """
+        name = "req" if side is Side.REQUEST else "item"
+        tower, linear = (
+            (self.user_dense, self.user_linear) if name == "req" else (self.item_dense, self.item_linear)
+        )
+        col_sq = tower[0].weight.square().sum(0) + linear.weight.square().sum(0)  # (F,)
+        index = getattr(self, f"{name}_column_slot")
+        out = col_sq.new_zeros(len(self.fs.layout(side).slots)).index_add(0, index, col_sq)
+        return out.clamp_min(1e-12).sqrt()
 
     def _ids(self, name: str, ints: torch.Tensor, offset: int, size: int) -> torch.Tensor:
         table = self.tables[name]
@@ -150,29 +218,36 @@ class LateRanker(nn.Module):
         encoded = self.encoder(tokens, src_key_padding_mask=~enc_mask)
         summary = (encoded * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         vector = self.user_mix(torch.cat([dense, summary, *pooled], dim=1))
-        return UserSide(vector, self.user_linear(normed), encoded, enc_mask)
+        return UserSide(vector, self.user_linear(normed), floats[:, self.user_space_cols], encoded, enc_mask)
 
-    def item_side(
-        self, floats: torch.Tensor, ints: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Item vectors ``(N, hidden)``, attention queries and linear projections (``(N, dim)`` each)."""
+    def item_side(self, floats: torch.Tensor, ints: torch.Tensor) -> ItemSide:
+        """The item side of N rows."""
         normed = (floats - self.item_mean) / self.item_std
         dense = self.item_dense(normed)
         pooled = [self._ids(n, ints, o, s).sum(1) for n, o, s in self._item_ids]
         vector = self.item_mix(torch.cat([dense, *pooled], dim=1))
-        return vector, self.query(vector), self.item_linear(normed)
+        return ItemSide(vector, self.query(vector), self.item_linear(normed), floats[:, self.item_space_cols])
 
-    def score(
-        self, user: UserSide, item_vec: torch.Tensor, item_query: torch.Tensor, item_linear: torch.Tensor
-    ) -> torch.Tensor:
+    def score(self, user: UserSide, item: ItemSide) -> torch.Tensor:
         """Logits ``(N, 2)`` (click, like) for N items whose user side is ``user`` (N rows)."""
-        att = torch.einsum("nld,nd->nl", user.history, item_query) / self.config.dim**0.5
+        att = torch.einsum("nld,nd->nl", user.history, item.query) / self.config.dim**0.5
         att = att.masked_fill(~user.mask, float("-inf")).softmax(-1)
         target = torch.einsum("nl,nld->nd", att, user.history)
+        products = user.spaced * item.spaced  # (N, S)
+        dots = products @ self.space_sum  # (N, P)
         z = torch.cat(
-            [user.vector, item_vec, user.vector * item_vec, target, user.linear * item_linear], dim=1
+            [
+                user.vector,
+                item.vector,
+                user.vector * item.vector,
+                target,
+                user.linear * item.linear,
+                products,
+                dots,
+            ],
+            dim=1,
         )
-        return self.top(z)
+        return self.top(z) + dots @ self.space_weight
 
     def forward(
         self,
@@ -198,4 +273,4 @@ class LateRanker(nn.Module):
             user = self.user_side(req_floats, req_ints).take(item_request)
         else:
             user = self.user_side(req_floats[item_request], req_ints[item_request])
-        return self.score(user, *self.item_side(item_floats, item_ints))
+        return self.score(user, self.item_side(item_floats, item_ints))

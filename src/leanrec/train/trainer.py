@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from leanrec.models.ranker import LateRanker, RankerConfig
-from leanrec.schema import FeatureSet
+from leanrec.schema import FeatureSet, Side
 from leanrec.train.metrics import auc, log_loss, per_request
 from leanrec.train.reader import Batch, ReadStats, iter_batches
 from leanrec.warehouse.store import WarehouseError
@@ -48,6 +48,8 @@ class TrainConfig:
         test_percent: Requests held out for the final test.
         like_weight: Weight of the like head's loss.
         weight_decay: AdamW's decoupled weight decay (keeps the large id tables from memorising).
+        group_lasso: Penalty on the sum of each dense feature's first-layer weight norm, which drives
+            the weights of features that earn nothing towards zero.
 
     """
 
@@ -64,6 +66,7 @@ class TrainConfig:
     like_weight: float = 0.5
     by_request: bool = True
     weight_decay: float = 0.0
+    group_lasso: float = 1e-3
 
 
 @dataclass
@@ -268,6 +271,8 @@ def _train(
                     b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, cfg.request_level
                 )
                 loss = bce(logits[:, 0], b.click) + cfg.like_weight * bce(logits[:, 1], b.like)
+                if cfg.group_lasso:
+                    loss = loss + cfg.group_lasso * sum(model.dense_input_norms(s).sum() for s in Side)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
