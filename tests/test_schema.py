@@ -273,3 +273,118 @@ def test_default_featureset_is_a_late_stage_rankers() -> None:
     assert {"u_taste_00", "i_taste_00", "u_hist", "i_click_rate"} <= informative
     assert {"u_noise_00", "i_noise_00"} <= noise
     assert {Kind.DENSE, Kind.SPARSE, Kind.MULTI_HOT, Kind.SEQUENCE} == {f.kind for f in fs.features}
+
+
+# ----------------------------------------------------------------------------------- versions
+def test_retire_makes_the_next_version_without_the_features_and_records_why() -> None:
+    fs = _small_fs()
+    v2 = fs.retire({"u_b": "noise in the audit", "i_id": "memorises items"})
+    assert (v2.name, v2.version) == (fs.name, fs.version + 1)
+    assert [f.name for f in v2.features] == ["i_a", "u_a", "c_hour", "u_id", "u_hist", "c_x", "i_tags"]
+    assert v2.retired == {"u_b": "noise in the audit", "i_id": "memorises items"}
+    assert [f.name for f in fs.features][-2:] == ["u_b", "i_tags"] and fs.retired == {}  # fs untouched
+    v3 = v2.retire({"c_x": "constant"})
+    assert v3.version == 3
+    assert v3.retired == {"u_b": "noise in the audit", "i_id": "memorises items", "c_x": "constant"}
+    assert FeatureSet.from_json(v3.to_json()) == v3
+
+
+def test_retire_refuses_unknown_names_and_an_empty_mapping() -> None:
+    fs = _small_fs()
+    with pytest.raises(ValueError, match=r"no features \['nope', 'u_zzz'\] to retire"):
+        fs.retire({"u_b": "noise", "u_zzz": "?", "nope": "?"})
+    v2 = fs.retire({"u_b": "noise"})
+    with pytest.raises(ValueError, match=r"tiny v2 has no features \['u_b'\]"):
+        v2.retire({"u_b": "again"})  # already retired
+    with pytest.raises(ValueError, match="no features named to retire"):
+        fs.retire({})
+
+
+def test_a_featureset_reads_itself_and_the_versions_it_retired_features_from() -> None:
+    v1 = _small_fs()
+    v2 = v1.retire({"u_b": "noise"})
+    v3 = v2.retire({"i_tags": "noise"})
+    assert v1.reads(v1) and v1.reads(_small_fs()) and v2.reads(v2)
+    assert v2.reads(v1) and v3.reads(v2) and v3.reads(v1)
+    assert v3.read_conflicts(v1) == []
+    # the other way round: the older version needs features the newer one lacks
+    assert not v1.reads(v2)
+    assert v1.read_conflicts(v2) == [
+        "written under a newer version (v2 > v1)",
+        "features not in the written FeatureSet: ['u_b']",
+    ]
+    # order does not matter: features are taken by name
+    assert FeatureSet(v1.name, 2, v1.features[::-1]).reads(v1)
+
+
+def test_reads_refuses_another_lineage_another_shape_and_missing_features() -> None:
+    v1 = _small_fs()
+    assert v1.read_conflicts(FeatureSet("other", 1, v1.features)) == ["another lineage ('other', not 'tiny')"]
+    assert not FeatureSet("other", 2, v1.features).reads(v1)
+    for name, changes in (
+        ("u_hist", {"size": 5}),
+        ("c_x", {"owner": Owner.USER}),
+        ("i_a", {"kind": Kind.MULTI_HOT, "vocab": 10}),
+        ("i_id", {"vocab": 501}),  # same bytes per value, other ids: not the same feature
+    ):
+        reshaped = _replace(v1, name, **changes)
+        newer = FeatureSet(v1.name, 2, reshaped.features)
+        assert not newer.reads(v1), name
+        assert newer.read_conflicts(v1) == [f"features of another shape: ['{name}']"]
+    # a version that adds a feature cannot read data written before it existed
+    added = FeatureSet(v1.name, 2, (*v1.features, Feature("u_new", U, Kind.DENSE)))
+    assert added.read_conflicts(v1) == ["features not in the written FeatureSet: ['u_new']"]
+    # a retired name brought back with another shape does not read the data of the old feature
+    back = FeatureSet(v1.name, 3, (*v1.retire({"u_b": "x"}).features, Feature("u_b", U, Kind.DENSE, 2)))
+    assert back.read_conflicts(v1) == ["features of another shape: ['u_b']"]
+
+
+@pytest.mark.parametrize("side", list(Side))
+def test_projection_picks_the_surviving_columns_of_each_feature(side: Side) -> None:
+    full = default_featureset(WorldConfig(n_users=50, n_items=1_000, n_creators=20))[0]
+    names = [f.name for f in full.features]
+    # retire every third feature: dense and id kinds, scalars and vectors, of every owner
+    pruned = full.retire({n: "audit" for n in names[::3]})
+    old, new = full.layout(side), pruned.layout(side)
+    assert new.float_width < old.float_width and new.int_width < old.int_width
+    rng = np.random.default_rng(1)
+    block = FeatureBlock(
+        rng.normal(size=(7, old.float_width)).astype("<f4"),
+        rng.integers(-1, 10_000, (7, old.int_width)).astype("<i4"),
+    )
+    fcols, icols = pruned.columns_from(full, side)
+    assert fcols.shape == (new.float_width,) and icols.shape == (new.int_width,)
+    got = pruned.project(block, full, side)
+    assert got.floats.shape == (7, new.float_width) and got.ints.shape == (7, new.int_width)
+    assert got.floats.flags.c_contiguous and not np.shares_memory(got.floats, block.floats)
+    was = {s.feature.name: s for s in old.slots}
+    for s in new.slots:  # each feature's values, sliced by name from either layout
+        o = was[s.feature.name]
+        src, dst = (block.floats, got.floats) if s.feature.is_float else (block.ints, got.ints)
+        assert np.array_equal(dst[:, s.offset : s.stop], src[:, o.offset : o.stop]), s.feature.name
+    # nothing retired: the identity
+    assert full.project(block, full, side).same_bytes(block)
+
+
+def test_projection_follows_the_readers_feature_order() -> None:
+    v1 = _small_fs()
+    shuffled = FeatureSet(v1.name, 2, v1.features[::-1])
+    assert shuffled.layout(Side.REQUEST).names == ["u_b", "u_hist", "u_id", "u_a", "c_x", "c_hour"]
+    # request side of v1: floats u_a (0:2), u_b (2:7), c_x (7); ints u_id (0), u_hist (1:5), c_hour (5)
+    fcols, icols = shuffled.columns_from(v1, Side.REQUEST)
+    assert fcols.tolist() == [2, 3, 4, 5, 6, 0, 1, 7]
+    assert icols.tolist() == [1, 2, 3, 4, 0, 5]
+    block = FeatureBlock(np.arange(16, dtype="<f4").reshape(2, 8), np.arange(12, dtype="<i4").reshape(2, 6))
+    got = shuffled.project(block, v1, Side.REQUEST)
+    assert np.array_equal(got.floats, block.floats[:, fcols]) and np.array_equal(
+        got.ints, block.ints[:, icols]
+    )
+
+
+def test_projection_refuses_a_featureset_it_cannot_read() -> None:
+    v1 = _small_fs()
+    v2 = v1.retire({"u_b": "noise"})
+    with pytest.raises(ValueError, match=r"tiny v1 cannot read tiny v2: written under a newer version"):
+        v1.columns_from(v2, Side.REQUEST)
+    with pytest.raises(ValueError, match="another lineage"):
+        v1.project(v1.layout(Side.ITEM).zeros(2), FeatureSet("other", 1, v1.features), Side.ITEM)

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from leanrec.schema import PAD_ID, Owner
-from leanrec.world import HISTORY_LEN, World, WorldConfig
+from leanrec.schema import PAD_ID, FeatureBlock, Kind, Owner
+from leanrec.world import HISTORY_LEN, World, WorldConfig, default_featureset
 
 
 def _col(world: World, owner: Owner, name: str) -> np.ndarray:
@@ -178,3 +178,50 @@ def test_apply_prepends_clicks_to_the_history_of_users_who_clicked(small_world: 
 def test_world_refuses_a_corpus_too_small_to_retrieve_from() -> None:
     with pytest.raises(ValueError, match="1,000 items"):
         World(WorldConfig(n_users=10, n_items=999, n_creators=40))
+
+
+# ----------------------------------------------------------------------------------- scale fillers
+def test_extra_noise_adds_that_many_noise_features_after_the_demo_ones(small_config: WorldConfig) -> None:
+    base_fs, base_noise = default_featureset(small_config)
+    assert small_config.extra_noise == 0
+    assert len(base_fs) == 212 and len(base_noise) == 142  # the demo's own, as documented
+    assert not any(f.name.startswith("x_") for f in base_fs.features)
+    fs, noise = default_featureset(dataclasses.replace(small_config, extra_noise=301))
+    assert len(fs) == len(base_fs) + 301
+    assert fs.features[: len(base_fs)] == base_fs.features  # appended: the demo's layout prefix is kept
+    extra = fs.features[len(base_fs) :]
+    assert {f.name for f in extra} <= noise
+    assert noise - {f.name for f in extra} == base_noise
+    owners = {(f.owner, f.kind) for f in extra}
+    assert owners == {(Owner.USER, Kind.DENSE), (Owner.ITEM, Kind.DENSE), (Owner.USER, Kind.SPARSE)}
+    assert sum(f.name.startswith("x_user_") for f in extra) > 0.8 * 301
+    with pytest.raises(ValueError, match="extra_noise"):
+        default_featureset(dataclasses.replace(small_config, extra_noise=-1))
+
+
+def test_extra_noise_is_filled_and_redrawn_on_apply(small_config: WorldConfig) -> None:
+    plain = World(small_config)
+    world = World(dataclasses.replace(small_config, extra_noise=60))
+    for owner in (Owner.USER, Owner.ITEM):  # the demo's features and truth are drawn as without fillers
+        got = world.store.blocks[owner]
+        want = plain.store.blocks[owner]
+        fw, iw = want.floats.shape[1], want.ints.shape[1]
+        assert FeatureBlock(got.floats[:, :fw].copy(), got.ints[:, :iw].copy()).same_bytes(want)
+    users, items = _traffic(world, b=50)
+    eng = world.engage(users, items, np.random.default_rng(7))
+    names = ("x_user_00000", "x_uid_00000", "x_item_00000")
+    before = {n: _col(world, Owner.ITEM if n.startswith("x_item") else Owner.USER, n) for n in names}
+    for n, col in before.items():
+        assert np.unique(col).size > 100, n  # noise, not a constant
+    uid = world.featureset["x_uid_00000"]
+    assert before["x_uid_00000"].min() >= 0 and before["x_uid_00000"].max() < uid.vocab
+    world.apply(users, items, eng)
+    viewed = np.unique(items[eng.viewed])
+    untouched = np.setdiff1d(np.arange(world.config.n_items), viewed)
+    after = {n: _col(world, Owner.ITEM if n.startswith("x_item") else Owner.USER, n) for n in names}
+    assert (after["x_item_00000"][viewed] != before["x_item_00000"][viewed]).all()
+    assert np.array_equal(after["x_item_00000"][untouched], before["x_item_00000"][untouched])
+    assert (after["x_user_00000"][users] != before["x_user_00000"][users]).all()
+    assert (after["x_uid_00000"][users] != before["x_uid_00000"][users]).mean() > 0.9  # 1 in 1,000 repeats
+    others = np.setdiff1d(np.arange(world.config.n_users), users)
+    assert np.array_equal(after["x_user_00000"][others], before["x_user_00000"][others])

@@ -48,7 +48,7 @@ def _seed(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
-    from leanrec.report.demo_report import render_loop, render_table, write_html, write_json
+    from leanrec.report.demo_report import render_audit, render_loop, render_table, write_html, write_json
     from leanrec.sim.demo import run_demo
 
     out = Path(args.out)
@@ -68,16 +68,21 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         task = progress.add_task("ranking, logging, joining", total=args.requests)
         result = run_demo(args.requests, args.seed, out, progress=lambda n: progress.advance(task, n))
     report = result.report
-    if args.rounds == 2:
+    if args.rounds >= 2:
         from leanrec.sim.loop import close_loop
 
+        budget = args.budget if args.rounds == 3 else None
         with _phases(console) as seen:
-            report["loop"] = close_loop(result, args.requests, args.seed, out, progress=seen)
+            report["loop"] = close_loop(
+                result, args.requests, args.seed, out, progress=seen, audit_budget=budget
+            )
     write_json(report, out / "report.json")
     write_html(report, out / "report.html")
     console.print(render_table(report))
     if "loop" in report:
         console.print(render_loop(report["loop"]))
+    if "audit" in report.get("loop", {}):
+        console.print(render_audit(report["loop"]["audit"]))
     console.print(
         f"reports: {out / 'report.json'}, {out / 'report.html'}; warehouses: "
         f"{out / 'warehouse' / 'naive'}, {out / 'warehouse' / 'lean'}"
@@ -214,13 +219,35 @@ def _progress_columns() -> tuple:
     return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
+def _featureset_file(path: str, written):
+    """A FeatureSet from a JSON file, checked to read data written under ``written``."""
+    import json
+
+    from leanrec.schema import FeatureSet
+
+    try:
+        fs = FeatureSet.from_json(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--featureset {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"--featureset {path} is not a FeatureSet file ({exc})") from None
+    if not fs.reads(written):
+        raise ValueError(
+            f"--featureset {path} is {fs.name} v{fs.version}, which cannot read the warehouse's "
+            f"{written.name} v{written.version}"
+        )
+    return fs
+
+
 def _train(args: argparse.Namespace, console: Console) -> int:
     from leanrec.train.trainer import TrainConfig, save_checkpoint, train
     from leanrec.warehouse.store import WarehouseError, featureset_of
 
     try:
         fs = featureset_of(args.warehouse)
-    except WarehouseError as exc:
+        if args.featureset:
+            fs = _featureset_file(args.featureset, fs)
+    except (WarehouseError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     out = Path(args.out)
@@ -294,6 +321,54 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"the AUC budget must be at least 0, got {value}")
+    return value
+
+
+def _audit(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.audit import AuditConfig, AuditError, audit
+    from leanrec.audit.report import audit_table, write_audit
+    from leanrec.train.trainer import CheckpointError, load_checkpoint
+
+    try:
+        model = load_checkpoint(args.model)
+    except CheckpointError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        console.print(f"[red]error:[/red] --out {out} exists and is not a folder")
+        return 2
+    with Progress(*_progress_columns(), console=console, transient=True) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def seen(phase: str, n: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.advance(tasks[phase], n)
+
+        try:
+            result = audit(
+                model, args.warehouse, AuditConfig(budget=args.budget, seed=args.seed), progress=seen
+            )
+        except AuditError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+    pruned = write_audit(result, model.fs, out)
+    console.print(audit_table(result))
+    console.print(
+        f"pruned FeatureSet {pruned.name} v{pruned.version}: {out / 'featureset.json'}; "
+        f"report: {out / 'audit.html'}; {result.evaluations:,} shuffles scored in {result.seconds:.0f} s"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="leanrec", description="Lean data plumbing for feed recommenders.")
@@ -311,9 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--rounds",
         type=int,
-        choices=(1, 2),
+        choices=(1, 2, 3),
         default=1,
-        help="2: also train a model on round 0's warehouse and serve round 1 with it (closing the loop)",
+        help=(
+            "2: also train a model on round 0's warehouse and serve round 1 with it (closing the loop); "
+            "3: then audit it, prune, retrain and serve round 2 under the pruned FeatureSet"
+        ),
+    )
+    demo.add_argument(
+        "--budget", type=_budget, default=0.001, help="audit round: most held-out AUC to lose (default 0.001)"
     )
 
     serve = sub.add_parser("serve", help="serve the ranking API (rank, paginate, events, healthz, metrics)")
@@ -337,6 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--impression-level", action="store_true", help="one user side per impression (baseline)")
     tr.add_argument("--full-metrics", action="store_true", help="full metric suite at every validation")
     tr.add_argument("--seed", type=_seed, default=0)
+    tr.add_argument(
+        "--featureset", help="train under this FeatureSet version (e.g. an audit's featureset.json)"
+    )
+    au = sub.add_parser("audit", help="audit which features earn their cost; write a pruned FeatureSet")
+    au.add_argument("--model", required=True, help="checkpoint of the trained late ranker")
+    au.add_argument("--warehouse", required=True, help="its warehouse (held-out requests are audited)")
+    au.add_argument("--budget", type=_budget, default=0.001, help="most held-out AUC to lose (default 0.001)")
+    au.add_argument("--out", default="leanrec-audit", help="report folder (default ./leanrec-audit)")
+    au.add_argument("--seed", type=_seed, default=0, help="seed of the shuffles")
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a warehouse's held-out requests")
     ev.add_argument("--model", required=True)
     ev.add_argument("--warehouse", required=True)
@@ -354,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulate": _simulate,
         "train": _train,
         "evaluate": _evaluate,
+        "audit": _audit,
     }
     if args.command in commands:
         return commands[args.command](args, console)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -254,6 +255,102 @@ class FeatureSet:
                     iw += f.size
         return out
 
+    def retire(self, reasons: Mapping[str, str]) -> FeatureSet:
+        """The next version of this lineage without the named features, e.g. after a feature audit.
+
+        Survivors keep their order, so the new layouts are the old ones with the retired columns cut
+        out, and data written under this version stays readable under the next (see :meth:`reads`).
+
+        Args:
+            reasons: Name of each feature to retire -> why (kept in ``retired`` for reports).
+
+        Returns:
+            A FeatureSet of the same name, ``version + 1``, whose ``retired`` is this one's plus
+            ``reasons``.
+
+        Raises:
+            ValueError: ``reasons`` is empty or names features this version does not have.
+
+        """
+        if not reasons:
+            raise ValueError(f"FeatureSet {self.name} v{self.version}: no features named to retire")
+        have = {f.name for f in self.features}
+        if unknown := sorted(set(reasons) - have):
+            raise ValueError(f"FeatureSet {self.name} v{self.version} has no features {unknown} to retire")
+        return FeatureSet(
+            self.name,
+            self.version + 1,
+            tuple(f for f in self.features if f.name not in reasons),
+            {**self.retired, **reasons},
+        )
+
+    def read_conflicts(self, written: FeatureSet) -> list[str]:
+        """Why data written under ``written`` cannot be read under this FeatureSet (empty when it can).
+
+        Reading takes this FeatureSet's features from the written data by name, so it needs the same
+        lineage, a version no older than the written one (a reader never guesses at a future
+        version's features), and every feature of its own present in ``written`` with the same owner,
+        kind, size and vocabulary. Features ``written`` has beyond those (retired since) are skipped.
+        """
+        if written.name != self.name:
+            return [f"another lineage ({written.name!r}, not {self.name!r})"]
+        out = []
+        if written.version > self.version:
+            out.append(f"written under a newer version (v{written.version} > v{self.version})")
+        old = {f.name: f for f in written.features}
+        if missing := [f.name for f in self.features if f.name not in old]:
+            out.append(f"features not in the written FeatureSet: {missing}")
+        if reshaped := [f.name for f in self.features if f.name in old and _shape(old[f.name]) != _shape(f)]:
+            out.append(f"features of another shape: {reshaped}")
+        return out
+
+    def reads(self, written: FeatureSet) -> bool:
+        """Whether data written under ``written`` can be read under this FeatureSet.
+
+        True for ``written`` itself and for every earlier version this one retired features from;
+        see :meth:`read_conflicts` for the rules and the reasons when it is False.
+        """
+        return not self.read_conflicts(written)
+
+    def columns_from(self, written: FeatureSet, side: Side) -> tuple[np.ndarray, np.ndarray]:
+        """Columns of ``written``'s blocks of ``side`` that make up this FeatureSet's blocks of it.
+
+        Returns:
+            ``(float_width,)`` and ``(int_width,)`` int64 indices into ``written``'s float and int
+            blocks of ``side``, in this FeatureSet's column order.
+
+        Raises:
+            ValueError: Data written under ``written`` cannot be read under this FeatureSet.
+
+        """
+        if conflicts := self.read_conflicts(written):
+            raise ValueError(
+                f"FeatureSet {self.name} v{self.version} cannot read {written.name} v{written.version}: "
+                + "; ".join(conflicts)
+            )
+        src = {s.feature.name: s for s in written.layout(side).slots}
+        out = []
+        for is_float in (True, False):
+            slots = [src[s.feature.name] for s in self.layout(side).slots if s.feature.is_float is is_float]
+            starts = np.array([s.offset for s in slots], np.int64)
+            sizes = np.array([s.feature.size for s in slots], np.int64)
+            # Each feature's columns are a run from its old offset: shift a global arange per run.
+            shift = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
+            out.append(shift + np.arange(sizes.sum(), dtype=np.int64))
+        return out[0], out[1]
+
+    def project(self, block: FeatureBlock, written: FeatureSet, side: Side) -> FeatureBlock:
+        """A block of ``side`` in this FeatureSet's layout, from one in ``written``'s layout.
+
+        The retired columns are dropped; the result owns its bytes (a gather, not a view), so it can
+        be frozen and logged as it is.
+
+        Raises:
+            ValueError: Data written under ``written`` cannot be read under this FeatureSet.
+
+        """
+        return block.take_columns(*self.columns_from(written, side))
+
     @cached_property
     def fingerprint(self) -> int:
         """32-bit hash of the shape of every feature: blobs carry it so a mismatch is caught."""
@@ -291,6 +388,11 @@ class FeatureSet:
         return cls(d["name"], d["version"], feats, dict(d.get("retired", {})))
 
 
+def _shape(f: Feature) -> tuple[Owner, Kind, int, int]:
+    """What must match for values of one feature to be read as another's."""
+    return f.owner, f.kind, f.size, f.vocab
+
+
 @dataclass
 class FeatureBlock:
     """Features of N entities of one side, packed as the side's Layout says.
@@ -315,6 +417,16 @@ class FeatureBlock:
     def take(self, rows: np.ndarray | slice) -> FeatureBlock:
         """A block of the selected rows (a copy for index arrays, a view for slices)."""
         return FeatureBlock(self.floats[rows], self.ints[rows])
+
+    def take_columns(self, float_cols: np.ndarray, int_cols: np.ndarray) -> FeatureBlock:
+        """A block of the selected float and int columns, in that order (a copy).
+
+        Args:
+            float_cols: ``(F,)`` column indices into ``floats``.
+            int_cols: ``(I,)`` column indices into ``ints``.
+
+        """
+        return FeatureBlock(np.take(self.floats, float_cols, axis=1), np.take(self.ints, int_cols, axis=1))
 
     def copy(self) -> FeatureBlock:
         """An independent copy: freezing features means owning their bytes."""

@@ -34,6 +34,11 @@ class WorldConfig:
         scroll_sigma: Log-normal spread of scroll depth (larger: longer tail).
         history_len: Length of the user's click history and its side sequences.
         embedding_noise: Per-dimension noise of the pretrained taste embeddings (u_emb_0, i_emb).
+        extra_noise: Additional pure-noise features registered after the demo's own, to make a
+            FeatureSet of production scale (thousands of features) for audits to be measured on. They
+            are a realistic mix: 85% user-side dense scalars (``x_user_00000`` …), 10% item-side dense
+            scalars (``x_item_…``) and 5% user-side ids of vocabulary 1,000 (``x_uid_…``). 0 keeps
+            the demo's FeatureSet and world exactly as they are.
         seed: Everything the world draws follows from it.
 
     """
@@ -46,7 +51,12 @@ class WorldConfig:
     scroll_sigma: float = 1.0
     history_len: int = HISTORY_LEN
     embedding_noise: float = 0.1
+    extra_noise: int = 0
     seed: int = 7
+
+
+EXTRA_NOISE_VOCAB = 1_000
+"""Vocabulary of the extra user-side noise ids (``x_uid_…``)."""
 
 
 def _dense(owner: Owner, prefix: str, n: int, doc: str, size: int = 1) -> list[Feature]:
@@ -57,11 +67,33 @@ def _ids(owner: Owner, prefix: str, n: int, vocab: int, doc: str) -> list[Featur
     return [Feature(f"{prefix}_{i:02d}", owner, Kind.SPARSE, 1, vocab, doc) for i in range(n)]
 
 
+def extra_noise_features(n: int) -> list[Feature]:
+    """``n`` pure-noise features in a production-like mix of families (see ``WorldConfig.extra_noise``).
+
+    Mostly user-side dense scalars, as real FeatureSets are mostly user counters and ratios; the split
+    is rounded so the three families always add up to exactly ``n``.
+    """
+    if n < 0:
+        raise ValueError(f"extra_noise must be at least 0, got {n}")
+    n_item, n_uid = round(0.10 * n), round(0.05 * n)
+    n_user = n - n_item - n_uid
+    doc = "pure noise (scale filler)"
+    return [
+        *(Feature(f"x_user_{i:05d}", Owner.USER, Kind.DENSE, doc=doc) for i in range(n_user)),
+        *(
+            Feature(f"x_uid_{i:05d}", Owner.USER, Kind.SPARSE, 1, EXTRA_NOISE_VOCAB, doc)
+            for i in range(n_uid)
+        ),
+        *(Feature(f"x_item_{i:05d}", Owner.ITEM, Kind.DENSE, doc=doc) for i in range(n_item)),
+    ]
+
+
 def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet, frozenset[str]]:
     """The demo's FeatureSet, as a late-stage ranker has it, and the names of its pure-noise features.
 
     156 user-side features (including the last 50 clicked item ids with their categories, creators,
-    actions and ages, as sequence models consume them), 3 context features and 53 item-side features.
+    actions and ages, as sequence models consume them), 3 context features and 53 item-side features,
+    then ``config.extra_noise`` more pure-noise features (see :func:`extra_noise_features`).
     Noise features have no relation to engagement: an audit should retire them.
     """
     U, C, I = Owner.USER, Owner.CONTEXT, Owner.ITEM
@@ -111,8 +143,10 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
     ]
     noise_prefixes = ("u_noise", "i_noise", "u_emb_2", "u_emb_3", "c_hour", "c_dow")
     noise_names = {"u_country", "u_lang", "u_gender", "u_device"}
-    noise = frozenset(f.name for f in feats if f.name.startswith(noise_prefixes) or f.name in noise_names)
-    return FeatureSet("demo", 1, tuple(feats)), noise
+    noise = {f.name for f in feats if f.name.startswith(noise_prefixes) or f.name in noise_names}
+    extra = extra_noise_features(config.extra_noise)
+    noise.update(f.name for f in extra)
+    return FeatureSet("demo", 1, (*feats, *extra)), frozenset(noise)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -149,6 +183,25 @@ class World:
             raise ValueError("a world needs at least one user and 1,000 items (retrieval takes 1,000)")
         self.config = config
         self.featureset, self.noise_features = default_featureset(config)
+        extra = {f.name for f in extra_noise_features(config.extra_noise)}
+        # The demo's own noise slots, in registry order, so they are redrawn in the order (and from the
+        # stream) they always were; the extra features are redrawn apart, a family block at a time.
+        self._noise_slots = {
+            owner: [
+                s
+                for name, s in self.featureset.owner_slots(owner).items()
+                if name in self.noise_features and name not in extra
+            ]
+            for owner in (Owner.USER, Owner.ITEM)
+        }
+        self._extra_columns = {
+            (owner, is_float): self._extra_span(owner, extra, is_float)
+            for owner in (Owner.USER, Owner.ITEM)
+            for is_float in (True, False)
+        }
+        # The extra noise has its own stream: a world with it draws the same truth, traffic and demo
+        # features as one without, so the two differ only by the features added.
+        self._extra_rng = np.random.default_rng([config.seed, config.extra_noise])
         rng = np.random.default_rng(config.seed)
         self.rng = rng
         nu, ni, d = config.n_users, config.n_items, LATENT_DIM
@@ -187,9 +240,10 @@ class World:
         self.creator_followers = rng.pareto(1.5, size=config.n_creators) * 100
         self.user_counts = np.zeros((nu, 4))  # sessions, views, clicks, likes
 
-        self.store = MemoryFeatureStore(
-            self.featureset, {Owner.USER: self._init_users(), Owner.ITEM: self._init_items()}
-        )
+        users, items = self._init_users(), self._init_items()
+        self._draw_extra_noise(users, Owner.USER)
+        self._draw_extra_noise(items, Owner.ITEM)
+        self.store = MemoryFeatureStore(self.featureset, {Owner.USER: users, Owner.ITEM: items})
 
     # ----------------------------------------------------------------- observable features
     def _empty(self, owner: Owner, n: int) -> FeatureBlock:
@@ -204,6 +258,48 @@ class World:
     def _set_many(self, block: FeatureBlock, owner: Owner, prefix: str, values: np.ndarray) -> None:
         for j in range(values.shape[1]):
             self._set(block, owner, f"{prefix}_{j:02d}", values[:, j])
+
+    def _extra_span(self, owner: Owner, extra: set[str], is_float: bool) -> slice:
+        """Columns of ``owner``'s extra noise features in its float or int block.
+
+        They are registered after every demo feature, so within an owner's block they are one run of
+        trailing columns: a slice, written as one array rather than feature by feature.
+        """
+        slots = [s for n, s in self.featureset.owner_slots(owner).items() if n in extra]
+        slots = [s for s in slots if s.feature.is_float is is_float]
+        if not slots:
+            return slice(0, 0)
+        span = slice(slots[0].offset, slots[-1].stop)
+        if span.stop - span.start != sum(s.feature.size for s in slots):
+            raise RuntimeError(f"extra {owner} noise features are not contiguous")  # registry order broke
+        return span
+
+    def _draw_extra_noise(self, block: FeatureBlock, owner: Owner) -> None:
+        """Fill the extra noise features of ``block``'s entities: one draw per family block."""
+        n, rng = len(block), self._extra_rng
+        floats, ints = self._extra_columns[owner, True], self._extra_columns[owner, False]
+        if floats.stop > floats.start:
+            block.floats[:, floats] = rng.standard_normal((n, floats.stop - floats.start), np.float32)
+        if ints.stop > ints.start:
+            block.ints[:, ints] = rng.integers(0, EXTRA_NOISE_VOCAB, (n, ints.stop - ints.start), np.int32)
+
+    def _redraw_noise(self, block: FeatureBlock, owner: Owner) -> None:
+        """Draw the noise features of ``block``'s entities afresh.
+
+        Noise that stayed fixed per entity would identify it, as an id does, and a model could learn
+        per-user or per-item effects from it; redrawn on every engagement it says nothing.
+        """
+        n = len(block)
+        for slot in self._noise_slots[owner]:
+            f = slot.feature
+            target = block.floats if f.is_float else block.ints
+            values = (
+                self.rng.normal(size=(n, f.size))
+                if f.is_float
+                else self.rng.integers(0, f.vocab, (n, f.size))
+            )
+            target[:, slot.offset : slot.stop] = values
+        self._draw_extra_noise(block, owner)
 
     def _init_users(self) -> FeatureBlock:
         rng, nu, U = self.rng, self.config.n_users, Owner.USER
@@ -375,6 +471,7 @@ class World:
         touched = touched[touched < ni]
         block = self.store.get_many(Owner.ITEM, touched)
         self._write_item_counters(block, touched)
+        self._redraw_noise(block, Owner.ITEM)
         self.store.put_many(Owner.ITEM, touched, block)
 
         np.add.at(self.user_counts[:, 0], users, 1)
@@ -397,4 +494,5 @@ class World:
             ages = ublock.floats[i, age.offset : age.stop]
             ages[:] = np.concatenate([np.zeros(len(clicked), np.float32), ages])[: self.config.history_len]
         self._write_history_side(ublock, ublock.ints[:, hist.offset : hist.stop])
+        self._redraw_noise(ublock, Owner.USER)
         self.store.put_many(Owner.USER, uniq, ublock)

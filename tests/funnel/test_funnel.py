@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from leanrec.funnel import Funnel, RankedBatch
-from leanrec.schema import FeatureBlock, Owner, Side
+from leanrec.schema import Feature, FeatureBlock, FeatureSet, Kind, Owner, Side
 from leanrec.world import World
 
 T_MS = 1_700_000_000_000
@@ -124,3 +124,72 @@ def test_smaller_funnel(small_world: World) -> None:
     assert batch.item_ids.shape == (2, 20)
     assert len(batch.items) == 40
     assert all(len(np.unique(r)) == 20 for r in batch.item_ids)
+
+
+# --------------------------------------------------------------------------- a retired FeatureSet
+RETIRED = {
+    "u_taste_03": "audit",  # the stand-in's own inputs: it must do without them
+    "i_taste_07": "audit",
+    "i_click_rate": "audit",
+    "u_noise_05": "noise",
+    "u_emb_2": "stale",
+    "u_hist_age": "no gain",
+    "c_dow": "no gain",
+    "i_noise_emb": "stale",
+    "i_tags": "no gain",
+}
+
+
+def test_a_pruned_funnel_returns_the_full_rankings_columns_of_its_featureset(
+    small_world: World, users: np.ndarray
+) -> None:
+    fs = small_world.featureset
+    pruned = fs.retire(RETIRED)
+    funnel = Funnel(small_world, featureset=pruned)
+    assert funnel.fs is pruned
+    got, full = _rank(small_world, users, funnel), _rank(small_world, users)
+    req, item = pruned.layout(Side.REQUEST), pruned.layout(Side.ITEM)
+    assert got.request.floats.shape == (len(users), req.float_width)
+    assert got.request.ints.shape == (len(users), req.int_width)
+    assert got.items.floats.shape == (len(users) * 100, item.float_width)
+    assert got.items.ints.shape == (len(users) * 100, item.int_width)
+    assert got.request.same_bytes(pruned.project(full.request, fs, Side.REQUEST))
+    # retrieval and the early ranker are untouched: the same 100 items, maybe in another late order
+    by_id = np.argsort(got.item_ids, axis=1)
+    full_by_id = np.argsort(full.item_ids, axis=1)
+    assert np.array_equal(
+        np.take_along_axis(got.item_ids, by_id, 1), np.take_along_axis(full.item_ids, full_by_id, 1)
+    )
+    rows = (by_id + 100 * np.arange(len(users))[:, None]).ravel()
+    full_rows = (full_by_id + 100 * np.arange(len(users))[:, None]).ravel()
+    want = pruned.project(full.items.take(full_rows), fs, Side.ITEM)
+    assert got.items.take(rows).same_bytes(want)
+    # the scores are those of the returned (pruned) blocks
+    again = funnel.scorer.score(got.request, got.items, got.n_items)
+    assert np.allclose(again, got.scores, rtol=1e-5, atol=1e-4)
+
+
+def test_the_stand_in_still_ranks_well_without_some_of_its_inputs(small_world: World) -> None:
+    pruned = small_world.featureset.retire(RETIRED)
+    rng = np.random.default_rng(2)
+    users = rng.choice(small_world.config.n_users, 40, replace=False)
+    batch = _rank(small_world, users, Funnel(small_world, featureset=pruned))
+    ranked_p = small_world.click_probability(users, batch.item_ids).mean()
+    random_items = np.stack([rng.choice(small_world.config.n_items, 100, replace=False) for _ in users])
+    assert ranked_p > 1.5 * small_world.click_probability(users, random_items).mean()
+
+
+def test_the_stand_in_of_the_worlds_featureset_is_the_default_one(small_world: World, users) -> None:
+    a = _rank(small_world, users, Funnel(small_world, featureset=small_world.featureset))
+    b = _rank(small_world, users)
+    assert np.array_equal(a.item_ids, b.item_ids) and np.array_equal(a.scores, b.scores)
+    assert a.request.same_bytes(b.request) and a.items.same_bytes(b.items)
+
+
+def test_a_funnel_refuses_a_featureset_not_cut_from_the_worlds(small_world: World) -> None:
+    fs = small_world.featureset
+    with pytest.raises(ValueError, match="another lineage"):
+        Funnel(small_world, featureset=FeatureSet("other", 2, fs.features))
+    added = FeatureSet(fs.name, 2, (*fs.features, Feature("u_new", Owner.USER, Kind.DENSE)))
+    with pytest.raises(ValueError, match=r"not a retirement of the world's demo v1: .*\['u_new'\]"):
+        Funnel(small_world, featureset=added)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from leanrec.schema import FeatureSet, Side
+from leanrec.schema import Feature, FeatureSet, Kind, Owner, Side
 from leanrec.sim.demo import run_demo
 from leanrec.train.reader import Batch, ReadStats, iter_batches, shard, warehouse_files
-from leanrec.warehouse.store import WarehouseError
-from leanrec.warehouse.tables import TableLayout
+from leanrec.warehouse.store import WarehouseError, read_table
+from leanrec.warehouse.tables import FEATURESET_KEY, TableLayout
 from leanrec.world import WorldConfig, default_featureset
 
 CONFIG = WorldConfig(n_users=400, n_items=3_000, n_creators=200, seed=3)
@@ -270,13 +271,92 @@ def test_a_folder_without_parquet_files_is_refused(demo: Demo, tmp_path: Path) -
 
 def test_a_featureset_of_another_shape_is_refused(demo: Demo) -> None:
     fs = demo.fs
-    dropped = FeatureSet(fs.name, fs.version + 1, fs.features[:-1])
-    gone = re.escape(f"not in the reader's FeatureSet: ['{fs.features[-1].name}']")
+    last = fs.features[-1]
+    reshaped = FeatureSet(fs.name, fs.version + 1, (*fs.features[:-1], dataclasses.replace(last, size=9)))
     for uri in (demo.lean, demo.naive):
-        with pytest.raises(WarehouseError, match=gone):
-            iter_batches(uri, dropped)
+        with pytest.raises(WarehouseError, match=re.escape(f"features of another shape: ['{last.name}']")):
+            iter_batches(uri, reshaped)
+    added = FeatureSet(fs.name, fs.version + 1, (*fs.features, Feature("u_new", Owner.USER, Kind.DENSE)))
+    with pytest.raises(WarehouseError, match=re.escape("features not in the written FeatureSet: ['u_new']")):
+        iter_batches(demo.lean, added)
     with pytest.raises(WarehouseError, match="another lineage"):
         iter_batches(demo.lean, FeatureSet("other", fs.version, fs.features))
+
+
+# --------------------------------------------------------------------------- FeatureSet versions
+RETIRED = {"u_noise_00": "noise", "u_emb_3": "stale", "u_hist_age": "no gain", "c_dow": "no gain"}
+RETIRED |= {"i_noise_emb": "stale", "i_tags": "no gain", "i_creator": "memorises creators"}
+
+
+def cut(ex: dict[str, np.ndarray], old: FeatureSet, new: FeatureSet) -> dict[str, np.ndarray]:
+    """Examples of ``old``'s layout with the feature columns of ``new``'s layout."""
+    out = dict(ex)
+    for side, prefix in ((Side.REQUEST, "req"), (Side.ITEM, "item")):
+        fcols, icols = new.columns_from(old, side)
+        out[f"{prefix}_floats"], out[f"{prefix}_ints"] = (
+            ex[f"{prefix}_floats"][:, fcols],
+            ex[f"{prefix}_ints"][:, icols],
+        )
+    return out
+
+
+@pytest.mark.parametrize("which", ["lean_split", "naive_split"])
+def test_a_v1_warehouse_reads_under_v2_and_skips_the_retired_columns(demo: Demo, which: str) -> None:
+    uri, v2 = getattr(demo, which), demo.fs.retire(RETIRED)
+    read = {fs.version: ReadStats() for fs in (demo.fs, v2)}
+    v1_batches = list(iter_batches(uri, demo.fs, batch_requests=32, batch_impressions=300, stats=read[1]))
+    v2_batches = list(iter_batches(uri, v2, batch_requests=32, batch_impressions=300, stats=read[2]))
+    assert keys(v2_batches) == keys(v1_batches)
+    req, item = v2.layout(Side.REQUEST), v2.layout(Side.ITEM)
+    assert req.float_width < demo.fs.layout(Side.REQUEST).float_width
+    assert item.int_width < demo.fs.layout(Side.ITEM).int_width
+    for b in v2_batches:
+        assert b.req_floats.shape[1] == req.float_width and b.item_ints.shape[1] == item.int_width
+    assert_same(examples(v2_batches), cut(examples(v1_batches), demo.fs, v2))
+    # the retired columns are not read: fewer bytes, from the same files, row groups and rows
+    assert read[2].bytes_read < read[1].bytes_read
+    for counter in ("files", "row_groups", "rows", "examples"):
+        assert getattr(read[2], counter) == getattr(read[1], counter), counter
+
+
+def test_a_folder_of_v1_and_v2_files_reads_under_v2(demo: Demo, tmp_path: Path) -> None:
+    v2 = demo.fs.retire(RETIRED)
+    files = warehouse_files(demo.lean_split)
+    root = tmp_path / "mixed"
+    for k, path in enumerate(files):  # the first two days as logged under v1, the others under v2
+        folder = root / f"dt=2026-11-0{k + 2}" / "hour=08"
+        folder.mkdir(parents=True)
+        table = pq.read_table(path)
+        if k >= 2:  # what a v2 pipeline writes: v2's columns and metadata
+            table = read_table(str(Path(path).parent), v2)
+        pq.write_table(table, folder / "part-0.parquet", row_group_size=40)
+    versions = [
+        FeatureSet.from_json(pq.read_schema(f).metadata[FEATURESET_KEY].decode()).version
+        for f in warehouse_files(str(root))
+    ]
+    assert versions == [1, 1, 2, 2]
+    mixed = list(iter_batches(str(root), v2, batch_requests=32))
+    assert [b.n_requests for b in mixed] == [32, 32, 32, 32, 22]  # batches run across v1 and v2 files
+    want = cut(examples(list(iter_batches(demo.lean, demo.fs))), demo.fs, v2)
+    assert_same(examples(mixed), want)
+    assert_same(examples(list(iter_batches(str(root), v2, by_request=True, batch_requests=16))), want)
+    # v1 cannot read the v2 files among them
+    with pytest.raises(
+        WarehouseError, match=r"written under FeatureSet demo v2 .* newer version \(v2 > v1\)"
+    ):
+        list(iter_batches(str(root), demo.fs))
+
+
+def test_a_v2_warehouse_is_refused_under_v1(demo: Demo, tmp_path: Path) -> None:
+    v2 = demo.fs.retire(RETIRED)
+    (tmp_path / "dt=2026-11-02").mkdir()
+    pq.write_table(read_table(demo.lean, v2), tmp_path / "dt=2026-11-02" / "part-0.parquet")
+    assert len(list(iter_batches(str(tmp_path), v2))) == 1
+    with pytest.raises(WarehouseError) as err:
+        iter_batches(str(tmp_path), demo.fs)
+    msg = str(err.value)
+    assert "was written under FeatureSet demo v2" in msg and "not demo v1" in msg
+    assert "newer version (v2 > v1)" in msg and "features not in the written FeatureSet: ['u_noise_00'" in msg
 
 
 def test_a_layout_other_than_expected_is_refused(demo: Demo) -> None:

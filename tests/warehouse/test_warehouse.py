@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from leanrec.warehouse import (
     read_table,
     warehouse_bytes,
 )
+from leanrec.warehouse.store import featureset_of
 from leanrec.warehouse.tables import FEATURESET_KEY, LAYOUT_KEY
 from leanrec.world import WorldConfig, default_featureset
 
@@ -300,3 +302,115 @@ def test_read_table_refuses_the_wrong_layout(fs: FeatureSet, tmp_path: Path) -> 
     # Without a layout asked for, each reads as what it is.
     assert read_table(lean.uri, fs).schema.names[-1] == "items"
     assert read_table(naive.uri, fs).num_rows == len(records[0])
+
+
+# --------------------------------------------------------------------------- FeatureSet versions
+RETIRED = {
+    "u_noise_00": "noise",
+    "u_emb_2": "stale embedding",
+    "u_hist_age": "no gain",
+    "u_gender": "policy",
+    "c_dow": "no gain",
+    "i_noise_emb": "stale embedding",
+    "i_tags": "no gain",
+}
+
+
+@pytest.fixture(scope="module")
+def v2(fs: FeatureSet) -> FeatureSet:
+    return fs.retire(RETIRED)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_v1_warehouse_reads_under_v2_without_the_retired_columns(
+    fs: FeatureSet, v2: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    records = make_records(fs, [T0 + 1_000 * i for i in range(6)], seed=4)
+    old = write(tmp_path / "wh", fs, layout, records)
+    as_v1 = old.read_examples()
+    as_v2 = ParquetWarehouse(old.uri, v2, layout).read_examples()
+    assert as_v2.num_rows == as_v1.num_rows == sum(len(r) for r in records)
+    assert not set(RETIRED) & set(as_v2.column_names)
+    assert as_v2.column_names == [n for n in as_v1.column_names if n not in RETIRED]
+    for name in as_v2.column_names:  # every surviving value identical to the v1 read
+        assert as_v2.column(name).equals(as_v1.column(name)), name
+    assert as_v2.schema.metadata[FEATURESET_KEY] == v2.to_json().encode()
+    assert set(as_v2.column("fs_version").to_pylist()) == {1}  # rows still say what they were logged under
+    # as blocks: the v1 blocks cut to v2's layout
+    for side in Side:
+        got = arrays_block(v2.layout(side), cols(as_v2), as_v2.num_rows)
+        want = v2.project(arrays_block(fs.layout(side), cols(as_v1), as_v1.num_rows), fs, side)
+        assert np.array_equal(bits(got), bits(want)), side
+    if layout is TableLayout.REQUEST:  # nested too: the items structs hold only v2's item fields
+        item_type = read_table(old.uri, v2).schema.field("items").type.value_type
+        inner = [item_type.field(i).name for i in range(item_type.num_fields)]
+        assert "i_tags" not in inner and "i_noise_emb" not in inner and "i_emb" in inner
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_folder_of_v1_and_v2_files_reads_under_v2(
+    fs: FeatureSet, v2: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    day = 24 * HOUR_MS
+    old_records = make_records(fs, [T0 + 1_000 * i for i in range(5)], seed=5)
+    new_records = make_records(v2, [T0 + day + 1_000 * i for i in range(4)], seed=6)
+    root = tmp_path / "wh"
+    write(root, fs, layout, old_records)
+    write(root, v2, layout, new_records)  # the next day, after the audit
+    assert {p.parent.parent.name for p in root.rglob("*.parquet")} == {"dt=2026-11-02", "dt=2026-11-03"}
+    assert featureset_of(str(root)) == v2  # the newest version, which reads every file
+    table = ParquetWarehouse(str(root), v2, layout).read_examples()
+    assert table.num_rows == sum(len(r) for r in (*old_records, *new_records))
+    versions = table.column("fs_version").to_numpy()
+    old_rows = table.filter(pa.array(versions == 1))
+    new_rows = table.filter(pa.array(versions == 2))
+    assert set(old_rows.column("request_id").to_pylist()) == {r.request_id for r in old_records}
+    # old rows: exactly what a v1 read of those files gives, cut to v2
+    only_old = write(tmp_path / "old", fs, layout, old_records).read_examples()
+    for side in Side:
+        want = v2.project(arrays_block(fs.layout(side), cols(only_old), only_old.num_rows), fs, side)
+        assert np.array_equal(
+            bits(arrays_block(v2.layout(side), cols(old_rows), old_rows.num_rows)), bits(want)
+        )
+    # new rows: the v2 records as they were written
+    want_items = FeatureBlock.concat([r.items for r in sorted(new_records, key=lambda r: r.request_id)])
+    assert np.array_equal(
+        bits(arrays_block(v2.layout(Side.ITEM), cols(new_rows), new_rows.num_rows)), bits(want_items)
+    )
+    wh = ParquetWarehouse(str(root), v2, layout)
+    ids = [old_records[0].request_id, new_records[0].request_id, "nope"]
+    assert wh.committed(ids) == set(ids[:2])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_v2_warehouse_is_refused_under_v1(
+    fs: FeatureSet, v2: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    new = write(tmp_path / "wh", v2, layout, make_records(v2, [T0], seed=7))
+    with pytest.raises(
+        WarehouseError, match=r"written under FeatureSet demo v2 .*not demo v1 .*newer version"
+    ) as err:
+        read_table(new.uri, fs)
+    assert "features not in the written FeatureSet: ['u_noise_00', 'u_emb_2'" in str(err.value)
+    other = FeatureSet("other", 3, fs.features)
+    with pytest.raises(WarehouseError, match="another lineage"):
+        read_table(write(tmp_path / "v1", fs, layout, make_records(fs, [T0])).uri, other)
+
+
+def test_featureset_of_refuses_a_folder_no_version_reads(fs: FeatureSet, tmp_path: Path) -> None:
+    root = tmp_path / "wh"
+    write(root, fs, TableLayout.REQUEST, make_records(fs, [T0]))
+    wider = FeatureSet(fs.name, 2, (*fs.features[:-1], dataclasses.replace(fs.features[-1], size=7)))
+    write(root, wider, TableLayout.REQUEST, make_records(wider, [T0 + 24 * HOUR_MS], seed=1))
+    with pytest.raises(WarehouseError, match=f"features of another shape: \\['{fs.features[-1].name}'\\]"):
+        featureset_of(str(root))
+    with pytest.raises(WarehouseError, match="features of another shape"):
+        read_table(str(root), wider)
+
+
+def test_read_table_refuses_a_parquet_file_not_from_leanrec(fs: FeatureSet, tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "part-0.parquet")
+    with pytest.raises(WarehouseError, match="not a leanrec warehouse file"):
+        read_table(str(tmp_path), fs)
+    with pytest.raises(WarehouseError, match="not a leanrec warehouse file"):
+        featureset_of(str(tmp_path))

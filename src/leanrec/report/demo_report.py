@@ -106,6 +106,36 @@ def render_loop(loop: dict) -> Table:
     return table
 
 
+def render_audit(audit: dict) -> Table:
+    """Round 1 (full FeatureSet) against round 2 (audited, pruned, retrained) on the same traffic."""
+    table = Table(
+        title=(
+            f"audit round: v{audit['featureset']['before']} ({audit['features']['before']} features) → "
+            f"v{audit['featureset']['after']} ({audit['features']['after']}), budget {audit['budget']}"
+        )
+    )
+    table.add_column("figure")
+    table.add_column("full", justify="right")
+    table.add_column("pruned", justify="right")
+    table.add_column("pruned / full", justify="right", style="bold")
+    for key, fmt in (
+        ("logged_bytes_per_request", "{:,.0f}"),
+        ("warehouse_bytes_per_example", "{:,.1f}"),
+        ("p99_latency_ms", "{:.2f}"),
+        ("test_auc", "{:.4f}"),
+        ("clicks_per_request", "{:.3f}"),
+    ):
+        a, b = audit["before"][key], audit["after"][key]
+        table.add_row(key.replace("_", " "), fmt.format(a), fmt.format(b), f"{audit['ratio'][key]:.3f}")
+    t = audit["truth"]
+    table.caption = (
+        f"held-out AUC change {audit['auc_change']:+.4f}; retired {t['retired']}: {t['noise_retired']} of "
+        f"{t['noise_features']} pure-noise features ({t['noise_recall']:.0%}), {t['informative_retired']} "
+        f"informative ({t['informative_share']:.0%} of retired); audit {audit['audit_seconds']:.0f} s"
+    )
+    return table
+
+
 def write_json(report: dict, path: Path) -> None:
     """Write ``report.json``."""
     path.write_text(json.dumps(report, indent=2, sort_keys=False))

@@ -47,7 +47,7 @@ def check_examples(
     """Count examples whose features differ from what was scored, and those a fresh join would skew.
 
     Args:
-        fs: The FeatureSet.
+        fs: The FeatureSet the examples were logged under: the world's or a retirement of it.
         table: Impression-level examples.
         scored: Fingerprints of the scored rows, by request id.
         world: Its feature store now holds the features as they are after the run.
@@ -67,7 +67,9 @@ def check_examples(
     want_req = np.array([scored[r].request_fp for r in rids], np.uint64)
     want_item = np.array([scored[r].item_fps[p] for r, p in zip(rids, positions, strict=True)], np.uint64)
     skewed = int(((req_fp != want_req) | (item_fp != want_item)).sum())
-    items_now = world.store.get_many(Owner.ITEM, table.column("item_id").to_numpy()).row_fingerprints()
+    # The store holds the world's FeatureSet; cut its rows to fs's layout (a no-op cut for the same).
+    stored = world.store.get_many(Owner.ITEM, table.column("item_id").to_numpy())
+    items_now = fs.project(stored, world.featureset, Side.ITEM).row_fingerprints()
     return skewed, int((items_now != item_fp).sum())
 
 

@@ -28,8 +28,17 @@ import pyarrow.parquet as pq
 import torch
 
 from leanrec.schema import FeatureSet, Side
-from leanrec.warehouse.store import WarehouseError, _files, _open_fs
-from leanrec.warehouse.tables import FEATURESET_KEY, LAYOUT_KEY, TableLayout, arrays_block
+from leanrec.warehouse.store import (
+    WarehouseError,
+    _files,
+    _open_fs,
+    _Opened,
+    check_readable,
+    layout_of,
+    projection,
+    written_featureset,
+)
+from leanrec.warehouse.tables import TableLayout, arrays_block
 
 LABEL_COLUMNS = ("click", "like")
 """Labels a batch carries, as float 0/1."""
@@ -140,8 +149,9 @@ def iter_batches(
 
     Args:
         uri: Warehouse folder or URI (either layout).
-        fs: The FeatureSet to read; the files must have been written under the same one (same
-            lineage name and feature shapes).
+        fs: The FeatureSet to read; the files must have been written under one it reads: itself or
+            an earlier version of its lineage that it retired features from (``FeatureSet.reads``).
+            Files of several such versions may be mixed; only ``fs``'s columns are read.
         layout: Expected layout; autodetected from the file metadata when None.
         batch_requests: Requests per request-level batch (the last batch may hold fewer).
         batch_impressions: Rows per impression-level batch (the last batch may hold fewer).
@@ -159,7 +169,7 @@ def iter_batches(
     Raises:
         WarehouseError: The path is missing or holds no Parquet files; a file is not a leanrec
             warehouse file, is of another layout than expected, or was written under a FeatureSet of
-            another lineage or shape.
+            another lineage, a newer version or other feature shapes.
 
     """
     if batch_requests < 1 or batch_impressions < 1:
@@ -208,89 +218,24 @@ def _generate(
         yield batch
 
 
-class _Opened:
-    """Open a Parquet file of a warehouse as a context manager, turning I/O errors into WarehouseError."""
-
-    def __init__(self, filesystem: pafs.FileSystem, path: str) -> None:
-        try:
-            self.source = filesystem.open_input_file(path)
-        except FileNotFoundError:
-            raise WarehouseError(f"warehouse file {path} does not exist") from None
-        except OSError as exc:
-            raise WarehouseError(f"cannot open warehouse file {path}: {exc}") from None
-        try:
-            self.file = pq.ParquetFile(self.source)
-        except (pa.ArrowException, OSError) as exc:
-            self.source.close()
-            raise WarehouseError(f"{path} is not a readable Parquet file: {exc}") from None
-
-    def __enter__(self) -> pq.ParquetFile:
-        return self.file
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-        self.source.close()
-
-
 def _check_file(path: str, pf: pq.ParquetFile, fs: FeatureSet) -> TableLayout:
-    """The layout of a file, after checking it was written under ``fs``."""
-    meta = pf.schema_arrow.metadata or {}
-    raw = meta.get(FEATURESET_KEY)
-    if raw is None:
-        raise WarehouseError(f"{path} is not a leanrec warehouse file (no FeatureSet in its metadata)")
-    try:
-        written = FeatureSet.from_json(raw.decode())
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WarehouseError(f"{path}: unreadable FeatureSet in its metadata ({exc})") from None
-    if written.fingerprint != fs.fingerprint:
-        raise WarehouseError(_mismatch(path, written, fs))
-    try:
-        return TableLayout(meta.get(LAYOUT_KEY, b"request").decode())
-    except ValueError:
-        raise WarehouseError(f"{path}: unknown warehouse layout {meta[LAYOUT_KEY]!r}") from None
+    """The layout of a file, after checking that ``fs`` reads what it was written under.
 
-
-def _mismatch(path: str, written: FeatureSet, fs: FeatureSet) -> str:
-    head = (
-        f"warehouse file {path} was written under FeatureSet {written.name} v{written.version} "
-        f"({written.fingerprint:08x}), not {fs.name} v{fs.version} ({fs.fingerprint:08x})"
-    )
-    if written.name != fs.name:
-        return f"{head}: another lineage"
-    old = {f.name: (f.owner.value, f.kind.value, f.size) for f in written.features}
-    new = {f.name: (f.owner.value, f.kind.value, f.size) for f in fs.features}
-    parts = []
-    if missing := sorted(new.keys() - old.keys()):
-        parts.append(f"features not in the file: {missing}")
-    if extra := sorted(old.keys() - new.keys()):
-        parts.append(f"features not in the reader's FeatureSet: {extra}")
-    if reshaped := sorted(n for n in new.keys() & old.keys() if new[n] != old[n]):
-        parts.append(f"features of another shape: {reshaped}")
-    return f"{head}: {'; '.join(parts) or 'features in another order'}"
+    That is ``fs`` itself or an earlier version of its lineage that ``fs`` retired features from
+    (``FeatureSet.reads``); the retired columns are then simply not read.
+    """
+    meta = pf.schema_arrow.metadata
+    check_readable(path, written_featureset(path, meta), fs)
+    return layout_of(path, meta)
 
 
 def _projection(
     path: str, pf: pq.ParquetFile, fs: FeatureSet, layout: TableLayout
 ) -> tuple[list[str], list[int]]:
     """Column paths to read, and the indices of the Parquet leaf columns they cover."""
-    req = ["request_id", *fs.layout(Side.REQUEST).names]
+    request = ["request_id", *fs.layout(Side.REQUEST).names]
     item = ["position", *fs.layout(Side.ITEM).names, *LABEL_COLUMNS]
-    leaves: dict[str, list[int]] = {}
-    for i in range(pf.metadata.num_columns):
-        parts = pf.schema.column(i).path.split(".")
-        # A top-level column, or one field of the items structs (items.list.element.<field>...).
-        key = ".".join(parts[:4]) if parts[0] == "items" else parts[0]
-        leaves.setdefault(key, []).append(i)
-    if layout is TableLayout.REQUEST:
-        prefix = next((k.rsplit(".", 1)[0] for k in leaves if k.startswith("items.")), None)
-        if prefix is None:
-            raise WarehouseError(f"{path} is request-level but has no items column")
-        columns = [*req, *(f"{prefix}.{n}" for n in item)]
-    else:
-        columns = [*req, *item]
-    if missing := [c for c in columns if c not in leaves]:
-        raise WarehouseError(f"{path} lacks the columns {missing}")
-    return columns, [i for c in columns for i in leaves[c]]
+    return projection(path, pf, request, item, layout)
 
 
 def _request_order(table: pa.Table, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -360,6 +305,7 @@ def _read_file(
                 f"{path} is {found.value}-level; the files before it are {layout.value}-level"
             )
         columns, leaves = _projection(path, pf, fs, layout)
+        top = list(dict.fromkeys(c.split(".")[0] for c in columns))
         stats.files += 1
         groups = np.arange(pf.num_row_groups)
         if rng is not None:
@@ -371,6 +317,7 @@ def _read_file(
             stats.bytes_read += sum(meta.column(i).total_compressed_size for i in leaves)
             stats.row_groups += 1
             for rb in pf.iter_batches(batch_size=size, row_groups=[g], columns=columns):
+                rb = rb.select(top)  # one column order whatever the file's, so batches of files concatenate
                 if rng is not None:
                     rb = rb.take(pa.array(rng.permutation(rb.num_rows)))
                 stats.rows += rb.num_rows

@@ -166,6 +166,11 @@ def _batches(
             yield sub
 
 
+def split_batches(uri: str, fs: FeatureSet, cfg: TrainConfig, part: int) -> list[Batch]:
+    """The batches of one split of a warehouse: 0 train, 1 validation, 2 test (unshuffled)."""
+    return list(_batches(uri, fs, cfg, part, ReadStats(), None))
+
+
 def predict(model: LateRanker, batches, request_level: bool = True) -> tuple[np.ndarray, ...]:
     """Click and like probabilities with labels and request groups, over batches."""
     clicks, likes, p_click, p_like, groups = [], [], [], [], []

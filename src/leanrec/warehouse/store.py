@@ -20,12 +20,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from leanrec.energy.ledger import CostLedger
-from leanrec.schema import FeatureSet
+from leanrec.schema import FeatureSet, Side
 from leanrec.warehouse.records import RequestRecord
 from leanrec.warehouse.tables import (
     FEATURESET_KEY,
     LAYOUT_KEY,
+    META_FIELDS,
     TableLayout,
+    item_struct,
     records_table,
     request_to_impression,
     schema,
@@ -167,6 +169,30 @@ class ParquetWarehouse:
         return warehouse_bytes(self.uri)
 
 
+class _Opened:
+    """Open a Parquet file of a warehouse as a context manager, turning I/O errors into WarehouseError."""
+
+    def __init__(self, filesystem: pafs.FileSystem, path: str) -> None:
+        try:
+            self.source = filesystem.open_input_file(path)
+        except FileNotFoundError:
+            raise WarehouseError(f"warehouse file {path} does not exist") from None
+        except OSError as exc:
+            raise WarehouseError(f"cannot open warehouse file {path}: {exc}") from None
+        try:
+            self.file = pq.ParquetFile(self.source)
+        except (pa.ArrowException, OSError) as exc:
+            self.source.close()
+            raise WarehouseError(f"{path} is not a readable Parquet file: {exc}") from None
+
+    def __enter__(self) -> pq.ParquetFile:
+        return self.file
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        self.source.close()
+
+
 def _files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     filesystem, root = _open_fs(uri)
     info = filesystem.get_file_info(root)
@@ -189,38 +215,153 @@ def warehouse_bytes(uri: str) -> int:
     return sum(f.size for f in _files(uri)[1])
 
 
-def featureset_of(uri: str) -> FeatureSet:
-    """The FeatureSet a warehouse was written with, from its first file's metadata.
+def written_featureset(path: str, metadata: dict[bytes, bytes] | None) -> FeatureSet:
+    """The FeatureSet a warehouse file was written under, from its Arrow schema metadata.
 
     Raises:
-        WarehouseError: The path is missing or empty, or its files carry no FeatureSet.
+        WarehouseError: The file carries no FeatureSet, or one that cannot be parsed.
+
+    """
+    raw = (metadata or {}).get(FEATURESET_KEY)
+    if raw is None:
+        raise WarehouseError(f"{path} is not a leanrec warehouse file (no FeatureSet in its metadata)")
+    try:
+        return FeatureSet.from_json(raw.decode())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WarehouseError(f"{path}: unreadable FeatureSet in its metadata ({exc})") from None
+
+
+def check_readable(path: str, written: FeatureSet, fs: FeatureSet) -> None:
+    """Refuse a file whose data ``fs`` cannot read (another lineage, a newer version, other shapes).
+
+    Files of earlier versions that ``fs`` retired features from pass: their retired columns are
+    simply not read.
+
+    Raises:
+        WarehouseError: Naming both FeatureSets and what does not match.
+
+    """
+    if conflicts := fs.read_conflicts(written):
+        raise WarehouseError(
+            f"warehouse file {path} was written under FeatureSet {written.name} v{written.version} "
+            f"({written.fingerprint:08x}), not {fs.name} v{fs.version} ({fs.fingerprint:08x}): "
+            + "; ".join(conflicts)
+        )
+
+
+def layout_of(path: str, metadata: dict[bytes, bytes] | None) -> TableLayout:
+    """The row layout of a warehouse file, from its Arrow schema metadata (request-level if unset)."""
+    raw = (metadata or {}).get(LAYOUT_KEY, b"request")
+    try:
+        return TableLayout(raw.decode())
+    except ValueError:
+        raise WarehouseError(f"{path}: unknown warehouse layout {raw!r}") from None
+
+
+def projection(
+    path: str, pf: pq.ParquetFile, request: list[str], item: list[str], layout: TableLayout
+) -> tuple[list[str], list[int]]:
+    """Column paths of a file to read, and the indices of the Parquet leaf columns they cover.
+
+    Only the named columns are read; request-level rows read only the named fields of their
+    ``items`` structs, so the columns of retired features are never read.
+
+    Args:
+        path: The file, for error messages.
+        pf: The open file.
+        request: Top-level columns (request-level) or the request-side ones (impression-level).
+        item: Item columns: fields of the ``items`` structs (request-level) or top-level columns.
+        layout: The file's layout.
+
+    Raises:
+        WarehouseError: The file lacks some of the columns.
+
+    """
+    leaves: dict[str, list[int]] = {}
+    for i in range(pf.metadata.num_columns):
+        parts = pf.schema.column(i).path.split(".")
+        # A top-level column, or one field of the items structs (items.list.element.<field>...).
+        key = ".".join(parts[:4]) if parts[0] == "items" else parts[0]
+        leaves.setdefault(key, []).append(i)
+    if layout is TableLayout.REQUEST:
+        prefix = next((k.rsplit(".", 1)[0] for k in leaves if k.startswith("items.")), None)
+        if prefix is None:
+            raise WarehouseError(f"{path} is request-level but has no items column")
+        columns = [*request, *(f"{prefix}.{n}" for n in item)]
+    else:
+        columns = [*request, *item]
+    if missing := [c for c in columns if c not in leaves]:
+        raise WarehouseError(f"{path} lacks the columns {missing}")
+    return columns, [i for c in columns for i in leaves[c]]
+
+
+def featureset_of(uri: str) -> FeatureSet:
+    """The FeatureSet to read a warehouse with: the newest its files were written under.
+
+    A warehouse may hold files of several versions of one lineage (older days written before a
+    feature audit retired features); the newest version reads them all. Every file's footer is
+    read to find it.
+
+    Raises:
+        WarehouseError: The path is missing or empty, a file carries no FeatureSet, or no version
+            among the files reads all of them (another lineage, or reshaped features).
 
     """
     filesystem, files = _files(uri)
     if not files:
         raise WarehouseError(f"warehouse {uri} holds no Parquet files")
-    meta = pq.read_schema(files[0].path, filesystem=filesystem).metadata or {}
-    if FEATURESET_KEY not in meta:
-        raise WarehouseError(
-            f"{files[0].path} is not a leanrec warehouse file (no FeatureSet in its metadata)"
-        )
-    return FeatureSet.from_json(meta[FEATURESET_KEY].decode())
+    found: dict[bytes, tuple[str, FeatureSet]] = {}  # parsed once per distinct FeatureSet
+    for f in files:
+        meta = pq.read_schema(f.path, filesystem=filesystem).metadata or {}
+        raw = meta.get(FEATURESET_KEY, b"")
+        if raw not in found:
+            found[raw] = (f.path, written_featureset(f.path, meta))
+    newest = max((fs for _, fs in found.values()), key=lambda fs: fs.version)
+    for path, written in found.values():
+        check_readable(path, written, newest)
+    return newest
 
 
 def read_table(uri: str, fs: FeatureSet, layout: TableLayout | None = None) -> pa.Table:
     """Read a warehouse as a table of the schema ``fs`` derives.
 
+    Files written under earlier versions of ``fs`` that it reads (see ``FeatureSet.reads``) are read
+    as well, so a folder may mix versions: only ``fs``'s columns are read from each file.
+
     Raises:
-        WarehouseError: The path is missing or empty, or holds the other layout.
+        WarehouseError: The path is missing or empty, holds the other layout (or both), or a file
+            was not written by leanrec or under a FeatureSet ``fs`` cannot read.
 
     """
     filesystem, files = _files(uri)
     if not files:
         raise WarehouseError(f"warehouse {uri} holds no Parquet files")
-    found = pq.read_schema(files[0].path, filesystem=filesystem).metadata or {}
-    got = TableLayout(found.get(LAYOUT_KEY, b"request").decode())
-    if layout is not None and got is not layout:
-        raise WarehouseError(f"warehouse {uri} is {got.value}-level, expected {layout.value}-level")
-    want = schema(fs, got)
-    dataset = ds.dataset([f.path for f in files], filesystem=filesystem, format="parquet")
-    return dataset.to_table(columns=want.names).cast(want)
+    tables: list[pa.Table] = []
+    got: TableLayout | None = None
+    for f in files:
+        with _Opened(filesystem, f.path) as pf:
+            meta = pf.schema_arrow.metadata
+            check_readable(f.path, written_featureset(f.path, meta), fs)
+            found = layout_of(f.path, meta)
+            if got is None:
+                if layout is not None and found is not layout:
+                    raise WarehouseError(
+                        f"warehouse {uri} is {found.value}-level, expected {layout.value}-level"
+                    )
+                got, want = found, schema(fs, found)
+            elif found is not got:
+                raise WarehouseError(
+                    f"{f.path} is {found.value}-level; the files before it are {got.value}-level"
+                )
+            columns, _ = _table_projection(f.path, pf, fs, got)
+            # Read in file order, then put columns (and struct fields, by name) in the schema's order.
+            tables.append(pf.read(columns=columns).select(want.names).cast(want))
+    return pa.concat_tables(tables)
+
+
+def _table_projection(
+    path: str, pf: pq.ParquetFile, fs: FeatureSet, layout: TableLayout
+) -> tuple[list[str], list[int]]:
+    """Projection of every column of the warehouse schema ``fs`` derives."""
+    request = [*(f.name for f in META_FIELDS), *fs.layout(Side.REQUEST).names]
+    return projection(path, pf, request, [f.name for f in item_struct(fs)], layout)

@@ -1,0 +1,204 @@
+"""Feature audits: importance on a model whose answer is known, plans within budget, bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from leanrec.audit import (
+    AuditConfig,
+    AuditError,
+    PermutationAuditor,
+    audit,
+    make_plan,
+    permutation_importance,
+)
+from leanrec.audit.cost import FeatureCost, feature_costs
+from leanrec.audit.importance import concat_batches, family, weight_importance
+from leanrec.audit.report import write_audit
+from leanrec.funnel import Funnel
+from leanrec.models import LateRanker, RankerConfig
+from leanrec.schema import Feature, FeatureSet, Kind, Owner, Side
+from leanrec.sim.demo import run_demo
+from leanrec.train.reader import Batch
+from leanrec.train.trainer import TrainConfig, train
+from leanrec.warehouse.store import featureset_of
+from leanrec.world import World, WorldConfig
+
+KNOWN = ("u_emb_0", "i_emb")
+
+
+def _known_model(world: World) -> LateRanker:
+    """A ranker whose click logit is exactly u_emb_0 · i_emb: the deep part is silenced."""
+    torch.manual_seed(0)
+    model = LateRanker(world.featureset, RankerConfig(dim=8, hidden=16))
+    torch.nn.init.zeros_(model.top[-1].weight)
+    torch.nn.init.zeros_(model.top[-1].bias)
+    with torch.no_grad():
+        model.space_weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    return model.eval()
+
+
+def _known_data(world: World, model: LateRanker) -> Batch:
+    """Requests ranked by the funnel, clicked where the model's own logit is high (plus label noise)."""
+    b = 40
+    ranked = Funnel(world).rank(np.arange(b), np.zeros(b, np.int64), np.zeros(b, np.int64))
+    rows = np.arange(b * 100)
+    req = (
+        torch.from_numpy(ranked.request.floats.copy()),
+        torch.from_numpy(ranked.request.ints.astype(np.int64)),
+    )
+    items = torch.from_numpy(ranked.items.floats.copy()), torch.from_numpy(ranked.items.ints.astype(np.int64))
+    item_request = torch.from_numpy(rows // 100)
+    with torch.no_grad():
+        logit = model(*req, *items, item_request)[:, 0].numpy()
+    rng = np.random.default_rng(0)
+    click = (logit + rng.normal(0, logit.std(), len(logit)) > np.median(logit)).astype(np.float32)
+    return Batch(
+        *req,
+        *items,
+        item_request,
+        torch.from_numpy(click),
+        torch.zeros(len(click)),
+        [f"r{i}" for i in range(b)],
+        torch.from_numpy(rows % 100),
+    )
+
+
+@pytest.fixture
+def known(small_world: World) -> tuple[LateRanker, Batch, PermutationAuditor]:
+    model = _known_model(small_world)
+    data = _known_data(small_world, model)
+    return model, data, PermutationAuditor(model, data)
+
+
+def test_permutation_finds_exactly_the_features_the_model_reads(known, small_world: World) -> None:
+    _, _, auditor = known
+    names = [f.name for f in small_world.featureset.features]
+    imp = permutation_importance(auditor, names, repeats=3, block_size=8, tolerance=1e-4)
+    assert set(imp) == set(names)
+    for n in KNOWN:
+        assert imp[n].loss > 0.05 and len(imp[n].block) == 1, n
+    # Every other feature cannot change the output: its loss is exactly zero, decided in blocks.
+    others = [n for n in names if n not in KNOWN]
+    assert all(imp[n].loss == 0.0 for n in others)
+    assert any(len(imp[n].block) > 1 for n in others)
+    # Screening spent fewer shuffles than one full measurement per feature would.
+    assert auditor.evaluations < 3 * len(names)
+
+
+def test_weight_importance_reads_first_layer_norms_and_pooled_embeddings(known) -> None:
+    model, data, _ = known
+    w = weight_importance(model, data)
+    assert set(w) == {f.name for f in model.fs.features}
+    assert w["u_taste_00"] == pytest.approx(float(model.dense_input_norms(Side.REQUEST)[0].detach()))
+    with torch.no_grad():
+        model.tables["i_category"].weight.zero_()
+    assert weight_importance(model, data)["i_category"] == 0.0
+    # Weights mislead here: the features the model truly reads do not stand out by weight norm.
+    dense = [n for n in w if model.fs[n].is_float]
+    assert sorted(dense, key=w.get)[-1] not in KNOWN
+
+
+def _costs(fs: FeatureSet) -> dict[str, FeatureCost]:
+    return {f.name: FeatureCost(4.0 * f.size, 1.0 * f.size, 0.0, 0.001 * f.size, 0.0) for f in fs.features}
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.001, 0.05, 0.3])
+def test_a_plan_never_exceeds_its_budget(known, small_world: World, budget: float) -> None:
+    _, _, auditor = known
+    names = [f.name for f in small_world.featureset.features]
+    imp = permutation_importance(auditor, names, repeats=3, block_size=8)
+    plan = make_plan(auditor, imp, _costs(small_world.featureset), budget, repeats=3)
+    assert plan.loss <= budget
+    # The plan's loss is one that was measured, for exactly the retired set.
+    assert plan.loss == 0.0 or (len(plan.retire), plan.loss) in plan.probes
+    # The zero-value features all go; what the model reads stays unless the budget allows its loss.
+    assert len(plan.retire) >= len(names) - 2
+    if budget < 0.05:
+        assert not set(KNOWN) & set(plan.retire)
+    pruned = plan.featureset(small_world.featureset)
+    assert pruned.version == small_world.featureset.version + 1
+    assert set(pruned.retired) == set(plan.retire)
+
+
+def test_a_negative_budget_is_refused(known, small_world: World) -> None:
+    _, _, auditor = known
+    with pytest.raises(ValueError, match="budget"):
+        make_plan(auditor, {}, _costs(small_world.featureset), -0.01)
+
+
+def test_family_strips_the_index() -> None:
+    assert family("u_noise_07") == "u_noise"
+    assert family("u_emb_long") == "u_emb_long"
+    assert family("c_hour") == "c_hour"
+
+
+def test_concat_renumbers_request_rows(known) -> None:
+    _, data, _ = known
+    both = concat_batches([data, data])
+    assert both.n_requests == 2 * data.n_requests
+    assert int(both.item_request[data.n_items]) == data.n_requests
+
+
+# ------------------------------------------------------------------ end to end on a small warehouse
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LateRanker]:
+    out = tmp_path_factory.mktemp("audit")
+    run_demo(300, 5, out, world_config=WorldConfig(n_users=400, n_items=3000, n_creators=200, seed=5))
+    lean = out / "warehouse" / "lean"
+    model, _ = train(str(lean), featureset_of(str(lean)), TrainConfig(epochs=1, seed=0))
+    return lean, model
+
+
+def test_audit_end_to_end_writes_a_pruned_version(trained, tmp_path: Path) -> None:
+    lean, model = trained
+    result = audit(model, str(lean), AuditConfig(budget=0.002, repeats=2, latency_repeats=20))
+    assert result.plan.loss <= 0.002
+    costs = result.costs
+    # Stored bytes are measured per column; an item-side vector costs more to log than a user scalar.
+    assert costs["i_emb"].logged_bytes > costs["u_act_00"].logged_bytes > 0
+    assert all(c.stored_bytes > 0 for c in costs.values())
+    assert sum(c.work_share for c in costs.values()) < 1
+    pruned = write_audit(result, model.fs, tmp_path)
+    assert (tmp_path / "audit.html").read_text().count("data:image/png") == 2
+    assert FeatureSet.from_json((tmp_path / "featureset.json").read_text()) == pruned
+
+
+def test_feature_costs_follow_the_featureset(trained) -> None:
+    lean, model = trained
+    costs = feature_costs(model, str(lean), items_logged=10.0)
+    fs = model.fs
+    assert costs["u_emb_long"].logged_bytes == 64 * 4
+    assert costs["i_emb"].logged_bytes == 16 * 4 * 10.0
+    dense = sum(c.input_share for n, c in costs.items() if fs[n].is_float)
+    assert dense == pytest.approx(1.0)
+
+
+def test_a_model_of_another_lineage_is_refused(trained) -> None:
+    lean, _ = trained
+    other = FeatureSet(
+        "other",
+        1,
+        (
+            Feature("u_hist", Owner.USER, Kind.SEQUENCE, 5, 100),
+            Feature("i_id", Owner.ITEM, Kind.SPARSE, 1, 100),
+        ),
+    )
+    with pytest.raises(AuditError, match="different lineages"):
+        audit(LateRanker(other, RankerConfig(dim=8, hidden=16)), str(lean))
+
+
+def test_a_negative_budget_is_refused_before_any_work(trained) -> None:
+    lean, model = trained
+    with pytest.raises(AuditError, match="at least 0"):
+        audit(model, str(lean), AuditConfig(budget=-0.001))
+
+
+def test_a_missing_warehouse_is_refused(trained, tmp_path: Path) -> None:
+    _, model = trained
+    with pytest.raises(AuditError):
+        audit(model, str(tmp_path / "nowhere"))
