@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from leanrec.models.ranker import ItemSide, LateRanker, UserSide
+from leanrec.models.ranker import ItemSide, LateRanker, SideParts, UserSide
 from leanrec.schema import FeatureSet, Side
 from leanrec.train.metrics import auc
 from leanrec.train.reader import Batch
@@ -73,8 +73,11 @@ def feature_columns(fs: FeatureSet) -> dict[str, Columns]:
 class PermutationAuditor:
     """Click AUC of a model on held-out requests, with chosen features shuffled.
 
-    The user side and item side of the unshuffled data are computed once; a shuffle of item-side
-    features recomputes only the item side, a shuffle of request-side features only the user side.
+    The parts of both sides of the unshuffled data (see ``LateRanker.side_parts``) are computed
+    once. A shuffle updates only what its features feed: the first dense layers by the change of the
+    shuffled columns (they are linear), the pooled embeddings of shuffled ids by permuting their rows,
+    the history encoder only when a feature it reads is shuffled; then the side is mixed and scored
+    against the other side's cached result.
 
     Args:
         model: The trained late ranker.
@@ -90,9 +93,16 @@ class PermutationAuditor:
         if np.unique(self.labels).size < 2:
             raise ValueError("held-out data needs both clicked and unclicked items to measure AUC")
         self.evaluations = 0
+        self._inputs = {
+            Side.REQUEST: (data.req_floats, data.req_ints),
+            Side.ITEM: (data.item_floats, data.item_ints),
+        }
+        self._pooled = {side: model.pooled_index(side) for side in Side}
+        self._space = {Side.REQUEST: model.user_space_cols, Side.ITEM: model.item_space_cols}
         with torch.inference_mode():
-            self._user = model.user_side(data.req_floats, data.req_ints)
-            self._item = model.item_side(data.item_floats, data.item_ints)
+            self._parts = {side: model.side_parts(side, *self._inputs[side]) for side in Side}
+            self._user = model.user_from(self._parts[Side.REQUEST])
+            self._item = model.item_from(self._parts[Side.ITEM])
         self.base_auc = self._auc(self._user, self._item)
 
     def _auc(self, user: UserSide, item: ItemSide) -> float:
@@ -101,31 +111,66 @@ class PermutationAuditor:
         self.evaluations += 1
         return auc(self.labels, logits.numpy())
 
-    def _shuffled(self, names: Sequence[str], side: Side, rng: np.random.Generator):
-        d = self.data
-        floats, ints = (d.req_floats, d.req_ints) if side is Side.REQUEST else (d.item_floats, d.item_ints)
-        cols = [self.columns[n] for n in names if self.columns[n].side is side]
-        if not cols:
-            return None
-        perm = torch.from_numpy(rng.permutation(len(floats)))
-        floats, ints = floats.clone(), ints.clone()
-        for c in cols:
-            block = floats if c.is_float else ints
-            block[:, c.start : c.stop] = block[perm, c.start : c.stop]
-        return floats, ints
+    def _shuffled_parts(self, names: Sequence[str], side: Side, perm: torch.Tensor) -> SideParts:
+        """The parts of ``side`` with ``names`` permuted across its rows by ``perm``."""
+        model, parts = self.model, self._parts[side]
+        ints = self._inputs[side][1]
+        cols = [self.columns[n] for n in names]
+        changes: dict[str, torch.Tensor] = {}
+        dense = [torch.arange(c.start, c.stop) for c in cols if c.is_float]
+        if dense:
+            idx = torch.cat(dense)
+            delta = parts.normed.index_select(1, idx)
+            delta = delta.index_select(0, perm) - delta  # (B, C) change of the shuffled inputs
+            first, linear = (
+                (model.user_dense[0], model.user_linear)
+                if side is Side.REQUEST
+                else (model.item_dense[0], model.item_linear)
+            )
+            changes["first"] = parts.first + delta @ first.weight.index_select(1, idx).T
+            changes["linear"] = parts.linear + delta @ linear.weight.index_select(1, idx).T
+            # A vector can sit in several pairs: every position that reads a shuffled column changes.
+            at = torch.isin(self._space[side], idx).nonzero().flatten()
+            if len(at):
+                new = parts.spaced.clone()
+                new[:, at] = parts.spaced.index_select(0, perm)[:, at]
+                changes["spaced"] = new
+        pooled = [self._pooled[side][n] for n in names if n in self._pooled[side]]
+        if pooled:
+            at = torch.tensor(pooled)
+            new = parts.pooled.clone()
+            new[:, at] = parts.pooled.index_select(0, perm)[:, at]
+            changes["pooled"] = new
+        if side is Side.REQUEST and model.encoded_features.intersection(names):
+            seq = torch.cat(
+                [
+                    torch.arange(c.start, c.stop)
+                    for n, c in zip(names, cols, strict=True)
+                    if n in model.encoded_features
+                ]
+            )
+            shuffled = ints.clone()
+            shuffled[:, seq] = ints.index_select(0, perm)[:, seq]
+            changes["encoded"], changes["mask"], changes["summary"] = model.encode(shuffled)
+        return parts.replace(**changes)
 
     def loss(self, names: Sequence[str], rng: np.random.Generator) -> float:
         """AUC lost when ``names`` are shuffled together (one permutation per side)."""
         unknown = [n for n in names if n not in self.columns]
         if unknown:
             raise KeyError(f"features not in the model's FeatureSet: {unknown}")
-        user, item = self._user, self._item
+        sides = {"user": self._user, "item": self._item}
         with torch.inference_mode():
-            if (req := self._shuffled(names, Side.REQUEST, rng)) is not None:
-                user = self.model.user_side(*req)
-            if (it := self._shuffled(names, Side.ITEM, rng)) is not None:
-                item = self.model.item_side(*it)
-        return self.base_auc - self._auc(user, item)
+            for side, key in ((Side.REQUEST, "user"), (Side.ITEM, "item")):
+                mine = [n for n in names if self.columns[n].side is side]
+                if not mine:
+                    continue
+                perm = torch.from_numpy(rng.permutation(len(self._inputs[side][0])))
+                parts = self._shuffled_parts(mine, side, perm)
+                sides[key] = (
+                    self.model.user_from(parts) if side is Side.REQUEST else self.model.item_from(parts)
+                )
+        return self.base_auc - self._auc(sides["user"], sides["item"])
 
     def losses(self, names: Sequence[str], repeats: int, seed: int) -> np.ndarray:
         """``(repeats,)`` AUC losses of independent shuffles."""

@@ -98,15 +98,29 @@ def make_plan(
     order = [(n, value[n], weight[n]) for u in units for n in u]
     retire: list[str] = []
     loss, probes = 0.0, []
-    for unit in units:
-        # The same shuffles for every trial (common random numbers): trials differ by the unit alone.
-        trial = float(auditor.losses([*retire, *unit], repeats, seed).mean())
-        probes.append((len(retire) + len(unit), trial))
-        if trial <= budget:
-            retire += unit
-            loss = trial
+
+    def trial(names: list[str]) -> float:
+        # The same shuffles for every trial (common random numbers): trials differ by their features.
+        out = float(auditor.losses(names, repeats, seed).mean()) if names else 0.0
+        probes.append((len(names), out))
         if progress:
             progress(1)
+        return out
+
+    # First the units of no measurable value, together: the longest prefix within budget, by bisection.
+    worthless = [u for u in units if sum(value[n] for n in u) == 0.0]
+    flat = [[n for u in worthless[:k] for n in u] for k in range(len(worthless) + 1)]
+    lo, hi, at = 0, len(worthless), {0: 0.0}
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        at[mid] = trial(flat[mid])
+        lo, hi = (mid, hi) if at[mid] <= budget else (lo, mid - 1)
+    retire, loss = flat[lo], at[lo]
+    # Then every other unit in order, each kept out if it would take the joint loss over budget.
+    for unit in worthless[lo:] + units[len(worthless) :]:
+        tried = trial([*retire, *unit])
+        if tried <= budget:
+            retire, loss = [*retire, *unit], tried
     reasons = {
         n: (
             f"audit: shuffling it cost {importance[n].loss:+.5f} AUC (±{importance[n].ci:.5f}), "

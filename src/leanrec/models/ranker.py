@@ -12,6 +12,7 @@ encoded history, an interaction of user and item vectors, a top MLP, and two hea
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -63,6 +64,24 @@ class UserSide:
         return UserSide(
             self.vector[rows], self.linear[rows], self.spaced[rows], self.history[rows], self.mask[rows]
         )
+
+
+@dataclass
+class SideParts:
+    """The input-dependent parts of one side of B rows (see ``LateRanker.side_parts``)."""
+
+    normed: torch.Tensor  # (B, F) standardised dense inputs
+    first: torch.Tensor  # (B, width) first dense layer, before its activation
+    linear: torch.Tensor  # (B, dim) linear projection for the dot interaction
+    pooled: torch.Tensor  # (B, n_ids, dim) sum-pooled embedding of each id feature
+    spaced: torch.Tensor  # (B, S) raw vectors of a shared embedding space
+    encoded: torch.Tensor | None = None  # request side: (B, L, dim) encoded history
+    mask: torch.Tensor | None = None  # request side: (B, L)
+    summary: torch.Tensor | None = None  # request side: (B, dim)
+
+    def replace(self, **changes: torch.Tensor) -> SideParts:
+        """A copy with some parts replaced."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -200,11 +219,41 @@ class LateRanker(nn.Module):
         return table(torch.where(ids < 0, table.padding_idx, ids))  # (B, size, d)
 
     # ------------------------------------------------------------------ the two halves
-    def user_side(self, floats: torch.Tensor, ints: torch.Tensor) -> UserSide:
-        """Everything that depends only on the request side, for B rows."""
-        normed = (floats - self.req_mean) / self.req_std
-        dense = self.user_dense(normed)
-        pooled = [self._ids(n, ints, o, s).sum(1) for n, o, s in self._req_ids]
+    def side_parts(self, side: Side, floats: torch.Tensor, ints: torch.Tensor) -> SideParts:
+        """The input-dependent parts of one side of B rows, before they are mixed.
+
+        Everything after these parts is a function of them alone, so a caller that changes a few
+        inputs (a feature audit shuffling a column) can update the parts and skip the rest.
+        """
+        req = side is Side.REQUEST
+        mean, std = (self.req_mean, self.req_std) if req else (self.item_mean, self.item_std)
+        dense, linear = (self.user_dense, self.user_linear) if req else (self.item_dense, self.item_linear)
+        normed = (floats - mean) / std
+        ids = self._req_ids if req else self._item_ids
+        pooled = torch.stack([self._ids(n, ints, o, s).sum(1) for n, o, s in ids], 1) if ids else None
+        parts = SideParts(
+            normed=normed,
+            first=dense[0](normed),
+            linear=linear(normed),
+            pooled=pooled if pooled is not None else normed.new_zeros(len(normed), 0, self.config.dim),
+            spaced=floats[:, self.user_space_cols if req else self.item_space_cols],
+        )
+        if req:
+            parts.encoded, parts.mask, parts.summary = self.encode(ints)
+        return parts
+
+    def pooled_index(self, side: Side) -> dict[str, int]:
+        """Position of each sum-pooled id feature of a side in ``SideParts.pooled``."""
+        ids = self._req_ids if side is Side.REQUEST else self._item_ids
+        return {n: i for i, (n, _, _) in enumerate(ids)}
+
+    @property
+    def encoded_features(self) -> frozenset[str]:
+        """Features the history encoder reads: the history and the sequences aligned with it."""
+        return frozenset([self.config.history, *(n for n, _, _ in self._side_seqs)])
+
+    def encode(self, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The history encoded ``(B, L, dim)``, its attention mask ``(B, L)`` and summary ``(B, dim)``."""
         off, size = self._hist
         hist = ints[:, off : off + size]
         mask = hist >= 0
@@ -217,16 +266,27 @@ class LateRanker(nn.Module):
         enc_mask[:, 0] = True
         encoded = self.encoder(tokens, src_key_padding_mask=~enc_mask)
         summary = (encoded * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-        vector = self.user_mix(torch.cat([dense, summary, *pooled], dim=1))
-        return UserSide(vector, self.user_linear(normed), floats[:, self.user_space_cols], encoded, enc_mask)
+        return encoded, enc_mask, summary
+
+    def user_from(self, p: SideParts) -> UserSide:
+        """The user side from its parts (see :meth:`side_parts`)."""
+        dense = self.user_dense[1:](p.first)
+        vector = self.user_mix(torch.cat([dense, p.summary, p.pooled.flatten(1)], dim=1))
+        return UserSide(vector, p.linear, p.spaced, p.encoded, p.mask)
+
+    def item_from(self, p: SideParts) -> ItemSide:
+        """The item side from its parts (see :meth:`side_parts`)."""
+        dense = self.item_dense[1:](p.first)
+        vector = self.item_mix(torch.cat([dense, p.pooled.flatten(1)], dim=1))
+        return ItemSide(vector, self.query(vector), p.linear, p.spaced)
+
+    def user_side(self, floats: torch.Tensor, ints: torch.Tensor) -> UserSide:
+        """Everything that depends only on the request side, for B rows."""
+        return self.user_from(self.side_parts(Side.REQUEST, floats, ints))
 
     def item_side(self, floats: torch.Tensor, ints: torch.Tensor) -> ItemSide:
         """The item side of N rows."""
-        normed = (floats - self.item_mean) / self.item_std
-        dense = self.item_dense(normed)
-        pooled = [self._ids(n, ints, o, s).sum(1) for n, o, s in self._item_ids]
-        vector = self.item_mix(torch.cat([dense, *pooled], dim=1))
-        return ItemSide(vector, self.query(vector), self.item_linear(normed), floats[:, self.item_space_cols])
+        return self.item_from(self.side_parts(Side.ITEM, floats, ints))
 
     def score(self, user: UserSide, item: ItemSide) -> torch.Tensor:
         """Logits ``(N, 2)`` (click, like) for N items whose user side is ``user`` (N rows)."""
