@@ -267,14 +267,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[red]error:[/red] {exc}")
             return 2
     save_checkpoint(model, out, result)
+    console.print(_metrics_table(f"held-out test, best of {result.epochs_run} epochs", result.test))
+    wide = "" if result.wide_valid_auc is None else f"solved wide part {result.wide_valid_auc:.4f}, "
+    kept = f"epoch {result.best_epoch}" if result.best_epoch else "the solved wide part"
     console.print(
-        _metrics_table(
-            f"held-out test, best of {result.epochs_run} epochs (epoch {result.best_epoch})", result.test
-        )
-    )
-    console.print(
-        f"{result.examples_per_second:,.0f} examples/s; validation AUC by epoch: "
-        f"{[round(a, 4) for a in result.valid_auc]}; model: {out}"
+        f"{result.examples_per_second:,.0f} examples/s; validation AUC: {wide}by epoch "
+        f"{[round(a, 4) for a in result.valid_auc]}; kept {kept}; model: {out}"
     )
     return 0
 

@@ -30,7 +30,11 @@ def inputs(small_world: World) -> tuple[torch.Tensor, ...]:
 
 def _model(small_world: World) -> LateRanker:
     torch.manual_seed(0)
-    return LateRanker(small_world.featureset, RankerConfig(dim=16, hidden=32))
+    model = LateRanker(small_world.featureset, RankerConfig(dim=16, hidden=32))
+    with torch.no_grad():  # the wide part starts at zero; give it weights so every path carries signal
+        for p in model.wide_parameters():
+            p.normal_(0.0, 0.05)
+    return model
 
 
 def test_both_paths_give_the_same_outputs(small_world: World, inputs) -> None:
@@ -96,10 +100,9 @@ def test_vectors_of_one_embedding_space_meet_in_a_dot_product(small_world: World
     model = _model(small_world)
     fs = small_world.featureset
     assert model.space_sum.shape == (32, 2)  # u_emb_0 and u_emb_1 each against i_emb
-    last = model.top[-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
     with torch.no_grad():
+        for p in (*model.top[-1].parameters(), *model.user_wide.parameters(), *model.item_wide.parameters()):
+            p.zero_()
         model.space_weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     out = model(*inputs).detach().numpy()
     req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
@@ -123,5 +126,38 @@ def test_dense_input_norms_are_each_features_first_layer_weight_norm(small_world
             assert norms[i] < 1e-5
             continue
         cols = slice(slot.offset, slot.stop)
-        expect = torch.cat([model.item_dense[0].weight[:, cols], model.item_linear.weight[:, cols]]).norm()
+        layers = (model.item_dense[0], model.item_linear, model.item_wide)
+        expect = torch.cat([m.weight[:, cols] for m in layers]).norm()
         torch.testing.assert_close(norms[i], expect.detach())
+
+
+def test_the_wide_part_is_solved_to_the_logistic_model_that_drew_the_labels(small_world: World) -> None:
+    """Labels drawn from a known logistic model of a dot product and two dense inputs: fit_wide finds it."""
+    model = _model(small_world)
+    fs = small_world.featureset
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    cols = {s.feature.name: s.offset for s in (*req.slots, *item.slots) if s.feature.is_float}
+    gen = torch.Generator().manual_seed(5)
+    n = 40_000
+    users = torch.randn(n, req.float_width, generator=gen)
+    items = torch.randn(n, item.float_width, generator=gen)
+    u0, i0 = cols["u_emb_0"], cols["i_emb"]
+    dot = (users[:, u0 : u0 + 16] * items[:, i0 : i0 + 16]).sum(1)
+    logit = -0.5 + 0.4 * dot + 0.8 * users[:, cols["u_act_00"]] - 0.6 * items[:, cols["i_views_log"]]
+    click = (torch.rand(n, generator=gen) < torch.sigmoid(logit)).float()
+    model.fit_normalizer(users, items)
+    before = model.wide_parameters()[0].detach().clone()
+    loss = model.fit_wide(users, items, torch.stack([click, click], 1), iters=200, l2=0.0)
+    space, user_w, item_w = (
+        p.detach() for p in (model.space_weight, model.user_wide.weight, model.item_wide.weight)
+    )
+    assert not torch.equal(before, user_w)
+    # standardised inputs: a weight on the input is the coefficient times its spread
+    u_std, i_std = model.req_std[cols["u_act_00"]], model.item_std[cols["i_views_log"]]
+    assert float(space[0, 0]) == pytest.approx(0.4, abs=0.05)
+    assert float(user_w[0, cols["u_act_00"]] / u_std) == pytest.approx(0.8, abs=0.08)
+    assert float(item_w[0, cols["i_views_log"]] / i_std) == pytest.approx(-0.6, abs=0.08)
+    others = user_w[0].clone()
+    others[cols["u_act_00"]] = 0.0
+    assert float(others.abs().max()) < 0.1  # inputs that drew nothing get (almost) nothing
+    assert 0.0 < loss < float(torch.nn.functional.binary_cross_entropy(click.mean().expand(n), click))

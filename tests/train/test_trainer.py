@@ -47,6 +47,25 @@ def test_both_layouts_train_on_the_same_batches_and_agree(warehouses) -> None:
     assert r1.bytes_read < r2.bytes_read  # the request-level warehouse reads less
 
 
+def test_the_solved_wide_part_is_the_first_candidate_and_is_kept_when_the_deep_epochs_lose(
+    warehouses,
+) -> None:
+    lean, _, fs = warehouses
+    wide_only, r0 = train(str(lean), fs, TrainConfig(**{**CFG.__dict__, "epochs": 0}))
+    assert r0.wide_valid_auc is not None and r0.wide_valid_auc > 0.6  # the wide part alone ranks well
+    assert r0.epochs_run == 0 and r0.best_epoch == 0
+    # a learning rate that wrecks the deep part: training hands back the wide start, not the wreck
+    model, r1 = train(str(lean), fs, TrainConfig(**{**CFG.__dict__, "lr": 5.0}))
+    assert r1.epochs_run >= 1 and max(r1.valid_auc) < r1.wide_valid_auc
+    assert r1.best_epoch == 0
+    assert r1.wide_valid_auc == pytest.approx(r0.wide_valid_auc)
+    for p, q in zip(model.wide_parameters(), wide_only.wide_parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    # without the solve, the wide part starts at zero and the first candidate is an epoch
+    _, r2 = train(str(lean), fs, TrainConfig(**{**CFG.__dict__, "wide_iters": 0}))
+    assert r2.wide_valid_auc is None and r2.best_epoch >= 1
+
+
 def test_a_checkpoint_records_its_featureset_and_refuses_another(warehouses, tmp_path: Path) -> None:
     lean, _, fs = warehouses
     model, result = train(str(lean), fs, TrainConfig(epochs=1, patience=1, batch_requests=32))

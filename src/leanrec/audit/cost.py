@@ -124,8 +124,8 @@ def feature_costs(
     """
     fs, cfg = model.fs, model.config
     stored = stored_bytes_per_example(warehouse, fs)
-    req_in = model.user_dense[0].out_features + model.user_linear.out_features
-    item_in = model.item_dense[0].out_features + model.item_linear.out_features
+    req_in = sum(m.out_features for m in (model.user_dense[0], model.user_linear, model.user_wide))
+    item_in = sum(m.out_features for m in (model.item_dense[0], model.item_linear, model.item_wide))
     dense_width = sum(f.size for f in fs.features if f.is_float)
     lookups = {
         f.name: f.size * (1 if f.side is Side.REQUEST else items_ranked)

@@ -74,10 +74,10 @@ class PermutationAuditor:
     """Click AUC of a model on held-out requests, with chosen features shuffled.
 
     The parts of both sides of the unshuffled data (see ``LateRanker.side_parts``) are computed
-    once. A shuffle updates only what its features feed: the first dense layers by the change of the
-    shuffled columns (they are linear), the pooled embeddings of shuffled ids by permuting their rows,
-    the history encoder only when a feature it reads is shuffled; then the side is mixed and scored
-    against the other side's cached result.
+    once. A shuffle updates only what its features feed: the first dense layers and the wide part by
+    the change of the shuffled columns (they are linear), the pooled embeddings of shuffled ids by
+    permuting their rows, the history encoder only when a feature it reads is shuffled; then the side
+    is mixed and scored against the other side's cached result.
 
     Args:
         model: The trained late ranker.
@@ -122,13 +122,13 @@ class PermutationAuditor:
             idx = torch.cat(dense)
             delta = parts.normed.index_select(1, idx)
             delta = delta.index_select(0, perm) - delta  # (B, C) change of the shuffled inputs
-            first, linear = (
-                (model.user_dense[0], model.user_linear)
+            layers = (
+                (model.user_dense[0], model.user_linear, model.user_wide)
                 if side is Side.REQUEST
-                else (model.item_dense[0], model.item_linear)
+                else (model.item_dense[0], model.item_linear, model.item_wide)
             )
-            changes["first"] = parts.first + delta @ first.weight.index_select(1, idx).T
-            changes["linear"] = parts.linear + delta @ linear.weight.index_select(1, idx).T
+            for part, layer in zip(("first", "linear", "wide"), layers, strict=True):
+                changes[part] = getattr(parts, part) + delta @ layer.weight.index_select(1, idx).T
             # A vector can sit in several pairs: every position that reads a shuffled column changes.
             at = torch.isin(self._space[side], idx).nonzero().flatten()
             if len(at):

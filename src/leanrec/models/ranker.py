@@ -8,6 +8,9 @@ simply does not repeat work.
 
 Per item: the item's dense tower and embedding lookups, target attention of the item over the
 encoded history, an interaction of user and item vectors, a top MLP, and two heads (click, like).
+Beside the deep part, a wide part (a linear model of each side's dense inputs and of the dot
+products of vectors in one embedding space) adds straight to the logits; the trainer solves it first
+(:meth:`LateRanker.fit_wide`), and the deep part learns what it leaves.
 """
 
 from __future__ import annotations
@@ -55,15 +58,14 @@ class UserSide:
 
     vector: torch.Tensor  # (B, hidden)
     linear: torch.Tensor  # (B, dim) linear projection of the dense inputs, for the dot interaction
+    wide: torch.Tensor  # (B, 2) the user's share of the wide part's (click, like) logits
     spaced: torch.Tensor  # (B, S) raw user vectors that share an embedding space with item vectors
     history: torch.Tensor  # (B, L, dim)
     mask: torch.Tensor  # (B, L) True where the history has an entry
 
     def take(self, rows: torch.Tensor) -> UserSide:
         """Broadcast to items: row ``rows[i]`` for item i."""
-        return UserSide(
-            self.vector[rows], self.linear[rows], self.spaced[rows], self.history[rows], self.mask[rows]
-        )
+        return UserSide(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SideParts:
     normed: torch.Tensor  # (B, F) standardised dense inputs
     first: torch.Tensor  # (B, width) first dense layer, before its activation
     linear: torch.Tensor  # (B, dim) linear projection for the dot interaction
+    wide: torch.Tensor  # (B, 2) the side's share of the wide part's logits
     pooled: torch.Tensor  # (B, n_ids, dim) sum-pooled embedding of each id feature
     spaced: torch.Tensor  # (B, S) raw vectors of a shared embedding space
     encoded: torch.Tensor | None = None  # request side: (B, L, dim) encoded history
@@ -91,6 +94,7 @@ class ItemSide:
     vector: torch.Tensor  # (N, hidden)
     query: torch.Tensor  # (N, dim) the item's attention query over the user's history
     linear: torch.Tensor  # (N, dim) linear projection of the dense inputs, for the dot interaction
+    wide: torch.Tensor  # (N, 2) the item's share of the wide part's logits
     spaced: torch.Tensor  # (N, S) raw item vectors matched with ``UserSide.spaced``, column for column
 
 
@@ -181,8 +185,14 @@ class LateRanker(nn.Module):
         self.register_buffer("user_space_cols", torch.tensor(u_cols, dtype=torch.long))
         self.register_buffer("item_space_cols", torch.tensor(i_cols, dtype=torch.long))
         self.register_buffer("space_sum", summing)
-        # Wide part: each pair's dot product also adds straight to both logits, with a learnt weight.
+        # Wide part: each side's dense inputs and each pair's dot product add straight to both logits.
+        # Zero to start; fit_wide solves it.
         self.space_weight = nn.Parameter(torch.zeros(summing.shape[1], 2))
+        self.user_wide = nn.Linear(req.float_width, 2)
+        self.item_wide = nn.Linear(item.float_width, 2)
+        for layer in (self.user_wide, self.item_wide):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.top = _mlp([3 * h + 2 * d + len(u_cols) + summing.shape[1], h, h // 2, 2])
         # Slot of each dense input column, for per-feature weight norms.
         for side, name in ((req, "req"), (item, "item")):
@@ -208,7 +218,8 @@ class LateRanker(nn.Module):
         tower, linear = (
             (self.user_dense, self.user_linear) if name == "req" else (self.item_dense, self.item_linear)
         )
-        col_sq = tower[0].weight.square().sum(0) + linear.weight.square().sum(0)  # (F,)
+        wide = self.user_wide if name == "req" else self.item_wide
+        col_sq = sum(m.weight.square().sum(0) for m in (tower[0], linear, wide))  # (F,)
         index = getattr(self, f"{name}_column_slot")
         out = col_sq.new_zeros(len(self.fs.layout(side).slots)).index_add(0, index, col_sq)
         return out.clamp_min(1e-12).sqrt()
@@ -227,7 +238,11 @@ class LateRanker(nn.Module):
         """
         req = side is Side.REQUEST
         mean, std = (self.req_mean, self.req_std) if req else (self.item_mean, self.item_std)
-        dense, linear = (self.user_dense, self.user_linear) if req else (self.item_dense, self.item_linear)
+        dense, linear, wide = (
+            (self.user_dense, self.user_linear, self.user_wide)
+            if req
+            else (self.item_dense, self.item_linear, self.item_wide)
+        )
         normed = (floats - mean) / std
         ids = self._req_ids if req else self._item_ids
         pooled = torch.stack([self._ids(n, ints, o, s).sum(1) for n, o, s in ids], 1) if ids else None
@@ -235,6 +250,7 @@ class LateRanker(nn.Module):
             normed=normed,
             first=dense[0](normed),
             linear=linear(normed),
+            wide=wide(normed),
             pooled=pooled if pooled is not None else normed.new_zeros(len(normed), 0, self.config.dim),
             spaced=floats[:, self.user_space_cols if req else self.item_space_cols],
         )
@@ -272,13 +288,13 @@ class LateRanker(nn.Module):
         """The user side from its parts (see :meth:`side_parts`)."""
         dense = self.user_dense[1:](p.first)
         vector = self.user_mix(torch.cat([dense, p.summary, p.pooled.flatten(1)], dim=1))
-        return UserSide(vector, p.linear, p.spaced, p.encoded, p.mask)
+        return UserSide(vector, p.linear, p.wide, p.spaced, p.encoded, p.mask)
 
     def item_from(self, p: SideParts) -> ItemSide:
         """The item side from its parts (see :meth:`side_parts`)."""
         dense = self.item_dense[1:](p.first)
         vector = self.item_mix(torch.cat([dense, p.pooled.flatten(1)], dim=1))
-        return ItemSide(vector, self.query(vector), p.linear, p.spaced)
+        return ItemSide(vector, self.query(vector), p.linear, p.wide, p.spaced)
 
     def user_side(self, floats: torch.Tensor, ints: torch.Tensor) -> UserSide:
         """Everything that depends only on the request side, for B rows."""
@@ -294,7 +310,7 @@ class LateRanker(nn.Module):
         att = att.masked_fill(~user.mask, float("-inf")).softmax(-1)
         target = torch.einsum("nl,nld->nd", att, user.history)
         products = user.spaced * item.spaced  # (N, S)
-        dots = products @ self.space_sum  # (N, P)
+        dots = products @ self.space_sum  # (N, P) dot product of each pair of one embedding space
         z = torch.cat(
             [
                 user.vector,
@@ -307,7 +323,61 @@ class LateRanker(nn.Module):
             ],
             dim=1,
         )
-        return self.top(z) + dots @ self.space_weight
+        return self.top(z) + user.wide + item.wide + dots @ self.space_weight
+
+    def wide_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the wide part (see :meth:`fit_wide`)."""
+        return [*self.user_wide.parameters(), *self.item_wide.parameters(), self.space_weight]
+
+    def fit_wide(
+        self,
+        req_floats: torch.Tensor,
+        item_floats: torch.Tensor,
+        labels: torch.Tensor,
+        iters: int = 100,
+        l2: float = 1e-4,
+    ) -> float:
+        """Solve the wide part alone: a logistic regression on the examples given, by full-batch L-BFGS.
+
+        The wide part is convex, so it is solved outright rather than walked towards by the deep
+        part's optimiser, which would take hundreds of steps to reach the weight of a strong linear
+        signal (the dot product of pretrained embeddings) while the deep part begins to overfit. Call
+        it after :meth:`fit_normalizer` and before training the rest. It takes one request row per
+        example, so either warehouse layout poses the very same problem and gets the same solution.
+
+        Args:
+            req_floats: ``(N, F_req)`` request-side dense inputs of each example.
+            item_floats: ``(N, F_item)``.
+            labels: ``(N, 2)`` click and like, 0/1.
+            iters: Most L-BFGS iterations.
+            l2: Penalty on the squared weights of the dense inputs.
+
+        Returns:
+            The training log loss of the fitted wide part (the mean over both heads, with the penalty).
+
+        """
+        with torch.no_grad():
+            user = (req_floats - self.req_mean) / self.req_std
+            item = (item_floats - self.item_mean) / self.item_std
+            dots = (
+                req_floats[:, self.user_space_cols] * item_floats[:, self.item_space_cols]
+            ) @ self.space_sum
+        opt = torch.optim.LBFGS(self.wide_parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+
+        def penalised() -> torch.Tensor:
+            logits = self.user_wide(user) + self.item_wide(item) + dots @ self.space_weight
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+            return loss + l2 * (self.user_wide.weight.square().sum() + self.item_wide.weight.square().sum())
+
+        def objective() -> torch.Tensor:
+            opt.zero_grad()
+            loss = penalised()
+            loss.backward()
+            return loss
+
+        opt.step(objective)
+        with torch.no_grad():
+            return float(penalised())
 
     def forward(
         self,

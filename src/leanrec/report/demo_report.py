@@ -99,9 +99,10 @@ def render_loop(loop: dict) -> Table:
         a, b = loop["round0"][key], loop["round1"][key]
         table.add_row(key.replace("_", " "), f"{a:.3f}", f"{b:.3f}", f"{b / a:.3f}" if a else "—")
     m = loop["model"]
+    kept = f"epoch {m['best_epoch']}" if m.get("best_epoch") else "the solved wide part"
     table.caption = (
         f"model held-out AUC {m['test_auc']:.4f}, oracle AUC {m['oracle_auc']:.4f} (gap {m['auc_gap']:.4f}); "
-        f"{m['epochs_run']} epochs at {m['examples_per_second']:,.0f} examples/s"
+        f"{m['epochs_run']} epochs at {m['examples_per_second']:,.0f} examples/s, kept {kept}"
     )
     return table
 

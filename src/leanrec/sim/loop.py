@@ -120,6 +120,8 @@ def close_loop(
             "oracle_auc": oracle,
             "auc_gap": oracle - result.test["auc"],
             "valid_auc": result.valid_auc,
+            "wide_valid_auc": result.wide_valid_auc,
+            "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
             "examples_per_second": result.examples_per_second,
             "test_metrics": {k: float(v) for k, v in result.test.items() if np.isfinite(v)},

@@ -6,7 +6,8 @@ the training loop of :mod:`leanrec.train.trainer`, with the model wrapped in
 agree on, and how:
 
 * Initial weights: the same seed on every rank (and DDP broadcasts rank 0's at construction).
-* Normalizer statistics: fitted on rank 0's first training batch and broadcast.
+* Normalizer statistics and the solved wide part: fitted on rank 0's first training examples and
+  broadcast.
 * Uneven inputs: ranks may hold different numbers of batches; each epoch's steps run under DDP's
   ``join()``, so a rank that runs out shadows the others' all-reduces instead of hanging. A rank
   that joined early does not step its optimizer, so after each epoch the parameters (DDP does this)
@@ -57,13 +58,15 @@ class _Ranks(Replicas):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def wrap(self, model: LateRanker) -> nn.Module:
-        # The buffers (normalizer statistics) are shared by share_normalizer and never change: no need
-        # to broadcast them at every forward.
+        # The buffers (normalizer statistics) are shared by share_fitted and never change: no need to
+        # broadcast them at every forward.
         return DistributedDataParallel(model, forward_sync_buffers=False)
 
-    def share_normalizer(self, model: LateRanker) -> None:
+    def share_fitted(self, model: LateRanker) -> None:
         for name in _NORMALIZER:
             dist.broadcast(getattr(model, name), src=0)
+        for p in model.wide_parameters():
+            dist.broadcast(p.data, src=0)
 
     def join(self, wrapped: nn.Module):
         return wrapped.join()

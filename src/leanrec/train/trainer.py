@@ -50,12 +50,17 @@ class TrainConfig:
         weight_decay: AdamW's decoupled weight decay (keeps the large id tables from memorising).
         group_lasso: Penalty on the sum of each dense feature's first-layer weight norm, which drives
             the weights of features that earn nothing towards zero.
+        wide_iters: L-BFGS iterations that solve the model's wide part before the deep epochs (see
+            ``LateRanker.fit_wide``); 0 leaves it to the optimiser with the rest.
+        wide_examples: Training examples the wide part is solved on (the first ones read), which
+            bounds its memory: 4 bytes per dense input (both sides) per example.
+        wide_l2: Penalty on the squared weights of the wide part's dense inputs.
 
     """
 
     epochs: int = 5
     patience: int = 2
-    lr: float = 2e-3
+    lr: float = 5e-4
     batch_requests: int = 128
     batch_impressions: int = 1280
     request_level: bool = True
@@ -67,6 +72,9 @@ class TrainConfig:
     by_request: bool = True
     weight_decay: float = 0.0
     group_lasso: float = 1e-3
+    wide_iters: int = 100
+    wide_examples: int = 200_000
+    wide_l2: float = 1e-4
 
 
 @dataclass
@@ -76,6 +84,7 @@ class TrainResult:
     epochs_run: int = 0
     best_epoch: int = 0
     valid_auc: list[float] = field(default_factory=list)
+    wide_valid_auc: float | None = None
     test: dict[str, float] = field(default_factory=dict)
     examples_trained: int = 0
     train_seconds: float = 0.0
@@ -127,8 +136,8 @@ class Replicas:
         """The module the training steps call (e.g. a ``DistributedDataParallel``)."""
         return model
 
-    def share_normalizer(self, model: LateRanker) -> None:
-        """Make the normalizer statistics the same on every replica."""
+    def share_fitted(self, model: LateRanker) -> None:
+        """Make what the first replica fitted before training (normalizer, wide part) the same everywhere."""
 
     def join(self, wrapped: nn.Module) -> AbstractContextManager:
         """Context of one epoch's training steps (lets replicas hold uneven numbers of batches)."""
@@ -164,6 +173,34 @@ def _batches(
         sub = _subset(batch, split_of(batch.request_ids, cfg.valid_percent, cfg.test_percent) == part)
         if sub is not None:
             yield sub
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    """One batch of several (request rows renumbered)."""
+    offsets = np.cumsum([0] + [b.n_requests for b in batches[:-1]])
+    return Batch(
+        req_floats=torch.cat([b.req_floats for b in batches]),
+        req_ints=torch.cat([b.req_ints for b in batches]),
+        item_floats=torch.cat([b.item_floats for b in batches]),
+        item_ints=torch.cat([b.item_ints for b in batches]),
+        item_request=torch.cat([b.item_request + int(o) for b, o in zip(batches, offsets, strict=True)]),
+        click=torch.cat([b.click for b in batches]),
+        like=torch.cat([b.like for b in batches]),
+        request_ids=[r for b in batches for r in b.request_ids],
+        positions=torch.cat([b.positions for b in batches]),
+    )
+
+
+def _leading(
+    uri: str, fs: FeatureSet, cfg: TrainConfig, stats: ReadStats, files: list[str] | None
+) -> Batch | None:
+    """The first training examples of the warehouse, up to ``cfg.wide_examples`` (at least a batch)."""
+    out: list[Batch] = []
+    for b in _batches(uri, fs, cfg, 0, stats, None, files):
+        out.append(b)
+        if sum(x.n_items for x in out) >= cfg.wide_examples:
+            break
+    return _concat(out) if out else None
 
 
 def split_batches(uri: str, fs: FeatureSet, cfg: TrainConfig, part: int) -> list[Batch]:
@@ -254,18 +291,34 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = LateRanker(fs, model_config)
     stats = ReadStats()
-    first = next(iter(_batches(uri, fs, cfg, 0, ReadStats(), None, files)), None)
-    if first is None and rep.rank == 0:
+    result = TrainResult()
+    t0, c0 = time.perf_counter(), time.process_time()
+    lead = _leading(uri, fs, cfg, stats, files) if rep.rank == 0 else None
+    if lead is None and rep.rank == 0:
         raise WarehouseError(f"warehouse {uri} has no training requests")
-    if first is not None:
-        # Per example, so both layouts give the same statistics (a request counts once per item).
-        model.fit_normalizer(first.req_floats[first.item_request], first.item_floats)
-    rep.share_normalizer(model)
+    if lead is not None:
+        # Per example, so both layouts give the same statistics (a request counts once per item). The
+        # first batch's worth is enough for a mean and a spread.
+        n = min(lead.n_items, cfg.batch_impressions)
+        model.fit_normalizer(lead.req_floats[lead.item_request[:n]], lead.item_floats[:n])
+        if cfg.wide_iters:
+            labels = torch.stack([lead.click, lead.like], 1)
+            req = lead.req_floats[lead.item_request]
+            model.fit_wide(req, lead.item_floats, labels, cfg.wide_iters, cfg.wide_l2)
+            if progress:
+                progress("solve the wide part", lead.n_items)
+        del lead
+    rep.share_fitted(model)
+    result.train_seconds += time.perf_counter() - t0
+    result.train_cpu_seconds += time.process_time() - c0
     wrapped = rep.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bce = nn.BCEWithLogitsLoss()
-    result = TrainResult()
     best, best_state, waited = -1.0, None, 0
+    if cfg.wide_iters:
+        # The solved wide part alone is the first candidate: the deep epochs must beat it.
+        best = result.wide_valid_auc = _validate(model, uri, fs, cfg, stats, files, rep, result)["auc"]
+        best_state = _state(model)
     for epoch in range(cfg.epochs):
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -288,12 +341,7 @@ def _train(
         rep.end_epoch(model, opt, steps)
         result.train_seconds += time.perf_counter() - t0
         result.train_cpu_seconds += time.process_time() - c0
-        t1 = time.perf_counter()
-        metrics = evaluate_arrays(
-            *rep.gather(predict(model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level)),
-            full=cfg.full_metrics,
-        )
-        result.validation_seconds += time.perf_counter() - t1
+        metrics = _validate(model, uri, fs, cfg, stats, files, rep, result)
         result.valid_auc.append(metrics["auc"])
         result.epochs_run = epoch + 1
         if metrics["auc"] > best:
@@ -309,6 +357,26 @@ def _train(
     )
     result.bytes_read = stats.bytes_read
     return model, result
+
+
+def _validate(
+    model: LateRanker,
+    uri: str,
+    fs: FeatureSet,
+    cfg: TrainConfig,
+    stats: ReadStats,
+    files: list[str] | None,
+    rep: Replicas,
+    result: TrainResult,
+) -> dict[str, float]:
+    """Metrics on the validation split (over every replica's share), timed into ``result``."""
+    t1 = time.perf_counter()
+    metrics = evaluate_arrays(
+        *rep.gather(predict(model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level)),
+        full=cfg.full_metrics,
+    )
+    result.validation_seconds += time.perf_counter() - t1
+    return metrics
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
