@@ -65,6 +65,7 @@ def main() -> int:
     rows = (
         ("examples / s", r.examples_per_second, i.examples_per_second, "{:,.0f}"),
         ("training CPU seconds", r.train_cpu_seconds, i.train_cpu_seconds, "{:,.1f}"),
+        ("setup CPU seconds (wide-part solve)", r.setup_cpu_seconds, i.setup_cpu_seconds, "{:,.1f}"),
         ("bytes read from the warehouse", r.bytes_read, i.bytes_read, "{:,.0f}"),
         ("held-out AUC", r.test["auc"], i.test["auc"], "{:.4f}"),
         ("held-out log loss", r.test["log_loss"], i.test["log_loss"], "{:.4f}"),
