@@ -32,18 +32,7 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     """One batch of all requests and items of ``batches`` (request rows renumbered)."""
     if not batches:
         raise ValueError("no held-out requests to audit on")
-    offsets = np.cumsum([0, *(b.n_requests for b in batches[:-1])])
-    return Batch(
-        req_floats=torch.cat([b.req_floats for b in batches]),
-        req_ints=torch.cat([b.req_ints for b in batches]),
-        item_floats=torch.cat([b.item_floats for b in batches]),
-        item_ints=torch.cat([b.item_ints for b in batches]),
-        item_request=torch.cat([b.item_request + int(o) for b, o in zip(batches, offsets, strict=True)]),
-        click=torch.cat([b.click for b in batches]),
-        like=torch.cat([b.like for b in batches]),
-        request_ids=[r for b in batches for r in b.request_ids],
-        positions=torch.cat([b.positions for b in batches]),
-    )
+    return Batch.concat(batches)
 
 
 def family(name: str) -> str:

@@ -182,22 +182,6 @@ def _batches(
             yield sub
 
 
-def _concat(batches: list[Batch]) -> Batch:
-    """One batch of several (request rows renumbered)."""
-    offsets = np.cumsum([0] + [b.n_requests for b in batches[:-1]])
-    return Batch(
-        req_floats=torch.cat([b.req_floats for b in batches]),
-        req_ints=torch.cat([b.req_ints for b in batches]),
-        item_floats=torch.cat([b.item_floats for b in batches]),
-        item_ints=torch.cat([b.item_ints for b in batches]),
-        item_request=torch.cat([b.item_request + int(o) for b, o in zip(batches, offsets, strict=True)]),
-        click=torch.cat([b.click for b in batches]),
-        like=torch.cat([b.like for b in batches]),
-        request_ids=[r for b in batches for r in b.request_ids],
-        positions=torch.cat([b.positions for b in batches]),
-    )
-
-
 def _leading(
     uri: str, fs: FeatureSet, cfg: TrainConfig, stats: ReadStats, files: list[str] | None
 ) -> Batch | None:
@@ -207,7 +191,7 @@ def _leading(
         out.append(b)
         if sum(x.n_items for x in out) >= cfg.wide_examples:
             break
-    return _concat(out) if out else None
+    return Batch.concat(out) if out else None
 
 
 def split_batches(uri: str, fs: FeatureSet, cfg: TrainConfig, part: int) -> list[Batch]:
