@@ -124,8 +124,7 @@ def feature_costs(
     """
     fs, cfg = model.fs, model.config
     stored = stored_bytes_per_example(warehouse, fs)
-    req_in = sum(m.out_features for m in (model.user_dense[0], model.user_linear, model.user_wide))
-    item_in = sum(m.out_features for m in (model.item_dense[0], model.item_linear, model.item_wide))
+    req_in, item_in = (sum(m.out_features for m in model.input_layers(s).values()) for s in Side)
     dense_width = sum(f.size for f in fs.features if f.is_float)
     lookups = {
         f.name: f.size * (1 if f.side is Side.REQUEST else items_ranked)

@@ -111,12 +111,7 @@ class PermutationAuditor:
             idx = torch.cat(dense)
             delta = parts.normed.index_select(1, idx)
             delta = delta.index_select(0, perm) - delta  # (B, C) change of the shuffled inputs
-            layers = (
-                (model.user_dense[0], model.user_linear, model.user_wide)
-                if side is Side.REQUEST
-                else (model.item_dense[0], model.item_linear, model.item_wide)
-            )
-            for part, layer in zip(("first", "linear", "wide"), layers, strict=True):
+            for part, layer in model.input_layers(side).items():
                 changes[part] = getattr(parts, part) + delta @ layer.weight.index_select(1, idx).T
             # A vector can sit in several pairs: every position that reads a shuffled column changes.
             at = torch.isin(self._space[side], idx).nonzero().flatten()

@@ -214,15 +214,26 @@ class LateRanker(nn.Module):
         The inputs are standardised, so the norms compare across features; id slots get 0. The
         trainer's group lasso penalises their sum, and audits read them as weight-based importance.
         """
-        name = "req" if side is Side.REQUEST else "item"
-        tower, linear = (
-            (self.user_dense, self.user_linear) if name == "req" else (self.item_dense, self.item_linear)
-        )
-        wide = self.user_wide if name == "req" else self.item_wide
-        col_sq = sum(m.weight.square().sum(0) for m in (tower[0], linear, wide))  # (F,)
-        index = getattr(self, f"{name}_column_slot")
+        col_sq = sum(m.weight.square().sum(0) for m in self.input_layers(side).values())  # (F,)
+        index = self.req_column_slot if side is Side.REQUEST else self.item_column_slot
         out = col_sq.new_zeros(len(self.fs.layout(side).slots)).index_add(0, index, col_sq)
         return out.clamp_min(1e-12).sqrt()
+
+    def input_layers(self, side: Side) -> dict[str, nn.Linear]:
+        """The linear layers that read a side's standardised dense inputs, by their ``SideParts`` name.
+
+        ``first`` is the dense tower's first layer, ``linear`` the projection for the dot interaction,
+        ``wide`` the side's share of the wide part.
+        """
+        if side is Side.REQUEST:
+            return {"first": self.user_dense[0], "linear": self.user_linear, "wide": self.user_wide}
+        return {"first": self.item_dense[0], "linear": self.item_linear, "wide": self.item_wide}
+
+    def normalise(self, side: Side, floats: torch.Tensor) -> torch.Tensor:
+        """A side's dense inputs ``(B, F)`` standardised with the training statistics."""
+        if side is Side.REQUEST:
+            return (floats - self.req_mean) / self.req_std
+        return (floats - self.item_mean) / self.item_std
 
     def _ids(self, name: str, ints: torch.Tensor, offset: int, size: int) -> torch.Tensor:
         table = self.tables[name]
@@ -237,20 +248,12 @@ class LateRanker(nn.Module):
         inputs (a feature audit shuffling a column) can update the parts and skip the rest.
         """
         req = side is Side.REQUEST
-        mean, std = (self.req_mean, self.req_std) if req else (self.item_mean, self.item_std)
-        dense, linear, wide = (
-            (self.user_dense, self.user_linear, self.user_wide)
-            if req
-            else (self.item_dense, self.item_linear, self.item_wide)
-        )
-        normed = (floats - mean) / std
+        normed = self.normalise(side, floats)
         ids = self._req_ids if req else self._item_ids
         pooled = torch.stack([self._ids(n, ints, o, s).sum(1) for n, o, s in ids], 1) if ids else None
         parts = SideParts(
             normed=normed,
-            first=dense[0](normed),
-            linear=linear(normed),
-            wide=wide(normed),
+            **{part: layer(normed) for part, layer in self.input_layers(side).items()},
             pooled=pooled if pooled is not None else normed.new_zeros(len(normed), 0, self.config.dim),
             spaced=floats[:, self.user_space_cols if req else self.item_space_cols],
         )
@@ -357,8 +360,7 @@ class LateRanker(nn.Module):
 
         """
         with torch.no_grad():
-            user = (req_floats - self.req_mean) / self.req_std
-            item = (item_floats - self.item_mean) / self.item_std
+            user, item = self.normalise(Side.REQUEST, req_floats), self.normalise(Side.ITEM, item_floats)
             dots = (
                 req_floats[:, self.user_space_cols] * item_floats[:, self.item_space_cols]
             ) @ self.space_sum

@@ -187,9 +187,11 @@ def _leading(
 ) -> Batch | None:
     """The first training examples of the warehouse, up to ``cfg.wide_examples`` (at least a batch)."""
     out: list[Batch] = []
+    items = 0
     for b in _batches(uri, fs, cfg, 0, stats, None, files):
         out.append(b)
-        if sum(x.n_items for x in out) >= cfg.wide_examples:
+        items += b.n_items
+        if items >= cfg.wide_examples:
             break
     return Batch.concat(out) if out else None
 
