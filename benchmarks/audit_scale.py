@@ -140,6 +140,11 @@ def run(args: argparse.Namespace, root: Path) -> int:
         ("features decided singly", f"{len(found.importance) - in_blocks:,}"),
         ("retired", f"{len(found.plan.retire):,}"),
         ("noise recall", f"{truth['noise_recall']:.1%}"),
+        (
+            "noise kept as explained by valuable features",
+            f"{len(world.noise_features & set(found.plan.related)):,}",
+        ),
+        ("informative kept as explained", f"{len(set(found.plan.related) - world.noise_features):,}"),
         ("informative share of retired", f"{truth['informative_share']:.1%}"),
         ("plan loss / budget", f"{found.plan.loss:.5f} / {BUDGET}"),
         ("base held-out AUC", f"{found.base_auc:.4f}"),

@@ -18,6 +18,7 @@ from leanrec.audit import (
 )
 from leanrec.audit.cost import FeatureCost, feature_costs
 from leanrec.audit.importance import concat_batches, family, weight_importance
+from leanrec.audit.related import relatedness
 from leanrec.audit.report import write_audit
 from leanrec.funnel import Funnel
 from leanrec.models import LateRanker, RankerConfig
@@ -125,6 +126,76 @@ def test_a_plan_never_exceeds_its_budget(known, small_world: World, budget: floa
     assert set(pruned.retired) == set(plan.retire)
 
 
+def test_a_related_feature_of_no_value_is_never_retired(known, small_world: World) -> None:
+    _, _, auditor = known
+    names = [f.name for f in small_world.featureset.features]
+    imp = permutation_importance(auditor, names, repeats=3, block_size=8)
+    related = frozenset(n for n in names if n.startswith(("i_taste", "u_taste")))
+    plan = make_plan(auditor, imp, _costs(small_world.featureset), 0.001, repeats=3, related=related)
+    assert not related & set(plan.retire)
+    assert set(plan.related) == related
+    # Everything else of no value still goes.
+    assert set(plan.retire) == set(names) - related - set(KNOWN)
+
+
+def _repeated_entities(seed: int = 0) -> tuple[FeatureSet, Batch, dict[str, np.ndarray]]:
+    """Items of 300 entities, each shown 1 to 40 times, with features related to ``anchor`` or not.
+
+    ``copy`` and ``bucket`` are functions of the valuable ``anchor``; ``noise`` and ``noise_id`` are
+    drawn once per entity, so they repeat with it exactly as a related feature would.
+    """
+    rng = np.random.default_rng(seed)
+    n = 300
+    entity = np.repeat(np.arange(n), rng.integers(1, 41, n))
+    anchor = rng.normal(size=(n, 4))
+    values = {
+        "anchor": anchor,
+        "copy": anchor[:, :1] + 0.7 * rng.normal(size=(n, 1)),
+        "noise": rng.normal(size=(n, 1)),
+        "bucket": np.digitize(anchor[:, 1:2], [-1.0, 0.0, 1.0]),
+        "noise_id": rng.integers(0, 500, (n, 1)),
+    }
+    fs = FeatureSet(
+        "entities",
+        1,
+        (
+            Feature("u", Owner.USER, Kind.DENSE),
+            Feature("anchor", Owner.ITEM, Kind.DENSE, 4),
+            Feature("copy", Owner.ITEM, Kind.DENSE),
+            Feature("noise", Owner.ITEM, Kind.DENSE),
+            Feature("bucket", Owner.ITEM, Kind.SPARSE, 1, 4),
+            Feature("noise_id", Owner.ITEM, Kind.SPARSE, 1, 500),
+        ),
+    )
+    floats = np.hstack([values[k] for k in ("anchor", "copy", "noise")])[entity]
+    ints = np.hstack([values[k] for k in ("bucket", "noise_id")])[entity]
+    m = len(entity)
+    batch = Batch(
+        torch.zeros(1, 1),
+        torch.zeros(1, 0, dtype=torch.long),
+        torch.from_numpy(floats.astype(np.float32)),
+        torch.from_numpy(ints.astype(np.int64)),
+        torch.zeros(m, dtype=torch.long),
+        torch.zeros(m),
+        torch.zeros(m),
+        ["r0"],
+        torch.arange(m),
+    )
+    return fs, batch, values
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_relatedness_tells_what_valuable_features_explain_from_noise_that_repeats(seed: int) -> None:
+    fs, batch, _ = _repeated_entities(seed)
+    found = relatedness(fs, batch, ["anchor"], ["copy", "noise", "bucket", "noise_id", "u"], seed=seed)
+    assert found["copy"].related and found["bucket"].related
+    assert not found["noise"].related and not found["noise_id"].related
+    # Repetition inflates what unrelated values seem to share with the anchor: the reference sees it.
+    assert found["noise"].null_mean > 4 / len(batch.item_floats)
+    # The request side has no valuable feature: nothing there can be related to one.
+    assert "u" not in found
+
+
 def test_a_negative_budget_is_refused(known, small_world: World) -> None:
     _, _, auditor = known
     with pytest.raises(ValueError, match="budget"):
@@ -221,10 +292,10 @@ def test_an_incremental_shuffle_scores_as_a_full_forward_pass_would(trained, nam
     data = heldout(str(lean), model, TrainConfig())
     auditor = PermutationAuditor(model, data)
     side = auditor.columns[names[0]].side
-    got = auditor.loss(names, np.random.default_rng(3))
-    perm = torch.from_numpy(
-        np.random.default_rng(3).permutation(data.n_requests if side is Side.REQUEST else data.n_items)
-    )
+    got = auditor.losses(names, 1, 3)[0]
+    rng = np.random.default_rng(3)  # one permutation per side, the request side's first
+    perms = [torch.from_numpy(rng.permutation(n)) for n in (data.n_requests, data.n_items)]
+    perm = perms[0 if side is Side.REQUEST else 1]
     floats, ints = (
         (data.req_floats, data.req_ints) if side is Side.REQUEST else (data.item_floats, data.item_ints)
     )
@@ -240,3 +311,16 @@ def test_an_incremental_shuffle_scores_as_a_full_forward_pass_would(trained, nam
     from leanrec.train.metrics import auc
 
     assert got == pytest.approx(auditor.base_auc - auc(data.click.numpy(), logits), abs=1e-6)
+
+
+def test_a_shuffle_grown_on_another_scores_as_both_shuffled_at_once(trained) -> None:
+    """The plan grows its retired set one unit at a time; each step must score as the whole set."""
+    lean, model = trained
+    from leanrec.audit.run import heldout
+
+    auditor = PermutationAuditor(model, heldout(str(lean), model, TrainConfig()))
+    first, then = ["u_emb_0", "u_hist_cat", "i_category"], ["u_hist", "i_emb", "u_act_07", "u_emb_0"]
+    grown = auditor.score(auditor.shuffle(then, 3, 5, auditor.shuffle(first, 3, 5)))
+    at_once = auditor.losses([*first, *then], 3, 5)
+    np.testing.assert_allclose(grown, at_once, atol=1e-9)
+    assert (at_once > 0.01).all()  # the set matters, so a dropped shuffle would show

@@ -100,9 +100,15 @@ class PermutationAuditor:
         self.evaluations += 1
         return auc(self.labels, logits.numpy())
 
-    def _shuffled_parts(self, names: Sequence[str], side: Side, perm: torch.Tensor) -> SideParts:
-        """The parts of ``side`` with ``names`` permuted across its rows by ``perm``."""
-        model, parts = self.model, self._parts[side]
+    def _shuffled_parts(
+        self, names: Sequence[str], side: Side, perm: torch.Tensor, parts: SideParts, encoded: Sequence[str]
+    ) -> SideParts:
+        """``parts`` of ``side`` with ``names`` also permuted across its rows by ``perm``.
+
+        ``parts`` may already hold other features shuffled by the same ``perm``; ``encoded`` names
+        every sequence the history encoder must then see shuffled (it is recomputed as a whole).
+        """
+        model = self.model
         ints = self._inputs[side][1]
         cols = [self.columns[n] for n in names]
         changes: dict[str, torch.Tensor] = {}
@@ -117,49 +123,90 @@ class PermutationAuditor:
             at = torch.isin(self._space[side], idx).nonzero().flatten()
             if len(at):
                 new = parts.spaced.clone()
-                new[:, at] = parts.spaced.index_select(0, perm)[:, at]
+                new[:, at] = self._parts[side].spaced.index_select(0, perm)[:, at]
                 changes["spaced"] = new
         pooled = [self._pooled[side][n] for n in names if n in self._pooled[side]]
         if pooled:
             at = torch.tensor(pooled)
             new = parts.pooled.clone()
-            new[:, at] = parts.pooled.index_select(0, perm)[:, at]
+            new[:, at] = self._parts[side].pooled.index_select(0, perm)[:, at]
             changes["pooled"] = new
         if side is Side.REQUEST and model.encoded_features.intersection(names):
-            seq = torch.cat(
-                [
-                    torch.arange(c.start, c.stop)
-                    for n, c in zip(names, cols, strict=True)
-                    if n in model.encoded_features
-                ]
-            )
+            seq = torch.cat([torch.arange(self.columns[n].start, self.columns[n].stop) for n in encoded])
             shuffled = ints.clone()
             shuffled[:, seq] = ints.index_select(0, perm)[:, seq]
             changes["encoded"], changes["mask"], changes["summary"] = model.encode(shuffled)
         return parts.replace(**changes)
 
-    def loss(self, names: Sequence[str], rng: np.random.Generator) -> float:
-        """AUC lost when ``names`` are shuffled together (one permutation per side)."""
+    def _check(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self.columns]
         if unknown:
             raise KeyError(f"features not in the model's FeatureSet: {unknown}")
-        sides = {"user": self._user, "item": self._item}
+
+    def shuffle(
+        self, names: Sequence[str], repeats: int, seed: int, base: Shuffled | None = None
+    ) -> Shuffled:
+        """The held-out parts with ``names`` shuffled, ``repeats`` times, on top of ``base``.
+
+        Each repeat draws one permutation per side from ``seed``; on top of ``base`` its permutations
+        are reused, so ``shuffle(b, r, s, shuffle(a, r, s))`` scores as ``shuffle(a + b, r, s)`` while
+        updating only what ``b`` feeds. A plan that grows its retired set one feature at a time pays
+        for that feature alone.
+        """
+        self._check(names)
+        if base is None:
+            rng = np.random.default_rng(seed)
+            perms = [
+                {side: torch.from_numpy(rng.permutation(len(self._inputs[side][0]))) for side in Side}
+                for _ in range(repeats)
+            ]
+            base = Shuffled((), perms, [dict(self._parts) for _ in range(repeats)])
+        new = [n for n in dict.fromkeys(names) if n not in base.names]
+        every = (*base.names, *new)
+        encoded = [n for n in every if n in self.model.encoded_features]
+        parts = []
         with torch.inference_mode():
-            for side, key in ((Side.REQUEST, "user"), (Side.ITEM, "item")):
-                mine = [n for n in names if self.columns[n].side is side]
-                if not mine:
-                    continue
-                perm = torch.from_numpy(rng.permutation(len(self._inputs[side][0])))
-                parts = self._shuffled_parts(mine, side, perm)
-                sides[key] = (
-                    self.model.user_from(parts) if side is Side.REQUEST else self.model.item_from(parts)
-                )
-        return self.base_auc - self._auc(sides["user"], sides["item"])
+            for perm, prior in zip(base.perms, base.parts, strict=True):
+                mine = dict(prior)
+                for side in Side:
+                    on_side = [n for n in new if self.columns[n].side is side]
+                    if on_side:
+                        mine[side] = self._shuffled_parts(on_side, side, perm[side], prior[side], encoded)
+                parts.append(mine)
+        return Shuffled(every, base.perms, parts)
+
+    def score(self, state: Shuffled) -> np.ndarray:
+        """``(repeats,)`` AUC lost by each repeat of a shuffled state."""
+        out = np.empty(len(state.parts))
+        with torch.inference_mode():
+            for k, parts in enumerate(state.parts):
+                user, item = self._user, self._item
+                if parts[Side.REQUEST] is not self._parts[Side.REQUEST]:
+                    user = self.model.user_from(parts[Side.REQUEST])
+                if parts[Side.ITEM] is not self._parts[Side.ITEM]:
+                    item = self.model.item_from(parts[Side.ITEM])
+                out[k] = self.base_auc - self._auc(user, item)
+        return out
 
     def losses(self, names: Sequence[str], repeats: int, seed: int) -> np.ndarray:
         """``(repeats,)`` AUC losses of independent shuffles."""
-        rng = np.random.default_rng(seed)
-        return np.array([self.loss(names, rng) for _ in range(repeats)])
+        return self.score(self.shuffle(names, repeats, seed))
+
+
+@dataclass
+class Shuffled:
+    """Held-out parts with some features shuffled, one state per repeat (see ``PermutationAuditor.shuffle``).
+
+    Attributes:
+        names: The features shuffled.
+        perms: Per repeat, the row permutation of each side.
+        parts: Per repeat, the parts of each side (the unshuffled parts where a side is untouched).
+
+    """
+
+    names: tuple[str, ...]
+    perms: list[dict[Side, torch.Tensor]]
+    parts: list[dict[Side, SideParts]]
 
 
 @dataclass

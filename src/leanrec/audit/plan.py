@@ -1,12 +1,16 @@
 """The prune plan: retire features in order of value per cost while the AUC loss stays in budget.
 
 Features are ordered by permutation value per unit of cost (those of no measurable value first, the
-dearest of them first). Going down that order, each feature (or each block screened as a whole) is
-shuffled together with everything retired so far; it joins the retired set if the joint loss on the
-held-out requests stays within the budget, and is kept otherwise. Every accepted set was measured, so
-a plan never exceeds its budget, and one feature whose value hid in a noisy estimate does not stop
-the features after it from being retired. Ablation (retraining without the retired features) then
-confirms the plan before it is adopted.
+dearest of them first). Features of no measurable value that the valuable features explain (see
+:mod:`leanrec.audit.related`) are not candidates: they are informative, and the model only reads
+their information elsewhere. Going down the order, features are retired while their joint shuffle
+on the held-out requests stays within the budget: the features of no measurable value first (the
+longest affordable run found by bisection, then each of the rest that still fits), then one feature
+(or one block screened as a whole) of measurable value at a time until the first that would take
+the joint loss over budget. Every accepted set was measured, so a plan never exceeds its budget;
+stopping at the first refusal among valuable features, rather than trying every later one, keeps a
+plan from collecting informative features whose joint loss only looked affordable in one noisy draw.
+Ablation (retraining without the retired features) then confirms the plan before it is adopted.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leanrec.audit.cost import FeatureCost, totals
-from leanrec.audit.importance import Importance, PermutationAuditor
+from leanrec.audit.importance import Importance, PermutationAuditor, Shuffled
 from leanrec.schema import FeatureSet
 
 
@@ -32,6 +36,7 @@ class PrunePlan:
         order: Every candidate in value-per-cost order, with its value and cost weight.
         probes: Sizes of the sets tried, with their measured joint loss.
         reasons: Per retired feature, the figures it was retired on.
+        related: Features of no measurable value kept because valuable features explain them.
 
     """
 
@@ -41,6 +46,7 @@ class PrunePlan:
     order: list[tuple[str, float, float]]
     probes: list[tuple[int, float]] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    related: list[str] = field(default_factory=list)
 
     def featureset(self, fs: FeatureSet) -> FeatureSet:
         """The next version of ``fs`` with the plan's features retired (``fs`` itself if none)."""
@@ -54,6 +60,7 @@ def make_plan(
     budget: float = 0.001,
     repeats: int = 3,
     keep: frozenset[str] = frozenset(),
+    related: frozenset[str] = frozenset(),
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> PrunePlan:
@@ -66,6 +73,7 @@ def make_plan(
         budget: Most AUC the plan may lose (>= 0).
         repeats: Shuffles per tried set.
         keep: Features the model cannot do without (never retired).
+        related: Features of no measurable value that valuable features explain (never retired).
         seed: Seeds the shuffles.
         progress: Called once per decision unit tried.
 
@@ -78,6 +86,8 @@ def make_plan(
     total = totals(dict(costs))
     weight = {n: max(costs[n].weight(total), 1e-12) for n in importance}
     value = {n: measurable_value(importance[n]) for n in importance}
+    spared = {n for n in related if n in importance and value[n] == 0.0}
+    keep = keep | spared
     # Decision units: a block screened as a whole is taken or left as a whole; others one by one.
     units: list[tuple[str, ...]] = []
     seen: set[str] = set()
@@ -96,31 +106,39 @@ def make_plan(
 
     units.sort(key=unit_key)
     order = [(n, value[n], weight[n]) for u in units for n in u]
-    retire: list[str] = []
-    loss, probes = 0.0, []
+    probes: list[tuple[int, float]] = []
 
-    def trial(names: list[str]) -> float:
+    def trial(names: list[str], base: Shuffled | None = None) -> tuple[float, Shuffled | None]:
         # The same shuffles for every trial (common random numbers): trials differ by their features.
-        out = float(auditor.losses(names, repeats, seed).mean()) if names else 0.0
-        probes.append((len(names), out))
+        state = auditor.shuffle(names, repeats, seed, base) if names else None
+        out = float(auditor.score(state).mean()) if state else 0.0
+        probes.append((len(state.names) if state else 0, out))
         if progress:
             progress(1)
-        return out
+        return out, state
 
     # First the units of no measurable value, together: the longest prefix within budget, by bisection.
     worthless = [u for u in units if sum(value[n] for n in u) == 0.0]
     flat = [[n for u in worthless[:k] for n in u] for k in range(len(worthless) + 1)]
-    lo, hi, at = 0, len(worthless), {0: 0.0}
+    lo, hi, at = 0, len(worthless), {0: (0.0, None)}
     while lo < hi:
         mid = (lo + hi + 1) // 2
         at[mid] = trial(flat[mid])
-        lo, hi = (mid, hi) if at[mid] <= budget else (lo, mid - 1)
-    retire, loss = flat[lo], at[lo]
-    # Then every other unit in order, each kept out if it would take the joint loss over budget.
-    for unit in worthless[lo:] + units[len(worthless) :]:
-        tried = trial([*retire, *unit])
+        lo, hi = (mid, hi) if at[mid][0] <= budget else (lo, mid - 1)
+    retire, (loss, state) = flat[lo], at[lo]
+    # The rest of them one by one, each left out if it would break the budget: they are as empty of
+    # information as the others, only dearer to measure together. Each trial adds one unit's shuffle
+    # to the retired set's, so it costs that unit alone.
+    for unit in worthless[lo:]:
+        tried, grown = trial(list(unit), state)
         if tried <= budget:
-            retire, loss = [*retire, *unit], tried
+            retire, loss, state = [*retire, *unit], tried, grown
+    # Then the units of measurable value in order, until the first that would break the budget.
+    for unit in units[len(worthless) :]:
+        tried, grown = trial(list(unit), state)
+        if tried > budget:
+            break
+        retire, loss, state = [*retire, *unit], tried, grown
     reasons = {
         n: (
             f"audit: shuffling it cost {importance[n].loss:+.5f} AUC (±{importance[n].ci:.5f}), "
@@ -129,7 +147,7 @@ def make_plan(
         )
         for n in retire
     }
-    return PrunePlan(budget, retire, loss, order, probes, reasons)
+    return PrunePlan(budget, retire, loss, order, probes, reasons, sorted(spared))
 
 
 def measurable_value(imp: Importance) -> float:

@@ -21,8 +21,10 @@ def audit_table(result: AuditResult, head: int = 20) -> Table:
         title=f"feature audit: held-out AUC {result.base_auc:.4f} on {result.heldout_requests:,} requests",
         caption=(
             f"retire {len(result.plan.retire)} of {len(result.importance)} features; their joint shuffle "
-            f"costs {result.plan.loss:+.5f} AUC (budget {result.plan.budget}); weight-norm vs permutation "
-            f"rank agreement on dense features (Spearman) {result.weight_vs_permutation:.2f}"
+            f"costs {result.plan.loss:+.5f} AUC (budget {result.plan.budget}); {len(result.plan.related)} of "
+            "no measurable value are kept because valuable features explain them (informative, redundant); "
+            f"weight-norm vs permutation rank agreement on dense features (Spearman) "
+            f"{result.weight_vs_permutation:.2f}"
         ),
     )
     for col in ("feature", "weight norm", "ΔAUC shuffled", "± 95%", "logged B/req", "stored B/ex", "work %"):
@@ -80,6 +82,11 @@ def write_audit(result: AuditResult, fs: FeatureSet, out: Path) -> FeatureSet:
     pruned = result.plan.featureset(fs)
     (out / "audit.json").write_text(json.dumps(result.to_dict(), indent=1))
     (out / "featureset.json").write_text(pruned.to_json())
+    related = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{r.r2:.3f}</td><td>{r.null_mean:.3f} ± {r.null_sd:.3f}</td></tr>"
+        for n, r in sorted(result.related.items(), key=lambda kv: -kv[1].r2)
+        if r.related
+    )
     rows = "".join(
         "<tr>"
         + "".join(
@@ -104,6 +111,12 @@ The plan retires {len(result.plan.retire)} of {len(result.importance)} features;
 {result.weight_vs_permutation:.2f}): features far from the diagonal are where the weight-based audit
 misleads.</p>
 <img src="data:image/png;base64,{plot_weight_vs_permutation(result)}">
+<h2>Kept although worth nothing measurable: explained by valuable features</h2>
+<p>Shuffling these costs no measurable AUC, yet the valuable dense features of their side explain
+their variation (share of variance explained, against the same share for unrelated values that
+repeat as the rows do). They carry information the model reads elsewhere; retiring them is a
+modelling decision for an ablation, not a cleanup.</p>
+<table><tr><th>feature</th><th>explained</th><th>unrelated values</th></tr>{related}</table>
 <h2>Prune order (value per cost, least first)</h2>
 <table><tr><th>feature</th><th>ΔAUC shuffled</th><th>cost weight</th><th>retired</th></tr>{rows}</table>
 </body></html>"""

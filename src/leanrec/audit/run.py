@@ -21,7 +21,8 @@ from leanrec.audit.importance import (
     permutation_importance,
     weight_importance,
 )
-from leanrec.audit.plan import PrunePlan, make_plan, rank_agreement
+from leanrec.audit.plan import PrunePlan, make_plan, measurable_value, rank_agreement
+from leanrec.audit.related import Related, relatedness
 from leanrec.models.ranker import LateRanker
 from leanrec.train.reader import Batch
 from leanrec.train.trainer import TrainConfig, split_batches
@@ -45,6 +46,8 @@ class AuditConfig:
         plan_repeats: Shuffles per prefix the plan search probes.
         items_logged: Items logged per request (default: the held-out requests' mean viewed items).
         latency_repeats: Timed single-request scorings for the p99 latency.
+        related_z: Standard deviations above the reference at which valuable features explain a
+            feature of no measurable value, which then counts as informative and is kept.
         seed: Seeds every shuffle.
 
     """
@@ -57,6 +60,7 @@ class AuditConfig:
     plan_repeats: int = 3
     items_logged: float | None = None
     latency_repeats: int = 200
+    related_z: float = 4.0
     seed: int = 0
 
 
@@ -70,6 +74,7 @@ class AuditResult:
     weights: dict[str, float]
     importance: dict[str, Importance]
     costs: dict[str, FeatureCost]
+    related: dict[str, Related]
     plan: PrunePlan
     latency_p99_ms: float
     weight_vs_permutation: float
@@ -92,6 +97,11 @@ class AuditResult:
                     **{k: v for k, v in asdict(self.importance[n]).items() if k != "block"},
                     "block_size": len(self.importance[n].block),
                     **asdict(self.costs[n]),
+                    **(
+                        {f"related_{k}": v for k, v in asdict(self.related[n]).items()}
+                        if n in self.related
+                        else {}
+                    ),
                     "retired": n in self.plan.reasons,
                 }
                 for n in self.importance
@@ -102,6 +112,7 @@ class AuditResult:
                 "retire": self.plan.retire,
                 "probes": self.plan.probes,
                 "reasons": self.plan.reasons,
+                "related": self.plan.related,
             },
         }
 
@@ -196,6 +207,15 @@ def audit(
     items_logged = config.items_logged or data.n_items / data.n_requests
     costs = feature_costs(model, warehouse, items_logged, 100, p99)
     keep = keep | {model.config.history, model.config.item_id}
+    worth = {n: measurable_value(i) for n, i in importance.items()}
+    related = relatedness(
+        model.fs,
+        data,
+        [n for n, v in worth.items() if v > 0],
+        [n for n, v in worth.items() if v == 0 and n not in keep],
+        z=config.related_z,
+        seed=config.seed,
+    )
     plan = make_plan(
         auditor,
         importance,
@@ -203,6 +223,7 @@ def audit(
         config.budget,
         config.plan_repeats,
         keep,
+        frozenset(n for n, r in related.items() if r.related),
         config.seed,
         tick("prune plan", len({i.block if len(i.block) > 1 else (n,) for n, i in importance.items()})),
     )
@@ -215,6 +236,7 @@ def audit(
         weights=weights,
         importance=importance,
         costs=costs,
+        related=related,
         plan=plan,
         latency_p99_ms=p99,
         weight_vs_permutation=rank_agreement(weights, loss, dense),

@@ -132,7 +132,8 @@ def render_audit(audit: dict) -> Table:
     table.caption = (
         f"held-out AUC change {audit['auc_change']:+.4f}; retired {t['retired']}: {t['noise_retired']} of "
         f"{t['noise_features']} pure-noise features ({t['noise_recall']:.0%}), {t['informative_retired']} "
-        f"informative ({t['informative_share']:.0%} of retired); audit {audit['audit_seconds']:.0f} s"
+        f"informative ({t['informative_share']:.0%} of retired); kept {len(audit.get('kept_related', []))} "
+        f"of no measurable value that valuable features explain; audit {audit['audit_seconds']:.0f} s"
     )
     return table
 

@@ -201,6 +201,7 @@ def audit_round(
         "featureset": {"before": model.fs.version, "after": pruned_fs.version},
         "features": {"before": len(model.fs), "after": len(pruned_fs)},
         "retired": found.plan.retire,
+        "kept_related": found.plan.related,
         "plan_loss": found.plan.loss,
         "audit_seconds": found.seconds,
         "weight_vs_permutation_spearman": found.weight_vs_permutation,

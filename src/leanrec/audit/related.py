@@ -1,0 +1,136 @@
+"""Which features of no measurable value still carry information: those related to valuable features.
+
+Permutation importance measures what the model loses without a feature *given all the others*. A
+feature that duplicates a valuable one (a noisy projection of the taste a pretrained embedding
+already carries, a counter that moves with another) is worth nothing by that measure, exactly like
+pure noise, yet it is informative: retiring it leaves the model one substitute away from losing that
+information, and an audit that retires such features alongside noise has mistaken redundancy for
+worthlessness. This module tells the two apart with a test that needs no retraining: how much of the
+feature's variation the valuable dense features explain on the held-out rows.
+
+The rows repeat: a heavy user makes many requests, a popular item is shown in many. A test that
+shuffled rows would take that repetition for signal. The reference distribution instead permutes the
+distinct values of dense features among themselves, so every repeated entity keeps its repetition
+and only its relation to the valuable features is broken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from leanrec.audit.importance import Columns, feature_columns
+from leanrec.schema import FeatureSet, Side
+from leanrec.train.reader import Batch
+
+BUCKETS = 64
+"""Most columns an id feature is represented by (its ids counted per bucket, ``id % BUCKETS``)."""
+
+
+@dataclass(frozen=True)
+class Related:
+    """How strongly the valuable features of a side explain one feature.
+
+    Attributes:
+        r2: Share of the feature's variance explained by the leading components of the valuable
+            dense features of its side.
+        null_mean: Mean of the same share for unrelated values with the rows' repetition.
+        null_sd: Its standard deviation.
+        related: ``r2`` is above ``null_mean + z * null_sd``.
+
+    """
+
+    r2: float
+    null_mean: float
+    null_sd: float
+    related: bool
+
+
+def representation(batch: Batch, side: Side, cols: Columns, vocab: int) -> np.ndarray:
+    """A feature as numbers, ``(rows, width)``: dense values, or its ids counted per bucket.
+
+    Ids are counted in ``min(vocab, BUCKETS)`` buckets; a padded slot counts nowhere.
+    """
+    floats, ints = (
+        (batch.req_floats, batch.req_ints) if side is Side.REQUEST else (batch.item_floats, batch.item_ints)
+    )
+    if cols.is_float:
+        return floats[:, cols.start : cols.stop].double().numpy()
+    ids = ints[:, cols.start : cols.stop].numpy().astype(np.int64)
+    width = min(vocab, BUCKETS)
+    rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
+    ok = ids >= 0
+    out = np.zeros((len(ids), width))
+    np.add.at(out, (rows[ok], ids[ok] % width), 1.0)
+    return out
+
+
+def _explained(basis: np.ndarray, x: np.ndarray) -> float:
+    """Share of the variance of ``x (n, w)`` in the span of the orthonormal, centred ``basis (n, k)``."""
+    x = x - x.mean(0)
+    total = float(np.square(x).sum())
+    return float(np.square(basis.T @ x).sum()) / total if total > 0 else 0.0
+
+
+def _value_shuffled(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``x`` with its distinct rows permuted among themselves: repeats stay, relations break."""
+    distinct, inverse = np.unique(x, axis=0, return_inverse=True)
+    return distinct[rng.permutation(len(distinct))][inverse.ravel()]
+
+
+def relatedness(
+    fs: FeatureSet,
+    data: Batch,
+    valuable: Sequence[str],
+    names: Sequence[str],
+    components: int = 16,
+    z: float = 4.0,
+    null_features: int = 48,
+    null_draws: int = 4,
+    seed: int = 0,
+) -> dict[str, Related]:
+    """For each of ``names``, whether the valuable dense features of its side explain it.
+
+    Args:
+        fs: The model's FeatureSet.
+        data: Held-out requests and their items.
+        valuable: Features of measurable value; their dense ones span the reference space.
+        names: Features to test (normally those of no measurable value).
+        components: Leading principal components of the standardised valuable features used.
+        z: Standard deviations above the reference mean at which a feature counts as related.
+        null_features: Dense features of a side whose values are permuted for the reference.
+        null_draws: Permutations per such feature.
+        seed: Seeds the permutations.
+
+    Returns:
+        Per tested feature on a side with valuable dense features, its :class:`Related`; features
+        on a side without any are absent (nothing there to be related to).
+
+    """
+    rng = np.random.default_rng(seed)
+    columns, wanted, out = feature_columns(fs), set(valuable), {}
+    for side in Side:
+        mine = [n for n in names if columns[n].side is side]
+        anchors = [
+            f.name for f in fs.features if f.name in wanted and columns[f.name].side is side and f.is_float
+        ]
+        if not mine or not anchors:
+            continue
+        a = np.hstack([representation(data, side, columns[n], 0) for n in anchors])
+        a = (a - a.mean(0)) / np.where(a.std(0) > 0, a.std(0), 1.0)
+        u, s, _ = np.linalg.svd(a, full_matrices=False)
+        basis = u[:, : min(components, int((s > 1e-8 * s[0]).sum()))]  # orthonormal and centred
+        reps = {n: representation(data, side, columns[n], fs[n].vocab) for n in mine}
+        r2 = {n: _explained(basis, x) for n, x in reps.items()}
+        # The reference: dense values permuted among their distinct values keep the rows' repetition.
+        # Permuting the values of an id only renames them, so a side of ids alone shuffles rows,
+        # which ignores the repetition and errs towards calling a feature related (kept).
+        dense = [n for n in mine if columns[n].is_float]
+        pool = [dense[i] for i in rng.permutation(len(dense))[:null_features]] or mine
+        shuffle = _value_shuffled if dense else (lambda x, g: x[g.permutation(len(x))])
+        null = np.array([_explained(basis, shuffle(reps[n], rng)) for n in pool for _ in range(null_draws)])
+        mean, sd = float(null.mean()), float(null.std(ddof=1)) if len(null) > 1 else 0.0
+        out.update({n: Related(r2[n], mean, sd, r2[n] > mean + z * sd) for n in mine})
+    return out
