@@ -55,6 +55,8 @@ def main() -> int:
         "labels_lost",
         "skewed_examples",
         "warehouse_bytes",
+        "joules_per_1k_requests",
+        "gco2e_per_1k_requests",
     )
     for key in keys:
         n, lean = med(key, "naive"), med(key, "lean")

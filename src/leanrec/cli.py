@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -367,6 +368,83 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _above_zero(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def _at_least_zero(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _quantity(value: float, unit: str) -> str:
+    """``value`` in ``unit`` with an SI prefix (k, M, G, T, P)."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:,.2f} {prefix}{unit}"
+    return f"{value:,.2f} {unit}"
+
+
+def _plan(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from leanrec.energy.capacity import Scale, capacity_plan
+    from leanrec.energy.carbon import grid_intensity
+
+    try:
+        report = json.loads(Path(args.report).read_text())
+        grid = grid_intensity(args.region, args.grid_intensity)
+        scale = Scale(args.dau, args.requests_per_user, args.items_per_request, args.retention_days)
+        plan = capacity_plan(report, scale, grid)
+    except FileNotFoundError:
+        console.print(
+            f"[red]error:[/red] no report at {args.report}: run `leanrec demo` first, or give --report"
+        )
+        return 2
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        console.print(f"[red]error:[/red] {args.report} is not a leanrec demo report (not JSON)")
+        return 2
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    inputs = Table(title="extrapolated from")
+    for col in ("input", "value", "from"):
+        inputs.add_column(col, justify="right" if col == "value" else "left")
+    for name, (value, origin) in plan["inputs"].items():
+        inputs.add_row(name, f"{value:,.4g}", origin)
+    console.print(inputs)
+    table = Table(title=f"capacity and energy at {scale.requests_per_day:,.0f} requests a day")
+    for col in ("figure", "naive", "lean", "lean / naive"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    rows = (
+        ("kv_write_bytes_per_second", "transient-store writes", "B/s"),
+        ("warehouse_bytes_per_day", "warehouse bytes a day", "B"),
+        ("warehouse_bytes_retained", f"warehouse held ({scale.retention_days:g} days)", "B"),
+        ("training_examples_per_day", "training examples a day", ""),
+        ("joules_per_request", "energy per request (estimated)", "J"),
+        ("average_watts", "average power (estimated)", "W"),
+        ("tonnes_co2e_per_year", "CO2e a year (estimated)", "t"),
+    )
+    for key, label, unit in rows:
+        naive, lean = plan["naive"][key], plan["lean"][key]
+        fmt = (lambda v: f"{v:,.1f} t") if unit == "t" else (lambda v, u=unit: _quantity(v, u).strip())
+        table.add_row(label, fmt(naive), fmt(lean), f"{plan['ratio'][key]:.3f}")
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="leanrec", description="Lean data plumbing for feed recommenders.")
@@ -425,6 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--budget", type=_budget, default=0.001, help="most held-out AUC to lose (default 0.001)")
     au.add_argument("--out", default="leanrec-audit", help="report folder (default ./leanrec-audit)")
     au.add_argument("--seed", type=_seed, default=0, help="seed of the shuffles")
+    pl = sub.add_parser(
+        "plan",
+        help="capacity and energy of naive against lean at your scale, from a demo's measured figures",
+    )
+    pl.add_argument("--report", default="leanrec-demo/report.json", help="a `leanrec demo` report.json")
+    pl.add_argument("--dau", type=_above_zero, required=True, help="daily active users")
+    pl.add_argument(
+        "--requests-per-user", type=_above_zero, default=10.0, help="feed requests per user a day"
+    )
+    pl.add_argument(
+        "--items-per-request",
+        type=_above_zero,
+        default=None,
+        help="items ranked per request (default: as measured)",
+    )
+    pl.add_argument("--retention-days", type=_above_zero, default=30.0, help="days training data is kept")
+    pl.add_argument("--region", help="ISO 3166 alpha-3 country of the grid (needs leanrec[carbon])")
+    pl.add_argument("--grid-intensity", type=_at_least_zero, help="gCO2e per kWh (wins over --region)")
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a warehouse's held-out requests")
     ev.add_argument("--model", required=True)
     ev.add_argument("--warehouse", required=True)
@@ -443,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _train,
         "evaluate": _evaluate,
         "audit": _audit,
+        "plan": _plan,
     }
     if args.command in commands:
         return commands[args.command](args, console)

@@ -167,3 +167,19 @@ def test_an_unavailable_store_makes_clients_send_again_and_nothing_is_lost(
     assert stats.dropped_batches == 0
     assert pipe.joiner.stats.labels_lost == 0
     assert pipe.joiner.stats.examples == stats.viewed  # every viewed item still became an example
+
+
+def test_each_path_reports_its_energy_per_stage_and_the_lean_one_spends_less(
+    demo: tuple[DemoResult, Path],
+) -> None:
+    report = demo[0].report
+    naive, lean = report["energy"]["naive"], report["energy"]["lean"]
+    for e in (naive, lean):
+        assert e["mark"] == "estimated" and e["power_source"] and e["grid_source"]
+        assert e["joules"] == pytest.approx(sum(s["total"] for s in e["stages"].values()))
+        assert e["joules_per_1k_requests"] == pytest.approx(e["joules"] * 1000 / 200)
+    # The naive path serializes, writes and holds far more; every one of those stages costs more.
+    for stage in ("serialize", "kv_write"):
+        assert lean["stages"][stage]["total"] < naive["stages"][stage]["total"], stage
+    assert report["joules_per_1k_requests"]["lean"] < report["joules_per_1k_requests"]["naive"]
+    assert report["gco2e_per_1k_requests"]["lean"] < report["gco2e_per_1k_requests"]["naive"]

@@ -38,6 +38,8 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("events_refused", "events refused (malformed)", "count"),
     ("duplicate_events", "duplicate events absorbed", "count"),
     ("late_events", "late events counted", "count"),
+    ("joules_per_1k_requests", "energy per 1,000 requests (estimated)", "joules"),
+    ("gco2e_per_1k_requests", "gCO2e per 1,000 requests (estimated)", "grams"),
 )
 
 
@@ -50,6 +52,10 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:,.0f} B" + ("·s" if unit == "byte·s" else "")
     if unit == "seconds":
         return f"{value:,.3f} s"
+    if unit == "joules":
+        return f"{value:,.1f} J"
+    if unit == "grams":
+        return f"{value:,.4f} g"
     return f"{value:,.0f}"
 
 
@@ -77,7 +83,7 @@ def render_table(report: dict) -> Table:
     table = Table(
         title=f"leanrec demo — {report['requests']:,} requests, seed {report['seed']}: naive vs lean",
         caption=f"identical examples on both paths: {report['identical_examples']} · "
-        f"wall time {report['wall_seconds']:.1f} s",
+        f"wall time {report['wall_seconds']:.1f} s" + _energy_caption(report),
     )
     table.add_column("figure")
     table.add_column("naive", justify="right")
@@ -86,6 +92,14 @@ def render_table(report: dict) -> Table:
     for row in summary_rows(report):
         table.add_row(*row)
     return table
+
+
+def _energy_caption(report: dict) -> str:
+    """Where the energy figures' power model and grid intensity come from."""
+    e = report.get("energy", {}).get("lean")
+    if not e:
+        return ""
+    return f"\nenergy estimated: CPU at {e['power_source']}; grid {e['grid_source']}"
 
 
 def render_loop(loop: dict) -> Table:

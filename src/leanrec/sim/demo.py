@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from leanrec.clock import ManualClock
+from leanrec.energy.stages import EnergyModel, ledger_energy
 from leanrec.funnel.ranker import Funnel
 from leanrec.schema import FeatureSet, Owner, Side
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
@@ -81,6 +82,7 @@ def run_demo(
     pipeline_config: PipelineConfig | None = None,
     traffic_config: TrafficConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    energy: EnergyModel | None = None,
 ) -> DemoResult:
     """Run naive and lean on the same traffic and measure both.
 
@@ -92,6 +94,7 @@ def run_demo(
         pipeline_config: Plumbing settings shared by both paths.
         traffic_config: Client behaviour; ``requests`` and ``seed`` override its own.
         progress: Called with the number of requests issued in each step.
+        energy: Prices each path's ledger in joules and gCO2e (default: ``EnergyModel.default()``).
 
     """
     if requests < 1:
@@ -119,9 +122,17 @@ def run_demo(
     naive_t, lean_t = tables[Plumbing.NAIVE], tables[Plumbing.LEAN]
     identical = naive_t.num_rows == lean_t.num_rows and naive_t.equals(lean_t)
     paths: dict[str, dict] = {}
+    energy_model = energy or EnergyModel.default()
+    energy_report = {}
     for plumbing, p in pipes.items():
         skewed, fresh = check_examples(fs, tables[plumbing], sim.scored, world)
         paths[plumbing.value] = _path_figures(p, skewed, fresh)
+        # A transient entry waits in memory until its request is joined, when the window closes.
+        e = energy_report[plumbing.value] = ledger_energy(
+            p.ledger, energy_model, requests, pconf.window_ms / 1e3
+        )
+        paths[plumbing.value]["joules_per_1k_requests"] = e["joules_per_1k_requests"]
+        paths[plumbing.value]["gco2e_per_1k_requests"] = e["gco2e_per_1k_requests"]
     report = {
         "requests": requests,
         "seed": seed,
@@ -136,6 +147,7 @@ def run_demo(
         "traffic": {
             "rate_per_s": tconf.rate_per_s,
             "viewed_items": traffic.viewed,
+            "ranked_per_request": pipes[Plumbing.NAIVE].logger.stats.entries_written / requests,
             "median_depth": int((traffic.viewed_by_position >= traffic.requests / 2).sum()),
             "fast_scroll_sessions": traffic.fast_scroll_sessions,
             "signals_sent": traffic.signals_sent,
@@ -153,6 +165,7 @@ def run_demo(
     metrics = sorted(paths["lean"])
     for m in metrics:
         report[m] = {"naive": paths["naive"][m], "lean": paths["lean"][m]}
+    report["energy"] = energy_report
     report["wall_seconds"] = time.perf_counter() - t0
     return DemoResult(report, traffic, pipes)
 
