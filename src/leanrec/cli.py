@@ -354,7 +354,10 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
 
         try:
             result = audit(
-                model, args.warehouse, AuditConfig(budget=args.budget, seed=args.seed), progress=seen
+                model,
+                args.warehouse,
+                AuditConfig(budget=args.budget, repeats=args.repeats, seed=args.seed),
+                progress=seen,
             )
         except AuditError as exc:
             console.print(f"[red]error:[/red] {exc}")
@@ -503,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--budget", type=_budget, default=0.001, help="most held-out AUC to lose (default 0.001)")
     au.add_argument("--out", default="leanrec-audit", help="report folder (default ./leanrec-audit)")
     au.add_argument("--seed", type=_seed, default=0, help="seed of the shuffles")
+    au.add_argument(
+        "--repeats", type=_positive, default=5, help="shuffles per feature measured singly (default 5)"
+    )
     pl = sub.add_parser(
         "plan",
         help="capacity and energy of naive against lean at your scale, from a demo's measured figures",

@@ -239,6 +239,34 @@ def test_audit_end_to_end_writes_a_pruned_version(trained, tmp_path: Path) -> No
     assert FeatureSet.from_json((tmp_path / "featureset.json").read_text()) == pruned
 
 
+def test_the_audit_command_prints_its_table_and_writes_the_pruned_version(
+    trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from leanrec.cli import main
+    from leanrec.train.trainer import save_checkpoint
+
+    lean, model = trained
+    save_checkpoint(model, tmp_path / "model.pt")
+    args = [
+        "audit",
+        "--model",
+        str(tmp_path / "model.pt"),
+        "--warehouse",
+        str(lean),
+        "--out",
+        str(tmp_path / "a"),
+        "--repeats",
+        "2",
+    ]
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "feature audit: held-out AUC" in out and "retire" in out and "pruned FeatureSet demo v2" in out
+    assert FeatureSet.from_json((tmp_path / "a" / "featureset.json").read_text()).version == 2
+    with pytest.raises(SystemExit):
+        main([*args, "--budget", "-0.1"])
+    assert "budget must be at least 0" in capsys.readouterr().err
+
+
 def test_feature_costs_follow_the_featureset(trained) -> None:
     lean, model = trained
     costs = feature_costs(model, str(lean), items_logged=10.0)

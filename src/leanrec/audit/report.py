@@ -15,8 +15,8 @@ from leanrec.report.demo_report import _png
 from leanrec.schema import FeatureSet
 
 
-def audit_table(result: AuditResult, head: int = 20) -> Table:
-    """The ``head`` features first in the prune order, with their value, cost and decision."""
+def audit_table(result: AuditResult, head: int = 12, tail: int = 6) -> Table:
+    """The ``head`` features first in the prune order, then the ``tail`` most worth their cost."""
     table = Table(
         title=f"feature audit: held-out AUC {result.base_auc:.4f} on {result.heldout_requests:,} requests",
         caption=(
@@ -30,7 +30,10 @@ def audit_table(result: AuditResult, head: int = 20) -> Table:
     for col in ("feature", "weight norm", "ΔAUC shuffled", "± 95%", "logged B/req", "stored B/ex", "work %"):
         table.add_column(col, justify="left" if col == "feature" else "right")
     table.add_column("decision")
-    for name, _, _ in result.plan.order[:head]:
+    order = [n for n, _, _ in result.plan.order]
+    for k, name in enumerate(order[:head] + order[max(head, len(order) - tail) :][::-1]):
+        if k == head:
+            table.add_section()
         imp, cost = result.importance[name], result.costs[name]
         block = f" (block of {len(imp.block)})" if len(imp.block) > 1 else ""
         table.add_row(
