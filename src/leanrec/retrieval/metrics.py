@@ -5,7 +5,9 @@ Recall, Precision, Hit, MRR, NDCG, MAP and GAUC (the AUC of each user's held-out
 other unmasked item, averaged with the users' held-out counts as weights). The beyond-accuracy ones
 describe all the lists together: item coverage, average popularity (training interactions of the
 recommended items), the Gini index and Shannon entropy of how often each item is recommended, and
-the share of recommendations that go to tail items.
+the share of recommendations that go to tail items. Two of them differ from RecBole's on purpose:
+coverage divides by the items that exist (RecBole counts its padding id too), and the entropy is
+Shannon's (RecBole divides it by the number of distinct items recommended).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def evaluate(
     metrics: Sequence[str] = ALL,
     k: int = 10,
     batch: int = 512,
-    tail_share: float = 0.8,
+    tail_ratio: float = 0.1,
 ) -> dict[str, float]:
     """Metrics@k of a scorer over every user with a held-out item.
 
@@ -47,8 +49,7 @@ def evaluate(
         metrics: Names among :data:`ALL`.
         k: List length.
         batch: Users scored at once.
-        tail_share: Tail items are those outside the most popular ones that together hold this
-            share of the training interactions.
+        tail_ratio: Share of the items seen in training, least popular first, that are tail items.
 
     Raises:
         ValueError: An unknown metric name.
@@ -108,7 +109,7 @@ def evaluate(
         out["shannonentropy"] = float(-(p * p.log()).sum())
     if "tailpercentage" in metrics:
         out["tailpercentage"] = (
-            float(counts[torch.from_numpy(tail_items(item_pop, tail_share))].sum()) / total
+            float(counts[torch.from_numpy(tail_items(item_pop, tail_ratio))].sum()) / total
         )
     return {m: out[m] for m in metrics}
 
@@ -129,11 +130,8 @@ def _gauc(s: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> tuple[float
     return float((auc * n_pos)[ok].sum()), float(n_pos[ok].sum())
 
 
-def tail_items(item_pop: np.ndarray, head_share: float = 0.8) -> np.ndarray:
-    """Items outside the most popular ones that together hold ``head_share`` of the interactions."""
-    order = np.argsort(-item_pop, kind="stable")
-    cum = np.cumsum(item_pop[order]) / max(item_pop.sum(), 1)
-    head = order[: int(np.searchsorted(cum, head_share)) + 1]
-    tail = np.ones(len(item_pop), bool)
-    tail[head] = False
-    return np.flatnonzero(tail)
+def tail_items(item_pop: np.ndarray, ratio: float = 0.1) -> np.ndarray:
+    """RecBole's tail: the ``ratio`` least popular of the items seen in training (at least one)."""
+    seen = np.flatnonzero(item_pop > 0)
+    order = seen[np.lexsort((seen, item_pop[seen]))]  # by count, then id
+    return order[: max(int(ratio * len(seen)), 1)]

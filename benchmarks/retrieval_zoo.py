@@ -1,0 +1,133 @@
+"""Retrieval models on MovieLens 100K: accuracy, training and query energy, break-even, against RecBole.
+
+    python benchmarks/retrieval_zoo.py [--data ../shared/data/ml-100k] [--epochs 20]
+        [--recbole-python /path/to/recbole-venv/bin/python]
+
+Loads RecBole's atomic files, splits every user's interactions at random 8:1:1 (RecBole's default
+protocol, seed 2020), trains Pop, ItemKNN, BPR and LightGCN (BPR and LightGCN for ``--epochs``
+epochs, no early stopping), and prints per model: test Recall@10, NDCG@10, MRR@10 and Hit@10 (full
+ranking, seen items masked), training CPU seconds and energy, and the energy of one query (top 10 for
+every test user, the median of 5 after a warm-up). Energy is marked measured (RAPL) or estimated
+(CPU seconds × the power model). Then the break-even table for every pair.
+
+With ``--recbole-python`` (the interpreter of a venv with RecBole installed:
+``pip install torch==2.13.0 recbole 'numpy<2' 'pandas<3' 'scipy<1.12'``), the same models run
+through RecBole with the same data, protocol and epochs (``benchmarks/recbole_reference.py``), and
+the table adds RecBole's figures and the ratios. Exits non-zero if a leanrec model's Recall@10 or
+NDCG@10 is more than 5% below RecBole's, or its training CPU seconds above half of RecBole's.
+RecBole's Pop counts an item once per training batch it appears in (negatives included), not its
+interactions; its accuracy is shown but not judged against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from leanrec.energy.meter import EnergyMeter
+from leanrec.retrieval.atomic import load_interactions
+from leanrec.retrieval.lifecycle import Lifecycle, breakeven_table, query_energy
+from leanrec.retrieval.metrics import evaluate
+from leanrec.retrieval.models import MODELS
+from leanrec.retrieval.protocol import random_split
+
+HERE = Path(__file__).resolve().parent
+JUDGED = ("recall", "ndcg")
+
+
+def recbole(python: str, model: str, epochs: int, data: Path) -> dict:
+    """RecBole's figures for one model (see ``recbole_reference.py``)."""
+    cmd = [python, str(HERE / "recbole_reference.py"), model, "--epochs", str(epochs), "--data", str(data)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"RecBole run of {model} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "ml-100k")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--recbole-python", help="python of a venv with RecBole installed")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse")
+    console = Console()
+    data = load_interactions(args.data)
+    split = random_split(data, seed=args.seed)
+    target, seen = split.matrix(2), split.matrix(0, 1)
+    pop = np.bincount(split.train[1], minlength=split.n_items)
+    test_users = np.flatnonzero(np.diff(target.indptr) > 0)
+    meter = EnergyMeter()
+    console.print(
+        f"{args.data.name}: {len(data):,} interactions, {data.n_users:,} users, {data.n_items:,} items; "
+        f"split {[len(p[0]) for p in split.parts]}; energy: CPU at {meter.power.source}"
+        + (" (RAPL readable: measured)" if meter.rapl.available else " (no readable RAPL: estimated)")
+    )
+    rows, lives, failures = [], [], []
+    for name, make in MODELS.items():
+        model = make()
+        epochs = args.epochs if name in ("BPR", "LightGCN") else 1
+        with meter.measure() as fit:
+            model.fit(split, epochs, args.seed)
+        t0 = time.perf_counter()
+        got = evaluate(model.scores, target, seen, pop, metrics=("recall", "ndcg", "mrr", "hit"))
+        eval_s = time.perf_counter() - t0
+        q_joules, q = query_energy(model, test_users, meter)
+        lives.append(Lifecycle(name, fit.total.joules, q_joules, fit.total.mark))
+        ref = recbole(args.recbole_python, name, epochs, args.data) if args.recbole_python else None
+        rows.append((name, epochs, got, fit, q_joules, q, eval_s, ref))
+        if ref and name != "Pop":
+            for m in JUDGED:
+                if got[m] < 0.95 * ref["test"][m]:
+                    failures.append(
+                        f"{name} {m}@10 {got[m]:.4f} is below RecBole's {ref['test'][m]:.4f} less 5%"
+                    )
+            if fit.cpu_seconds > 0.5 * ref["train_cpu_s"]:
+                failures.append(f"{name} trains in {fit.cpu_seconds:.2f} CPU s, above half of RecBole's")
+    table = Table(title=f"retrieval on {args.data.name}: test metrics @10, training and query energy")
+    cols = ["model", "epochs", "Recall", "NDCG", "MRR", "Hit", "train CPU s", "train J", "J / query"]
+    if args.recbole_python:
+        cols += ["RecBole Recall", "RecBole NDCG", "RecBole train CPU s", "train CPU leanrec / RecBole"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "model" else "right")
+    for name, epochs, got, fit, q_joules, q, _, ref in rows:
+        row = [
+            name,
+            str(epochs),
+            *(f"{got[m]:.4f}" for m in ("recall", "ndcg", "mrr", "hit")),
+            f"{fit.cpu_seconds:.2f}",
+            f"{fit.total.joules:,.1f} ({fit.total.mark[:4]}.)",
+            f"{q_joules:.3f} ({q.total.mark[:4]}.)",
+        ]
+        if ref:
+            row += [
+                f"{ref['test']['recall']:.4f}",
+                f"{ref['test']['ndcg']:.4f}",
+                f"{ref['train_cpu_s']:.2f}",
+                f"{fit.cpu_seconds / ref['train_cpu_s']:.3f}" if ref["train_cpu_s"] > 0.05 else "—",
+            ]
+        table.add_row(*row)
+    console.print(table)
+    be = Table(title="break-even: queries after which the model dearer to train is cheaper overall")
+    for c in ("dearer to train", "cheaper to train", "queries n*"):
+        be.add_column(c, justify="right" if c == "queries n*" else "left")
+    for dear, cheap, n in breakeven_table(lives):
+        be.add_row(dear, cheap, "never (not cheaper per query)" if n is None else f"{n:,.0f}")
+    console.print(be)
+    for f in failures:
+        console.print(f"[red]FAIL[/red] {f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
