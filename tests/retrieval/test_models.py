@@ -94,3 +94,25 @@ def test_breakeven_is_the_training_gap_over_the_query_saving() -> None:
     never = Lifecycle("C", train_joules=5_000.0, query_joules=3.0, mark="estimated")
     assert breakeven(never, cheap) == ("C", "B", None)
     assert [row[:2] for row in breakeven_table([dear, cheap, never])] == [("A", "B"), ("C", "A"), ("C", "B")]
+
+
+def test_validation_is_metered_apart_and_its_metrics_do_not_change_the_model(tmp_path) -> None:
+    from leanrec.energy.meter import EnergyMeter, Nvml, PowerModel, Rapl
+    from leanrec.retrieval.metrics import ALL
+    from leanrec.retrieval.validation import validated_training
+
+    def make() -> BPR:
+        model = BPR()
+        model.batch, model.lr = 64, 0.01
+        return model
+
+    meter = EnergyMeter(PowerModel(10.0, source="test"), rapl=Rapl(tmp_path / "none"), gpu=Nvml())
+    one = validated_training(make, _planted(), 6, ("mrr",), meter, seed=0)
+    twelve = validated_training(make, _planted(), 6, ALL, meter, seed=0)
+    for run in (one, twelve):
+        assert len(run.valid_mrr) == 6 and 0 < run.validation_share < 1
+        assert run.validation_joules < run.total_joules and run.mark == "estimated"
+    # Validation draws no random numbers: both runs train the same model and keep the same epoch.
+    assert one.valid_mrr == twelve.valid_mrr and one.best_epoch == twelve.best_epoch
+    with pytest.raises(ValueError, match="include 'mrr'"):
+        validated_training(make, _planted(), 1, ("recall",), meter)

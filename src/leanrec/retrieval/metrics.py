@@ -60,6 +60,7 @@ def evaluate(
         raise ValueError(f"unknown metrics {unknown}; known: {list(ALL)}")
     users = np.flatnonzero(np.diff(target.indptr) > 0)
     n_items = target.shape[1]
+    beyond = bool(set(metrics) & set(BEYOND))
     sums = dict.fromkeys(ACCURACY, 0.0)
     gauc_weight = 0.0
     counts = torch.zeros(n_items, dtype=torch.float64)
@@ -75,22 +76,30 @@ def evaluate(
         hit = pos.gather(1, top).to(torch.float64)  # (B, k)
         n_pos = pos.sum(1).to(torch.float64)
         hits = hit.sum(1)
-        sums["recall"] += float((hits / n_pos).sum())
-        sums["precision"] += float((hits / k).sum())
-        sums["hit"] += float((hits > 0).sum())
-        first = torch.where(hit.any(1), hit.argmax(1) + 1, 0).to(torch.float64)
-        sums["mrr"] += float(torch.where(first > 0, 1.0 / first.clamp_min(1), 0.0).sum())
-        ideal = (torch.arange(k)[None, :] < n_pos[:, None]).to(torch.float64)
-        sums["ndcg"] += float(((hit * discount).sum(1) / (ideal * discount).sum(1)).sum())
-        precision_at = hit.cumsum(1) / torch.arange(1, k + 1, dtype=torch.float64)
-        sums["map"] += float(
-            ((precision_at * hit).sum(1) / torch.minimum(n_pos, torch.tensor(float(k)))).sum()
-        )
+        # Only what is asked for is computed: a validation pass that needs one metric pays for one.
+        if "recall" in metrics:
+            sums["recall"] += float((hits / n_pos).sum())
+        if "precision" in metrics:
+            sums["precision"] += float((hits / k).sum())
+        if "hit" in metrics:
+            sums["hit"] += float((hits > 0).sum())
+        if "mrr" in metrics:
+            first = torch.where(hit.any(1), hit.argmax(1) + 1, 0).to(torch.float64)
+            sums["mrr"] += float(torch.where(first > 0, 1.0 / first.clamp_min(1), 0.0).sum())
+        if "ndcg" in metrics:
+            ideal = (torch.arange(k)[None, :] < n_pos[:, None]).to(torch.float64)
+            sums["ndcg"] += float(((hit * discount).sum(1) / (ideal * discount).sum(1)).sum())
+        if "map" in metrics:
+            precision_at = hit.cumsum(1) / torch.arange(1, k + 1, dtype=torch.float64)
+            sums["map"] += float(
+                ((precision_at * hit).sum(1) / torch.minimum(n_pos, torch.tensor(float(k)))).sum()
+            )
         if "gauc" in metrics:
             auc, weight = _gauc(s, pos, mask)
             sums["gauc"] += auc
             gauc_weight += weight
-        counts += torch.bincount(top.flatten(), minlength=n_items).to(torch.float64)
+        if beyond:
+            counts += torch.bincount(top.flatten(), minlength=n_items).to(torch.float64)
     n = len(users)
     out = {m: sums[m] / n for m in ACCURACY if m in metrics and m != "gauc"}
     if "gauc" in metrics:
