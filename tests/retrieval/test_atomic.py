@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from leanrec.retrieval.atomic import AtomicError, load_interactions, read_atomic
+from leanrec.retrieval.atomic import AtomicError, load_interactions, read_atomic, side_features
 from leanrec.retrieval.metrics import evaluate
 from leanrec.retrieval.protocol import random_split, split_counts
 
@@ -58,6 +58,22 @@ def test_interactions_get_dense_ids_in_order_of_first_appearance(tmp_path: Path)
 def test_a_malformed_file_is_refused_with_what_is_wrong(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(AtomicError, match=match):
         load_interactions(_dataset(tmp_path, text))
+
+
+def test_side_features_align_with_the_interaction_ids(tmp_path: Path) -> None:
+    folder = _dataset(tmp_path)
+    (folder / "toy.user").write_text(
+        "user_id:token\tgender:token\tage:float\nu1\tF\t30\nu0\tM\t40\nu9\tF\t50\n"
+    )
+    data = load_interactions(folder)
+    users = side_features(folder / "toy.user", "user_id", data.user_tokens)
+    assert users.names == ["gender"] and users.cat_sizes == [3]  # F, M and unknown
+    # u0 is id 0 (M: code 2), u1 id 1 (F: code 1); u2..u5 are not in the file: unknown (0).
+    assert users.cats[:, 0].tolist() == [2, 1, 0, 0, 0, 0]
+    items = side_features(folder / "toy.item", "item_id", np.array(["B", "A", "Z"], dtype=object))
+    assert items.bag_size == 4 and items.bags.tolist() == [[3, 0], [1, 2], [0, 0]]  # Heat; Toy Story; unknown
+    with pytest.raises(AtomicError, match="needs a user_id"):
+        side_features(folder / "toy.item", "user_id", data.user_tokens)
 
 
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:

@@ -7,9 +7,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from leanrec.retrieval.atomic import SideFeatures
 from leanrec.retrieval.lifecycle import Lifecycle, breakeven, breakeven_table
 from leanrec.retrieval.metrics import evaluate
-from leanrec.retrieval.models import BPR, ItemKNN, LightGCN, Pop, Triples, _SymmetricMatmul
+from leanrec.retrieval.models import BPR, ItemKNN, LightGCN, Pop, Triples, TwoTower, _SymmetricMatmul
 from leanrec.retrieval.protocol import Split
 
 
@@ -53,7 +54,13 @@ def test_item_knn_scores_sum_the_similarities_of_the_users_items() -> None:
     assert (model.weights.toarray() > 0).sum(0).tolist() == [1, 1, 1]
 
 
-@pytest.mark.parametrize("make", [BPR, LightGCN])
+def _two_tower() -> TwoTower:
+    """A two-tower whose users and items have no features but their ids."""
+    bare = SideFeatures(np.zeros((60, 0), np.int64), [], np.zeros((60, 1), np.int64), 1, [])
+    return TwoTower(bare, bare)
+
+
+@pytest.mark.parametrize("make", [BPR, LightGCN, _two_tower])
 def test_embedding_models_learn_the_planted_groups_and_beat_popularity(make) -> None:
     split = _planted()
     target, seen = split.matrix(2), split.matrix(0, 1)

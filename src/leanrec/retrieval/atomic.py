@@ -140,3 +140,68 @@ def load_interactions(folder: Path | str, name: str | None = None) -> Interactio
         else np.zeros(len(user))
     )
     return Interactions(user, item, ts, user_tokens, item_tokens)
+
+
+@dataclass(frozen=True)
+class SideFeatures:
+    """Features of the users (or items) of an :class:`Interactions`, as ids, row ``k`` for id ``k``.
+
+    Every ``token`` column but the id becomes one categorical column, every ``token_seq`` column a
+    bag of ids; id 0 of each vocabulary means unknown (an entity the file does not list). ``float``
+    columns are left out.
+
+    Attributes:
+        cats: ``(n, C)`` int64 categorical ids.
+        cat_sizes: Vocabulary size of each categorical column (unknown included).
+        bags: ``(n, L)`` int64 ids of all bag columns in one vocabulary, 0-padded.
+        bag_size: That vocabulary's size (padding included).
+        names: The columns used, categorical then bags.
+
+    """
+
+    cats: np.ndarray
+    cat_sizes: list[int]
+    bags: np.ndarray
+    bag_size: int
+    names: list[str]
+
+
+def side_features(path: Path | str, id_column: str, tokens: np.ndarray) -> SideFeatures:
+    """The ``.user`` or ``.item`` file at ``path`` aligned to the dense ids whose tokens are ``tokens``.
+
+    Raises:
+        AtomicError: The file is unreadable or has no ``id_column`` token column.
+
+    """
+    table = read_atomic(path)
+    if id_column not in table.column_names:
+        raise AtomicError(f"{path}: needs a {id_column}:token column, has {table.column_names}")
+    keys = table.column(id_column).to_pylist()
+    row = dict(zip(keys, range(len(keys)), strict=True))
+    at = np.array([row.get(t, -1) for t in tokens], dtype=np.int64)  # row of each dense id, -1 if absent
+    cats, sizes, names, bag_rows, bag_size = [], [], [], None, 1
+    for name in table.column_names:
+        kind = table.schema.field(name).type
+        if name == id_column or kind not in (pa.string(), pa.list_(pa.string())):
+            continue
+        names.append(name)
+        if kind == pa.string():
+            enc = pc.dictionary_encode(table.column(name).combine_chunks())
+            ids = enc.indices.to_numpy().astype(np.int64) + 1
+            cats.append(np.where(at >= 0, ids[at.clip(0)], 0))
+            sizes.append(len(enc.dictionary) + 1)
+            continue
+        col = table.column(name).combine_chunks()
+        enc = pc.dictionary_encode(col.flatten())
+        flat = enc.indices.to_numpy().astype(np.int64) + bag_size
+        offsets = col.offsets.to_numpy()
+        width = int(np.diff(offsets).max(initial=0))
+        bags = np.zeros((len(keys), width), np.int64)
+        pos = np.arange(len(flat)) - np.repeat(offsets[:-1], np.diff(offsets))
+        bags[np.repeat(np.arange(len(keys)), np.diff(offsets)), pos] = flat
+        bag_rows = bags if bag_rows is None else np.hstack([bag_rows, bags])
+        bag_size += len(enc.dictionary)
+    bag_rows = np.zeros((len(keys), 1), np.int64) if bag_rows is None else bag_rows
+    bags_out = np.where(at[:, None] >= 0, bag_rows[at.clip(0)], 0)
+    cats_out = np.stack(cats, 1) if cats else np.zeros((len(tokens), 0), np.int64)
+    return SideFeatures(cats_out, sizes, bags_out, bag_size, names)

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from leanrec.retrieval.atomic import SideFeatures
 from leanrec.retrieval.protocol import Split
 
 
@@ -300,6 +301,63 @@ class LightGCN(_Embedded):
 
     def _final(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._propagate()
+
+
+class _Tower(nn.Module):
+    """One side of the two-tower: id, categorical and bag embeddings, then a two-layer MLP."""
+
+    def __init__(self, n: int, feats: SideFeatures, dim: int) -> None:
+        super().__init__()
+        self.cats = torch.from_numpy(feats.cats)
+        self.bags = torch.from_numpy(feats.bags)
+        self.id = nn.Embedding(n, dim)
+        self.cat = nn.ModuleList(nn.Embedding(size, 16) for size in feats.cat_sizes)
+        self.bag = nn.EmbeddingBag(feats.bag_size, 16, mode="mean", padding_idx=0)
+        width = dim + 16 * len(feats.cat_sizes) + 16
+        self.mlp = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, dim))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` vectors of entities ``rows``."""
+        parts = [self.id(rows), *(emb(self.cats[rows, k]) for k, emb in enumerate(self.cat))]
+        parts.append(self.bag(self.bags[rows]))
+        return self.mlp(torch.cat(parts, 1))
+
+
+class TwoTower(_Embedded):
+    """The two-tower of the funnel's retrieval: a user tower and an item tower, their dot product.
+
+    Each tower embeds the entity's id, its categorical features and its bags of tokens (an item's
+    genres, its title's words), and maps them through a two-layer MLP; trained with BPR on the same
+    triples as BPR. Serving scores one user vector against every item vector, computed once.
+
+    Args:
+        users: The users' features (rows aligned with the user ids).
+        items: The items' features.
+
+    """
+
+    name = "TwoTower"
+
+    def __init__(self, users: SideFeatures, items: SideFeatures) -> None:
+        self.user_feats, self.item_feats = users, items
+
+    def _init(self, split: Split) -> None:
+        self.params = nn.ModuleDict(
+            {
+                "user": _Tower(split.n_users, self.user_feats, self.dim),
+                "item": _Tower(split.n_items, self.item_feats, self.dim),
+            }
+        )
+        self.n_items = split.n_items
+
+    def _loss(self, u: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        ue = self.params["user"](u)
+        return bpr_loss((ue * self.params["item"](p)).sum(1), (ue * self.params["item"](n)).sum(1))
+
+    def _final(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.params["user"](torch.arange(len(self.user_feats.cats))), self.params["item"](
+            torch.arange(self.n_items)
+        )
 
 
 MODELS: dict[str, Callable[[], Retriever]] = {
