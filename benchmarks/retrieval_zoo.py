@@ -26,20 +26,15 @@ import argparse
 import json
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from leanrec.energy.meter import EnergyMeter
-from leanrec.retrieval.atomic import load_interactions, side_features
-from leanrec.retrieval.lifecycle import Lifecycle, breakeven_table, query_energy
-from leanrec.retrieval.metrics import evaluate
-from leanrec.retrieval.models import MODELS, TwoTower
-from leanrec.retrieval.protocol import random_split
+from leanrec.report.retrieval_report import breakeven_view
+from leanrec.retrieval.models import MODELS
+from leanrec.retrieval.zoo import run_zoo
 
 HERE = Path(__file__).resolve().parent
 JUDGED = ("recall", "ndcg")
@@ -61,62 +56,44 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--recbole-python", help="python of a venv with RecBole installed")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message="Sparse")
     console = Console()
-    data = load_interactions(args.data)
-    split = random_split(data, seed=args.seed)
-    target, seen = split.matrix(2), split.matrix(0, 1)
-    pop = np.bincount(split.train[1], minlength=split.n_items)
-    test_users = np.flatnonzero(np.diff(target.indptr) > 0)
     meter = EnergyMeter()
+    split, results = run_zoo(args.data, args.epochs, args.seed, meter=meter)
     console.print(
-        f"{args.data.name}: {len(data):,} interactions, {data.n_users:,} users, {data.n_items:,} items; "
-        f"split {[len(p[0]) for p in split.parts]}; energy: CPU at {meter.power.source}"
+        f"{args.data.name}: {split.n_users:,} users, {split.n_items:,} items; split "
+        f"{[len(p[0]) for p in split.parts]}; energy: CPU at {meter.power.source}"
         + (" (RAPL readable: measured)" if meter.rapl.available else " (no readable RAPL: estimated)")
     )
-    stem = args.data / args.data.name
-    users = side_features(f"{stem}.user", "user_id", data.user_tokens)
-    items = side_features(f"{stem}.item", "item_id", data.item_tokens)
-    makers = {**MODELS, "TwoTower": lambda: TwoTower(users, items)}
-    rows, lives, failures = [], [], []
-    for name, make in makers.items():
-        model = make()
-        epochs = args.epochs if name in ("BPR", "LightGCN", "TwoTower") else 1
-        with meter.measure() as fit:
-            model.fit(split, epochs, args.seed)
-        t0 = time.perf_counter()
-        got = evaluate(model.scores, target, seen, pop, metrics=("recall", "ndcg", "mrr", "hit"))
-        eval_s = time.perf_counter() - t0
-        q_joules, q = query_energy(model, test_users, meter)
-        lives.append(Lifecycle(name, fit.total.joules, q_joules, fit.total.mark))
+    rows, failures = [], []
+    for r in results:
         ref = (
-            recbole(args.recbole_python, name, epochs, args.data)
-            if args.recbole_python and name in MODELS
+            recbole(args.recbole_python, r.name, r.epochs, args.data)
+            if args.recbole_python and r.name in MODELS
             else None
         )
-        rows.append((name, epochs, got, fit, q_joules, q, eval_s, ref))
-        if ref and name != "Pop":
+        rows.append((r, ref))
+        if ref and r.name != "Pop":
             for m in JUDGED:
-                if got[m] < 0.95 * ref["test"][m]:
+                if r.metrics[m] < 0.95 * ref["test"][m]:
                     failures.append(
-                        f"{name} {m}@10 {got[m]:.4f} is below RecBole's {ref['test'][m]:.4f} less 5%"
+                        f"{r.name} {m}@10 {r.metrics[m]:.4f} is below RecBole's {ref['test'][m]:.4f} less 5%"
                     )
-            if fit.cpu_seconds > 0.5 * ref["train_cpu_s"]:
-                failures.append(f"{name} trains in {fit.cpu_seconds:.2f} CPU s, above half of RecBole's")
+            if r.fit.cpu_seconds > 0.5 * ref["train_cpu_s"]:
+                failures.append(f"{r.name} trains in {r.fit.cpu_seconds:.2f} CPU s, above half of RecBole's")
     table = Table(title=f"retrieval on {args.data.name}: test metrics @10, training and query energy")
     cols = ["model", "epochs", "Recall", "NDCG", "MRR", "Hit", "train CPU s", "train J", "J / query"]
     if args.recbole_python:
         cols += ["RecBole Recall", "RecBole NDCG", "RecBole train CPU s", "train CPU leanrec / RecBole"]
     for c in cols:
         table.add_column(c, justify="left" if c == "model" else "right")
-    for name, epochs, got, fit, q_joules, q, _, ref in rows:
+    for r, ref in rows:
         row = [
-            name,
-            str(epochs),
-            *(f"{got[m]:.4f}" for m in ("recall", "ndcg", "mrr", "hit")),
-            f"{fit.cpu_seconds:.2f}",
-            f"{fit.total.joules:,.1f} ({fit.total.mark[:4]}.)",
-            f"{q_joules:.3f} ({q.total.mark[:4]}.)",
+            r.name,
+            str(r.epochs),
+            *(f"{r.metrics[m]:.4f}" for m in ("recall", "ndcg", "mrr", "hit")),
+            f"{r.fit.cpu_seconds:.2f}",
+            f"{r.fit.total.joules:,.1f} ({r.fit.total.mark[:4]}.)",
+            f"{r.query_joules:.3f} ({r.query.total.mark[:4]}.)",
         ]
         if args.recbole_python and not ref:
             row += ["—"] * 4  # RecBole has no such model for general recommendation
@@ -125,16 +102,11 @@ def main() -> int:
                 f"{ref['test']['recall']:.4f}",
                 f"{ref['test']['ndcg']:.4f}",
                 f"{ref['train_cpu_s']:.2f}",
-                f"{fit.cpu_seconds / ref['train_cpu_s']:.3f}" if ref["train_cpu_s"] > 0.05 else "—",
+                f"{r.fit.cpu_seconds / ref['train_cpu_s']:.3f}" if ref["train_cpu_s"] > 0.05 else "—",
             ]
         table.add_row(*row)
     console.print(table)
-    be = Table(title="break-even: queries after which the model dearer to train is cheaper overall")
-    for c in ("dearer to train", "cheaper to train", "queries n*"):
-        be.add_column(c, justify="right" if c == "queries n*" else "left")
-    for dear, cheap, n in breakeven_table(lives):
-        be.add_row(dear, cheap, "never (not cheaper per query)" if n is None else f"{n:,.0f}")
-    console.print(be)
+    console.print(breakeven_view([r.lifecycle for r in results]))
     for f in failures:
         console.print(f"[red]FAIL[/red] {f}")
     return 1 if failures else 0

@@ -448,6 +448,37 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _breakeven(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.energy.meter import EnergyMeter
+    from leanrec.report.retrieval_report import breakeven_view, zoo_table
+    from leanrec.retrieval.atomic import AtomicError
+    from leanrec.retrieval.zoo import run_zoo
+
+    data = Path(args.data)
+    names = [n.strip() for n in args.models.split(",")] if args.models else None
+    meter = EnergyMeter()
+    try:
+        with Progress(*_progress_columns(), console=console, transient=True) as progress:
+            task = progress.add_task("training", total=len(names) if names else 5)
+            seen: list[str] = []
+
+            def tick(name: str) -> None:
+                if seen:
+                    progress.advance(task)
+                seen.append(name)
+                progress.update(task, description=f"training and metering {name}")
+
+            _, results = run_zoo(data, args.epochs, args.seed, names, meter, tick)
+    except (AtomicError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    console.print(zoo_table(results, f"{data.name}: models, test metrics and energy"))
+    console.print(breakeven_view([r.lifecycle for r in results]))
+    how = "measured (RAPL)" if meter.rapl.available else f"estimated: CPU at {meter.power.source}"
+    console.print(f"energy {how}; one query = the top 10 for every test user, median of 5 after a warm-up")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="leanrec", description="Lean data plumbing for feed recommenders.")
@@ -527,6 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--retention-days", type=_above_zero, default=30.0, help="days training data is kept")
     pl.add_argument("--region", help="ISO 3166 alpha-3 country of the grid (needs leanrec[carbon])")
     pl.add_argument("--grid-intensity", type=_at_least_zero, help="gCO2e per kWh (wins over --region)")
+    be = sub.add_parser(
+        "breakeven",
+        help="train the retrieval models on a RecBole dataset; when does each dearer one pay off",
+    )
+    be.add_argument("--data", required=True, help="a RecBole dataset folder (e.g. ../shared/data/ml-100k)")
+    be.add_argument(
+        "--epochs", type=_positive, default=20, help="epochs of the embedding models (default 20)"
+    )
+    be.add_argument("--models", help="comma-separated subset (default: Pop,ItemKNN,BPR,LightGCN,TwoTower)")
+    be.add_argument("--seed", type=_seed, default=2020, help="seed of the split and the training")
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a warehouse's held-out requests")
     ev.add_argument("--model", required=True)
     ev.add_argument("--warehouse", required=True)
@@ -546,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _evaluate,
         "audit": _audit,
         "plan": _plan,
+        "breakeven": _breakeven,
     }
     if args.command in commands:
         return commands[args.command](args, console)

@@ -123,3 +123,27 @@ def test_validation_is_metered_apart_and_its_metrics_do_not_change_the_model(tmp
     assert one.valid_mrr == twelve.valid_mrr and one.best_epoch == twelve.best_epoch
     with pytest.raises(ValueError, match="include 'mrr'"):
         validated_training(make, _planted(), 1, ("recall",), meter)
+
+
+def test_the_breakeven_command_trains_meters_and_compares_every_pair(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from leanrec.cli import main
+
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = {(u, int(i)) for u in range(40) for i in rng.choice(30, 12, replace=False)}
+    (folder / "toy.inter").write_text(
+        "user_id:token\titem_id:token\n" + "".join(f"u{u}\ti{i}\n" for u, i in sorted(rows))
+    )
+    assert main(["breakeven", "--data", str(folder), "--models", "Pop,ItemKNN,BPR", "--epochs", "2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "break-even" in out and ("estimated" in out or "measured" in out)
+    # Every pair once, the dearer to train first (ItemKNN and BPR both cost more to train than Pop).
+    assert "ItemKNN │ Pop" in out and "BPR │ Pop" in out
+    assert ("BPR │ ItemKNN" in out) != ("ItemKNN │ BPR" in out)
+    assert main(["breakeven", "--data", str(folder), "--models", "Pop,Nope"]) == 2
+    assert "unknown models" in " ".join(capsys.readouterr().out.split())
+    assert main(["breakeven", "--data", str(tmp_path / "missing")]) == 2
+    assert "no such file" in " ".join(capsys.readouterr().out.split())
