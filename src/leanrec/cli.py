@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
@@ -64,10 +65,24 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     except OSError as exc:
         console.print(f"[red]error:[/red] cannot write to --out {out}: {exc.strerror or exc}")
         return 2
+    from leanrec.energy.carbon import grid_intensity
+    from leanrec.energy.meter import PowerModel
+    from leanrec.energy.stages import Coefficients, EnergyModel
+
+    try:
+        power = PowerModel.of_this_machine()
+        if args.watts_per_core is not None:
+            power = PowerModel(args.watts_per_core, source=f"given {args.watts_per_core:g} W per core")
+        energy = EnergyModel(power, Coefficients(), grid_intensity(args.region, args.grid_intensity))
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("ranking, logging, joining", total=args.requests)
-        result = run_demo(args.requests, args.seed, out, progress=lambda n: progress.advance(task, n))
+        result = run_demo(
+            args.requests, args.seed, out, progress=lambda n: progress.advance(task, n), energy=energy
+        )
     report = result.report
     if args.rounds >= 2:
         from leanrec.sim.loop import close_loop
@@ -123,7 +138,7 @@ def _config(args: argparse.Namespace, console: Console):
     try:
         return ServeConfig.load(args.config, **overrides)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return None
 
 
@@ -138,7 +153,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     try:
         app = create_app(config)
     except (ConnectionError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     console.print(
         f"leanrec serve: logging={config.logging}, store={config.store_url}, bus={config.bus_url}, "
@@ -161,7 +176,7 @@ def _join(args: argparse.Namespace, console: Console) -> int:
     try:
         report = run_worker(config, max_seconds=args.max_seconds)
     except (ConfigError, ConnectionError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     console.print(
         f"stopped: took over {report.recovered} pending, joined {report.requests_joined} requests, "
@@ -190,7 +205,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
                 progress=lambda n: progress.advance(task, n),
             )
     except TargetError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     table = Table(
         title=f"leanrec simulate → {args.target}: {report.requests} sessions in {report.seconds:.1f} s"
@@ -249,7 +264,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         if args.featureset:
             fs = _featureset_file(args.featureset, fs)
     except (WarehouseError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     out = Path(args.out)
     if out.is_dir() or not out.parent.exists():
@@ -265,7 +280,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         try:
             model, result = train(args.warehouse, fs, cfg, progress=seen)
         except WarehouseError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
             return 2
     save_checkpoint(model, out, result)
     console.print(_metrics_table(f"held-out test, best of {result.epochs_run} epochs", result.test))
@@ -305,7 +320,7 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
         fs = featureset_of(args.warehouse)
         model = load_checkpoint(args.model, fs)
     except (WarehouseError, CheckpointError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     cfg = TrainConfig()
     with Progress(TextColumn("[bold]evaluating"), TimeElapsedColumn(), console=console, transient=True) as p:
@@ -338,7 +353,7 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
     try:
         model = load_checkpoint(args.model)
     except CheckpointError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -360,7 +375,7 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
                 progress=seen,
             )
         except AuditError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
             return 2
     pruned = write_audit(result, model.fs, out)
     console.print(audit_table(result))
@@ -420,7 +435,7 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] {args.report} is not a leanrec demo report (not JSON)")
         return 2
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     inputs = Table(title="extrapolated from")
     for col in ("input", "value", "from"):
@@ -470,7 +485,7 @@ def _breakeven(args: argparse.Namespace, console: Console) -> int:
 
             _, results = run_zoo(data, args.epochs, args.seed, names, meter, tick)
     except (AtomicError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     console.print(zoo_table(results, f"{data.name}: models, test metrics and energy"))
     console.print(breakeven_view([r.lifecycle for r in results]))
@@ -506,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--budget", type=_budget, default=0.001, help="audit round: most held-out AUC to lose (default 0.001)"
     )
+    demo.add_argument(
+        "--watts-per-core", type=_above_zero, help="power of a busy core (default: from the CPU)"
+    )
+    demo.add_argument("--region", help="ISO 3166 alpha-3 country of the grid (needs leanrec[carbon])")
+    demo.add_argument("--grid-intensity", type=_at_least_zero, help="gCO2e per kWh (wins over --region)")
 
     serve = sub.add_parser("serve", help="serve the ranking API (rank, paginate, events, healthz, metrics)")
     _add_config_flags(serve)

@@ -9,7 +9,7 @@ import pytest
 
 from leanrec.cli import main
 from leanrec.energy.capacity import HOURS_PER_YEAR, Scale, capacity_plan
-from leanrec.energy.carbon import GridIntensity
+from leanrec.energy.carbon import GridIntensity, codecarbon_mix
 
 
 def _report() -> dict:
@@ -98,3 +98,19 @@ def test_the_command_prints_inputs_and_outputs_and_refuses_bad_input(
     with pytest.raises(SystemExit):
         main(["plan", "--report", str(report), "--dau", "-5"])
     assert "must be above 0" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_a_bad_energy_flag_before_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(out), "--grid-intensity", "-3"])
+    assert "must be at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(out), "--watts-per-core", "0"])
+    assert "must be above 0" in capsys.readouterr().err
+    if codecarbon_mix() is None:  # without the carbon extra a region cannot be looked up
+        assert main(["demo", "--out", str(out), "--region", "FRA"]) == 2
+        assert "leanrec[carbon]" in " ".join(capsys.readouterr().out.split())
+    assert not (out / "warehouse").exists()
