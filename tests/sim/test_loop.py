@@ -40,6 +40,10 @@ def test_close_loop_reports_both_rounds_and_the_oracle(tmp_path: Path) -> None:
     m = loop["model"]
     assert 0.5 <= m["oracle_auc"] <= 1.0 and 0.0 <= m["test_auc"] <= 1.0
     assert m["auc_gap"] == pytest.approx(m["oracle_auc"] - m["test_auc"])
+    watts = round0.report["energy"]["lean"]["coefficients"]["watts_per_core"]
+    assert m["training_cpu_seconds"] > 0 and m["training_joules"] == pytest.approx(
+        m["training_cpu_seconds"] * watts
+    )
     assert any((tmp_path / "round1" / "warehouse").rglob("*.parquet"))
 
 

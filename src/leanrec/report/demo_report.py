@@ -116,7 +116,8 @@ def render_loop(loop: dict) -> Table:
     kept = f"epoch {m['best_epoch']}" if m.get("best_epoch") else "the solved wide part"
     table.caption = (
         f"model held-out AUC {m['test_auc']:.4f}, oracle AUC {m['oracle_auc']:.4f} (gap {m['auc_gap']:.4f}); "
-        f"{m['epochs_run']} epochs at {m['examples_per_second']:,.0f} examples/s, kept {kept}"
+        f"{m['epochs_run']} epochs at {m['examples_per_second']:,.0f} examples/s, kept {kept}; training "
+        f"{m['training_cpu_seconds']:,.1f} CPU s, {m['training_joules']:,.0f} J (estimated)"
     )
     return table
 

@@ -124,6 +124,10 @@ def close_loop(
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
             "examples_per_second": result.examples_per_second,
+            # Training is priced like the plumbing: CPU seconds at the demo's watts per core.
+            "training_cpu_seconds": result.train_cpu_seconds + result.setup_cpu_seconds,
+            "training_joules": (result.train_cpu_seconds + result.setup_cpu_seconds)
+            * round0.report["energy"]["lean"]["coefficients"]["watts_per_core"],
             "test_metrics": {k: float(v) for k, v in result.test.items() if np.isfinite(v)},
         },
     }
