@@ -7,7 +7,6 @@ less in all than B. If A is not cheaper per query, it never catches up.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -69,13 +68,12 @@ def top_k(model: Retriever, users: np.ndarray, k: int = 10, batch: int = 1024) -
 def query_energy(
     model: Retriever, users: np.ndarray, meter: EnergyMeter, repeats: int = 5, k: int = 10
 ) -> tuple[float, Reading]:
-    """Median joules of one query after a warm-up, and the median reading."""
+    """Joules of one query after a warm-up, and its reading: the median of ``repeats`` (odd) readings."""
     top_k(model, users, k)  # warm-up: caches, lazily built tensors
     readings = []
     for _ in range(repeats):
         with meter.measure() as r:
             top_k(model, users, k)
         readings.append(r)
-    readings.sort(key=lambda r: r.total.joules)
-    mid = readings[len(readings) // 2]
-    return statistics.median(r.total.joules for r in readings), mid
+    mid = sorted(readings, key=lambda r: r.total.joules)[len(readings) // 2]
+    return mid.total.joules, mid

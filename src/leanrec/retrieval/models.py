@@ -348,14 +348,14 @@ class TwoTower(_Embedded):
                 "item": _Tower(split.n_items, self.item_feats, self.dim),
             }
         )
-        self.n_items = split.n_items
+        self.n_users, self.n_items = split.n_users, split.n_items
 
     def _loss(self, u: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         ue = self.params["user"](u)
         return bpr_loss((ue * self.params["item"](p)).sum(1), (ue * self.params["item"](n)).sum(1))
 
     def _final(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.params["user"](torch.arange(len(self.user_feats.cats))), self.params["item"](
+        return self.params["user"](torch.arange(self.n_users)), self.params["item"](
             torch.arange(self.n_items)
         )
 
