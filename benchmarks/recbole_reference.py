@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
     one_epoch = args.model in ("Pop", "ItemKNN")
+    args.data = args.data.resolve()
     with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # RecBole writes its logs under the working folder
         name = "leanrec-ref"
         folder = Path(tmp) / name
         folder.mkdir()
