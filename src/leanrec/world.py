@@ -4,6 +4,26 @@ Users and items have latent tastes; engagement is drawn from them. Observable fe
 projections of the latents (informative), counters that drift as events happen (mutable), or pure
 noise, so an audit has a ground truth and online-offline skew would show. Item popularity has a
 power-law tail; scroll depth decays steeply (median about six items) with a long tail.
+
+Engagement is calibrated to what a short-video feed shows on the items a user actually viewed. The
+reference is KuaiRand (Gao et al., "KuaiRand: An Unbiased Sequential Recommendation Dataset with
+Randomly Exposed Videos", CIKM 2022), whose signals are defined per view: ``is_click`` is a valid
+play in the single-column feed (played at least 7 s, or to the end of a shorter video),
+``long_view`` a play of at least 18 s, and ``is_like`` and ``is_forward`` (a share) are rare. Its
+published logs put valid plays and long views each at roughly a third of views, likes at a few
+percent and shares well under one percent; KuaiSAR, from the same app, reports clicks to non-clicks
+near 1:1. The targets, on viewed items of the demo's traffic (``ENGAGEMENT_TARGETS``):
+
+============  ===============  ==========================================================
+signal        target (views)   here
+============  ===============  ==========================================================
+click         25% – 50%        a valid play; drawn from the true affinity and popularity
+long watch    20% – 40%        watch time of a click at least ``LONG_WATCH_MS`` (18 s)
+like          1% – 6%          a click the user also liked
+share         0.05% – 1%       a click the user also shared
+============  ===============  ==========================================================
+
+``leanrec demo`` prints the rates it drew beside these ranges.
 """
 
 from __future__ import annotations
@@ -19,6 +39,20 @@ LATENT_DIM = 16
 N_CATEGORIES = 40
 HISTORY_LEN = 50
 SURFACES = 3
+# Intercepts of the engagement model, set so that the rates on viewed items land in ENGAGEMENT_TARGETS.
+CLICK_INTERCEPT = -5.0
+LIKE_INTERCEPT = -6.8
+SHARE_INTERCEPT = -7.0
+WATCH_LOG_MEDIAN = float(np.log(12_000))
+LONG_WATCH_MS = 18_000
+"""KuaiRand's ``long_view``: a play of at least 18 s."""
+ENGAGEMENT_TARGETS: dict[str, tuple[float, float]] = {
+    "click": (0.25, 0.50),
+    "long_watch": (0.20, 0.40),
+    "like": (0.01, 0.06),
+    "share": (0.0005, 0.01),
+}
+"""Sourced ranges of each signal's rate on viewed items (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +270,7 @@ class World:
         self.item_views = np.floor(self.popularity * 5e6 * rng.uniform(0.5, 1.5, ni))
         base_ctr = _sigmoid(-3.2 + 0.5 * self.pop_z)
         self.item_clicks = np.floor(self.item_views * base_ctr)
-        self.item_likes = np.floor(self.item_clicks * 0.3)
+        self.item_likes = np.floor(self.item_clicks * 0.09)
         self.creator_followers = rng.pareto(1.5, size=config.n_creators) * 100
         self.user_counts = np.zeros((nu, 4))  # sessions, views, clicks, likes
 
@@ -332,7 +366,7 @@ class World:
         self._set(b, U, "u_noise_tags", rng.integers(0, 500, (nu, 8)))
         hist = self._initial_history()
         self._set(b, U, "u_hist", hist)
-        self._set(b, U, "u_hist_action", np.where(hist == PAD_ID, PAD_ID, rng.random(hist.shape) < 0.3))
+        self._set(b, U, "u_hist_action", np.where(hist == PAD_ID, PAD_ID, rng.random(hist.shape) < 0.09))
         self._set(
             b,
             U,
@@ -442,7 +476,7 @@ class World:
 
     def click_probability(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """The oracle: true click probability, ``(B, n)``."""
-        logit = -3.2 + 1.6 * self.affinity(users, items) + 0.5 * self.pop_z[items]
+        logit = CLICK_INTERCEPT + 1.6 * self.affinity(users, items) + 0.5 * self.pop_z[items]
         return _sigmoid(logit + self.user_bias[users][:, None])
 
     def engage(self, users: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> Engagement:
@@ -453,10 +487,10 @@ class World:
         depth = self.sample_depth(b, rng, n)
         viewed = np.arange(n)[None, :] < depth[:, None]
         click = viewed & (rng.random((b, n)) < p_click)
-        like = click & (rng.random((b, n)) < _sigmoid(-1.0 + 1.2 * aff))
-        share = like & (rng.random((b, n)) < _sigmoid(-2.0 + 0.5 * aff))
+        like = click & (rng.random((b, n)) < _sigmoid(LIKE_INTERCEPT + 1.2 * aff))
+        share = click & (rng.random((b, n)) < _sigmoid(SHARE_INTERCEPT + 0.5 * aff))
         hide = viewed & ~click & (rng.random((b, n)) < _sigmoid(-4.0 - aff))
-        watch = np.where(click, np.exp(np.log(15_000) + 0.4 * aff + 0.6 * rng.normal(size=(b, n))), 0.0)
+        watch = np.where(click, np.exp(WATCH_LOG_MEDIAN + 0.3 * aff + 0.6 * rng.normal(size=(b, n))), 0.0)
         return Engagement(depth, viewed, click, like, share, hide, watch.astype(np.int32), p_click)
 
     def apply(self, users: np.ndarray, items: np.ndarray, eng: Engagement) -> None:

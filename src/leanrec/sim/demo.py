@@ -23,7 +23,7 @@ from leanrec.schema import FeatureSet, Owner, Side
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
 from leanrec.sim.traffic import Scored, TrafficConfig, TrafficSim, TrafficStats
 from leanrec.warehouse.tables import arrays_block
-from leanrec.world import World, WorldConfig
+from leanrec.world import ENGAGEMENT_TARGETS, World, WorldConfig
 
 
 @dataclass
@@ -160,6 +160,7 @@ def run_demo(
             "dropped_batches": traffic.dropped_batches,
             "views_by_position": traffic.viewed_by_position.tolist(),
         },
+        "engagement": engagement_rates(traffic),
         "sim_seconds": sim_seconds,
     }
     metrics = sorted(paths["lean"])
@@ -168,6 +169,21 @@ def run_demo(
     report["energy"] = energy_report
     report["wall_seconds"] = time.perf_counter() - t0
     return DemoResult(report, traffic, pipes)
+
+
+def engagement_rates(stats: TrafficStats) -> dict[str, dict[str, float]]:
+    """Each signal's rate on viewed items, beside the sourced range it should land in."""
+    drawn = {
+        "click": stats.clicks,
+        "long_watch": stats.long_watches,
+        "like": stats.likes,
+        "share": stats.shares,
+    }
+    views = max(stats.viewed, 1)
+    return {
+        name: {"rate": count / views, "low": ENGAGEMENT_TARGETS[name][0], "high": ENGAGEMENT_TARGETS[name][1]}
+        for name, count in drawn.items()
+    }
 
 
 def _path_figures(p: Pipeline, skewed: int, fresh_skew: int) -> dict:

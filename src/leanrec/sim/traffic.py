@@ -21,7 +21,7 @@ from leanrec.events.model import EventBatch, EventKind, RequestRef
 from leanrec.funnel.ranker import Funnel, RankedBatch
 from leanrec.serve.service import LoggingUnavailable
 from leanrec.sim.pipeline import Pipeline, PipelineConfig
-from leanrec.world import Engagement, World
+from leanrec.world import LONG_WATCH_MS, Engagement, World
 
 RETRIES = 3
 RETRY_MS = 5_000
@@ -88,6 +88,8 @@ class TrafficStats:
     viewed: int = 0
     clicks: int = 0
     likes: int = 0
+    shares: int = 0
+    long_watches: int = 0
     viewed_by_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     fast_scroll_sessions: int = 0
     signals_sent: int = 0
@@ -220,6 +222,8 @@ class TrafficSim:
         self.stats.viewed += int(eng.viewed.sum())
         self.stats.clicks += int(eng.click.sum())
         self.stats.likes += int(eng.like.sum())
+        self.stats.shares += int(eng.share.sum())
+        self.stats.long_watches += int((eng.watch_ms >= LONG_WATCH_MS).sum())
         self.stats.viewed_by_position += eng.viewed.sum(axis=0)
         for b, ref in enumerate(refs):
             self._session(ref, batch.item_ids[b], eng, b)
