@@ -36,6 +36,8 @@ from .conftest import require_redis
 
 STORE_URLS = [
     pytest.param("memory://", id="memory"),
+    # Every value spills to disk: the embedded store as a simulation at a server's scale runs it.
+    pytest.param("memory://?memory_bytes=0&spill_dir={tmp}", id="memory-spill"),
     pytest.param("redis://127.0.0.1:6379/15", id="redis"),
 ]
 
@@ -70,7 +72,7 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def store_factory(store_url: str) -> Iterator[StoreFactory]:
+def store_factory(store_url: str, tmp_path) -> Iterator[StoreFactory]:
     """Builds empty stores of one backend: ``make(max_bytes=None) -> (store, advance_ms)``.
 
     The in-memory store gets a ManualClock, so ``advance_ms`` moves its time instantly; a real-time
@@ -79,7 +81,7 @@ def store_factory(store_url: str) -> Iterator[StoreFactory]:
     made: list[TransientStore] = []
 
     def make(max_bytes: int | None = None) -> tuple[TransientStore, Advance]:
-        url = _with_max_bytes(store_url, max_bytes)
+        url = _with_max_bytes(store_url.format(tmp=tmp_path / "spill"), max_bytes)
         advance: Advance
         if store_url.startswith("memory://"):
             clock = ManualClock(1_700_000_000_000)
@@ -444,3 +446,58 @@ def test_delete_many_removes_lists(store_factory) -> None:
     store.append_many({"lr:{a}:ev": b"one"}, TTL_MS)
     assert store.delete_many(["lr:{a}:ev"]) == 1
     assert store.get_lists_many(["lr:{a}:ev"]) == [[]]
+
+
+# ----------------------------------------------------------------------------------- spilling
+def _spill_files(folder) -> list:
+    return [p for p in folder.rglob("*.seg")]
+
+
+def test_values_past_the_memory_bound_spill_and_read_back_exact(tmp_path) -> None:
+    clock = ManualClock(1_700_000_000_000)
+    store = MemoryTransientStore(
+        max_bytes=10 * UNIT * 10, clock=clock, memory_bytes=3 * UNIT, spill_dir=tmp_path, segment_bytes=UNIT
+    )
+    rng = np.random.default_rng(0)
+    items = {_key(i): rng.bytes(UNIT - 20) for i in range(8)}
+    store.put_many(items, 1_000)
+    st = store.stats()
+    held_in_memory = st.bytes_held - st.bytes_spilled  # values kept in memory, and every key
+    assert 0 < held_in_memory <= 3 * UNIT + sum(map(len, items)) and st.bytes_spilled >= 5 * (UNIT - 20)
+    assert st.bytes_held == sum(len(k) + len(v) for k, v in items.items())  # spilled bytes count as held
+    assert store.get_many(list(items)) == list(items.values())
+    assert _spill_files(tmp_path)
+
+
+def test_spilled_entries_release_their_disk_when_deleted_or_expired(tmp_path) -> None:
+    clock = ManualClock(1_700_000_000_000)
+    store = MemoryTransientStore(
+        max_bytes=1 << 30, clock=clock, memory_bytes=0, spill_dir=tmp_path, segment_bytes=2 * UNIT
+    )
+    first = {_key(i): bytes(UNIT) for i in range(6)}
+    store.put_many(first, 1_000)
+    clock.advance(500)
+    second = {_key(i, "p1"): bytes(UNIT) for i in range(6)}
+    store.put_many(second, 1_000)
+    assert store.stats().peak_bytes_spilled == 12 * UNIT
+    on_disk = sum(p.stat().st_size for p in _spill_files(tmp_path))
+    assert on_disk == 12 * UNIT
+    store.delete_many(list(first))
+    clock.advance(1_000)  # the second batch expires
+    store.purge_expired()
+    st = store.stats()
+    assert st.bytes_spilled == 0 and st.bytes_held == 0
+    assert sum(p.stat().st_size for p in _spill_files(tmp_path)) == 0
+    store.close()
+    assert not _spill_files(tmp_path)
+
+
+def test_open_builds_a_spilling_store_and_refuses_unknown_options(tmp_path) -> None:
+    url = f"memory://?max_bytes=4096&memory_bytes=0&spill_dir={tmp_path}"
+    store = open_transient_store(url, clock=ManualClock())
+    store.put_many({"k": b"v" * 100}, 1_000)
+    assert store.stats().bytes_spilled == 100 and store.get_many(["k"]) == [b"v" * 100]
+    with pytest.raises(ValueError, match="spill_di"):
+        open_transient_store("memory://?spill_di=/tmp")
+    with pytest.raises(ValueError, match="memory_bytes must be an integer"):
+        open_transient_store(f"memory://?memory_bytes=lots&spill_dir={tmp_path}")

@@ -183,3 +183,43 @@ def test_each_path_reports_its_energy_per_stage_and_the_lean_one_spends_less(
         assert lean["stages"][stage]["total"] < naive["stages"][stage]["total"], stage
     assert report["joules_per_1k_requests"]["lean"] < report["joules_per_1k_requests"]["naive"]
     assert report["gco2e_per_1k_requests"]["lean"] < report["gco2e_per_1k_requests"]["naive"]
+
+
+# ------------------------------------------------------------------ sizes past the machine's memory
+SMALL = WorldConfig(n_users=400, n_items=3_000, n_creators=200, seed=11)
+
+
+def test_a_store_that_spills_to_disk_keeps_every_label_and_the_same_examples(tmp_path: Path) -> None:
+    from leanrec.sim.pipeline import PipelineConfig
+
+    spill = tmp_path / "spill"
+    # The naive store holds every ranked item (tens of MB here); 1 MiB of memory makes it spill.
+    conf = PipelineConfig(store_memory_bytes=1 << 20, spill_dir=str(spill))
+    report = run_demo(requests=300, seed=3, out=tmp_path, world_config=SMALL, pipeline_config=conf).report
+    assert report["kv_peak_bytes_spilled"]["naive"] > 10 * (1 << 20)
+    assert report["kv_peak_bytes_held"]["naive"] > report["kv_peak_bytes_spilled"]["naive"]
+    for path in ("naive", "lean"):
+        assert report["labels_lost"][path] == 0 and report["skewed_examples"][path] == 0
+    assert report["examples"]["naive"] == report["examples"]["lean"] and report["identical_examples"]
+    assert not list(spill.rglob("*.seg"))  # what spilled is gone once the run is over
+
+
+def test_the_plan_of_what_each_path_holds_matches_what_it_held(tmp_path: Path) -> None:
+    report = run_demo(requests=300, seed=3, out=tmp_path, world_config=SMALL).report
+    planned = report["holding"]["planned"]
+    # Every request of so short a run is open at once; the plan is within 5% of the measured peaks.
+    assert planned["store_open_requests"] == 300
+    naive, context = report["kv_peak_bytes_held"]["naive"], report["context_peak_bytes"]["lean"]
+    assert 0.95 * planned["naive_store_bytes"] <= naive <= 1.05 * planned["naive_store_bytes"]
+    assert 0.95 * planned["context_bytes"] <= context <= 1.05 * planned["context_bytes"]
+    assert report["kv_peak_bytes_held"]["lean"] <= planned["lean_store_bytes"]
+
+
+def test_a_run_the_machine_cannot_hold_is_refused_before_it_starts(tmp_path: Path, monkeypatch) -> None:
+    import leanrec.sim.demo as demo_module
+    from leanrec.sim.demo import DemoTooLarge
+
+    monkeypatch.setattr(demo_module, "_available_memory", lambda: 1 << 30)  # a machine of 1 GiB
+    with pytest.raises(DemoTooLarge, match=r"--requests 50,000 needs about .* of memory"):
+        run_demo(requests=50_000, seed=3, out=tmp_path / "big")
+    assert not (tmp_path / "big" / "warehouse").exists()  # refused before anything was written

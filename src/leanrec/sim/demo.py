@@ -7,10 +7,12 @@ ranker scored (no skew), and the two paths must hold the same examples.
 
 from __future__ import annotations
 
+import math
+import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,14 @@ import pyarrow as pa
 
 from leanrec.clock import ManualClock
 from leanrec.energy.stages import EnergyModel, ledger_energy
+from leanrec.featurelog import codec
 from leanrec.funnel.ranker import Funnel
 from leanrec.schema import FeatureSet, Owner, Side
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
 from leanrec.sim.traffic import Scored, TrafficConfig, TrafficSim, TrafficStats
+from leanrec.warehouse.store import sorted_impression_bytes
 from leanrec.warehouse.tables import arrays_block
-from leanrec.world import ENGAGEMENT_TARGETS, World, WorldConfig
+from leanrec.world import ENGAGEMENT_TARGETS, World, WorldConfig, default_featureset
 
 
 @dataclass
@@ -40,6 +44,129 @@ class DemoResult:
     report: dict
     traffic: TrafficStats
     pipelines: dict[Plumbing, Pipeline]
+
+
+class DemoTooLarge(ValueError):
+    """A demo size this machine cannot run fairly (both paths holding what they must), said up front."""
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What each path will hold at its peak, estimated before a run from the FeatureSet's sizes.
+
+    Requests arrive at ``rate_per_s``; an entry in the transient store waits until its request is
+    joined (the attribution window, the lateness and the joiner's next round after it), a lean
+    ranked context until its pages are logged or it goes idle. A run shorter than those waits
+    holds every request it ranked; a longer one reaches the steady state ``rate × wait``.
+
+    Attributes:
+        store_open_requests: Requests whose transient entries are held at once, at the peak.
+        store_hold_s: How long a request's transient entries are held.
+        naive_store_bytes: Peak of the naive store: every ranked item, user side repeated.
+        lean_store_bytes: Peak of the lean store, bounded above by every page being logged.
+        context_open_requests: Ranked contexts the lean logger holds at once, at the peak.
+        context_hold_s: Longest a context is held when the user stops scrolling.
+        context_bytes: Peak bytes of those contexts.
+
+    """
+
+    store_open_requests: int
+    store_hold_s: float
+    naive_store_bytes: int
+    lean_store_bytes: int
+    context_open_requests: int
+    context_hold_s: float
+    context_bytes: int
+
+
+def plan_holding(
+    fs: FeatureSet, requests: int, traffic: TrafficConfig, plumbing: PipelineConfig, n_rank: int = 100
+) -> Holding:
+    """Estimate each path's peak holding for a run of ``requests`` (see :class:`Holding`)."""
+    rate = traffic.rate_per_s
+    store_hold_ms = plumbing.window_ms + plumbing.lateness_ms + 2_000 + traffic.join_every_ms
+    context_hold_ms = plumbing.context_idle_ms + 60_000  # idle, after the longest ordinary session
+    # Requests ranked in one tick arrive together: one tick more than the rate alone.
+    store_open = min(requests, math.ceil(rate * (store_hold_ms + traffic.tick_ms) / 1000))
+    context_open = min(requests, math.ceil(rate * (context_hold_ms + traffic.tick_ms) / 1000))
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    impression = len(codec.encode_impressions(fs, np.zeros(1, np.int32), req.zeros(1), item.zeros(1))[0])
+    key_bytes = 24  # lr:{<12 hex digits>}:i<position>
+    events = 4_096  # a session's event batches and replay guards, the same on both paths
+    naive = n_rank * (impression + key_bytes) + events
+    lean = codec.HEADER_BYTES * (2 + n_rank) + req.row_bytes + n_rank * (item.row_bytes + 4) + events
+    context = n_rank * (item.row_bytes + 4) + req.row_bytes + 64
+    return Holding(
+        store_open,
+        store_hold_ms / 1000,
+        store_open * naive,
+        store_open * lean,
+        context_open,
+        context_hold_ms / 1000,
+        context_open * context,
+    )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):,.1f} GiB"
+
+
+def sized_for(
+    hold: Holding, requests: int, fs: FeatureSet, pconf: PipelineConfig, out: Path
+) -> PipelineConfig:
+    """Bounds that let both paths hold what ``hold`` says, spilling the naive store past its memory.
+
+    Raises:
+        DemoTooLarge: If this machine has not the memory or the disk for it.
+
+    """
+    held = max(hold.naive_store_bytes, hold.lean_store_bytes)
+    sized = replace(
+        pconf,
+        store_max_bytes=max(pconf.store_max_bytes, int(1.25 * held)),
+        context_max_bytes=max(pconf.context_max_bytes, int(1.25 * hold.context_bytes)),
+        spill_dir=pconf.spill_dir or str(out / "spill"),
+    )
+    examples = requests * 12  # viewed items, with room: the median session views about six
+    example_bytes = fs.layout(Side.REQUEST).row_bytes + fs.layout(Side.ITEM).row_bytes
+    # In memory at once: the naive store's resident part, the lean store, the contexts, and both
+    # paths' examples read back as Arrow tables for the comparison after the run.
+    memory = (
+        min(hold.naive_store_bytes, sized.store_memory_bytes)
+        + hold.lean_store_bytes
+        + hold.context_bytes
+        + 3 * examples * example_bytes
+        + (2 << 30)  # the world, the funnel and the interpreter
+    )
+    disk = max(hold.naive_store_bytes - sized.store_memory_bytes, 0) + examples * example_bytes
+    available = _available_memory()
+    if available is not None and memory > available:
+        raise DemoTooLarge(
+            f"--requests {requests:,} needs about {_gib(memory)} of memory (the lean logger holds "
+            f"{hold.context_open_requests:,} ranked requests, the naive store part of "
+            f"{hold.store_open_requests:,}) and {_gib(available)} is available: ask for fewer requests"
+        )
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # out may be made later
+    free = shutil.disk_usage(existing).free
+    if disk > free:
+        raise DemoTooLarge(
+            f"--requests {requests:,} needs about {_gib(disk)} of disk in {out} (the naive transient "
+            f"store spills {hold.store_open_requests:,} open requests' ranked items there) and "
+            f"{_gib(free)} is free: ask for fewer requests or give --out on a larger disk"
+        )
+    return sized
 
 
 def check_examples(
@@ -102,9 +229,12 @@ def run_demo(
     t0 = time.perf_counter()
     out = Path(out)
     wconf = world_config or WorldConfig(seed=seed)
-    pconf = pipeline_config or PipelineConfig()
     base = traffic_config or TrafficConfig()
     tconf = TrafficConfig(**{**base.__dict__, "requests": requests, "seed": seed})
+    fs, _ = default_featureset(wconf)
+    hold = plan_holding(fs, requests, tconf, pipeline_config or PipelineConfig())
+    # Sized to what both paths must hold, unless the caller set the bounds (to test what overflows).
+    pconf = pipeline_config or sized_for(hold, requests, fs, PipelineConfig(), out)
     world = World(wconf)
     fs = world.featureset
     clock = ManualClock()
@@ -127,6 +257,9 @@ def run_demo(
     for plumbing, p in pipes.items():
         skewed, fresh = check_examples(fs, tables[plumbing], sim.scored, world)
         paths[plumbing.value] = _path_figures(p, skewed, fresh)
+        close = getattr(p.store, "close", None)
+        if callable(close):
+            close()  # what it spilled goes
         # A transient entry waits in memory until its request is joined, when the window closes.
         e = energy_report[plumbing.value] = ledger_energy(
             p.ledger, energy_model, requests, pconf.window_ms / 1e3
@@ -161,12 +294,20 @@ def run_demo(
             "views_by_position": traffic.viewed_by_position.tolist(),
         },
         "engagement": engagement_rates(traffic),
+        "holding": {
+            "planned": hold.__dict__,
+            "store_memory_bytes": pconf.store_memory_bytes,
+            "spill_dir": pconf.spill_dir,
+        },
+        # The impression layout at its best (rows grouped by request), from the lean files.
+        "sorted_impression_bytes": sorted_impression_bytes(str(pipes[Plumbing.LEAN].warehouse.uri), fs),
         "sim_seconds": sim_seconds,
     }
     metrics = sorted(paths["lean"])
     for m in metrics:
         report[m] = {"naive": paths["naive"][m], "lean": paths["lean"][m]}
     report["energy"] = energy_report
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     report["wall_seconds"] = time.perf_counter() - t0
     return DemoResult(report, traffic, pipes)
 
@@ -199,6 +340,7 @@ def _path_figures(p: Pipeline, skewed: int, fresh_skew: int) -> dict:
         "kv_expiries": st.expiries,
         "kv_bytes_held_after": st.bytes_held,
         "kv_peak_bytes_held": st.peak_bytes_held,
+        "kv_peak_bytes_spilled": st.peak_bytes_spilled,
         "serialize_cpu_seconds": led["serialize"].cpu_seconds,
         "bytes_serialized": led["serialize"].bytes_serialized,
         "plumbing_cpu_seconds": led.total().cpu_seconds,

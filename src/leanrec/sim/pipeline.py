@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from urllib.parse import quote
 
 from leanrec.clock import Clock
 from leanrec.energy.ledger import CostLedger
@@ -43,7 +44,10 @@ class PipelineConfig:
         lateness_ms: How long after the window the joiner waits for events still in flight.
         ttl_grace_ms: Transient entries live for the window plus this grace.
         store_url: TransientStore backend.
-        store_max_bytes: Byte bound of an embedded store.
+        store_max_bytes: Byte bound of an embedded store (in memory and spilled).
+        store_memory_bytes: With ``spill_dir``, what an embedded store holds in memory before it
+            spills values to disk.
+        spill_dir: Folder an embedded store spills to; None keeps everything in memory.
         context_max_bytes: Byte bound of the lazy logger's held contexts.
         context_idle_ms: A context untouched this long is released.
         paging: Head and page sizes.
@@ -57,6 +61,8 @@ class PipelineConfig:
     ttl_grace_ms: int = 300_000
     store_url: str = "memory://"
     store_max_bytes: int = 4 << 30
+    store_memory_bytes: int = 2 << 30
+    spill_dir: str | None = None
     context_max_bytes: int = 512 << 20
     context_idle_ms: int = 120_000
     paging: Paging = Paging()  # noqa: RUF009 (frozen, shared safely)
@@ -99,6 +105,9 @@ def build_pipeline(
     url = config.store_url
     if url == "memory://":
         url = f"memory://?max_bytes={config.store_max_bytes}"
+        if config.spill_dir is not None:
+            spill = Path(config.spill_dir) / plumbing.value
+            url += f"&memory_bytes={config.store_memory_bytes}&spill_dir={quote(str(spill))}"
     store = open_transient_store(url, clock=clock)
     bus = MemoryEventBus()
     ttl = config.window_ms + config.ttl_grace_ms

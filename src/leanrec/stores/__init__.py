@@ -58,12 +58,23 @@ def open_feature_store(
     raise ValueError(f"no FeatureStore backend for {url!r}; known schemes: memory://, redis://")
 
 
+def _int_option(url: str, opts: dict[str, list[str]], name: str) -> int | None:
+    if name not in opts:
+        return None
+    try:
+        return int(opts[name][0])
+    except ValueError:
+        raise ValueError(f"{url}: {name} must be an integer") from None
+
+
 def open_transient_store(url: str, clock: Clock | None = None) -> TransientStore:
     """Open a TransientStore from a URL.
 
-    ``memory://`` (optionally ``memory://?max_bytes=N``) is the embedded store.
-    ``redis://host:port/db`` (optionally ``?max_bytes=N``) is :class:`RedisTransientStore` on that
-    server; it runs on the server's time, so ``clock`` does not apply to it.
+    ``memory://`` (optionally ``memory://?max_bytes=N``) is the embedded store;
+    ``memory://?max_bytes=N&memory_bytes=M&spill_dir=PATH`` keeps at most M bytes in memory and
+    spills further values to files under PATH. ``redis://host:port/db`` (optionally
+    ``?max_bytes=N``) is :class:`RedisTransientStore` on that server; it runs on the server's time,
+    so ``clock`` does not apply to it.
 
     Raises:
         ValueError: For a scheme leanrec has no backend for, or a malformed option.
@@ -72,14 +83,20 @@ def open_transient_store(url: str, clock: Clock | None = None) -> TransientStore
     """
     parsed = urlparse(url)
     opts = parse_qs(parsed.query, keep_blank_values=True)  # "max_bytes=" is malformed, not unset
-    max_bytes: int | None = None
-    if "max_bytes" in opts:
-        try:
-            max_bytes = int(opts["max_bytes"][0])
-        except ValueError:
-            raise ValueError(f"{url}: max_bytes must be an integer") from None
+    max_bytes = _int_option(url, opts, "max_bytes")
     if parsed.scheme == "memory":
-        return MemoryTransientStore(max_bytes=1 << 30 if max_bytes is None else max_bytes, clock=clock)
+        unknown = set(opts) - {"max_bytes", "memory_bytes", "spill_dir"}
+        if unknown:
+            raise ValueError(f"{url}: unknown option {sorted(unknown)[0]!r} of the embedded store")
+        spill_dir = opts["spill_dir"][0] if "spill_dir" in opts else None
+        if spill_dir == "":
+            raise ValueError(f"{url}: spill_dir must name a folder")
+        return MemoryTransientStore(
+            max_bytes=1 << 30 if max_bytes is None else max_bytes,
+            clock=clock,
+            memory_bytes=_int_option(url, opts, "memory_bytes"),
+            spill_dir=spill_dir,
+        )
     if parsed.scheme == "redis":
         from leanrec.stores.redis_transient import RedisTransientStore  # imports redis only when used
 

@@ -8,6 +8,10 @@ never comes for it.
 from __future__ import annotations
 
 import heapq
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -44,6 +48,8 @@ class TransientStats:
     keys_held: int = 0
     bytes_held: int = 0
     peak_bytes_held: int = 0
+    bytes_spilled: int = 0  # of bytes_held, the values an embedded store keeps on disk
+    peak_bytes_spilled: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """JSON-ready counters."""
@@ -91,6 +97,82 @@ class TransientStore(Protocol):
         ...
 
 
+class _Spilled(NamedTuple):
+    """Where a spilled value lies: ``length`` bytes at ``offset`` of segment ``segment``."""
+
+    segment: int
+    offset: int
+    length: int
+
+
+class _SpillFiles:
+    """Append-only segment files under a private folder, each removed once nothing in it is live.
+
+    Entries leave a transient store roughly in the order they came (joined when their window
+    closes, or expired), so a segment empties as a whole and the disk held follows the live bytes.
+    """
+
+    def __init__(self, folder: str, segment_bytes: int) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix="leanrec-spill-", dir=folder)
+        self.segment_bytes = segment_bytes
+        self._fds: dict[int, int] = {}
+        self._live: dict[int, int] = {}
+        self._size = 0
+        self._active = -1
+        self._finalizer = weakref.finalize(self, _SpillFiles._remove, self._fds, self.root)
+
+    @staticmethod
+    def _remove(fds: dict[int, int], root: str) -> None:
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+        shutil.rmtree(root, ignore_errors=True)
+
+    def _roll(self) -> None:
+        self._active += 1
+        path = os.path.join(self.root, f"{self._active:08d}.seg")
+        self._fds[self._active] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._live[self._active] = 0
+        self._size = 0
+
+    def write(self, values: Sequence[bytes]) -> list[_Spilled]:
+        """Append values in one write; returns where each lies."""
+        if self._active < 0 or self._size >= self.segment_bytes:
+            self._roll()
+        seg, start = self._active, self._size
+        lengths = [len(v) for v in values]
+        os.pwrite(self._fds[seg], b"".join(values), start)
+        out, offset = [], start
+        for n in lengths:
+            out.append(_Spilled(seg, offset, n))
+            offset += n
+        self._size = offset
+        self._live[seg] += offset - start
+        return out
+
+    def read(self, where: _Spilled) -> bytes:
+        """The bytes of one spilled value."""
+        return os.pread(self._fds[where.segment], where.length, where.offset)
+
+    def release(self, where: _Spilled) -> None:
+        """A spilled value is no longer live; a segment left with none is removed (or emptied)."""
+        self._live[where.segment] -= where.length
+        if self._live[where.segment] > 0:
+            return
+        if where.segment == self._active:  # the file being written empties: begin it again
+            os.ftruncate(self._fds[where.segment], 0)
+            self._size = 0
+            return
+        os.close(self._fds.pop(where.segment))
+        del self._live[where.segment]
+        os.unlink(os.path.join(self.root, f"{where.segment:08d}.seg"))
+
+    def close(self) -> None:
+        """Remove every segment and the folder."""
+        self._finalizer()
+
+
 class MemoryTransientStore:
     """In-process TransientStore with TTLs, a byte bound and counters.
 
@@ -99,31 +181,59 @@ class MemoryTransientStore:
     ``max_bytes`` after purging is refused whole with :class:`StoreFullError`; entries already held
     are never evicted to make room, because they are labels waiting to be joined.
 
+    With ``spill_dir``, values written by ``put_many`` beyond ``memory_bytes`` go to segment files
+    there instead of memory, so a simulation can hold what a real server would hold at its rate
+    (several GB of frozen features) on a machine that has the disk but not the memory. Spilled bytes
+    still count in ``bytes_held`` (what a server would keep in memory) and apart in
+    ``bytes_spilled``. Lists (event batches, replay guards) stay in memory: they are small.
+
     Args:
-        max_bytes: Bound on keys plus values held.
+        max_bytes: Bound on keys plus values held, in memory and spilled.
         clock: Time source; inject a ManualClock to drive TTLs in tests and simulations.
+        memory_bytes: With ``spill_dir``, the bytes held in memory before values spill.
+        spill_dir: Folder for spill files (a private subfolder, removed by ``close``); None keeps
+            everything in memory.
+        segment_bytes: Size at which a spill file is closed and the next begun.
 
     """
 
-    def __init__(self, max_bytes: int = 1 << 30, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int = 1 << 30,
+        clock: Clock | None = None,
+        memory_bytes: int | None = None,
+        spill_dir: str | os.PathLike | None = None,
+        segment_bytes: int = 64 << 20,
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if memory_bytes is not None and memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be at least 0, got {memory_bytes}")
+        if segment_bytes <= 0:
+            raise ValueError(f"segment_bytes must be positive, got {segment_bytes}")
         self.max_bytes = max_bytes
         self.clock = clock or SystemClock()
-        self._data: dict[str, tuple[bytes | list[bytes], int]] = {}
+        self.memory_bytes = max_bytes if spill_dir is None or memory_bytes is None else memory_bytes
+        self._spill = None if spill_dir is None else _SpillFiles(os.fspath(spill_dir), segment_bytes)
+        self._data: dict[str, tuple[bytes | list[bytes] | _Spilled, int]] = {}
         self._expiry: list[tuple[int, str]] = []
         self._stats = TransientStats()
 
     @staticmethod
-    def _size(key: str, value: bytes | list[bytes]) -> int:
+    def _size(key: str, value: bytes | list[bytes] | _Spilled) -> int:
+        if isinstance(value, _Spilled):
+            return len(key) + value.length
         return len(key) + (sum(map(len, value)) if isinstance(value, list) else len(value))
 
     def _drop(self, key: str) -> None:
         value, _ = self._data.pop(key)
         self._stats.keys_held -= 1
         self._stats.bytes_held -= self._size(key, value)
+        if isinstance(value, _Spilled):
+            self._stats.bytes_spilled -= value.length
+            self._spill.release(value)  # type: ignore[union-attr]
 
-    def _live(self, key: str, now: int) -> tuple[bytes | list[bytes], int] | None:
+    def _live(self, key: str, now: int) -> tuple[bytes | list[bytes] | _Spilled, int] | None:
         """The entry at ``key``, or None if it is missing or past its TTL (then it is dropped)."""
         entry = self._data.get(key)
         if entry is not None and entry[1] <= now:
@@ -153,7 +263,7 @@ class MemoryTransientStore:
                 f"would exceed the bound of {self.max_bytes} B"
             )
 
-    def _place(self, key: str, value: bytes | list[bytes], expire_at: int) -> None:
+    def _place(self, key: str, value: bytes | list[bytes] | _Spilled, expire_at: int) -> None:
         if key in self._data:
             self._drop(key)
         self._data[key] = (value, expire_at)
@@ -161,6 +271,27 @@ class MemoryTransientStore:
         self._stats.keys_held += 1
         self._stats.bytes_held += self._size(key, value)
         self._stats.peak_bytes_held = max(self._stats.peak_bytes_held, self._stats.bytes_held)
+        if isinstance(value, _Spilled):
+            self._stats.bytes_spilled += value.length
+            self._stats.peak_bytes_spilled = max(self._stats.peak_bytes_spilled, self._stats.bytes_spilled)
+
+    def _spilled(self, items: dict[str, bytes]) -> dict[str, bytes | _Spilled]:
+        """The batch as it will be held: values past the memory bound replaced by where they spilled."""
+        if self._spill is None:
+            return items  # type: ignore[return-value]
+        room = self.memory_bytes - (self._stats.bytes_held - self._stats.bytes_spilled)
+        out: dict[str, bytes | _Spilled] = {}
+        spill: list[str] = []
+        for key, value in items.items():
+            if len(key) + len(value) <= room:
+                out[key] = value
+                room -= len(key) + len(value)
+            else:
+                spill.append(key)
+        if spill:
+            for key, where in zip(spill, self._spill.write([items[k] for k in spill]), strict=True):
+                out[key] = where
+        return out
 
     def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
         """Write all entries with one TTL; refuse the whole batch if it does not fit."""
@@ -170,9 +301,12 @@ class MemoryTransientStore:
             incoming - sum(self._size(k, self._data[k][0]) for k in items if k in self._data), len(items)
         )
         expire_at = self.clock.now_ms() + int(ttl_ms)
-        for key, value in items.items():
+        for key in items:
+            if key in self._data:  # the old value's room is free before the new one is placed
+                self._drop(key)
+        for key, value in self._spilled(items).items():
             self._place(key, value, expire_at)
-            self._stats.bytes_written += len(value)
+        self._stats.bytes_written += sum(len(v) for v in items.values())
         self._stats.writes += len(items)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -192,9 +326,10 @@ class MemoryTransientStore:
                 continue
             if isinstance(entry[0], list):
                 raise TypeError(f"{key!r} holds a list; read it with get_lists_many")
+            value = self._spill.read(entry[0]) if isinstance(entry[0], _Spilled) else entry[0]  # type: ignore[union-attr]
             self._stats.hits += 1
-            self._stats.bytes_read += len(entry[0])
-            out.append(entry[0])
+            self._stats.bytes_read += len(value)
+            out.append(value)
         self._stats.reads += len(keys)
         return out
 
@@ -277,6 +412,13 @@ class MemoryTransientStore:
         if not self._data:
             self._expiry.clear()
         return n
+
+    def close(self) -> None:
+        """Release the spill files (the store holds nothing on disk afterwards)."""
+        if self._spill is not None:
+            for key in [k for k, (v, _) in self._data.items() if isinstance(v, _Spilled)]:
+                self._drop(key)
+            self._spill.close()
 
     def stats(self) -> TransientStats:
         """A snapshot of the counters."""

@@ -365,3 +365,25 @@ def _table_projection(
     """Projection of every column of the warehouse schema ``fs`` derives."""
     request = [*(f.name for f in META_FIELDS), *fs.layout(Side.REQUEST).names]
     return projection(path, pf, request, [f.name for f in item_struct(fs)], layout)
+
+
+def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
+    """Bytes a request-level warehouse would take in the impression layout with its rows sorted.
+
+    The impression layout at its best: every file rewritten with one row per example, grouped by
+    request and ordered by position, so each request's repeated user columns sit side by side for
+    Parquet's dictionary and run-length encodings and zstd to absorb. File by file, with the same
+    records per file and the same compression as the warehouse writer, so only the layout differs.
+    """
+    filesystem, files = _files(uri)
+    total = 0
+    for info in files:
+        with _Opened(filesystem, info.path) as file:
+            if layout_of(info.path, file.schema_arrow.metadata) is not TableLayout.REQUEST:
+                raise WarehouseError(f"{info.path} is not a request-level file")
+            table = file.read()
+        flat = request_to_impression(table, fs)
+        sink = pa.BufferOutputStream()
+        pq.write_table(flat, sink, compression="zstd")
+        total += sink.getvalue().size
+    return total
