@@ -27,6 +27,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("serialize_cpu_seconds", "serialization CPU", "seconds"),
     ("plumbing_cpu_seconds", "plumbing CPU, all stages", "seconds"),
     ("kv_peak_bytes_held", "transient store held, peak", "bytes"),
+    ("kv_peak_bytes_spilled", "  of it spilled to disk (embedded store)", "bytes"),
     ("context_peak_bytes", "ranked contexts held by the logger, peak", "bytes"),
     ("context_byte_seconds", "ranked contexts held by the logger", "byte·s"),
     ("examples", "training examples", "count"),
@@ -66,7 +67,11 @@ def _ratio(naive: float, lean: float) -> str:
 
 
 def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
-    """(label, naive, lean, lean/naive) per row, formatted."""
+    """(label, naive, lean, lean/naive) per row, formatted.
+
+    Beside the warehouse bytes stands the impression layout at its best, rows sorted by request
+    (``sorted_impression_bytes``), in the naive column: the saving of the request-level layout alone.
+    """
     out = []
     for key, label, unit in ROWS:
         pair = report.get(key)
@@ -75,7 +80,47 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
         out.append(
             (label, _fmt(pair["naive"], unit), _fmt(pair["lean"], unit), _ratio(pair["naive"], pair["lean"]))
         )
+        if key == "warehouse_bytes" and "sorted_impression_bytes" in report:
+            best = report["sorted_impression_bytes"]
+            out.append(
+                (
+                    "  vs impression rows sorted by request",
+                    _fmt(best, "bytes"),
+                    _fmt(pair["lean"], "bytes"),
+                    _ratio(best, pair["lean"]),
+                )
+            )
     return out
+
+
+def engagement_line(report: dict) -> str:
+    """The engagement rates drawn on viewed items, each beside its sourced range."""
+    rates = report.get("engagement")
+    if not rates:
+        return ""
+    parts = [
+        f"{name.replace('_', ' ')} {r['rate']:.2%} ({r['low']:.2%}–{r['high']:.2%})"
+        for name, r in rates.items()
+    ]
+    return "engagement on viewed items (sourced range): " + ", ".join(parts)
+
+
+def holding_line(report: dict) -> str:
+    """How much each path held, and for how long, and the process's peak memory."""
+    h = report.get("holding")
+    if not h:
+        return ""
+    plan = h["planned"]
+    spilled = report["kv_peak_bytes_spilled"]["naive"]
+    where = f" ({_fmt(spilled, 'bytes')} of it spilled to disk)" if spilled else ""
+    naive, lean = (_fmt(report["kv_peak_bytes_held"][p], "bytes") for p in ("naive", "lean"))
+    return (
+        f"held: {plan['store_open_requests']:,} requests' transient entries at once, each until its join "
+        f"{plan['store_hold_s']:.0f} s after ranking: naive {naive}{where}, lean {lean}; lean's logger held "
+        f"{_fmt(report['context_peak_bytes']['lean'], 'bytes')} of ranked contexts, each until its pages "
+        f"were logged or {plan['context_hold_s']:.0f} s idle; peak memory of the process "
+        f"{_fmt(report.get('peak_rss_bytes', 0), 'bytes')}"
+    )
 
 
 def render_table(report: dict) -> Table:
@@ -83,7 +128,9 @@ def render_table(report: dict) -> Table:
     table = Table(
         title=f"leanrec demo — {report['requests']:,} requests, seed {report['seed']}: naive vs lean",
         caption=f"identical examples on both paths: {report['identical_examples']} · "
-        f"wall time {report['wall_seconds']:.1f} s" + _energy_caption(report),
+        f"wall time {report['wall_seconds']:.1f} s"
+        + "".join(f"\n{line}" for line in (engagement_line(report), holding_line(report)) if line)
+        + _energy_caption(report),
     )
     table.add_column("figure")
     table.add_column("naive", justify="right")
@@ -248,6 +295,8 @@ Wall time {report["wall_seconds"]:.1f} s.</p>
 Lean: user features once per request, head of the list at rank time and later pages when the user
 scrolls there (or an event touches them), request-level warehouse.</p>
 <table><tr><th>figure</th><th>naive</th><th>lean</th><th>lean / naive</th></tr>{rows}</table>
+<p>{html.escape(engagement_line(report))}.</p>
+<p>{html.escape(holding_line(report))}.</p>
 {plots}
 </body></html>"""
     path.write_text(page)
