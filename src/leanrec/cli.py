@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from leanrec.errors import InputError
 
 
 @contextmanager
@@ -49,22 +53,55 @@ def _seed(text: str) -> int:
     return value
 
 
+def _writable_folder(path: Path, flag: str) -> Path:
+    """``path`` as a folder this process can write, made if missing (checked before any work).
+
+    Raises:
+        InputError: It is a file, or it cannot be made or written.
+
+    """
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} exists and is not a folder; give a folder (it is made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".leanrec-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"cannot write to {flag} {path}: {exc.strerror or exc}; give a folder you can write"
+        ) from None
+    return path
+
+
+def _writable_file(path: Path, flag: str) -> Path:
+    """``path`` as a file this process can write, checked before a long run that ends by writing it.
+
+    Raises:
+        InputError: It is a folder, its folder does not exist, or it cannot be written there.
+
+    """
+    if path.is_dir() or not path.parent.is_dir():
+        raise InputError(f"{flag} {path} must be a file path in an existing folder")
+    try:
+        probe = path.parent / ".leanrec-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+        if path.exists():
+            with path.open("ab"):
+                pass
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {flag} {path}: {exc.strerror or exc}; give a path you can write"
+        ) from None
+    return path
+
+
 def _demo(args: argparse.Namespace, console: Console) -> int:
     from leanrec.report.demo_report import render_audit, render_loop, render_table, write_html, write_json
     from leanrec.sim.demo import run_demo
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        console.print(f"[red]error:[/red] --out {out} exists and is not a folder")
-        return 2
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".leanrec-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        console.print(f"[red]error:[/red] cannot write to --out {out}: {exc.strerror or exc}")
-        return 2
+    out = _writable_folder(Path(args.out), "--out")
     from leanrec.energy.carbon import grid_intensity
     from leanrec.energy.meter import PowerModel
     from leanrec.energy.stages import Coefficients, EnergyModel
@@ -74,9 +111,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         if args.watts_per_core is not None:
             power = PowerModel(args.watts_per_core, source=f"given {args.watts_per_core:g} W per core")
         energy = EnergyModel(power, Coefficients(), grid_intensity(args.region, args.grid_intensity))
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
+    except ValueError as exc:  # the energy flags, refused before the run
+        raise InputError(str(exc)) from None
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("ranking, logging, joining", total=args.requests)
@@ -129,32 +165,54 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=kind, default=None, help=text)
 
 
-def _config(args: argparse.Namespace, console: Console):
-    from leanrec.serve.config import ConfigError, ServeConfig
+def _config(args: argparse.Namespace):
+    """The settings of ``serve`` and ``join``: the TOML file, then the flags (ConfigError if unusable)."""
+    from leanrec.serve.config import ServeConfig
 
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _SERVE_FLAGS
     }
+    return ServeConfig.load(args.config, **overrides)
+
+
+_NOT_ANSWERING = "; start it, or give --store-url and --bus-url a server that answers"
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` once before serving, so a taken port or an unknown host is one clear line.
+
+    Raises:
+        InputError: The address cannot be bound.
+
+    """
     try:
-        return ServeConfig.load(args.config, **overrides)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return None
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what listens there or give "
+            "another --port (or --host)"
+        ) from None
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
+    import redis.exceptions
     import uvicorn
 
     from leanrec.serve.app import create_app
 
-    config = _config(args, console)
-    if config is None:
-        return 2
+    config = _config(args)
+    _check_listen(config.host, config.port)
     try:
         app = create_app(config)
-    except (ConnectionError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
+    except ConnectionError as exc:  # the Redis backends name the server that does not answer
+        raise InputError(f"{exc}{_NOT_ANSWERING}") from None
+    except redis.exceptions.ResponseError as exc:  # it answers, and refuses the setup (e.g. SELECT)
+        raise InputError(
+            f"Redis refused to open the store or the bus: {exc}; check the database number of "
+            "--store-url and --bus-url"
+        ) from None
     console.print(
         f"leanrec serve: logging={config.logging}, store={config.store_url}, bus={config.bus_url}, "
         f"http://{config.host}:{config.port}"
@@ -165,19 +223,15 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 
 def _join(args: argparse.Namespace, console: Console) -> int:
     from leanrec.join.worker import run_worker
-    from leanrec.serve.config import ConfigError
 
-    config = _config(args, console)
-    if config is None:
-        return 2
+    config = _config(args)
     console.print(
         f"leanrec join: consumer {config.consumer}, bus {config.bus_url}, warehouse {config.warehouse}"
     )
     try:
         report = run_worker(config, max_seconds=args.max_seconds)
-    except (ConfigError, ConnectionError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
+    except ConnectionError as exc:  # the Redis backends name the server that does not answer
+        raise InputError(f"{exc}{_NOT_ANSWERING}") from None
     console.print(
         f"stopped: took over {report.recovered} pending, joined {report.requests_joined} requests, "
         f"{report.examples} examples, {report.labels_lost} labels lost, {report.files} files"
@@ -188,25 +242,21 @@ def _join(args: argparse.Namespace, console: Console) -> int:
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
-    from leanrec.sim.client import TargetError, simulate
+    from leanrec.sim.client import simulate
     from leanrec.world import WorldConfig
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("sessions", total=args.requests)
-            report = simulate(
-                args.target,
-                args.requests,
-                args.concurrency,
-                args.seconds,
-                args.seed,
-                WorldConfig(n_users=args.n_users, n_items=args.n_items, seed=args.world_seed),
-                progress=lambda n: progress.advance(task, n),
-            )
-    except TargetError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("sessions", total=args.requests)
+        report = simulate(
+            args.target,
+            args.requests,
+            args.concurrency,
+            args.seconds,
+            args.seed,
+            WorldConfig(n_users=args.n_users, n_items=args.n_items, seed=args.world_seed),
+            progress=lambda n: progress.advance(task, n),
+        )
     table = Table(
         title=f"leanrec simulate → {args.target}: {report.requests} sessions in {report.seconds:.1f} s"
     )
@@ -244,11 +294,13 @@ def _featureset_file(path: str, written):
     try:
         fs = FeatureSet.from_json(Path(path).read_text())
     except OSError as exc:
-        raise ValueError(f"--featureset {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"--featureset {path} is not a FeatureSet file ({exc})") from None
+        raise InputError(f"--featureset {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"--featureset {path} is not a FeatureSet file ({exc}); give one an audit wrote (featureset.json)"
+        ) from None
     if not fs.reads(written):
-        raise ValueError(
+        raise InputError(
             f"--featureset {path} is {fs.name} v{fs.version}, which cannot read the warehouse's "
             f"{written.name} v{written.version}"
         )
@@ -257,19 +309,12 @@ def _featureset_file(path: str, written):
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from leanrec.train.trainer import TrainConfig, save_checkpoint, train
-    from leanrec.warehouse.store import WarehouseError, featureset_of
+    from leanrec.warehouse.store import featureset_of
 
-    try:
-        fs = featureset_of(args.warehouse)
-        if args.featureset:
-            fs = _featureset_file(args.featureset, fs)
-    except (WarehouseError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
-    out = Path(args.out)
-    if out.is_dir() or not out.parent.exists():
-        console.print(f"[red]error:[/red] --out {out} must be a file path in an existing folder")
-        return 2
+    fs = featureset_of(args.warehouse)
+    if args.featureset:
+        fs = _featureset_file(args.featureset, fs)
+    out = _writable_file(Path(args.out), "--out")
     cfg = TrainConfig(
         epochs=args.epochs,
         request_level=not args.impression_level,
@@ -277,11 +322,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
     )
     with _phases(console, f" ({fs.name} v{fs.version})") as seen:
-        try:
-            model, result = train(args.warehouse, fs, cfg, progress=seen)
-        except WarehouseError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            return 2
+        model, result = train(args.warehouse, fs, cfg, progress=seen)
     save_checkpoint(model, out, result)
     console.print(_metrics_table(f"held-out test, best of {result.epochs_run} epochs", result.test))
     wide = "" if result.wide_valid_auc is None else f"solved wide part {result.wide_valid_auc:.4f}, "
@@ -306,29 +347,20 @@ def _metrics_table(title: str, metrics: dict[str, float]):
 
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
     from leanrec.train.reader import ReadStats
-    from leanrec.train.trainer import (
-        CheckpointError,
-        TrainConfig,
-        _batches,
-        evaluate_arrays,
-        load_checkpoint,
-        predict,
-    )
-    from leanrec.warehouse.store import WarehouseError, featureset_of
+    from leanrec.train.trainer import TrainConfig, _batches, evaluate_arrays, load_checkpoint, predict
+    from leanrec.warehouse.store import featureset_of
 
-    try:
-        fs = featureset_of(args.warehouse)
-        model = load_checkpoint(args.model, fs)
-    except (WarehouseError, CheckpointError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
+    fs = featureset_of(args.warehouse)
+    model = load_checkpoint(args.model, fs)
     cfg = TrainConfig()
     with Progress(TextColumn("[bold]evaluating"), TimeElapsedColumn(), console=console, transient=True) as p:
         p.add_task("evaluate", total=None)
         arrays = predict(model, _batches(args.warehouse, fs, cfg, 2, ReadStats(), None))
     if len(arrays[0]) == 0:
-        console.print("[red]error:[/red] the warehouse has no held-out test requests")
-        return 2
+        raise InputError(
+            f"{args.warehouse} has no held-out test requests (a tenth of its requests, by id); "
+            "give a warehouse of more requests"
+        )
     console.print(
         _metrics_table(f"{args.model} on the held-out requests of {args.warehouse}", evaluate_arrays(*arrays))
     )
@@ -346,19 +378,12 @@ def _budget(text: str) -> float:
 
 
 def _audit(args: argparse.Namespace, console: Console) -> int:
-    from leanrec.audit import AuditConfig, AuditError, audit
+    from leanrec.audit import AuditConfig, audit
     from leanrec.audit.report import audit_table, write_audit
-    from leanrec.train.trainer import CheckpointError, load_checkpoint
+    from leanrec.train.trainer import load_checkpoint
 
-    try:
-        model = load_checkpoint(args.model)
-    except CheckpointError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        console.print(f"[red]error:[/red] --out {out} exists and is not a folder")
-        return 2
+    model = load_checkpoint(args.model)
+    out = _writable_folder(Path(args.out), "--out")
     with Progress(*_progress_columns(), console=console, transient=True) as progress:
         tasks: dict[str, TaskID] = {}
 
@@ -367,16 +392,12 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
                 tasks[phase] = progress.add_task(phase, total=total)
             progress.advance(tasks[phase], n)
 
-        try:
-            result = audit(
-                model,
-                args.warehouse,
-                AuditConfig(budget=args.budget, repeats=args.repeats, seed=args.seed),
-                progress=seen,
-            )
-        except AuditError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
-            return 2
+        result = audit(
+            model,
+            args.warehouse,
+            AuditConfig(budget=args.budget, repeats=args.repeats, seed=args.seed),
+            progress=seen,
+        )
     pruned = write_audit(result, model.fs, out)
     console.print(audit_table(result))
     console.print(
@@ -423,20 +444,24 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 
     try:
         report = json.loads(Path(args.report).read_text())
+    except FileNotFoundError:
+        raise InputError(f"no report at {args.report}: run `leanrec demo` first, or give --report") from None
+    except OSError as exc:
+        raise InputError(
+            f"cannot read --report {args.report}: {exc.strerror or exc}; give the report.json of a demo"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(
+            f"{args.report} is not a leanrec demo report (not JSON); give the report.json of a demo"
+        ) from None
+    if not isinstance(report, dict):
+        raise InputError(f"{args.report} is not a leanrec demo report; give the report.json of a demo")
+    try:  # the flags and the report's figures, each checked where it is used
         grid = grid_intensity(args.region, args.grid_intensity)
         scale = Scale(args.dau, args.requests_per_user, args.items_per_request, args.retention_days)
         plan = capacity_plan(report, scale, grid)
-    except FileNotFoundError:
-        console.print(
-            f"[red]error:[/red] no report at {args.report}: run `leanrec demo` first, or give --report"
-        )
-        return 2
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        console.print(f"[red]error:[/red] {args.report} is not a leanrec demo report (not JSON)")
-        return 2
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
+        raise InputError(str(exc)) from None
     inputs = Table(title="extrapolated from")
     for col in ("input", "value", "from"):
         inputs.add_column(col, justify="right" if col == "value" else "left")
@@ -466,27 +491,31 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 def _breakeven(args: argparse.Namespace, console: Console) -> int:
     from leanrec.energy.meter import EnergyMeter
     from leanrec.report.retrieval_report import breakeven_view, zoo_table
-    from leanrec.retrieval.atomic import AtomicError
+    from leanrec.retrieval.models import MODELS
     from leanrec.retrieval.zoo import run_zoo
 
     data = Path(args.data)
-    names = [n.strip() for n in args.models.split(",")] if args.models else None
+    known = [*MODELS, "TwoTower"]
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models is not None else None
+    if names == []:
+        raise InputError(f"--models is empty; give a comma-separated subset of {','.join(known)}")
+    if names is not None and set(names) - set(known):
+        unknown = [n for n in names if n not in known]
+        raise InputError(
+            f"unknown models {unknown}; --models takes a comma-separated subset of {','.join(known)}"
+        )
     meter = EnergyMeter()
-    try:
-        with Progress(*_progress_columns(), console=console, transient=True) as progress:
-            task = progress.add_task("training", total=len(names) if names else 5)
-            seen: list[str] = []
+    with Progress(*_progress_columns(), console=console, transient=True) as progress:
+        task = progress.add_task("training", total=len(names) if names else len(known))
+        seen: list[str] = []
 
-            def tick(name: str) -> None:
-                if seen:
-                    progress.advance(task)
-                seen.append(name)
-                progress.update(task, description=f"training and metering {name}")
+        def tick(name: str) -> None:
+            if seen:
+                progress.advance(task)
+            seen.append(name)
+            progress.update(task, description=f"training and metering {name}")
 
-            _, results = run_zoo(data, args.epochs, args.seed, names, meter, tick)
-    except (AtomicError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
+        _, results = run_zoo(data, args.epochs, args.seed, names, meter, tick)
     console.print(zoo_table(results, f"{data.name}: models, test metrics and energy"))
     console.print(breakeven_view([r.lifecycle for r in results]))
     how = "measured (RAPL)" if meter.rapl.available else f"estimated: CPU at {meter.power.source}"
@@ -494,9 +523,17 @@ def _breakeven(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its refusals on one line (what was wrong, and where the help is), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message (see prog --help)`` on stderr and exit 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="leanrec", description="Lean data plumbing for feed recommenders.")
+    parser = _Parser(prog="leanrec", description="Lean data plumbing for feed recommenders.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
@@ -531,12 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve)
     join = sub.add_parser("join", help="run a joiner worker on a shared (Redis) bus")
     _add_config_flags(join)
-    join.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run)")
+    join.add_argument(
+        "--max-seconds", type=_above_zero, default=None, help="stop after this long (default: run)"
+    )
     sim = sub.add_parser("simulate", help="drive a running service with simulated users over HTTP")
     sim.add_argument("--target", required=True, help="base URL of the service (loopback only)")
     sim.add_argument("--requests", type=_positive, default=1_000, help="sessions to run (default 1000)")
     sim.add_argument("--concurrency", type=_positive, default=8, help="sessions in flight (default 8)")
-    sim.add_argument("--seconds", type=float, default=60.0, help="time bound of the run (default 60)")
+    sim.add_argument("--seconds", type=_above_zero, default=60.0, help="time bound of the run (default 60)")
     sim.add_argument("--seed", type=_seed, default=7, help="seed of the users' behaviour")
     sim.add_argument("--n-users", type=_positive, default=10_000, help="must match the service's world")
     sim.add_argument("--n-items", type=_positive, default=50_000, help="must match the service's world")
@@ -594,8 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_error(message: str) -> None:
+    """One line on stderr, however long: a log or a narrow terminal must not split it."""
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``leanrec`` command."""
+    """Entry point of the ``leanrec`` command.
+
+    A mistake in what the user gave (an :class:`~leanrec.errors.InputError`, raised where it is
+    found) is printed once, as one line on stderr, with exit code 2; anything else is a bug and keeps
+    its traceback.
+    """
     args = build_parser().parse_args(argv)
     console = Console()
     commands = {
@@ -609,9 +659,14 @@ def main(argv: list[str] | None = None) -> int:
         "plan": _plan,
         "breakeven": _breakeven,
     }
-    if args.command in commands:
+    try:
         return commands[args.command](args, console)
-    return 2  # argparse refuses unknown commands before this
+    except InputError as exc:
+        _print_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _print_error(f"leanrec {args.command} interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -90,11 +90,11 @@ def test_the_command_prints_inputs_and_outputs_and_refuses_bad_input(
     for text in ("extrapolated from", "daily active users", "items ranked per request", "average power"):
         assert text in out
     assert main(["plan", "--report", str(tmp_path / "none.json"), "--dau", "10"]) == 2
-    assert "run `leanrec demo` first" in " ".join(capsys.readouterr().out.split())
+    assert "run `leanrec demo` first" in " ".join(capsys.readouterr().err.split())
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"requests": 10}))
     assert main(["plan", "--report", str(old), "--dau", "10"]) == 2
-    assert "lacks" in " ".join(capsys.readouterr().out.split())
+    assert "lacks" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit):
         main(["plan", "--report", str(report), "--dau", "-5"])
     assert "must be above 0" in capsys.readouterr().err
@@ -112,5 +112,5 @@ def test_the_demo_refuses_a_bad_energy_flag_before_it_runs(
     assert "must be above 0" in capsys.readouterr().err
     if codecarbon_mix() is None:  # without the carbon extra a region cannot be looked up
         assert main(["demo", "--out", str(out), "--region", "FRA"]) == 2
-        assert "leanrec[carbon]" in " ".join(capsys.readouterr().out.split())
+        assert "leanrec[carbon]" in " ".join(capsys.readouterr().err.split())
     assert not (out / "warehouse").exists()

@@ -144,6 +144,6 @@ def test_the_breakeven_command_trains_meters_and_compares_every_pair(
     assert "ItemKNN │ Pop" in out and "BPR │ Pop" in out
     assert ("BPR │ ItemKNN" in out) != ("ItemKNN │ BPR" in out)
     assert main(["breakeven", "--data", str(folder), "--models", "Pop,Nope"]) == 2
-    assert "unknown models" in " ".join(capsys.readouterr().out.split())
+    assert "unknown models" in " ".join(capsys.readouterr().err.split())
     assert main(["breakeven", "--data", str(tmp_path / "missing")]) == 2
-    assert "no such file" in " ".join(capsys.readouterr().out.split())
+    assert "no such file" in " ".join(capsys.readouterr().err.split())

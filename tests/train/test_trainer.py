@@ -102,7 +102,7 @@ def test_cli_train_and_evaluate(warehouses, tmp_path: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "auc" in out and "ndcg@10" in out
     assert main(["train", "--warehouse", str(tmp_path / "nowhere"), "--out", str(model)]) == 2
-    assert "does not exist" in " ".join(capsys.readouterr().out.split())
+    assert "does not exist" in " ".join(capsys.readouterr().err.split())
     other = tmp_path / "other"
     run_demo(
         60,
@@ -111,4 +111,4 @@ def test_cli_train_and_evaluate(warehouses, tmp_path: Path, capsys: pytest.Captu
         world_config=WorldConfig(n_users=400, n_items=3000, n_creators=200, seed=6, history_len=20),
     )
     assert main(["evaluate", "--model", str(model), "--warehouse", str(other / "warehouse" / "lean")]) == 2
-    assert "expects FeatureSet" in " ".join(capsys.readouterr().out.split())
+    assert "expects FeatureSet" in " ".join(capsys.readouterr().err.split())

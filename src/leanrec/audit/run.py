@@ -23,13 +23,14 @@ from leanrec.audit.importance import (
 )
 from leanrec.audit.plan import PrunePlan, make_plan, measurable_value, rank_agreement
 from leanrec.audit.related import Related, relatedness
+from leanrec.errors import InputError
 from leanrec.models.ranker import LateRanker
 from leanrec.train.reader import Batch
 from leanrec.train.trainer import TrainConfig, split_batches
 from leanrec.warehouse.store import WarehouseError, featureset_of
 
 
-class AuditError(ValueError):
+class AuditError(InputError, ValueError):
     """An audit cannot run on these inputs (the message says why)."""
 
 

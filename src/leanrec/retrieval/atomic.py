@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
+from leanrec.errors import InputError
+
 TYPES = {
     "token": pa.string(),
     "token_seq": pa.list_(pa.string()),
@@ -24,7 +26,7 @@ TYPES = {
 }
 
 
-class AtomicError(ValueError):
+class AtomicError(InputError, ValueError):
     """An atomic file cannot be read (the message says which file and what is wrong)."""
 
 
@@ -123,11 +125,20 @@ def load_interactions(folder: Path | str, name: str | None = None) -> Interactio
     Duplicate user-item pairs are kept, as RecBole keeps them; ids follow first appearance.
 
     Raises:
-        AtomicError: The file is unreadable or lacks ``user_id`` / ``item_id`` token columns.
+        AtomicError: The folder or its ``.inter`` file is missing, or the file is unreadable or lacks
+            ``user_id`` / ``item_id`` token columns.
 
     """
     folder = Path(folder)
     path = folder / f"{name or folder.name}.inter"
+    if not folder.is_dir():
+        what = "no such file or folder" if not folder.exists() else "a file, not a folder"
+        raise AtomicError(f"{folder}: {what}; give a RecBole dataset folder (<name>/ holding <name>.inter)")
+    if not path.is_file():
+        raise AtomicError(
+            f"{folder} is not a RecBole dataset folder: it has no {path.name}; give a folder that holds "
+            "its dataset's <folder name>.inter, as ml-100k/ holds ml-100k.inter"
+        )
     table = read_atomic(path)
     for col in ("user_id", "item_id"):
         if col not in table.column_names or table.schema.field(col).type != pa.string():

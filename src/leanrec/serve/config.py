@@ -8,9 +8,12 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from leanrec.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration file or flag that cannot be used, with the reason."""
 
 
@@ -74,6 +77,10 @@ class ServeConfig:
             raise ConfigError(f"n_items must be at least 1000 (retrieval takes 1,000), got {self.n_items}")
         if self.lateness_ms < 0 or self.ttl_grace_ms < 0:
             raise ConfigError("lateness_ms and ttl_grace_ms must be >= 0")
+        if self.port > 65_535:
+            raise ConfigError(f"port must be at most 65535, got {self.port}")
+        for name in ("store_url", "bus_url"):
+            _check_url(name, getattr(self, name))
 
     def secret_bytes(self) -> bytes:
         """The HMAC key: the environment's ``LEANREC_SECRET`` if set, else the configured one."""
@@ -95,7 +102,12 @@ class ServeConfig:
             try:
                 data = tomllib.loads(Path(path).read_text())
             except FileNotFoundError:
-                raise ConfigError(f"config file {path} does not exist") from None
+                raise ConfigError(
+                    f"config file {path} does not exist; give the path of a TOML file"
+                ) from None
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ConfigError(f"config file {path} cannot be read: {why}") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
             values = data.get("leanrec", data)
@@ -111,3 +123,29 @@ class ServeConfig:
             if want is str and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {value!r}")
         return replace(cls(), **values)
+
+
+def _check_url(name: str, url: str) -> None:
+    """Refuse a backend URL no backend opens, before anything connects.
+
+    Raises:
+        ConfigError: A scheme other than ``memory://`` and ``redis://``, a Redis URL whose port or
+            database is not a number, or a ``max_bytes`` option that is not a positive number.
+
+    """
+    parsed = urlsplit(url)
+    if parsed.password:  # never print a password
+        url = url.replace(f":{parsed.password}@", ":***@")
+    if parsed.scheme not in ("memory", "redis"):
+        raise ConfigError(f"{name} must be memory:// or redis://host:port/db, got {url!r}")
+    if parsed.scheme == "redis":
+        try:
+            parsed.port  # noqa: B018 (parsing the port is the check)
+        except ValueError:
+            raise ConfigError(f"{name} {url!r}: the port is not a number") from None
+        db = parsed.path.strip("/")
+        if not parsed.hostname or (db and not db.isdigit()):
+            raise ConfigError(f"{name} must be redis://host:port/db with a database number, got {url!r}")
+    for value in parse_qs(parsed.query, keep_blank_values=True).get("max_bytes", []):
+        if not value.isdigit() or int(value) == 0:
+            raise ConfigError(f"{name} {url!r}: max_bytes must be a positive whole number of bytes")

@@ -19,12 +19,13 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from leanrec.errors import InputError
 from leanrec.events.model import EventKind
 from leanrec.featurelog.loggers import Paging
 from leanrec.world import World, WorldConfig
 
 
-class TargetError(ValueError):
+class TargetError(InputError, ValueError):
     """A target the simulator refuses to load."""
 
 
@@ -163,6 +164,7 @@ async def _run(
     paging, lookahead = Paging(), 2
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=target, limits=limits, timeout=30.0) as http:
+        await _check_answers(http, target)
         started = time.perf_counter()
         deadline = started + seconds
         issued = 0
@@ -181,9 +183,33 @@ async def _run(
 
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         report.seconds = time.perf_counter() - started
-        metrics = await http.get("/metrics")
+        try:
+            metrics = await http.get("/metrics")
+        except httpx.HTTPError:  # the service went away during the run: its sessions were counted
+            return report
         report.server = scrape(metrics.text) if metrics.status_code == 200 else {}
     return report
+
+
+async def _check_answers(http: httpx.AsyncClient, target: str) -> None:
+    """Refuse a target where no leanrec service answers, before any session is counted as failed.
+
+    Raises:
+        TargetError: Nothing listens there, it does not speak HTTP, or it is not a leanrec service.
+
+    """
+    try:
+        health = await http.get("/healthz", timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise TargetError(
+            f"no service answers at {target} ({exc or type(exc).__name__}); start `leanrec serve` there "
+            "or aim at the URL it listens on"
+        ) from None
+    if health.status_code not in (200, 503):  # 503: up, with a backend down (its sessions still run)
+        raise TargetError(
+            f"{target} answers but is not a leanrec service (GET /healthz gave {health.status_code}); "
+            "aim at the URL `leanrec serve` listens on"
+        )
 
 
 def simulate(
@@ -206,6 +232,9 @@ def simulate(
         world_config: Must match the service's world (users, items, seed) so that engagement follows
             the same truth.
         progress: Called once per finished session.
+
+    Raises:
+        TargetError: The target is not a loopback http(s) URL, or no leanrec service answers there.
 
     """
     if requests < 1 or concurrency < 1 or seconds <= 0:

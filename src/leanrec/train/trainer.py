@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanrec.errors import InputError
 from leanrec.models.ranker import LateRanker, RankerConfig
 from leanrec.schema import FeatureSet, Side
 from leanrec.train.metrics import auc, log_loss, per_request
@@ -27,7 +28,7 @@ from leanrec.train.reader import Batch, ReadStats, iter_batches
 from leanrec.warehouse.store import WarehouseError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint that does not fit the FeatureSet or is not a leanrec checkpoint."""
 
 
@@ -392,6 +393,9 @@ def save_checkpoint(model: LateRanker, path: str | Path, result: TrainResult | N
     )
 
 
+_GIVE_CHECKPOINT = "give a checkpoint that `leanrec train` wrote"
+
+
 def load_checkpoint(path: str | Path, fs: FeatureSet | None = None) -> LateRanker:
     """Load a model; refuse one built for another FeatureSet version than ``fs``.
 
@@ -402,16 +406,17 @@ def load_checkpoint(path: str | Path, fs: FeatureSet | None = None) -> LateRanke
     try:
         data = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
+        raise CheckpointError(f"checkpoint {path} does not exist; {_GIVE_CHECKPOINT}") from None
     except Exception as exc:  # torch raises several types for a file that is not a checkpoint
-        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}; {_GIVE_CHECKPOINT}") from None
     if not isinstance(data, dict) or data.get("leanrec") != 1:
-        raise CheckpointError(f"{path} is not a leanrec checkpoint")
+        raise CheckpointError(f"{path} is not a leanrec checkpoint; {_GIVE_CHECKPOINT}")
     saved = FeatureSet.from_json(data["featureset"])
     if fs is not None and (saved.fingerprint != fs.fingerprint or saved.version != fs.version):
         raise CheckpointError(
             f"checkpoint {path} expects FeatureSet {saved.name} v{saved.version} ({saved.fingerprint:08x}); "
-            f"the data is {fs.name} v{fs.version} ({fs.fingerprint:08x})"
+            f"the data is {fs.name} v{fs.version} ({fs.fingerprint:08x}); give the warehouse it was trained "
+            "on, or train a model on this one"
         )
     model = LateRanker(fs or saved, RankerConfig(**data["model_config"]))
     model.load_state_dict(data["state"])

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from leanrec.energy.ledger import CostLedger
+from leanrec.errors import InputError
 from leanrec.schema import FeatureSet, Side
 from leanrec.warehouse.records import RequestRecord
 from leanrec.warehouse.tables import (
@@ -34,7 +35,7 @@ from leanrec.warehouse.tables import (
 )
 
 
-class WarehouseError(ValueError):
+class WarehouseError(InputError, ValueError):
     """A warehouse path or file that cannot be used, with the reason."""
 
 
@@ -93,7 +94,13 @@ class ParquetWarehouse:
         self.schema = schema(fs, layout)
         self._buffer: list[RequestRecord] = []
         self._files: list[str] = []
-        self.filesystem.create_dir(self.root, recursive=True)
+        try:
+            self.filesystem.create_dir(self.root, recursive=True)
+        except OSError as exc:
+            raise WarehouseError(
+                f"cannot create the warehouse folder {uri}: {exc.strerror or exc}; "
+                "give a folder that can be written"
+            ) from None
 
     def append(self, records: Sequence[RequestRecord]) -> None:
         """Buffer; commit when the buffer holds ``flush_rows`` requests."""
@@ -197,17 +204,38 @@ def _files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     filesystem, root = _open_fs(uri)
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise WarehouseError(f"warehouse path {uri} does not exist")
+        raise WarehouseError(
+            f"warehouse path {uri} does not exist; give the folder a demo or a joiner wrote "
+            "(e.g. leanrec-demo/warehouse/lean)"
+        )
     if info.type != pafs.FileType.Directory:
-        raise WarehouseError(f"warehouse path {uri} is not a folder")
+        raise WarehouseError(
+            f"warehouse path {uri} is not a folder; give the folder a demo or a joiner wrote "
+            "(e.g. leanrec-demo/warehouse/lean)"
+        )
     found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-    return filesystem, [
+    files = [
         f
         for f in found
         if f.type == pafs.FileType.File
         and f.base_name.endswith(".parquet")
         and not f.base_name.startswith(".")
     ]
+    # A warehouse keeps its files in Hive partitions (key=value folders) under its root; files
+    # under other folders belong to warehouses inside this one, as leanrec-demo/ holds two.
+    inner = sorted({r for r in (_warehouse_root(root, f.path) for f in files) if r != root.rstrip("/")})
+    if inner:
+        names = ", ".join(inner[:4]) + (f" and {len(inner) - 4} more" if len(inner) > 4 else "")
+        raise WarehouseError(f"{uri} is not a warehouse but holds warehouses: {names}; give one of them")
+    return filesystem, files
+
+
+def _warehouse_root(root: str, path: str) -> str:
+    """The folder a Parquet file's warehouse starts at: its folder, less trailing key=value parts."""
+    parts = path[len(root.rstrip("/")) :].strip("/").split("/")[:-1]
+    while parts and "=" in parts[-1]:
+        parts.pop()
+    return "/".join([root.rstrip("/"), *parts]) if parts else root.rstrip("/")
 
 
 def warehouse_bytes(uri: str) -> int:
@@ -309,7 +337,10 @@ def featureset_of(uri: str) -> FeatureSet:
     """
     filesystem, files = _files(uri)
     if not files:
-        raise WarehouseError(f"warehouse {uri} holds no Parquet files")
+        raise WarehouseError(
+            f"warehouse {uri} holds no Parquet files; give the folder a demo or a joiner wrote "
+            "(e.g. leanrec-demo/warehouse/lean)"
+        )
     found: dict[bytes, tuple[str, FeatureSet]] = {}  # parsed once per distinct FeatureSet
     for f in files:
         meta = pq.read_schema(f.path, filesystem=filesystem).metadata or {}
@@ -335,7 +366,10 @@ def read_table(uri: str, fs: FeatureSet, layout: TableLayout | None = None) -> p
     """
     filesystem, files = _files(uri)
     if not files:
-        raise WarehouseError(f"warehouse {uri} holds no Parquet files")
+        raise WarehouseError(
+            f"warehouse {uri} holds no Parquet files; give the folder a demo or a joiner wrote "
+            "(e.g. leanrec-demo/warehouse/lean)"
+        )
     tables: list[pa.Table] = []
     got: TableLayout | None = None
     for f in files:
