@@ -60,8 +60,15 @@ def _two_tower() -> TwoTower:
     return TwoTower(bare, bare)
 
 
-@pytest.mark.parametrize("make", [BPR, LightGCN, _two_tower])
-def test_embedding_models_learn_the_planted_groups_and_beat_popularity(make) -> None:
+# Each model trained to the middle of its plateau on the planted split (Recall@10, median of 10 to
+# 20 seeds): BPR has no regulariser, finds the groups by 10 epochs and memorises its noise from 20 on
+# (0.71 at 5 epochs, 0.92 at 12, 0.82 at 30); LightGCN's propagation finds them at once (0.98 at 12);
+# the two-tower's MLP needs more steps (0.89 at 30, the worst of 20 seeds 0.83; at 12 one seed in
+# ten still sat at 0.44).
+@pytest.mark.parametrize(
+    ("make", "epochs"), [(BPR, 12), (LightGCN, 12), (_two_tower, 30)], ids=["BPR", "LightGCN", "_two_tower"]
+)
+def test_embedding_models_learn_the_planted_groups_and_beat_popularity(make, epochs: int) -> None:
     split = _planted()
     target, seen = split.matrix(2), split.matrix(0, 1)
     pop_counts = np.bincount(split.train[1], minlength=60)
@@ -70,10 +77,12 @@ def test_embedding_models_learn_the_planted_groups_and_beat_popularity(make) -> 
     model = make()
     model.batch = 64
     model.lr = 0.01
-    model.fit(split, epochs=30, seed=0)
+    model.fit(split, epochs=epochs, seed=0)
     got = evaluate(model.scores, target, seen, pop_counts, metrics=("recall",), k=10)
     pop = evaluate(baseline.scores, target, seen, pop_counts, metrics=("recall",), k=10)
-    assert got["recall"] > 0.7 > 0.4 > pop["recall"]  # a perfect model: 1; chance: 0.2
+    # Chance: 0.2 (10 of the ~50 unseen items); a model of the groups: 1 (the 10 unseen items of the
+    # user's block hold both targets); popularity: 0.1 to 0.2.
+    assert got["recall"] > 0.7 > 0.4 > pop["recall"]
 
 
 def test_the_symmetric_product_has_the_gradient_of_an_ordinary_one() -> None:

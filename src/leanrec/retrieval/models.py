@@ -304,7 +304,17 @@ class LightGCN(_Embedded):
 
 
 class _Tower(nn.Module):
-    """One side of the two-tower: id, categorical and bag embeddings, then a two-layer MLP."""
+    """One side of the two-tower: id, categorical and bag embeddings, then a two-layer MLP.
+
+    The embeddings start at N(0, 0.01), as RecBole's NeuMF starts the embeddings its MLP reads
+    (the MLP keeps torch's default). At torch's default N(0, 1) every id enters the MLP as a random
+    code of norm 8 that Adam moves by about the learning rate per step, so the MLP fits the random
+    codes rather than pulling the ids of one taste together: on 60 users in three planted groups,
+    Recall@10 fell from 0.64 to 0.28 as training went from 30 to 100 epochs, where from N(0, 0.01)
+    it stays near 0.9 (and on MovieLens 100K it is the same within noise).
+    """
+
+    INIT_STD = 0.01
 
     def __init__(self, n: int, feats: SideFeatures, dim: int) -> None:
         super().__init__()
@@ -313,6 +323,10 @@ class _Tower(nn.Module):
         self.id = nn.Embedding(n, dim)
         self.cat = nn.ModuleList(nn.Embedding(size, 16) for size in feats.cat_sizes)
         self.bag = nn.EmbeddingBag(feats.bag_size, 16, mode="mean", padding_idx=0)
+        with torch.no_grad():
+            for table in (self.id, *self.cat, self.bag):
+                table.weight.normal_(0.0, self.INIT_STD)
+            self.bag.weight[0] = 0.0  # the padding row adds nothing
         width = dim + 16 * len(feats.cat_sizes) + 16
         self.mlp = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, dim))
 
