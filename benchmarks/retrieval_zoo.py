@@ -33,6 +33,7 @@ from rich.table import Table
 
 from leanrec.energy.meter import EnergyMeter
 from leanrec.report.retrieval_report import breakeven_view
+from leanrec.retrieval.lifecycle import breakeven_table
 from leanrec.retrieval.models import MODELS
 from leanrec.retrieval.zoo import run_zoo
 
@@ -49,12 +50,36 @@ def recbole(python: str, model: str, epochs: int, data: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def print_markdown(args: argparse.Namespace, rows: list, lives: list) -> None:
+    """The README's tables: leanrec beside RecBole, then the break-even of every pair."""
+    flags = f" --recbole-python {args.recbole_python}" if args.recbole_python else ""
+    print(f"\n`python benchmarks/retrieval_zoo.py{flags}` (seed {args.seed}, {args.epochs} epochs):\n")
+    head = ["model", "Recall@10", "NDCG@10", "train CPU s", "train J", "J per query"]
+    head += ["RecBole Recall@10", "RecBole NDCG@10", "RecBole train CPU s", "CPU leanrec / RecBole"]
+    print("| " + " | ".join(head) + " |")
+    print("|---" + "|---:" * (len(head) - 1) + "|")
+    for r, ref in rows:
+        cells = [r.name, f"{r.metrics['recall']:.4f}", f"{r.metrics['ndcg']:.4f}", f"{r.fit.cpu_seconds:.2f}"]
+        cells += [f"{r.fit.total.joules:,.1f}", f"{r.query_joules:.3f}"]
+        if ref:
+            cpu = ref["train_cpu_s"]
+            cells += [f"{ref['test']['recall']:.4f}", f"{ref['test']['ndcg']:.4f}", f"{cpu:.2f}"]
+            cells.append(f"{r.fit.cpu_seconds / cpu:.3f}" if cpu > 0.05 else "—")
+        else:
+            cells += ["—"] * 4
+        print("| " + " | ".join(cells) + " |")
+    print("\n| dearer to train | cheaper to train | queries n* |\n|---|---|---:|")
+    for dear, cheap, n in breakeven_table(lives):
+        print(f"| {dear} | {cheap} | {'never' if n is None else f'{n:,.0f}'} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "ml-100k")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--recbole-python", help="python of a venv with RecBole installed")
+    parser.add_argument("--markdown", action="store_true", help="print the README's tables as Markdown")
     args = parser.parse_args()
     console = Console()
     meter = EnergyMeter()
@@ -107,6 +132,8 @@ def main() -> int:
         table.add_row(*row)
     console.print(table)
     console.print(breakeven_view([r.lifecycle for r in results]))
+    if args.markdown:
+        print_markdown(args, rows, [r.lifecycle for r in results])
     for f in failures:
         console.print(f"[red]FAIL[/red] {f}")
     return 1 if failures else 0
