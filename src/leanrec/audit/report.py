@@ -49,34 +49,74 @@ def audit_table(result: AuditResult, head: int = 12, tail: int = 6) -> Table:
     return table
 
 
-def plot_value_cost(result: AuditResult) -> str:
-    """Permutation importance against cost, retired features marked (PNG, base64)."""
+def value_cost_figure(result: AuditResult, named: int = 5) -> plt.Figure:
+    """Permutation importance against cost, retired features marked, on linear axes from zero.
+
+    The left panel shows every feature to scale; the right one the band around zero where the
+    plan decides (five budgets either way), on its own linear scale, with the budget drawn. The
+    ``named`` features worth the most are named.
+    """
     names = list(result.importance)
-    logged = np.array([result.costs[n].logged_bytes + result.costs[n].stored_bytes for n in names])
+    cost = np.array([result.costs[n].logged_bytes + result.costs[n].stored_bytes for n in names])
     value = np.array([result.importance[n].loss for n in names])
     retired = np.array([n in result.plan.reasons for n in names])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.scatter(logged[~retired], value[~retired], s=14, color="tab:blue", label="kept")
-    ax.scatter(logged[retired], value[retired], s=14, color="tab:red", marker="x", label="retired")
-    ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_xlabel("bytes logged per request + stored per example")
-    ax.set_ylabel("held-out AUC lost when shuffled")
-    ax.set_title("What each feature earns against what it costs")
-    ax.legend()
-    return _png(fig)
+    band = 5 * max(result.plan.budget, 1e-6)
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax in (full, zoom):
+        ax.scatter(cost[~retired], value[~retired], s=14, color="tab:blue", label="kept")
+        ax.scatter(cost[retired], value[retired], s=14, color="tab:red", marker="x", label="retired")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlim(0, 1.05 * max(cost.max(initial=0), 1.0))
+        ax.set_xlabel("bytes logged per request + stored per example")
+    for k in np.argsort(-value)[:named]:
+        full.annotate(names[k], (cost[k], value[k]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    top = max(value.max(initial=0), 0.0)
+    low = min(value.min(initial=0), 0.0)
+    full.set_ylim(low - 0.05 * (top - low or 1), top + 0.1 * (top - low or 1))
+    full.set_ylabel("held-out AUC lost when shuffled")
+    full.set_title("every feature, to scale")
+    full.legend(fontsize=8)
+    zoom.set_ylim(-band, band)
+    zoom.axhline(result.plan.budget, color="tab:red", ls="--", lw=0.8, label=f"budget {result.plan.budget:g}")
+    zoom.set_title(f"zoom: AUC lost within ±{band:g}")
+    zoom.legend(fontsize=8)
+    fig.suptitle("What each feature earns against what it costs")
+    fig.tight_layout()
+    return fig
+
+
+def weight_rank_figure(result: AuditResult) -> plt.Figure:
+    """Features ranked by weight norm against ranked by permutation importance, 1 the largest.
+
+    Ranks are what the Spearman agreement compares; on linear axes the diagonal is perfect
+    agreement, and a feature far from it is one the weight-based audit ranks wrongly.
+    """
+    names = [n for n in result.importance if result.costs[n].input_share and result.weights[n] > 0]
+    weight = np.array([result.weights[n] for n in names])
+    loss = np.array([result.importance[n].loss for n in names])
+    by_weight = np.argsort(np.argsort(-weight, kind="stable"), kind="stable") + 1
+    by_loss = np.argsort(np.argsort(-loss, kind="stable"), kind="stable") + 1
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(by_weight, by_loss, s=12)
+    ax.plot([0, len(names) + 1], [0, len(names) + 1], color="grey", lw=0.8, ls="--", label="same rank")
+    ax.set_xlim(0, len(names) + 1)
+    ax.set_ylim(0, len(names) + 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("rank by weight norm (1 = largest; first layer, standardised; ids: pooled embedding)")
+    ax.set_ylabel("rank by held-out AUC lost when shuffled (1 = largest)")
+    ax.set_title(f"Weight norm against permutation, ranked: {len(names)} features")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_value_cost(result: AuditResult) -> str:
+    """:func:`value_cost_figure` as a base64 PNG."""
+    return _png(value_cost_figure(result))
 
 
 def plot_weight_vs_permutation(result: AuditResult) -> str:
-    """Weight norm against permutation importance for dense features (PNG, base64)."""
-    names = [n for n in result.importance if result.costs[n].input_share and result.weights[n] > 0]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.scatter([result.weights[n] for n in names], [result.importance[n].loss for n in names], s=12)
-    ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_xlabel("weight norm (first layer, standardised inputs; ids: pooled embedding norm)")
-    ax.set_ylabel("held-out AUC lost when shuffled")
-    ax.set_title("Where the cheap weight-based ranking agrees with permutation, and where it misleads")
-    return _png(fig)
+    """:func:`weight_rank_figure` as a base64 PNG."""
+    return _png(weight_rank_figure(result))
 
 
 def write_audit(result: AuditResult, fs: FeatureSet, out: Path) -> FeatureSet:
@@ -110,9 +150,9 @@ The plan retires {len(result.plan.retire)} of {len(result.importance)} features;
 {html.escape(pruned.name)} v{pruned.version} (<code>featureset.json</code>). Late-ranker p99 latency
 {result.latency_p99_ms:.2f} ms per request; work shares are attributions of it, not measurements.</p>
 <img src="data:image/png;base64,{plot_value_cost(result)}">
-<p>Weight norms against permutation importance (Spearman rank agreement on dense features
-{result.weight_vs_permutation:.2f}): features far from the diagonal are where the weight-based audit
-misleads.</p>
+<p>Features ranked by weight norm against ranked by permutation importance (Spearman rank
+agreement on dense features {result.weight_vs_permutation:.2f}): features far from the diagonal are
+where the weight-based audit misleads.</p>
 <img src="data:image/png;base64,{plot_weight_vs_permutation(result)}">
 <h2>Kept although worth nothing measurable: explained by valuable features</h2>
 <p>Shuffling these costs no measurable AUC, yet the valuable dense features of their side explain

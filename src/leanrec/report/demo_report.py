@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -212,55 +213,123 @@ def _png(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def plot_positions(report: dict) -> str:
-    """Views by scroll position against positions logged by each policy (PNG, base64)."""
+PATHS = (("naive", "tab:red"), ("lean", "tab:green"))
+"""The two paths and their colours, in the order every plot draws them."""
+
+
+def pair_bars(
+    ax: plt.Axes, names: list[str], naive: list[float], lean: list[float], fmt: Callable[[float], str]
+) -> None:
+    """Naive and lean bars side by side on a linear axis from zero, each labelled with its value.
+
+    Under each pair stands its ratio lean / naive, so no reading depends on the bars' lengths alone;
+    the axis starts at zero so that the lengths compare as the values do.
+    """
+    x = np.arange(len(names))
+    for i, ((path, color), values) in enumerate(zip(PATHS, (naive, lean), strict=True)):
+        bars = ax.bar(x + (i - 0.5) * 0.4, values, 0.4, color=color, label=path)
+        ax.bar_label(bars, labels=[fmt(v) for v in values], padding=2, fontsize=7)
+    ax.set_xticks(
+        x, [f"{n}\nlean / naive\n{_ratio(a, b)}" for n, a, b in zip(names, naive, lean, strict=True)]
+    )
+    ax.set_yscale("linear")
+    ax.set_ylim(0, 1.15 * max([*naive, *lean, 0.0]) or 1.0)  # room above for the labels
+
+
+def positions_figure(report: dict) -> plt.Figure:
+    """Views by scroll position against the positions each policy logged, on a linear axis from zero.
+
+    The legend gives each line's total, and lean's as a share of naive's: the area between the lines
+    is what the naive path logs for no one.
+    """
     views = np.array(report["traffic"]["views_by_position"], float)
     pos = np.arange(1, len(views) + 1)
+    logged = {name: np.array(report["logged_by_position"][name], float) for name, _ in PATHS}
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(pos, views, color="black", lw=2, label="items viewed")
-    for name, color in (("naive", "tab:red"), ("lean", "tab:green")):
-        logged = np.array(report["logged_by_position"][name], float)
-        ax.step(
-            np.arange(1, len(logged) + 1), logged, where="mid", color=color, label=f"features logged: {name}"
+    ax.plot(pos, views, color="black", lw=2, label=f"items viewed: {views.sum():,.0f}")
+    for name, color in PATHS:
+        share = (
+            "" if name == "naive" else f", lean / naive {_ratio(logged['naive'].sum(), logged[name].sum())}"
         )
-    ax.set_yscale("log")
+        ax.step(
+            np.arange(1, len(logged[name]) + 1),
+            logged[name],
+            where="mid",
+            color=color,
+            label=f"features logged, {name}: {logged[name].sum():,.0f} items{share}",
+        )
+    ax.set_ylim(0, 1.05 * max(views.max(initial=0), *(v.max(initial=0) for v in logged.values())) or 1.0)
+    ax.set_xlim(0.5, len(views) + 0.5)
     ax.set_xlabel("scroll position")
     ax.set_ylabel("requests")
     ax.set_title("What users saw, and what each policy logged")
     ax.legend()
-    return _png(fig)
+    return fig
 
 
-def plot_bytes(report: dict) -> str:
-    """Bytes by stage for each path (PNG, base64)."""
+def _byte_unit(value: float) -> tuple[float, str]:
+    """The binary unit ``value`` reads best in: (bytes per unit, its name)."""
+    for scale, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if abs(value) >= scale:
+            return float(scale), name
+    return 1.0, "bytes"
+
+
+def bytes_figure(report: dict) -> plt.Figure:
+    """Bytes by stage, a panel per stage (each its own linear axis from zero), values and ratios written.
+
+    Stages differ by orders of magnitude; a panel each keeps every pair readable without a log axis.
+    """
     stages = list(report["stage_bytes"]["naive"])
-    x = np.arange(len(stages))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, (name, color) in enumerate((("naive", "tab:red"), ("lean", "tab:green"))):
-        values = [max(report["stage_bytes"][name][s], 1) for s in stages]
-        ax.bar(x + (i - 0.5) * 0.4, values, 0.4, color=color, label=name)
-    ax.set_xticks(x, [s.replace("_", " ") for s in stages])
-    ax.set_yscale("log")
-    ax.set_ylabel("bytes")
-    ax.set_title("Bytes by stage")
-    ax.legend()
-    return _png(fig)
+    fig, axes = plt.subplots(1, len(stages), figsize=(2.4 * len(stages), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        naive, lean = (float(report["stage_bytes"][path][stage]) for path, _ in PATHS)
+        scale, unit = _byte_unit(max(naive, lean))
+        pair_bars(
+            ax,
+            [stage.replace("_", " ")],
+            [naive / scale],
+            [lean / scale],
+            lambda v, s=scale: _fmt(v * s, "bytes"),
+        )
+        ax.set_ylabel(unit, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.suptitle("Bytes by stage (a panel per stage, each from zero)")
+    fig.tight_layout()
+    return fig
 
 
-def plot_cpu(report: dict) -> str:
-    """CPU seconds by stage for each path (PNG, base64)."""
-    ledgers = {name: report["ledger"][name] for name in ("naive", "lean")}
+def cpu_figure(report: dict) -> plt.Figure:
+    """CPU seconds by stage for each path, one linear axis from zero, values and ratios written."""
+    ledgers = {name: report["ledger"][name] for name, _ in PATHS}
     stages = sorted(set(ledgers["naive"]) | set(ledgers["lean"]))
-    x = np.arange(len(stages))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, (name, color) in enumerate((("naive", "tab:red"), ("lean", "tab:green"))):
-        values = [ledgers[name].get(s, {}).get("cpu_seconds", 0.0) for s in stages]
-        ax.bar(x + (i - 0.5) * 0.4, values, 0.4, color=color, label=name)
-    ax.set_xticks(x, [s.replace("_", " ") for s in stages], rotation=20)
+    naive, lean = (
+        [float(ledgers[path].get(s, {}).get("cpu_seconds", 0.0)) for s in stages] for path, _ in PATHS
+    )
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    pair_bars(ax, [s.replace("_", " ") for s in stages], naive, lean, lambda v: f"{v:.2f}")
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("CPU seconds")
     ax.set_title("Plumbing CPU by stage")
     ax.legend()
-    return _png(fig)
+    return fig
+
+
+def plot_positions(report: dict) -> str:
+    """:func:`positions_figure` as a base64 PNG."""
+    return _png(positions_figure(report))
+
+
+def plot_bytes(report: dict) -> str:
+    """:func:`bytes_figure` as a base64 PNG."""
+    return _png(bytes_figure(report))
+
+
+def plot_cpu(report: dict) -> str:
+    """:func:`cpu_figure` as a base64 PNG."""
+    return _png(cpu_figure(report))
 
 
 def write_html(report: dict, path: Path) -> None:
