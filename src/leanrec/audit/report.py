@@ -12,41 +12,61 @@ from rich.table import Table
 
 from leanrec.audit.run import AuditResult
 from leanrec.report.demo_report import _png
+from leanrec.report.tables import Col, fitted
 from leanrec.schema import FeatureSet
 
+AUDIT_COLUMNS = (
+    Col("feature", kind="name"),
+    Col("weight norm", "weight", "first-layer weight norm", drop=5),
+    Col("ΔAUC shuffled", "ΔAUC", "held-out AUC lost when shuffled"),
+    Col("± 95%", drop=2),
+    Col("logged B/req", "log B", "bytes logged per request"),
+    Col("stored B/ex", "sto B", "warehouse bytes per example", drop=3),
+    Col("work %", meaning="share of the late ranker's work", drop=1),
+    Col("decision", kind="name"),
+    Col("block", "blk", "features decided with it by one joint shuffle", drop=4),
+)
 
-def audit_table(result: AuditResult, head: int = 12, tail: int = 6) -> Table:
-    """The ``head`` features first in the prune order, then the ``tail`` most worth their cost."""
-    table = Table(
-        title=f"feature audit: held-out AUC {result.base_auc:.4f} on {result.heldout_requests:,} requests",
-        caption=(
-            f"retire {len(result.plan.retire)} of {len(result.importance)} features; their joint shuffle "
-            f"costs {result.plan.loss:+.5f} AUC (budget {result.plan.budget}); {len(result.plan.related)} of "
-            "no measurable value are kept because valuable features explain them (informative, redundant); "
-            f"weight-norm vs permutation rank agreement on dense features (Spearman) "
-            f"{result.weight_vs_permutation:.2f}"
-        ),
-    )
-    for col in ("feature", "weight norm", "ΔAUC shuffled", "± 95%", "logged B/req", "stored B/ex", "work %"):
-        table.add_column(col, justify="left" if col == "feature" else "right")
-    table.add_column("decision")
+
+def audit_table(result: AuditResult, head: int = 12, tail: int = 6, width: int | None = None) -> Table:
+    """The ``head`` features first in the prune order, then the ``tail`` most worth their cost.
+
+    Args:
+        result: The audit.
+        head: Features shown from the start of the prune order.
+        tail: Features shown from its end, the most worth their cost first.
+        width: The terminal's width (None: this process's); a narrow one gets short headers with a
+            legend, never cut cells.
+
+    """
     order = [n for n, _, _ in result.plan.order]
+    rows: list[list[str] | None] = []
     for k, name in enumerate(order[:head] + order[max(head, len(order) - tail) :][::-1]):
         if k == head:
-            table.add_section()
+            rows.append(None)
         imp, cost = result.importance[name], result.costs[name]
-        block = f" (block of {len(imp.block)})" if len(imp.block) > 1 else ""
-        table.add_row(
-            name,
-            f"{result.weights[name]:.3f}",
-            f"{imp.loss:+.5f}",
-            f"{imp.ci:.5f}",
-            f"{cost.logged_bytes:,.0f}",
-            f"{cost.stored_bytes:.2f}",
-            f"{100 * cost.work_share:.3f}",
-            ("retire" if name in result.plan.reasons else "keep") + block,
+        rows.append(
+            [
+                name,
+                f"{result.weights[name]:.3f}",
+                f"{imp.loss:+.5f}",
+                f"{imp.ci:.5f}",
+                f"{cost.logged_bytes:,.0f}",
+                f"{cost.stored_bytes:.2f}",
+                f"{100 * cost.work_share:.3f}",
+                "retire" if name in result.plan.reasons else "keep",
+                f"{len(imp.block)}",
+            ]
         )
-    return table
+    caption = (
+        f"retire {len(result.plan.retire)} of {len(result.importance)} features; their joint shuffle "
+        f"costs {result.plan.loss:+.5f} AUC (budget {result.plan.budget}); {len(result.plan.related)} of "
+        "no measurable value are kept because valuable features explain them (informative, redundant); "
+        f"weight-norm vs permutation rank agreement on dense features (Spearman) "
+        f"{result.weight_vs_permutation:.2f}; a block is decided by one joint shuffle of its features"
+    )
+    title = f"feature audit: held-out AUC {result.base_auc:.4f} on {result.heldout_requests:,} requests"
+    return fitted(title, AUDIT_COLUMNS, rows, width, caption)
 
 
 def value_cost_figure(result: AuditResult, named: int = 5) -> plt.Figure:

@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from rich.table import Table
 
+from leanrec.report.tables import Col, fitted
+
 # (key in report.json, label, unit) of the rows shown side by side, in order.
 ROWS: tuple[tuple[str, str, str], ...] = (
     ("kv_writes", "transient-store writes", "count"),
@@ -124,22 +126,21 @@ def holding_line(report: dict) -> str:
     )
 
 
-def render_table(report: dict) -> Table:
-    """The side-by-side table for the terminal."""
-    table = Table(
-        title=f"leanrec demo — {report['requests']:,} requests, seed {report['seed']}: naive vs lean",
-        caption=f"identical examples on both paths: {report['identical_examples']} · "
+def _pair_columns(a: str, b: str, ratio: str) -> tuple[Col, ...]:
+    """A label column, two figures side by side, and their ratio (``R`` in a narrow terminal)."""
+    return (Col("figure", kind="label"), Col(a), Col(b), Col(ratio, "R", ratio, style="bold"))
+
+
+def render_table(report: dict, width: int | None = None) -> Table:
+    """The side-by-side table for the terminal, fitted to ``width`` columns (no cell is ever cut)."""
+    caption = (
+        f"identical examples on both paths: {report['identical_examples']} · "
         f"wall time {report['wall_seconds']:.1f} s"
         + "".join(f"\n{line}" for line in (engagement_line(report), holding_line(report)) if line)
-        + _energy_caption(report),
+        + _energy_caption(report)
     )
-    table.add_column("figure")
-    table.add_column("naive", justify="right")
-    table.add_column("lean", justify="right")
-    table.add_column("lean / naive", justify="right", style="bold")
-    for row in summary_rows(report):
-        table.add_row(*row)
-    return table
+    title = f"leanrec demo — {report['requests']:,} requests, seed {report['seed']}: naive vs lean"
+    return fitted(title, _pair_columns("naive", "lean", "lean / naive"), summary_rows(report), width, caption)
 
 
 def _energy_caption(report: dict) -> str:
@@ -150,38 +151,26 @@ def _energy_caption(report: dict) -> str:
     return f"\nenergy estimated: CPU at {e['power_source']}; grid {e['grid_source']}"
 
 
-def render_loop(loop: dict) -> Table:
+def render_loop(loop: dict, width: int | None = None) -> Table:
     """Round 0 (stand-in ranker) against round 1 (the model trained on round 0's warehouse)."""
-    table = Table(title="closing the loop: round 0 ranks with the stand-in, round 1 with the trained model")
-    table.add_column("figure")
-    table.add_column("round 0", justify="right")
-    table.add_column("round 1", justify="right")
-    table.add_column("round 1 / round 0", justify="right", style="bold")
+    rows = []
     for key in ("clicks_per_request", "likes_per_request", "viewed_per_request"):
         a, b = loop["round0"][key], loop["round1"][key]
-        table.add_row(key.replace("_", " "), f"{a:.3f}", f"{b:.3f}", f"{b / a:.3f}" if a else "—")
+        rows.append([key.replace("_", " "), f"{a:.3f}", f"{b:.3f}", f"{b / a:.3f}" if a else "—"])
     m = loop["model"]
     kept = f"epoch {m['best_epoch']}" if m.get("best_epoch") else "the solved wide part"
-    table.caption = (
+    caption = (
         f"model held-out AUC {m['test_auc']:.4f}, oracle AUC {m['oracle_auc']:.4f} (gap {m['auc_gap']:.4f}); "
         f"{m['epochs_run']} epochs at {m['examples_per_second']:,.0f} examples/s, kept {kept}; training "
         f"{m['training_cpu_seconds']:,.1f} CPU s, {m['training_joules']:,.0f} J (estimated)"
     )
-    return table
+    title = "closing the loop: round 0 ranks with the stand-in, round 1 with the trained model"
+    return fitted(title, _pair_columns("round 0", "round 1", "round 1 / round 0"), rows, width, caption)
 
 
-def render_audit(audit: dict) -> Table:
+def render_audit(audit: dict, width: int | None = None) -> Table:
     """Round 1 (full FeatureSet) against round 2 (audited, pruned, retrained) on the same traffic."""
-    table = Table(
-        title=(
-            f"audit round: v{audit['featureset']['before']} ({audit['features']['before']} features) → "
-            f"v{audit['featureset']['after']} ({audit['features']['after']}), budget {audit['budget']}"
-        )
-    )
-    table.add_column("figure")
-    table.add_column("full", justify="right")
-    table.add_column("pruned", justify="right")
-    table.add_column("pruned / full", justify="right", style="bold")
+    rows = []
     for key, fmt in (
         ("logged_bytes_per_request", "{:,.0f}"),
         ("warehouse_bytes_per_example", "{:,.1f}"),
@@ -190,15 +179,19 @@ def render_audit(audit: dict) -> Table:
         ("clicks_per_request", "{:.3f}"),
     ):
         a, b = audit["before"][key], audit["after"][key]
-        table.add_row(key.replace("_", " "), fmt.format(a), fmt.format(b), f"{audit['ratio'][key]:.3f}")
+        rows.append([key.replace("_", " "), fmt.format(a), fmt.format(b), f"{audit['ratio'][key]:.3f}"])
     t = audit["truth"]
-    table.caption = (
+    caption = (
         f"held-out AUC change {audit['auc_change']:+.4f}; retired {t['retired']}: {t['noise_retired']} of "
         f"{t['noise_features']} pure-noise features ({t['noise_recall']:.0%}), {t['informative_retired']} "
         f"informative ({t['informative_share']:.0%} of retired); kept {len(audit.get('kept_related', []))} "
         f"of no measurable value that valuable features explain; audit {audit['audit_seconds']:.0f} s"
     )
-    return table
+    title = (
+        f"audit round: v{audit['featureset']['before']} ({audit['features']['before']} features) → "
+        f"v{audit['featureset']['after']} ({audit['features']['after']}), budget {audit['budget']}"
+    )
+    return fitted(title, _pair_columns("full", "pruned", "pruned / full"), rows, width, caption)
 
 
 def write_json(report: dict, path: Path) -> None:
