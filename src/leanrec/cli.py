@@ -11,9 +11,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from leanrec.errors import InputError
 
@@ -31,6 +41,44 @@ def _phases(console: Console, suffix: str = "") -> Iterator[Callable[[str, int],
             progress.advance(tasks[phase], n)
 
         yield seen
+
+
+class _StepSpinner(SpinnerColumn):
+    """A spinner for the step that runs, a tick for those done, a dot for those still to come."""
+
+    def render(self, task: Task) -> RenderableType:
+        """The glyph of ``task``'s state."""
+        return Text("·", style="dim") if not task.started else super().render(task)
+
+
+@contextmanager
+def _steps(console: Console) -> Iterator[Callable[..., None]]:
+    """A progress display with one line per step of a run; yields ``shown(step, done, total, detail)``.
+
+    Every step shows from when it is first reported; its clock starts when its work does (the first
+    unit done, or a detail saying what runs), and a spinner turns while a step without units runs.
+    """
+    columns = (
+        _StepSpinner(finished_text="✓"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks: dict[str, TaskID] = {}
+        started: set[str] = set()
+
+        def shown(step: str, done: int, total: int | None, detail: str = "") -> None:
+            text = f"[bold]{escape(step)}[/bold]" + (f" [dim]({escape(detail)})[/dim]" if detail else "")
+            if step not in tasks:
+                tasks[step] = progress.add_task(text, total=total, start=False)
+            if (done or detail) and step not in started:
+                progress.start_task(tasks[step])
+                started.add(step)
+            progress.update(tasks[step], completed=done, total=total, description=text)
+
+        yield shown
 
 
 def _positive(text: str) -> int:
@@ -113,12 +161,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
         energy = EnergyModel(power, Coefficients(), grid_intensity(args.region, args.grid_intensity))
     except ValueError as exc:  # the energy flags, refused before the run
         raise InputError(str(exc)) from None
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("ranking, logging, joining", total=args.requests)
-        result = run_demo(
-            args.requests, args.seed, out, progress=lambda n: progress.advance(task, n), energy=energy
-        )
+    with _steps(console) as shown:
+        result = run_demo(args.requests, args.seed, out, progress=shown, energy=energy)
     report = result.report
     if args.rounds >= 2:
         from leanrec.sim.loop import close_loop
@@ -130,11 +174,11 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             )
     write_json(report, out / "report.json")
     write_html(report, out / "report.html")
-    console.print(render_table(report))
+    console.print(render_table(report, console.width))
     if "loop" in report:
-        console.print(render_loop(report["loop"]))
+        console.print(render_loop(report["loop"], console.width))
     if "audit" in report.get("loop", {}):
-        console.print(render_audit(report["loop"]["audit"]))
+        console.print(render_audit(report["loop"]["audit"], console.width))
     console.print(
         f"reports: {out / 'report.json'}, {out / 'report.html'}; warehouses: "
         f"{out / 'warehouse' / 'naive'}, {out / 'warehouse' / 'lean'}"
@@ -240,8 +284,7 @@ def _join(args: argparse.Namespace, console: Console) -> int:
 
 
 def _simulate(args: argparse.Namespace, console: Console) -> int:
-    from rich.table import Table
-
+    from leanrec.report.tables import Col, fitted
     from leanrec.sim.client import simulate
     from leanrec.world import WorldConfig
 
@@ -257,27 +300,28 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             WorldConfig(n_users=args.n_users, n_items=args.n_items, seed=args.world_seed),
             progress=lambda n: progress.advance(task, n),
         )
-    table = Table(
-        title=f"leanrec simulate → {args.target}: {report.requests} sessions in {report.seconds:.1f} s"
-    )
-    for col in ("endpoint", "calls", "p50 ms", "p90 ms", "p99 ms"):
-        table.add_column(col, justify="left" if col == "endpoint" else "right")
+    rows = []
     for endpoint in ("rank", "paginate", "events"):
         p50, p90, p99 = report.percentiles(endpoint)
-        table.add_row(
-            endpoint, str(len(report.latency_ms.get(endpoint, []))), f"{p50:.2f}", f"{p90:.2f}", f"{p99:.2f}"
+        rows.append(
+            [
+                endpoint,
+                f"{len(report.latency_ms.get(endpoint, [])):,}",
+                f"{p50:.2f}",
+                f"{p90:.2f}",
+                f"{p99:.2f}",
+            ]
         )
-    console.print(table)
+    cols = (Col("endpoint", kind="name"), Col("calls"), Col("p50 ms"), Col("p90 ms"), Col("p99 ms"))
+    title = f"leanrec simulate → {args.target}: {report.requests} sessions in {report.seconds:.1f} s"
+    console.print(fitted(title, cols, rows, console.width))
     console.print(
         f"throughput: {report.requests / max(report.seconds, 1e-9):,.1f} ranked requests/s; "
         f"failed sessions: {report.sessions_failed}; responses: {dict(sorted(report.status.items()))}"
     )
-    server = Table(title="server-side figures (from /metrics)")
-    server.add_column("metric")
-    server.add_column("value", justify="right")
-    for name, value in sorted(report.server.items()):
-        server.add_row(name, f"{value:,.0f}")
-    console.print(server)
+    rows = [[name, f"{value:,.0f}"] for name, value in sorted(report.server.items())]
+    cols = (Col("metric", kind="name"), Col("value"))
+    console.print(fitted("server-side figures (from /metrics)", cols, rows, console.width))
     return 0 if report.sessions_failed == 0 else 1
 
 
@@ -324,7 +368,9 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     with _phases(console, f" ({fs.name} v{fs.version})") as seen:
         model, result = train(args.warehouse, fs, cfg, progress=seen)
     save_checkpoint(model, out, result)
-    console.print(_metrics_table(f"held-out test, best of {result.epochs_run} epochs", result.test))
+    console.print(
+        _metrics_table(f"held-out test, best of {result.epochs_run} epochs", result.test, console.width)
+    )
     wide = "" if result.wide_valid_auc is None else f"solved wide part {result.wide_valid_auc:.4f}, "
     kept = f"epoch {result.best_epoch}" if result.best_epoch else "the solved wide part"
     console.print(
@@ -334,15 +380,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _metrics_table(title: str, metrics: dict[str, float]):
-    from rich.table import Table
+def _metrics_table(title: str, metrics: dict[str, float], width: int):
+    """The held-out metrics, one a row, fitted to ``width`` columns."""
+    from leanrec.report.tables import Col, fitted
 
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}")
-    return table
+    rows = [[name, f"{value:.4f}"] for name, value in metrics.items()]
+    return fitted(title, (Col("metric", kind="name"), Col("value")), rows, width)
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> int:
@@ -362,7 +405,11 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
             "give a warehouse of more requests"
         )
     console.print(
-        _metrics_table(f"{args.model} on the held-out requests of {args.warehouse}", evaluate_arrays(*arrays))
+        _metrics_table(
+            f"{args.model} on the held-out requests of {args.warehouse}",
+            evaluate_arrays(*arrays),
+            console.width,
+        )
     )
     return 0
 
@@ -399,7 +446,7 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
             progress=seen,
         )
     pruned = write_audit(result, model.fs, out)
-    console.print(audit_table(result))
+    console.print(audit_table(result, width=console.width))
     console.print(
         f"pruned FeatureSet {pruned.name} v{pruned.version}: {out / 'featureset.json'}; "
         f"report: {out / 'audit.html'}; {result.evaluations:,} shuffles scored in {result.seconds:.0f} s"
@@ -437,10 +484,9 @@ def _quantity(value: float, unit: str) -> str:
 
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
-    from rich.table import Table
-
     from leanrec.energy.capacity import Scale, capacity_plan
     from leanrec.energy.carbon import grid_intensity
+    from leanrec.report.tables import Col, fitted
 
     try:
         report = json.loads(Path(args.report).read_text())
@@ -462,16 +508,10 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
         plan = capacity_plan(report, scale, grid)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    inputs = Table(title="extrapolated from")
-    for col in ("input", "value", "from"):
-        inputs.add_column(col, justify="right" if col == "value" else "left")
-    for name, (value, origin) in plan["inputs"].items():
-        inputs.add_row(name, f"{value:,.4g}", origin)
-    console.print(inputs)
-    table = Table(title=f"capacity and energy at {scale.requests_per_day:,.0f} requests a day")
-    for col in ("figure", "naive", "lean", "lean / naive"):
-        table.add_column(col, justify="left" if col == "figure" else "right")
-    rows = (
+    cols = (Col("input", kind="label"), Col("value"), Col("from", kind="label"))
+    rows = [[name, f"{value:,.4g}", origin] for name, (value, origin) in plan["inputs"].items()]
+    console.print(fitted("extrapolated from", cols, rows, console.width))
+    figures = (
         ("kv_write_bytes_per_second", "transient-store writes", "B/s"),
         ("warehouse_bytes_per_day", "warehouse bytes a day", "B"),
         ("warehouse_bytes_retained", f"warehouse held ({scale.retention_days:g} days)", "B"),
@@ -480,11 +520,14 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
         ("average_watts", "average power (estimated)", "W"),
         ("tonnes_co2e_per_year", "CO2e a year (estimated)", "t"),
     )
-    for key, label, unit in rows:
+    rows = []
+    for key, label, unit in figures:
         naive, lean = plan["naive"][key], plan["lean"][key]
         fmt = (lambda v: f"{v:,.1f} t") if unit == "t" else (lambda v, u=unit: _quantity(v, u).strip())
-        table.add_row(label, fmt(naive), fmt(lean), f"{plan['ratio'][key]:.3f}")
-    console.print(table)
+        rows.append([label, fmt(naive), fmt(lean), f"{plan['ratio'][key]:.3f}"])
+    cols = (Col("figure", kind="label"), Col("naive"), Col("lean"), Col("lean / naive", "R", "lean / naive"))
+    title = f"capacity and energy at {scale.requests_per_day:,.0f} requests a day"
+    console.print(fitted(title, cols, rows, console.width))
     return 0
 
 
@@ -516,8 +559,8 @@ def _breakeven(args: argparse.Namespace, console: Console) -> int:
             progress.update(task, description=f"training and metering {name}")
 
         _, results = run_zoo(data, args.epochs, args.seed, names, meter, tick)
-    console.print(zoo_table(results, f"{data.name}: models, test metrics and energy"))
-    console.print(breakeven_view([r.lifecycle for r in results]))
+    console.print(zoo_table(results, f"{data.name}: models, test metrics and energy", console.width))
+    console.print(breakeven_view([r.lifecycle for r in results], console.width))
     how = "measured (RAPL)" if meter.rapl.available else f"estimated: CPU at {meter.power.source}"
     console.print(f"energy {how}; one query = the top 10 for every test user, median of 5 after a warm-up")
     return 0

@@ -14,7 +14,7 @@ the records made from them.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -26,6 +26,9 @@ from leanrec.events.bus import EventBus, RequestOpened
 from leanrec.events.model import EventBatch, EventKind
 from leanrec.featurelog.loggers import FeatureLogger, key
 from leanrec.warehouse.records import RequestRecord
+
+PROGRESS_EVERY = 64
+"""Requests joined between two progress reports."""
 
 _FLAGS = (
     ("click", EventKind.CLICK),
@@ -169,17 +172,29 @@ class LabelJoiner:
             self.logger.store.delete_many(committed_keys)
         return len(pending)
 
-    def join_due(self, force: bool = False) -> int:
-        """Join every request whose window has closed (all open requests if ``force``)."""
+    def join_due(self, force: bool = False, progress: Callable[[int], None] | None = None) -> int:
+        """Join every request whose window has closed (all open requests if ``force``).
+
+        Args:
+            force: Join every open request, whatever its window.
+            progress: Called with the number of requests joined since its last call, every
+                ``PROGRESS_EVERY`` requests and once at the end (a round may join thousands).
+
+        """
         now = self.clock.now_ms()
         records: list[RequestRecord] = []
-        joined = 0
+        joined = reported = 0
         while self._due and (force or self._due[0][0] <= now):
             _, rid = heapq.heappop(self._due)
             joined += 1
             record = self._join(self._open.pop(rid))
             if record is not None:
                 records.append(record)
+            if progress and joined - reported >= PROGRESS_EVERY:
+                progress(joined - reported)
+                reported = joined
+        if progress and joined > reported:
+            progress(joined - reported)
         if records:
             self.sink.append(records)
         while self._joined:  # insertion order is join order, so the oldest come first

@@ -11,7 +11,6 @@ import math
 import resource
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,11 +19,12 @@ import pyarrow as pa
 
 from leanrec.clock import ManualClock
 from leanrec.energy.stages import EnergyModel, ledger_energy
+from leanrec.errors import InputError
 from leanrec.featurelog import codec
 from leanrec.funnel.ranker import Funnel
 from leanrec.schema import FeatureSet, Owner, Side
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
-from leanrec.sim.traffic import Scored, TrafficConfig, TrafficSim, TrafficStats
+from leanrec.sim.traffic import Scored, Steps, TrafficConfig, TrafficSim, TrafficStats
 from leanrec.warehouse.store import sorted_impression_bytes
 from leanrec.warehouse.tables import arrays_block
 from leanrec.world import ENGAGEMENT_TARGETS, World, WorldConfig, default_featureset
@@ -46,7 +46,11 @@ class DemoResult:
     pipelines: dict[Plumbing, Pipeline]
 
 
-class DemoTooLarge(ValueError):
+SETUP_STEP = "build the world and the pipelines"
+CHECK_STEP = "check the warehouses"
+
+
+class DemoTooLarge(InputError, ValueError):
     """A demo size this machine cannot run fairly (both paths holding what they must), said up front."""
 
 
@@ -208,7 +212,7 @@ def run_demo(
     world_config: WorldConfig | None = None,
     pipeline_config: PipelineConfig | None = None,
     traffic_config: TrafficConfig | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Steps | None = None,
     energy: EnergyModel | None = None,
 ) -> DemoResult:
     """Run naive and lean on the same traffic and measure both.
@@ -220,13 +224,18 @@ def run_demo(
         world_config: World size and shape (defaults: 10,000 users, 50,000 items).
         pipeline_config: Plumbing settings shared by both paths.
         traffic_config: Client behaviour; ``requests`` and ``seed`` override its own.
-        progress: Called with the number of requests issued in each step.
+        progress: Called as each step of the run moves (see :class:`~leanrec.sim.traffic.Steps`):
+            building the world and the pipelines (``SETUP_STEP``), then the simulation's steps, then
+            reading both warehouses back and checking them (``CHECK_STEP``). The run is the same with
+            it as without it.
         energy: Prices each path's ledger in joules and gCO2e (default: ``EnergyModel.default()``).
 
     """
     if requests < 1:
         raise ValueError(f"--requests must be at least 1, got {requests}")
     t0 = time.perf_counter()
+    steps = progress or (lambda *_: None)
+    steps(SETUP_STEP, 0, 1, "users, items, features and the funnel's index")
     out = Path(out)
     wconf = world_config or WorldConfig(seed=seed)
     base = traffic_config or TrafficConfig()
@@ -245,10 +254,15 @@ def run_demo(
             shutil.rmtree(folder)
         pipes[plumbing] = build_pipeline(plumbing, fs, clock, folder, pconf)
     sim = TrafficSim(world, Funnel(world), list(pipes.values()), clock, tconf, pconf)
-    traffic = sim.run(progress)
+    steps(SETUP_STEP, 1, 1)
+    traffic = sim.run(steps=progress)
     sim_seconds = time.perf_counter() - t0
 
+    checks = 2 + len(pipes)  # read back, each path's examples, the impression layout compared
+    steps(CHECK_STEP, 0, checks, "reading both warehouses back")
     tables = {k: p.warehouse.read_examples() for k, p in pipes.items()}
+    scored = "every example against the bytes the ranker scored"
+    steps(CHECK_STEP, 1, checks, scored)
     naive_t, lean_t = tables[Plumbing.NAIVE], tables[Plumbing.LEAN]
     identical = naive_t.num_rows == lean_t.num_rows and naive_t.equals(lean_t)
     paths: dict[str, dict] = {}
@@ -266,6 +280,8 @@ def run_demo(
         )
         paths[plumbing.value]["joules_per_1k_requests"] = e["joules_per_1k_requests"]
         paths[plumbing.value]["gco2e_per_1k_requests"] = e["gco2e_per_1k_requests"]
+        last = len(paths) == len(pipes)
+        steps(CHECK_STEP, 1 + len(paths), checks, "the impression layout" if last else scored)
     report = {
         "requests": requests,
         "seed": seed,
@@ -309,6 +325,7 @@ def run_demo(
     report["energy"] = energy_report
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     report["wall_seconds"] = time.perf_counter() - t0
+    steps(CHECK_STEP, checks, checks)
     return DemoResult(report, traffic, pipes)
 
 

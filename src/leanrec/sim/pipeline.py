@@ -10,6 +10,7 @@ Two pipelines are built the same way and differ only in plumbing:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -83,11 +84,16 @@ class Pipeline:
     joiner: LabelJoiner
     warehouse: ParquetWarehouse
 
-    def tick(self) -> None:
-        """Periodic work: expire held contexts, take new messages, join what is due, commit."""
+    def tick(self, progress: Callable[[int], None] | None = None) -> None:
+        """Periodic work: expire held contexts, take new messages, join what is due, commit.
+
+        Args:
+            progress: Called with the number of requests joined, as the joiner goes.
+
+        """
         self.logger.tick()
         self.joiner.poll()
-        if self.joiner.join_due():
+        if self.joiner.join_due(progress=progress):
             self.joiner.flush()
 
     def drain(self) -> None:

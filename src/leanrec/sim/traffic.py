@@ -13,6 +13,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import numpy as np
 
@@ -26,6 +27,21 @@ from leanrec.world import LONG_WATCH_MS, Engagement, World
 RETRIES = 3
 RETRY_MS = 5_000
 START_MS = int(datetime(2026, 11, 2, 8, tzinfo=UTC).timestamp() * 1000)
+PROGRESS_EVERY = 64
+"""Requests logged (or joined) between two progress reports: often enough for a bar to move smoothly,
+rarely enough that reporting costs nothing next to the work."""
+
+RANK_STEP = "rank and log requests"
+EVENT_STEP = "deliver the clients' events"
+JOIN_STEP = "join as attribution windows close"
+
+
+class Steps(Protocol):
+    """Reports how far each step of a run has come (absolute counts, so a report can be dropped)."""
+
+    def __call__(self, step: str, done: int, total: int | None, detail: str = "") -> None:
+        """``step`` has ``done`` of ``total`` units (None: not known yet); ``detail`` says what runs now."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -147,41 +163,93 @@ class TrafficSim:
         self._seq += 1
         heapq.heappush(self._ops, _Op(int(t_ms), self._seq, kind, ref, arg))
 
-    def run(self, progress: Callable[[int], None] | None = None) -> TrafficStats:
-        """Simulate every request to the end of its attribution window, then drain the pipelines."""
+    def run(self, progress: Callable[[int], None] | None = None, steps: Steps | None = None) -> TrafficStats:
+        """Simulate every request to the end of its attribution window, then drain the pipelines.
+
+        With ``progress`` or ``steps``, each tick's ranked batch is logged in slices of
+        ``PROGRESS_EVERY`` requests, a report after each: the funnel still ranks the whole tick's
+        arrivals in one call and every pipeline logs the same rows in the same order, so the traffic
+        and every figure are the same as without them.
+
+        Args:
+            progress: Called with the number of requests ranked and logged since its last call, every
+                ``PROGRESS_EVERY`` requests.
+            steps: Called as each step moves: requests ranked and logged (``RANK_STEP``), client
+                calls delivered of those scheduled so far (``EVENT_STEP``), and requests joined, a
+                step per pipeline (``JOIN_STEP`` and its plumbing: ``"…, naive"``).
+
+        """
         cfg, t = self.config, START_MS
         self.clock.set(t)
         next_join = t + cfg.join_every_ms
-        issued = 0
+        issued = delivered = 0
+        done = [0]  # requests logged by every pipeline
+        joined = [0] * len(self.pipelines)
+        join_steps = [f"{JOIN_STEP}, {p.plumbing.value}" for p in self.pipelines] if steps else []
+        every = PROGRESS_EVERY if progress or steps else None
+
+        def logged(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(n)
+            if steps:
+                steps(RANK_STEP, done[0], cfg.requests)
+
+        def ticks() -> list[Callable[[int], None] | None]:
+            """Per pipeline, what counts its joins for ``steps``."""
+            if steps is None:
+                return [None] * len(self.pipelines)
+
+            def count(i: int) -> Callable[[int], None]:
+                def add(n: int) -> None:
+                    joined[i] += n
+                    steps(join_steps[i], joined[i], cfg.requests)
+
+                return add
+
+            return [count(i) for i in range(len(self.pipelines))]
+
+        if steps:  # every step at once, so the whole run shows from the start
+            steps(RANK_STEP, 0, cfg.requests)
+            steps(EVENT_STEP, 0, None)
+            for name in join_steps:
+                steps(name, 0, cfg.requests)
         while issued < cfg.requests or self._ops:
             if issued < cfg.requests:
                 k = min(int(self.rng.poisson(cfg.rate_per_s * cfg.tick_ms / 1000)), cfg.requests - issued)
                 if k:
-                    self._rank(t, issued, k)
+                    if steps:
+                        steps(RANK_STEP, issued, cfg.requests, f"the funnel ranks {k:,} arrivals")
+                    self._rank(t, issued, k, every, logged)
                     issued += k
-                    if progress:
-                        progress(k)
             end = t + cfg.tick_ms
+            before = delivered
             while self._ops and self._ops[0].t_ms < end:
                 op = heapq.heappop(self._ops)
                 self.clock.set(max(op.t_ms, self.clock.now_ms()))
                 self._deliver(op)
+                delivered += 1
+            if steps and delivered > before:
+                steps(EVENT_STEP, delivered, delivered + len(self._ops))
             t = end
             self.clock.set(t)
             if t >= next_join:
-                for p in self.pipelines:
-                    p.tick()
+                for p, joins in zip(self.pipelines, ticks(), strict=True):
+                    p.tick(joins)
                 next_join += cfg.join_every_ms
         # Let the remaining attribution windows close on the joiners' own schedule.
         last_due = t + self.window_ms + self.lateness_ms + cfg.join_every_ms
         while t < last_due and any(p.joiner.open_requests for p in self.pipelines):
             t = min(next_join, last_due)
             self.clock.set(t)
-            for p in self.pipelines:
-                p.tick()
+            for p, joins in zip(self.pipelines, ticks(), strict=True):
+                p.tick(joins)
             next_join += cfg.join_every_ms
         for p in self.pipelines:
             p.drain()
+        if steps:
+            for name in join_steps:
+                steps(name, cfg.requests, cfg.requests)
         return self.stats
 
     def _deliver(self, op: _Op) -> None:
@@ -204,7 +272,15 @@ class TrafficSim:
                 else:
                     self.stats.dropped_batches += 1
 
-    def _rank(self, t_ms: int, first: int, k: int) -> None:
+    def _rank(
+        self,
+        t_ms: int,
+        first: int,
+        k: int,
+        every: int | None = None,
+        logged: Callable[[int], None] | None = None,
+    ) -> None:
+        """Rank ``k`` arrivals in one funnel call; every pipeline logs them, ``every`` at a time."""
         users = self.world.sample_users(k, self.rng)
         surface = self.rng.integers(0, 3, k)
         batch = self.funnel.rank(users, np.full(k, t_ms), surface)
@@ -212,8 +288,16 @@ class TrafficSim:
             RequestRef(f"{self.config.seed:04x}{first + i:08x}", int(u), t_ms, batch.n_items)
             for i, u in enumerate(users)
         ]
-        for p in self.pipelines:
-            p.service.ranked(refs, batch)
+        # The pipelines share nothing but the clock, which stands still here: slicing the batch
+        # changes when a request is logged in wall time, never what any pipeline holds or counts.
+        step = every or k
+        for lo in range(0, k, step):
+            hi = min(lo + step, k)
+            part = batch if step == k else _rows(batch, lo, hi)
+            for p in self.pipelines:
+                p.service.ranked(refs[lo:hi], part)
+            if logged:
+                logged(hi - lo)
         if self.track_scored:
             self._remember(refs, batch)
         eng = self.world.engage(users, batch.item_ids, self.rng)
@@ -326,3 +410,15 @@ class TrafficSim:
             np.array([value], np.float32),
         )
         return EventBatch.concat(ref.request_id, [ev, extra])
+
+
+def _rows(batch: RankedBatch, lo: int, hi: int) -> RankedBatch:
+    """Requests ``lo .. hi-1`` of a ranked batch (views, no copy)."""
+    n = batch.n_items
+    return RankedBatch(
+        batch.user_ids[lo:hi],
+        batch.item_ids[lo:hi],
+        batch.scores[lo:hi],
+        batch.request.take(slice(lo, hi)),
+        batch.items.take(slice(lo * n, hi * n)),
+    )
