@@ -65,6 +65,7 @@ class Holding:
 
     Attributes:
         store_open_requests: Requests whose transient entries are held at once, at the peak.
+        naive_store_keys: Keys the naive store holds then (one per ranked item, and the events').
         store_hold_s: How long a request's transient entries are held.
         naive_store_bytes: Peak of the naive store: every ranked item, user side repeated.
         lean_store_bytes: Peak of the lean store, bounded above by every page being logged.
@@ -75,6 +76,7 @@ class Holding:
     """
 
     store_open_requests: int
+    naive_store_keys: int
     store_hold_s: float
     naive_store_bytes: int
     lean_store_bytes: int
@@ -102,6 +104,7 @@ def plan_holding(
     context = n_rank * (item.row_bytes + 4) + req.row_bytes + 64
     return Holding(
         store_open,
+        store_open * (n_rank + 2),
         store_hold_ms / 1000,
         store_open * naive,
         store_open * lean,
@@ -145,13 +148,15 @@ def sized_for(
     )
     examples = requests * 12  # viewed items, with room: the median session views about six
     example_bytes = fs.layout(Side.REQUEST).row_bytes + fs.layout(Side.ITEM).row_bytes
-    # In memory at once: the naive store's resident part, the lean store, the contexts, and both
-    # paths' examples read back as Arrow tables for the comparison after the run.
+    # In memory at once: the naive store's resident part and its index (a key per ranked item), the
+    # lean store, the contexts, and both paths' examples read back as Arrow tables, sorted and
+    # unpacked for the comparison after the run (five copies at the most, as measured at 50,000).
     memory = (
         min(hold.naive_store_bytes, sized.store_memory_bytes)
+        + hold.naive_store_keys * 200  # a key, its entry and its expiry, in Python objects
         + hold.lean_store_bytes
         + hold.context_bytes
-        + 3 * examples * example_bytes
+        + 5 * examples * example_bytes
         + (2 << 30)  # the world, the funnel and the interpreter
     )
     disk = max(hold.naive_store_bytes - sized.store_memory_bytes, 0) + examples * example_bytes
