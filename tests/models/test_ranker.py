@@ -8,6 +8,7 @@ import torch
 
 from leanrec.funnel import Funnel
 from leanrec.models import LateRanker, RankerConfig
+from leanrec.models.ranker import wide_support
 from leanrec.schema import Side
 from leanrec.world import World
 
@@ -159,5 +160,34 @@ def test_the_wide_part_is_solved_to_the_logistic_model_that_drew_the_labels(smal
     assert float(item_w[0, cols["i_views_log"]] / i_std) == pytest.approx(-0.6, abs=0.08)
     others = user_w[0].clone()
     others[cols["u_act_00"]] = 0.0
-    assert float(others.abs().max()) < 0.1  # inputs that drew nothing get (almost) nothing
+    assert float(others.abs().max()) == 0.0  # inputs that drew nothing are not selected: exactly 0
+    assert model.user_wide_support[0].nonzero().flatten().tolist() == [cols["u_act_00"]]
+    assert model.item_wide_support[0].nonzero().flatten().tolist() == [cols["i_views_log"]]
     assert 0.0 < loss < float(torch.nn.functional.binary_cross_entropy(click.mean().expand(n), click))
+    # Without the selection every input gets a weight of the order of its sampling noise.
+    model.fit_wide(users, items, torch.stack([click, click], 1), iters=200, l2=0.0, alpha=None)
+    others = model.user_wide.weight.detach()[0].clone()
+    others[cols["u_act_00"]] = 0.0
+    assert 0.0 < float(others.abs().max()) < 0.1
+    assert bool(model.user_wide_support.all())
+
+
+def test_the_support_of_the_wide_part_is_the_groups_that_drew_the_labels() -> None:
+    """Two heads, each drawn from its own groups of 40 (one of them 4 columns wide); noise elsewhere."""
+    gen = torch.Generator().manual_seed(2)
+    n, groups = 20_000, torch.arange(40).repeat_interleave(torch.tensor([4] + [1] * 39))
+    x = torch.randn(n, len(groups), generator=gen)
+    fixed = torch.randn(n, 1, generator=gen)
+    first = 0.5 * x[:, :4].sum(1) + 0.8 * fixed[:, 0]  # group 0 (4 columns) and the fixed input
+    second = -0.3 * x[:, groups == 7][:, 0] + 0.2 * x[:, groups == 30][:, 0] - 2.0
+    labels = torch.stack([torch.rand(n, generator=gen) < torch.sigmoid(z) for z in (first, second)], 1)
+    support = wide_support(x, fixed, labels.float(), groups)
+    assert support.shape == (2, len(groups))
+    assert set(groups[support[0] > 0].tolist()) == {0}
+    assert set(groups[support[1] > 0].tolist()) == {7, 30}
+    # A group is selected whole; the same inputs give the same support.
+    assert bool((support[0, :4] == 1).all())
+    torch.testing.assert_close(wide_support(x, fixed, labels.float(), groups), support)
+    # Labels unrelated to every group select none of them.
+    coin = (torch.rand(n, 2, generator=gen) < 0.3).float()
+    assert float(wide_support(x, fixed, coin, groups).sum()) == 0.0

@@ -66,6 +66,20 @@ def test_the_solved_wide_part_is_the_first_candidate_and_is_kept_when_the_deep_e
     assert r2.wide_valid_auc is None and r2.best_epoch >= 1
 
 
+def test_the_wide_part_reads_only_the_inputs_its_solve_selected_through_training(warehouses) -> None:
+    lean, _, fs = warehouses
+    model, result = train(str(lean), fs, CFG)
+    assert result.epochs_run == CFG.epochs
+    chosen = 0
+    for layer, support in (
+        (model.user_wide, model.user_wide_support),
+        (model.item_wide, model.item_wide_support),
+    ):
+        assert bool((layer.weight.detach()[support == 0] == 0).all())  # Adam never moved them
+        chosen += int(support.sum())
+    assert 0 < chosen < model.user_wide_support.numel() + model.item_wide_support.numel()
+
+
 def test_a_checkpoint_records_its_featureset_and_refuses_another(warehouses, tmp_path: Path) -> None:
     lean, _, fs = warehouses
     model, result = train(str(lean), fs, TrainConfig(epochs=1, patience=1, batch_requests=32))

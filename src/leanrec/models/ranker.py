@@ -10,7 +10,9 @@ Per item: the item's dense tower and embedding lookups, target attention of the 
 encoded history, an interaction of user and item vectors, a top MLP, and two heads (click, like).
 Beside the deep part, a wide part (a linear model of each side's dense inputs and of the dot
 products of vectors in one embedding space) adds straight to the logits; the trainer solves it first
-(:meth:`LateRanker.fit_wide`), and the deep part learns what it leaves.
+(:meth:`LateRanker.fit_wide`), and the deep part learns what it leaves. The solve first selects the
+dense features the wide part reads (a group lasso whose penalty no feature unrelated to the labels
+is likely to pass), then fits them; the rest stay at zero through training.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -193,6 +196,13 @@ class LateRanker(nn.Module):
         for layer in (self.user_wide, self.item_wide):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # Which (head, input) weights of the wide part may be non-zero: fit_wide selects them, and a
+        # gradient hook keeps the others at zero through training. Not saved: the zeros are in the
+        # weights, and the support only constrains training.
+        self.register_buffer("user_wide_support", torch.ones(2, req.float_width), persistent=False)
+        self.register_buffer("item_wide_support", torch.ones(2, item.float_width), persistent=False)
+        self.user_wide.weight.register_hook(lambda g: g * self.user_wide_support)
+        self.item_wide.weight.register_hook(lambda g: g * self.item_wide_support)
         self.top = _mlp([3 * h + 2 * d + len(u_cols) + summing.shape[1], h, h // 2, 2])
         # Slot of each dense input column, for per-feature weight norms.
         for side, name in ((req, "req"), (item, "item")):
@@ -339,8 +349,9 @@ class LateRanker(nn.Module):
         labels: torch.Tensor,
         iters: int = 100,
         l2: float = 1e-4,
+        alpha: float | None = 0.05,
     ) -> float:
-        """Solve the wide part alone: a logistic regression on the examples given, by full-batch L-BFGS.
+        """Solve the wide part alone: a logistic regression on the examples given.
 
         The wide part is convex, so it is solved outright rather than walked towards by the deep
         part's optimiser, which would take hundreds of steps to reach the weight of a strong linear
@@ -348,12 +359,25 @@ class LateRanker(nn.Module):
         it after :meth:`fit_normalizer` and before training the rest. It takes one request row per
         example, so either warehouse layout poses the very same problem and gets the same solution.
 
+        The solve has two steps. First it selects the dense features each head reads, by a group
+        lasso (one group per feature and head, see :func:`wide_support`) whose penalty is set so that
+        a feature unrelated to the labels enters with probability at most ``alpha`` over all groups.
+        A logistic regression of every input on a few ten thousand examples gives each unrelated
+        input a weight of the order of its sampling noise, 1/sqrt(examples); a FeatureSet of a
+        hundred such inputs puts that much noise into every logit, which costs held-out AUC and
+        makes a shuffle of any of them look costly to an audit. Then it fits the selected inputs
+        and the dot products by full-batch L-BFGS with a light ridge ``l2`` (a refit: the lasso's
+        shrinkage does not stay in the weights). The inputs left out stay at zero while the deep
+        part trains (see ``user_wide_support``).
+
         Args:
             req_floats: ``(N, F_req)`` request-side dense inputs of each example.
             item_floats: ``(N, F_item)``.
             labels: ``(N, 2)`` click and like, 0/1.
-            iters: Most L-BFGS iterations.
-            l2: Penalty on the squared weights of the dense inputs.
+            iters: Most L-BFGS iterations of the refit.
+            l2: Penalty on the squared weights of the dense inputs in the refit.
+            alpha: Chance that any dense feature unrelated to the labels is selected; None selects
+                every input (a plain ridge logistic regression).
 
         Returns:
             The training log loss of the fitted wide part (the mean over both heads, with the penalty).
@@ -364,12 +388,34 @@ class LateRanker(nn.Module):
             dots = (
                 req_floats[:, self.user_space_cols] * item_floats[:, self.item_space_cols]
             ) @ self.space_sum
+            if alpha is None:
+                self.user_wide_support.fill_(1.0)
+                self.item_wide_support.fill_(1.0)
+            else:
+                groups = torch.cat(
+                    [self.req_column_slot, len(self.fs.layout(Side.REQUEST).slots) + self.item_column_slot]
+                )
+                support = wide_support(torch.cat([user, item], 1), dots, labels, groups, alpha)
+                self.user_wide_support.copy_(support[:, : user.shape[1]])
+                self.item_wide_support.copy_(support[:, user.shape[1] :])
+            for layer in (self.user_wide, self.item_wide):
+                layer.weight.zero_()
+            # The refit reads only the columns some head selected.
+            u_cols = self.user_wide_support.any(0).nonzero().flatten()
+            i_cols = self.item_wide_support.any(0).nonzero().flatten()
+            user, item = user[:, u_cols], item[:, i_cols]
+            u_mask, i_mask = self.user_wide_support[:, u_cols], self.item_wide_support[:, i_cols]
         opt = torch.optim.LBFGS(self.wide_parameters(), max_iter=iters, line_search_fn="strong_wolfe")
 
         def penalised() -> torch.Tensor:
-            logits = self.user_wide(user) + self.item_wide(item) + dots @ self.space_weight
+            u_w, i_w = self.user_wide.weight[:, u_cols] * u_mask, self.item_wide.weight[:, i_cols] * i_mask
+            logits = (
+                nn.functional.linear(user, u_w, self.user_wide.bias)
+                + nn.functional.linear(item, i_w, self.item_wide.bias)
+                + dots @ self.space_weight
+            )
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
-            return loss + l2 * (self.user_wide.weight.square().sum() + self.item_wide.weight.square().sum())
+            return loss + l2 * (u_w.square().sum() + i_w.square().sum())
 
         def objective() -> torch.Tensor:
             opt.zero_grad()
@@ -379,6 +425,8 @@ class LateRanker(nn.Module):
 
         opt.step(objective)
         with torch.no_grad():
+            self.user_wide.weight.mul_(self.user_wide_support)
+            self.item_wide.weight.mul_(self.item_wide_support)
             return float(penalised())
 
     def forward(
@@ -406,3 +454,188 @@ class LateRanker(nn.Module):
         else:
             user = self.user_side(req_floats[item_request], req_ints[item_request])
         return self.score(user, self.item_side(item_floats, item_ints))
+
+
+def wide_support(
+    x: torch.Tensor,
+    fixed: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    alpha: float = 0.05,
+    iters: int = 2_000,
+    tol: float = 1e-10,
+) -> torch.Tensor:
+    """Which inputs each head of a logistic regression reads: the support of a group lasso.
+
+    Each head h is its own logistic regression of the inputs ``x``, penalised by group (the columns
+    of one feature), and of the ``fixed`` inputs (unpenalised, like the intercept). A group is
+    orthonormalised first (its columns replaced by an orthonormal basis of their span, scaled to
+    unit variance), and its penalty is the norm of its contribution to the logits, which no
+    reparameterisation of the feature changes (Simon and Tibshirani, 2012). The penalty of group g
+    in head h is the level its gradient would reach at zero if the feature were unrelated to the
+    labels, with probability at most ``alpha`` over all G groups and H heads:
+
+        lambda[g, h] = sqrt(v[h] / N) * (sqrt(k[g]) + sqrt(2 log(G H / alpha)))
+
+    where N is the number of examples, k[g] the group's rank and v[h] the mean Bernoulli variance
+    p (1 - p) of head h under the unpenalised inputs alone. Unrelated to the labels, the gradient of
+    an orthonormalised group at zero is a mean of N independent terms, near normal with covariance
+    v[h] / N times the identity, so its norm exceeds sqrt(v[h] / N) (sqrt(k[g]) + t) with
+    probability at most exp(-t^2 / 2) (Gaussian concentration of a norm); the union over the G H
+    groups gives ``alpha``. Selected are the groups whose evidence beats that threshold.
+
+    The problem is convex. It is solved on a working set: the groups whose gradient breaks the
+    optimality condition at the current solution join it, the problem restricted to the working set
+    is solved by accelerated proximal gradient (FISTA with backtracking and adaptive restart; the
+    proximal step sets groups exactly to zero), and this repeats until no group outside breaks the
+    condition. The working set stays small, so each step touches a few columns.
+
+    Args:
+        x: ``(N, F)`` inputs (standardised or not: groups are orthonormalised).
+        fixed: ``(N, P)`` inputs every head reads, unpenalised (may be ``(N, 0)``).
+        labels: ``(N, H)`` 0/1.
+        groups: ``(F,)`` the group of each column of ``x`` (ids need not be contiguous).
+        alpha: Chance that any group unrelated to the labels is selected.
+        iters: Most proximal-gradient iterations per working set.
+        tol: Stop a working set's solve when an iteration changes the objective by less than this
+            (relative).
+
+    Returns:
+        ``(H, F)`` 1.0 where head h may read column f (its group was selected), else 0.0.
+
+    """
+    n, h = len(x), labels.shape[1]
+    ids, groups = torch.unique(groups, return_inverse=True)
+    n_groups = len(ids)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    with torch.no_grad():
+        # Orthonormalise each group: z_g = x_g V diag(1/sqrt(eig)), keeping the directions it spans.
+        # A one-column group (most features) is simply standardised.
+        xc = x - x.mean(0)
+        sd = xc.std(0)
+        size = torch.bincount(groups, minlength=n_groups)
+        single = (size[groups] == 1) & (sd > 1e-6 * max(float(sd.max()), 1e-30))
+        basis, of = [xc[:, single] / sd[single]], [groups[single]]
+        for g in (size > 1).nonzero().flatten().tolist():
+            xg = xc.index_select(1, (groups == g).nonzero().flatten()).double()
+            evals, evecs = torch.linalg.eigh(xg.T @ xg / n)
+            keep = evals > 1e-6 * max(float(evals.max()), 1e-30)
+            basis.append((xg @ (evecs[:, keep] / evals[keep].sqrt())).float())
+            of.append(torch.full((int(keep.sum()),), g, dtype=torch.long))
+        z, of_t = torch.cat(basis, 1), torch.cat(of)
+        rank = torch.bincount(of_t, minlength=n_groups).float()
+    with torch.enable_grad():  # the unpenalised start: intercepts and fixed inputs alone
+        bias = torch.zeros(h, requires_grad=True)
+        fw = torch.zeros(fixed.shape[1], h, requires_grad=True)
+        opt = torch.optim.LBFGS([bias, fw], max_iter=100, line_search_fn="strong_wolfe")
+
+        def null_objective() -> torch.Tensor:
+            opt.zero_grad()
+            loss = bce(fixed @ fw + bias, labels, reduction="none").mean(0).sum()
+            loss.backward()
+            return loss
+
+        opt.step(null_objective)
+    with torch.no_grad():
+        bias, fw = bias.detach(), fw.detach()
+        p = torch.sigmoid(fixed @ fw + bias)
+        v = (p * (1 - p)).mean(0)  # (H,)
+        t = float(np.sqrt(2 * np.log(max(n_groups * h, 1) / alpha)))
+        lam = (v / n).sqrt()[None, :] * (rank.sqrt()[:, None] + t)  # (G, H)
+        lam[rank == 0] = float("inf")  # a constant feature explains nothing
+        w = torch.zeros(z.shape[1], h)
+        active = torch.zeros(n_groups, h, dtype=torch.bool)
+
+        def norms_of(wt: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(n_groups, h).index_add_(0, of_t[cols], wt.square()).sqrt()
+
+        for _ in range(n_groups * h + 1):
+            residual = torch.sigmoid(z @ w + fixed @ fw + bias) - labels
+            grad_norm = norms_of(z.T @ residual / n, torch.arange(z.shape[1]))
+            breaks = (grad_norm > lam * (1 + 1e-4)) & ~active
+            if not breaks.any():
+                break
+            active |= breaks
+            cols = torch.isin(of_t, active.any(1).nonzero().flatten()).nonzero().flatten()
+            free = active[of_t[cols]].float()  # (C, H) entries the restricted problem may move
+            sub = _group_lasso(
+                z[:, cols], of_t[cols], free, fixed, labels, lam, w[cols], fw, bias, iters, tol
+            )
+            w[cols], fw, bias = sub
+        selected = norms_of(w, torch.arange(z.shape[1])) > 0  # (G, H)
+        return selected[groups].T.float().contiguous()
+
+
+def _group_lasso(
+    z: torch.Tensor,
+    of: torch.Tensor,
+    free: torch.Tensor,
+    fixed: torch.Tensor,
+    labels: torch.Tensor,
+    lam: torch.Tensor,
+    w: torch.Tensor,
+    fw: torch.Tensor,
+    bias: torch.Tensor,
+    iters: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FISTA on a working set of :func:`wide_support`'s problem, from ``(w, fw, bias)``.
+
+    In double precision, with the gradient written out: the logits are linear in the parameters, so
+    the extrapolated point's logits are the same combination of the iterates' and each iteration
+    costs one product with ``z`` each way.
+    """
+    n_groups, h = lam.shape
+    z, fixed, labels = z.double(), fixed.double(), labels.double()
+    safe = torch.where(torch.isinf(lam), torch.zeros_like(lam), lam).double()
+    lam = lam.double()
+
+    def logits(ps: list[torch.Tensor]) -> torch.Tensor:
+        return z @ ps[0] + fixed @ ps[1] + ps[2]
+
+    def smooth(eta: torch.Tensor) -> float:  # the mean log loss of each head, summed over heads
+        return float((nn.functional.softplus(eta) - labels * eta).mean(0).sum())
+
+    def gradient(eta: torch.Tensor) -> list[torch.Tensor]:
+        r = (torch.sigmoid(eta) - labels) / len(z)
+        return [z.T @ r, fixed.T @ r, r.sum(0)]
+
+    def group_norms(wt: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_groups, h, dtype=wt.dtype).index_add_(0, of, wt.square()).sqrt()
+
+    def prox(wt: torch.Tensor, step: float) -> torch.Tensor:
+        scale = (1 - step * lam / group_norms(wt).clamp_min(1e-300)).clamp_min(0.0)
+        return wt * scale[of] * free
+
+    x = [w.double(), fw.double(), bias.double()]
+    eta_x = logits(x)
+    obj_x = smooth(eta_x) + float((safe * group_norms(x[0])).sum())
+    y, eta_y = x, eta_x
+    step, momentum = 1.0, 1.0
+    for _ in range(iters):
+        f_y, g = smooth(eta_y), gradient(eta_y)
+        while True:  # backtracking: the step must keep the quadratic upper bound at y
+            new = [a - step * b for a, b in zip(y, g, strict=True)]
+            new[0] = prox(new[0], step)
+            diff = [a - b for a, b in zip(new, y, strict=True)]
+            eta_new = logits(new)
+            f_new = smooth(eta_new)
+            bound = f_y + sum(float((a * b).sum()) for a, b in zip(g, diff, strict=True))
+            bound += sum(float(d.square().sum()) for d in diff) / (2 * step)
+            if f_new <= bound + 1e-12 or step < 1e-10:
+                break
+            step /= 2
+        obj = f_new + float((safe * group_norms(new[0])).sum())
+        if obj > obj_x:  # adaptive restart: drop the momentum when the objective goes up
+            momentum, y, eta_y = 1.0, x, eta_x
+            continue
+        nxt = (1 + np.sqrt(1 + 4 * momentum**2)) / 2
+        beta = (momentum - 1) / nxt
+        y = [a + beta * (a - b) for a, b in zip(new, x, strict=True)]
+        eta_y = eta_new + beta * (eta_new - eta_x)
+        done = obj_x - obj <= tol * max(abs(obj), 1.0)
+        momentum, x, eta_x, obj_x = nxt, new, eta_new, obj
+        step *= 1.2  # let the step grow back after a cautious stretch
+        if done:
+            break
+    return x[0].float(), x[1].float(), x[2].float()

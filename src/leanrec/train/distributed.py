@@ -6,8 +6,8 @@ the training loop of :mod:`leanrec.train.trainer`, with the model wrapped in
 agree on, and how:
 
 * Initial weights: the same seed on every rank (and DDP broadcasts rank 0's at construction).
-* Normalizer statistics and the solved wide part: fitted on rank 0's first training examples and
-  broadcast.
+* Normalizer statistics and the solved wide part (its weights and the inputs it may read): fitted
+  on rank 0's first training examples and broadcast.
 * Uneven inputs: ranks may hold different numbers of batches; each epoch's steps run under DDP's
   ``join()``, so a rank that runs out shadows the others' all-reduces instead of hanging. A rank
   that joined early does not step its optimizer, so after each epoch the parameters (DDP does this)
@@ -42,6 +42,7 @@ from leanrec.train.reader import shard, warehouse_files
 from leanrec.train.trainer import Replicas, TrainConfig, TrainResult, _train
 
 _NORMALIZER = ("req_mean", "req_std", "item_mean", "item_std")
+_WIDE_SUPPORT = ("user_wide_support", "item_wide_support")
 
 
 def free_port() -> int:
@@ -63,7 +64,7 @@ class _Ranks(Replicas):
         return DistributedDataParallel(model, forward_sync_buffers=False)
 
     def share_fitted(self, model: LateRanker) -> None:
-        for name in _NORMALIZER:
+        for name in (*_NORMALIZER, *_WIDE_SUPPORT):
             dist.broadcast(getattr(model, name), src=0)
         for p in model.wide_parameters():
             dist.broadcast(p.data, src=0)

@@ -55,7 +55,10 @@ class TrainConfig:
             ``LateRanker.fit_wide``); 0 leaves it to the optimiser with the rest.
         wide_examples: Training examples the wide part is solved on (the first ones read), which
             bounds its memory: 4 bytes per dense input (both sides) per example.
-        wide_l2: Penalty on the squared weights of the wide part's dense inputs.
+        wide_l2: Penalty on the squared weights of the wide part's dense inputs (in its refit).
+        wide_alpha: The wide part reads only the dense features whose relation to the labels is
+            significant at this level over all features (``LateRanker.fit_wide`` selects them;
+            the others stay at zero through training); None lets it read every input.
 
     """
 
@@ -76,6 +79,7 @@ class TrainConfig:
     wide_iters: int = 100
     wide_examples: int = 200_000
     wide_l2: float = 1e-4
+    wide_alpha: float | None = 0.05
 
 
 @dataclass
@@ -298,7 +302,7 @@ def _train(
         if cfg.wide_iters:
             labels = torch.stack([lead.click, lead.like], 1)
             req = lead.req_floats[lead.item_request]
-            model.fit_wide(req, lead.item_floats, labels, cfg.wide_iters, cfg.wide_l2)
+            model.fit_wide(req, lead.item_floats, labels, cfg.wide_iters, cfg.wide_l2, cfg.wide_alpha)
             if progress:
                 progress("solve the wide part", lead.n_items)
         del lead
