@@ -17,8 +17,8 @@ from leanrec.audit import (
     permutation_importance,
 )
 from leanrec.audit.cost import FeatureCost, feature_costs
-from leanrec.audit.importance import concat_batches, family, weight_importance
-from leanrec.audit.related import relatedness
+from leanrec.audit.importance import _ci, concat_batches, family, weight_importance
+from leanrec.audit.related import _robust_spread, relatedness
 from leanrec.audit.report import write_audit
 from leanrec.funnel import Funnel
 from leanrec.models import LateRanker, RankerConfig
@@ -194,6 +194,33 @@ def test_relatedness_tells_what_valuable_features_explain_from_noise_that_repeat
     assert found["noise"].null_mean > 4 / len(batch.item_floats)
     # The request side has no valuable feature: nothing there can be related to one.
     assert "u" not in found
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_reference_of_relatedness_is_not_widened_by_a_few_tied_features(seed: int) -> None:
+    """Counters at zero for most entities (the light ones) shuffle far wider than other features."""
+    fs, batch, _ = _repeated_entities(seed)
+    rng = np.random.default_rng(3)
+    distinct, inverse = np.unique(batch.item_floats[:, :4].numpy(), axis=0, return_inverse=True)
+    of_row, light = inverse.ravel(), distinct[:, 3] < 0.8  # about four entities in five are light
+    tied = [np.where(light, 0.0, 3 + rng.normal(size=len(distinct)))[of_row] for _ in range(3)]
+    weak = (distinct[:, 2] + rng.normal(size=len(distinct)))[of_row]  # as related as ``copy``
+    extra = [Feature(f"tied_{i}", Owner.ITEM, Kind.DENSE) for i in range(3)]
+    fs = FeatureSet("entities", 1, (*fs.features, *extra, Feature("weak", Owner.ITEM, Kind.DENSE)))
+    floats = torch.cat([batch.item_floats, torch.from_numpy(np.stack([*tied, weak], 1)).float()], 1)
+    batch = Batch(**{**batch.__dict__, "item_floats": floats})
+    names = ["copy", "noise", "tied_0", "tied_1", "tied_2", "weak", "bucket", "noise_id"]
+    found = relatedness(fs, batch, ["anchor"], names, seed=seed)
+    assert found["copy"].related and found["weak"].related
+    assert not found["noise"].related and not found["noise_id"].related
+
+
+def test_the_interval_of_a_worthless_feature_holds_its_unshuffled_draw_too() -> None:
+    # The unshuffled AUC is one more draw of the shuffled ones: sd * sqrt(1 + 1/r), not sd / sqrt(r).
+    x = np.array([0.001, -0.002, 0.0005, 0.0015, -0.001])
+    assert _ci(x) == pytest.approx(1.96 * x.std(ddof=1) * np.sqrt(1 + 1 / 5))
+    assert _ci(x[:1]) == float("inf")
+    assert _robust_spread(np.array([0.0, 1.0, 2.0, 3.0, 100.0])) == pytest.approx((2.0, 1.4826))
 
 
 def test_a_negative_budget_is_refused(known, small_world: World) -> None:

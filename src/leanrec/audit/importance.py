@@ -215,7 +215,8 @@ class Importance:
 
     Attributes:
         loss: Mean held-out AUC lost when it is shuffled (negative: the model did better without it).
-        ci: Half-width of the 95% confidence interval of ``loss`` over the repeats.
+        ci: Half-width of the 95% interval that ``loss`` stays within if the feature is worth nothing
+            (see :func:`_ci`): a loss above it is measurable.
         repeats: Shuffles measured.
         block: Features it was decided with: itself, or the block it was screened in (then ``loss``
             is the block's loss shared equally among its members).
@@ -229,7 +230,17 @@ class Importance:
 
 
 def _ci(x: np.ndarray) -> float:
-    return float(1.96 * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("inf")
+    """Half-width of the 95% interval of the mean loss ``x.mean()`` of a feature worth nothing.
+
+    For such a feature the unshuffled held-out data is exchangeable with its shuffles: the
+    unshuffled AUC is one more draw of the shuffled AUCs' distribution, not their expectation. The
+    mean loss over ``r`` shuffles then spreads as one shuffle does plus the mean's own spread,
+    ``sd * sqrt(1 + 1 / r)``, however many shuffles are taken. The standard error of the mean alone,
+    ``sd / sqrt(r)``, would call a feature of no value measurable about one time in five at five
+    shuffles (1.96 / sqrt(6) standard deviations), which no number of repeats could cure.
+    """
+    r = len(x)
+    return float(1.96 * x.std(ddof=1) * np.sqrt(1 + 1 / r)) if r > 1 else float("inf")
 
 
 def permutation_importance(

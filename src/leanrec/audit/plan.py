@@ -154,9 +154,10 @@ def measurable_value(imp: Importance) -> float:
     """The AUC a feature is worth for ordering a plan: 0 unless its loss is measurably above 0.
 
     A feature decided inside a block is worth nothing measurable (the whole block cost less than the
-    screening tolerance); a feature measured on its own is worth its mean loss when the lower end of
-    its confidence interval is above 0. Dividing noise-level values by small costs would otherwise
-    put cheap worthless features behind dear useful ones.
+    screening tolerance); a feature measured on its own is worth its mean loss when that loss is
+    above the interval a feature worth nothing stays within (``Importance.ci``). Dividing
+    noise-level values by small costs would otherwise put cheap worthless features behind dear
+    useful ones.
     """
     if len(imp.block) > 1 or imp.loss - imp.ci <= 0:
         return 0.0

@@ -11,7 +11,11 @@ feature's variation the valuable dense features explain on the held-out rows.
 The rows repeat: a heavy user makes many requests, a popular item is shown in many. A test that
 shuffled rows would take that repetition for signal. The reference distribution instead permutes the
 distinct values of dense features among themselves, so every repeated entity keeps its repetition
-and only its relation to the valuable features is broken.
+and only its relation to the valuable features is broken. It pools many features' shuffles, and is
+summarised by its median and its median absolute deviation: a few tested features have values tied
+over most rows (a counter still at zero for most users), whose shuffle moves that whole tie as one
+value and spreads far wider than the rest; a mean and a standard deviation would let those few set
+the threshold for every feature, and informative features would then go as noise.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ class Related:
     Attributes:
         r2: Share of the feature's variance explained by the leading components of the valuable
             dense features of its side.
-        null_mean: Mean of the same share for unrelated values with the rows' repetition.
-        null_sd: Its standard deviation.
+        null_mean: Centre (median) of the same share for unrelated values with the rows' repetition.
+        null_sd: Its spread: the median absolute deviation scaled to a normal's standard deviation
+            (1.4826 times it), or the standard deviation where that deviation is 0.
         related: ``r2`` is above ``null_mean + z * null_sd``.
 
     """
@@ -80,6 +85,19 @@ def _value_shuffled(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return distinct[rng.permutation(len(distinct))][inverse.ravel()]
 
 
+def _robust_spread(x: np.ndarray) -> tuple[float, float]:
+    """Median of ``x`` and its median absolute deviation scaled to a standard deviation.
+
+    The scale is 1.4826, which makes the deviation of a normal sample its standard deviation; where
+    the deviation is 0 (half the values equal) the standard deviation stands in for it.
+    """
+    centre = float(np.median(x))
+    spread = 1.4826 * float(np.median(np.abs(x - centre)))
+    if spread == 0.0:
+        spread = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    return centre, spread
+
+
 def relatedness(
     fs: FeatureSet,
     data: Batch,
@@ -99,7 +117,8 @@ def relatedness(
         valuable: Features of measurable value; their dense ones span the reference space.
         names: Features to test (normally those of no measurable value).
         components: Leading principal components of the standardised valuable features used.
-        z: Standard deviations above the reference mean at which a feature counts as related.
+        z: Spreads (``Related.null_sd``) above the reference's centre at which a feature counts as
+            related.
         null_features: Dense features of a side whose values are permuted for the reference.
         null_draws: Permutations per such feature.
         seed: Seeds the permutations.
@@ -131,6 +150,6 @@ def relatedness(
         pool = [dense[i] for i in rng.permutation(len(dense))[:null_features]] or mine
         shuffle = _value_shuffled if dense else (lambda x, g: x[g.permutation(len(x))])
         null = np.array([_explained(basis, shuffle(reps[n], rng)) for n in pool for _ in range(null_draws)])
-        mean, sd = float(null.mean()), float(null.std(ddof=1)) if len(null) > 1 else 0.0
-        out.update({n: Related(r2[n], mean, sd, r2[n] > mean + z * sd) for n in mine})
+        centre, spread = _robust_spread(null)
+        out.update({n: Related(r2[n], centre, spread, r2[n] > centre + z * spread) for n in mine})
     return out
