@@ -7,7 +7,10 @@ per example, late-ranker p99 latency (both models timed in alternation on the sa
 held-out AUC, full against pruned, as ratios; and how the retired set compares with the world's
 known noise. Exits non-zero if a judged bound is missed.
 
-    python benchmarks/audit_prune.py [--requests 5000] [--seed 7] [--budget 0.001]
+    python benchmarks/audit_prune.py [--requests 5000] [--seed 7] [--budget 0.001] [--markdown]
+
+With ``--markdown`` it also prints the README's tables (the saving, and the retired set against the
+known noise) as Markdown, each under the command line that reproduces it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,48 @@ from leanrec.sim.demo import run_demo
 from leanrec.sim.loop import close_loop
 
 
+def command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run's figures (every judged setting spelled out)."""
+    return (
+        f"python benchmarks/audit_prune.py --requests {args.requests} --seed {args.seed} "
+        f"--budget {args.budget}"
+    )
+
+
+def print_markdown(args: argparse.Namespace, audit: dict) -> None:
+    """The README's tables: the pruned FeatureSet against the full one, then the retired set."""
+    before, after, ratio = audit["before"], audit["after"], audit["ratio"]
+    print(f"\n`{command(args)}`:\n")
+    print("| figure | full | pruned | pruned / full |\n|---|---:|---:|---:|")
+    for key, label, fmt in (
+        ("logged_bytes_per_request", "logged bytes per request", "{:,.0f}"),
+        ("warehouse_bytes_per_example", "warehouse bytes per example", "{:,.1f}"),
+        ("p99_latency_ms", "late-ranker p99 latency, ms", "{:.2f}"),
+        ("test_auc", "held-out AUC", "{:.4f}"),
+    ):
+        print(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} | {ratio[key]:.3f} |")
+    t = audit["truth"]
+    print(f"\n`{command(args)}`:\n")
+    print("| features | count | share |\n|---|---:|---:|")
+    rows = (
+        ("registered", audit["features"]["before"], ""),
+        ("retired", t["retired"], f"{t['retired'] / audit['features']['before']:.0%} of registered"),
+        ("pure noise, retired", f"{t['noise_retired']} of {t['noise_features']}", f"{t['noise_recall']:.1%}"),
+        ("informative, retired", t["informative_retired"], f"{t['informative_share']:.1%} of retired"),
+        ("of no measurable value, kept as related", len(audit["kept_related"]), ""),
+    )
+    for label, count, share in rows:
+        print(f"| {label} | {count} | {share} |")
+    print(f"\nheld-out AUC change {audit['auc_change']:+.4f} (budget {args.budget})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.001)
     parser.add_argument("--out", default=None, help="keep the run's folders here (default: a temp folder)")
+    parser.add_argument("--markdown", action="store_true", help="also print the README's tables as Markdown")
     args = parser.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +112,8 @@ def main() -> int:
         f"weight-norm vs permutation rank agreement (Spearman, dense features): "
         f"{audit['weight_vs_permutation_spearman']:.2f}"
     )
+    if args.markdown:
+        print_markdown(args, audit)
     return 0 if all(ok for *_, ok in bounds) else 1
 
 
