@@ -135,7 +135,7 @@ CASES = [
     (
         "train with a FeatureSet file that is not one",
         "train --warehouse {lean} --out {root}/m.pt --featureset {list}",
-        ("is not a FeatureSet file",),
+        ("is not valid TOML",),
     ),
     (
         "train with --epochs 0",

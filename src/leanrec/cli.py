@@ -330,25 +330,66 @@ def _progress_columns() -> tuple:
 
 
 def _featureset_file(path: str, written):
-    """A FeatureSet from a JSON file, checked to read data written under ``written``."""
-    import json
+    """A FeatureSet from a TOML file, checked to read data written under ``written``."""
+    from leanrec.featurefile import load_featureset
 
-    from leanrec.schema import FeatureSet
-
-    try:
-        fs = FeatureSet.from_json(Path(path).read_text())
-    except OSError as exc:
-        raise InputError(f"--featureset {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(
-            f"--featureset {path} is not a FeatureSet file ({exc}); give one an audit wrote (featureset.json)"
-        ) from None
+    fs = load_featureset(path)
     if not fs.reads(written):
         raise InputError(
             f"--featureset {path} is {fs.name} v{fs.version}, which cannot read the warehouse's "
             f"{written.name} v{written.version}"
         )
     return fs
+
+
+def _featureset(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.featurefile import dump_featureset, layout_summary, load_featureset
+    from leanrec.report.tables import Col, fitted
+    from leanrec.schema import Role
+
+    if args.action == "world":
+        from leanrec.world import WorldConfig, default_featureset
+
+        fs, _ = default_featureset(WorldConfig(n_users=args.n_users, n_items=args.n_items, seed=args.seed))
+        out = _writable_file(Path(args.out), "--out")
+        out.write_text(dump_featureset(fs))
+        console.print(f"the synthetic world's FeatureSet {fs.name} v{fs.version}: {out}")
+        return 0
+    fs = load_featureset(args.file)
+    rows = [
+        [
+            f.name,
+            f.owner.value,
+            f.kind.value,
+            str(f.size),
+            f"{f.vocab:,}" if f.vocab else "",
+            f.role or f.space,
+        ]
+        for f in fs.features
+    ]
+    cols = (
+        Col("feature", kind="name"),
+        Col("owner", kind="name"),
+        Col("kind", kind="name"),
+        Col("size"),
+        Col("vocab"),
+        Col("role / space", kind="name"),
+    )
+    console.print(fitted(f"{args.file}: FeatureSet {fs.name} v{fs.version}", cols, rows, console.width))
+    sides = layout_summary(fs)
+    rows = [
+        [side, str(s["features"]), str(s["float_columns"]), str(s["int_columns"]), f"{s['bytes']:,}"]
+        for side, s in (("request (once)", sides["request"]), ("item (per ranked item)", sides["item"]))
+    ]
+    cols = (Col("side", kind="name"), Col("features"), Col("float32"), Col("int32"), Col("bytes"))
+    console.print(fitted("logged layout", cols, rows, console.width))
+    roles = ", ".join(f"{r.value}: {f.name}" for r in Role if (f := fs.role(r)) is not None) or "none"
+    console.print(
+        f"valid; roles {roles}; a ranked request of 100 items logs "
+        f"{sides['request']['bytes'] + 100 * sides['item']['bytes']:,} bytes of features",
+        soft_wrap=True,
+    )
+    return 0
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
@@ -448,7 +489,7 @@ def _audit(args: argparse.Namespace, console: Console) -> int:
     pruned = write_audit(result, model.fs, out)
     console.print(audit_table(result, width=console.width))
     console.print(
-        f"pruned FeatureSet {pruned.name} v{pruned.version}: {out / 'featureset.json'}; "
+        f"pruned FeatureSet {pruned.name} v{pruned.version}: {out / 'featureset.toml'}; "
         f"report: {out / 'audit.html'}; {result.evaluations:,} shuffles scored in {result.seconds:.0f} s"
     )
     return 0
@@ -623,6 +664,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--n-users", type=_positive, default=10_000, help="must match the service's world")
     sim.add_argument("--n-items", type=_positive, default=50_000, help="must match the service's world")
     sim.add_argument("--world-seed", type=_seed, default=7, help="must match the service's --seed")
+    fset = sub.add_parser("featureset", help="check a FeatureSet file, or write the synthetic world's")
+    fsub = fset.add_subparsers(dest="action", required=True)
+    check = fsub.add_parser("check", help="validate a FeatureSet file and print its layout")
+    check.add_argument("file", help="a FeatureSet file (TOML)")
+    fworld = fsub.add_parser("world", help="write the synthetic world's FeatureSet as a file")
+    fworld.add_argument("--out", required=True, help="file to write")
+    fworld.add_argument("--n-users", type=_positive, default=10_000, help="users of the world")
+    fworld.add_argument("--n-items", type=_positive, default=50_000, help="items of its corpus")
+    fworld.add_argument("--seed", type=_seed, default=7, help="seed of the world")
     tr = sub.add_parser("train", help="train the late ranker on a warehouse (request-level by default)")
     tr.add_argument("--warehouse", required=True, help="warehouse folder (either layout)")
     tr.add_argument("--out", required=True, help="checkpoint file to write")
@@ -631,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--full-metrics", action="store_true", help="full metric suite at every validation")
     tr.add_argument("--seed", type=_seed, default=0)
     tr.add_argument(
-        "--featureset", help="train under this FeatureSet version (e.g. an audit's featureset.json)"
+        "--featureset",
+        help="train under this FeatureSet file (e.g. an audit's featureset.toml)",
     )
     au = sub.add_parser("audit", help="audit which features earn their cost; write a pruned FeatureSet")
     au.add_argument("--model", required=True, help="checkpoint of the trained late ranker")
@@ -696,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _serve,
         "join": _join,
         "simulate": _simulate,
+        "featureset": _featureset,
         "train": _train,
         "evaluate": _evaluate,
         "audit": _audit,

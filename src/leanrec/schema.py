@@ -40,6 +40,28 @@ class Kind(StrEnum):
     SEQUENCE = "sequence"
 
 
+class Role(StrEnum):
+    """What a model needs to know about a feature beyond its shape.
+
+    A model finds its inputs by role, never by name: the item's id (whose embedding table the history
+    shares), the user's id, and the user's history (an id sequence of items, most recent first).
+    Vectors that share an embedding space say so with ``Feature.space`` instead, since several pairs
+    may share one.
+    """
+
+    ITEM_ID = "item_id"
+    USER_ID = "user_id"
+    HISTORY = "history"
+
+
+ROLE_SHAPES: dict[Role, tuple[tuple[Owner, ...], Kind]] = {
+    Role.ITEM_ID: ((Owner.ITEM,), Kind.SPARSE),
+    Role.USER_ID: ((Owner.USER,), Kind.SPARSE),
+    Role.HISTORY: ((Owner.USER,), Kind.SEQUENCE),
+}
+"""The owners and the kind a feature of each role must have."""
+
+
 class Side(StrEnum):
     """Which half of a ranked request a feature belongs to.
 
@@ -71,6 +93,7 @@ class Feature:
         space: For dense vectors: the name of the embedding space they live in (e.g. a pretrained
             two-tower's). A user-side and an item-side vector of one space can be compared by a dot
             product, and the late ranker does so.
+        role: What a model reads it as (see :class:`Role`), or ``""`` for an ordinary input.
 
     """
 
@@ -81,6 +104,7 @@ class Feature:
     vocab: int = 0
     doc: str = ""
     space: str = ""
+    role: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -93,6 +117,17 @@ class Feature:
             raise ValueError(f"feature {self.name}: id kinds need a vocabulary size")
         if self.space and self.kind is not Kind.DENSE:
             raise ValueError(f"feature {self.name}: only dense vectors live in an embedding space")
+        if self.role:
+            if self.role not in Role.__members__.values():
+                known = ", ".join(r.value for r in Role)
+                raise ValueError(f"feature {self.name}: unknown role {self.role!r} (known: {known})")
+            owners, kind = ROLE_SHAPES[Role(self.role)]
+            if self.owner not in owners or self.kind is not kind:
+                raise ValueError(
+                    f"feature {self.name}: the {self.role} role needs a {kind.value} feature of the "
+                    f"{' or '.join(o.value for o in owners)}, "
+                    f"got a {self.kind.value} of the {self.owner.value}"
+                )
 
     @property
     def is_float(self) -> bool:
@@ -119,6 +154,7 @@ class Feature:
             "vocab": self.vocab,
             "doc": self.doc,
             "space": self.space,
+            "role": self.role,
         }
 
 
@@ -192,6 +228,17 @@ class FeatureSet:
             raise ValueError(f"FeatureSet {self.name}: duplicate feature names {dupes}")
         if not 0 <= self.version < 2**16:
             raise ValueError(f"FeatureSet version must fit in 16 bits, got {self.version}")
+        for role in Role:
+            if len(held := [f.name for f in self.features if f.role == role]) > 1:
+                raise ValueError(f"FeatureSet {self.name}: one feature may have the {role} role, got {held}")
+        history, item = self.role(Role.HISTORY), self.role(Role.ITEM_ID)
+        if history is not None and (item is None or item.vocab != history.vocab):
+            # The history's ids are items: it shares the item id's embedding table.
+            raise ValueError(
+                f"FeatureSet {self.name}: the history {history.name} holds item ids, so it needs an "
+                f"item_id feature of the same vocabulary ({history.vocab})"
+                + ("" if item is None else f", got {item.name} of {item.vocab}")
+            )
 
     def __len__(self) -> int:
         return len(self.features)
@@ -201,6 +248,10 @@ class FeatureSet:
             if f.name == name:
                 return f
         raise KeyError(f"no feature {name!r} in FeatureSet {self.name} v{self.version}")
+
+    def role(self, role: Role) -> Feature | None:
+        """The feature that has ``role``, or None if this FeatureSet has none."""
+        return next((f for f in self.features if f.role == role), None)
 
     def of(self, *owners: Owner) -> list[Feature]:
         """Features of the given owners, in registry order."""
@@ -382,6 +433,7 @@ class FeatureSet:
                 f["vocab"],
                 f.get("doc", ""),
                 f.get("space", ""),
+                f.get("role", ""),
             )
             for f in d["features"]
         )

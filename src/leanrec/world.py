@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leanrec.schema import PAD_ID, Feature, FeatureBlock, FeatureSet, Kind, Owner
+from leanrec.schema import PAD_ID, Feature, FeatureBlock, FeatureSet, Kind, Owner, Role
 from leanrec.stores.features import MemoryFeatureStore
 
 LATENT_DIM = 16
@@ -143,7 +143,7 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         Feature("u_emb_long", U, Kind.DENSE, 64, doc="long-term interest embedding (taste)"),
         Feature("u_emb_2", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
         Feature("u_emb_3", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
-        Feature("u_id", U, Kind.SPARSE, 1, nu, "user id"),
+        Feature("u_id", U, Kind.SPARSE, 1, nu, "user id", role=Role.USER_ID),
         Feature("u_top_category", U, Kind.SPARSE, 1, N_CATEGORIES, "the user's favourite category"),
         Feature("u_age_bucket", U, Kind.SPARSE, 1, 8, "age bucket (correlates with taste)"),
         Feature("u_country", U, Kind.SPARSE, 1, 50, "country, pure noise here"),
@@ -153,7 +153,7 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         *_ids(U, "u_noise_id", 13, 1000, "pure noise id"),
         Feature("u_topics", U, Kind.MULTI_HOT, 8, N_CATEGORIES, "categories the user follows"),
         Feature("u_noise_tags", U, Kind.MULTI_HOT, 8, 500, "pure noise tag set"),
-        Feature("u_hist", U, Kind.SEQUENCE, hl, ni, f"last {hl} items the user clicked"),
+        Feature("u_hist", U, Kind.SEQUENCE, hl, ni, f"last {hl} items the user clicked", role=Role.HISTORY),
         Feature("u_hist_cat", U, Kind.SEQUENCE, hl, N_CATEGORIES, "categories of u_hist"),
         Feature("u_hist_creator", U, Kind.SEQUENCE, hl, config.n_creators, "creators of u_hist"),
         Feature("u_hist_action", U, Kind.SEQUENCE, hl, 2, "1 where the click was also a like"),
@@ -169,7 +169,7 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         *_dense(I, "i_noise", 24, "pure noise"),
         Feature("i_emb", I, Kind.DENSE, 16, doc="pretrained item embedding", space="two_tower"),
         Feature("i_noise_emb", I, Kind.DENSE, 4, doc="stale embedding, pure noise"),
-        Feature("i_id", I, Kind.SPARSE, 1, ni, "item id"),
+        Feature("i_id", I, Kind.SPARSE, 1, ni, "item id", role=Role.ITEM_ID),
         Feature("i_category", I, Kind.SPARSE, 1, N_CATEGORIES, "item category"),
         Feature("i_creator", I, Kind.SPARSE, 1, config.n_creators, "creator id"),
         *_ids(I, "i_noise_id", 3, 1000, "pure noise id"),

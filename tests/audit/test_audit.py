@@ -20,6 +20,7 @@ from leanrec.audit.cost import FeatureCost, feature_costs
 from leanrec.audit.importance import _ci, concat_batches, family, weight_importance
 from leanrec.audit.related import _robust_spread, relatedness
 from leanrec.audit.report import write_audit
+from leanrec.featurefile import load_featureset
 from leanrec.funnel import Funnel
 from leanrec.models import LateRanker, RankerConfig
 from leanrec.schema import Feature, FeatureSet, Kind, Owner, Side
@@ -263,7 +264,7 @@ def test_audit_end_to_end_writes_a_pruned_version(trained, tmp_path: Path) -> No
     assert sum(c.work_share for c in costs.values()) < 1
     pruned = write_audit(result, model.fs, tmp_path)
     assert (tmp_path / "audit.html").read_text().count("data:image/png") == 2
-    assert FeatureSet.from_json((tmp_path / "featureset.json").read_text()) == pruned
+    assert load_featureset(tmp_path / "featureset.toml") == pruned
 
 
 def test_the_audit_command_prints_its_table_and_writes_the_pruned_version(
@@ -288,7 +289,7 @@ def test_the_audit_command_prints_its_table_and_writes_the_pruned_version(
     assert main(args) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "feature audit: held-out AUC" in out and "retire" in out and "pruned FeatureSet demo v2" in out
-    assert FeatureSet.from_json((tmp_path / "a" / "featureset.json").read_text()).version == 2
+    assert load_featureset(tmp_path / "a" / "featureset.toml").version == 2
     with pytest.raises(SystemExit):
         main([*args, "--budget", "-0.1"])
     assert "budget must be at least 0" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import numpy as np
 from rich.table import Table
 
 from leanrec.audit.run import AuditResult
+from leanrec.featurefile import dump_featureset
 from leanrec.report.demo_report import _png
 from leanrec.report.tables import Col, fitted
 from leanrec.schema import FeatureSet
@@ -140,11 +141,11 @@ def plot_weight_vs_permutation(result: AuditResult) -> str:
 
 
 def write_audit(result: AuditResult, fs: FeatureSet, out: Path) -> FeatureSet:
-    """Write ``audit.json``, ``featureset.json`` (the pruned version), ``audit.html``; return the version."""
+    """Write ``audit.json``, ``featureset.toml`` (the pruned version), ``audit.html``; return the version."""
     out.mkdir(parents=True, exist_ok=True)
     pruned = result.plan.featureset(fs)
     (out / "audit.json").write_text(json.dumps(result.to_dict(), indent=1))
-    (out / "featureset.json").write_text(pruned.to_json())
+    (out / "featureset.toml").write_text(dump_featureset(pruned))
     related = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{r.r2:.3f}</td><td>{r.null_mean:.3f} ± {r.null_sd:.3f}</td></tr>"
         for n, r in sorted(result.related.items(), key=lambda kv: -kv[1].r2)
@@ -167,7 +168,7 @@ def write_audit(result: AuditResult, fs: FeatureSet, out: Path) -> FeatureSet:
 ({result.heldout_examples:,} examples).
 The plan retires {len(result.plan.retire)} of {len(result.importance)} features; shuffled together they cost
 {result.plan.loss:+.5f} AUC against a budget of {result.plan.budget}. The pruned FeatureSet is
-{html.escape(pruned.name)} v{pruned.version} (<code>featureset.json</code>). Late-ranker p99 latency
+{html.escape(pruned.name)} v{pruned.version} (<code>featureset.toml</code>). Late-ranker p99 latency
 {result.latency_p99_ms:.2f} ms per request; work shares are attributions of it, not measurements.</p>
 <img src="data:image/png;base64,{plot_value_cost(result)}">
 <p>Features ranked by weight norm against ranked by permutation importance (Spearman rank
