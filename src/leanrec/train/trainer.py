@@ -109,6 +109,11 @@ class TrainResult:
         """Training examples processed per wall-clock second of training steps."""
         return self.examples_trained / max(self.train_seconds, 1e-9)
 
+    @property
+    def examples_per_cpu_second(self) -> float:
+        """Training examples processed per CPU second of training steps: the work, whatever the load."""
+        return self.examples_trained / max(self.train_cpu_seconds, 1e-9)
+
 
 def split_of(request_ids: list[str], valid_percent: int, test_percent: int) -> np.ndarray:
     """0 train, 1 validation, 2 test for each request id (a stable hash of the id)."""
