@@ -23,7 +23,7 @@ from leanrec.energy.ledger import CostLedger
 from leanrec.events.bus import EventBus, RequestOpened
 from leanrec.events.model import EventBatch, RequestRef
 from leanrec.featurelog import codec
-from leanrec.funnel.ranker import RankedBatch
+from leanrec.featurelog.ranked import RankedBatch
 from leanrec.schema import FeatureBlock, FeatureSet, Side
 from leanrec.stores.transient import StoreFullError, TransientStore
 

@@ -8,43 +8,14 @@ trained model replaces it: it exposes the same ``score`` signature a trained mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from leanrec.featurelog.ranked import RankedBatch
 from leanrec.schema import FeatureBlock, FeatureSet, Owner, Side
 from leanrec.stores.features import FeatureStore
 from leanrec.world import World
-
-
-@dataclass
-class RankedBatch:
-    """B ranked requests, with the features the late ranker scored.
-
-    Attributes:
-        user_ids: ``(B,)`` int64.
-        item_ids: ``(B, n)`` int32, in ranked order.
-        scores: ``(B, n)`` float32 late-ranker scores, descending along axis 1.
-        request: Request-side features, B rows.
-        items: Item-side features, ``B * n`` rows; request b's items are rows ``b*n .. b*n+n-1`` in
-            ranked order.
-
-    """
-
-    user_ids: np.ndarray
-    item_ids: np.ndarray
-    scores: np.ndarray
-    request: FeatureBlock
-    items: FeatureBlock
-
-    def __len__(self) -> int:
-        return len(self.user_ids)
-
-    @property
-    def n_items(self) -> int:
-        """Items ranked per request."""
-        return self.item_ids.shape[1]
 
 
 class LateScorer(Protocol):

@@ -36,13 +36,13 @@ from pydantic import BaseModel, Field
 
 from leanrec.clock import SystemClock
 from leanrec.energy.ledger import CostLedger
-from leanrec.events import EventBatch, EventLimits, RequestRef, open_event_bus
-from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging
+from leanrec.events import EventBatch, EventLimits, RequestRef
+from leanrec.featurelog.loggers import FeatureLogger, LazyLogger
 from leanrec.funnel.ranker import Funnel
 from leanrec.serve.config import ServeConfig
+from leanrec.serve.rankinglog import build_logging
 from leanrec.serve.service import LoggingService, LoggingUnavailable
 from leanrec.serve.tokens import TokenError, TokenSigner
-from leanrec.stores import open_transient_store
 from leanrec.world import World, WorldConfig
 
 
@@ -325,28 +325,9 @@ class ServiceState:
 
 def build_state(config: ServeConfig) -> ServiceState:
     """Build the world, the funnel and the logging plumbing of one serving process."""
-    clock = SystemClock()
     world = World(WorldConfig(n_users=config.n_users, n_items=config.n_items, seed=config.seed))
-    fs = world.featureset
-    ledger = CostLedger()
-    store = open_transient_store(config.store_url, clock=clock)
-    bus = open_event_bus(config.bus_url)
-    limits = EventLimits(
-        window_ms=config.window_ms, lateness_ms=config.lateness_ms, max_events=config.max_events
-    )
-    ttl = config.window_ms + config.lateness_ms + config.ttl_grace_ms
-    logger: FeatureLogger | None
-    if config.logging == "lazy":
-        max_age = config.window_ms + config.lateness_ms  # until the last event batch may arrive
-        contexts = ContextCache(config.context_max_bytes, config.context_idle_ms, max_age, clock, ledger)
-        logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, Paging(), config.lookahead)
-    elif config.logging == "eager":
-        logger = EagerLogger(fs, store, bus, ledger, ttl)
-    else:
-        logger = None
-    service = LoggingService(logger, bus, limits, clock) if logger is not None else None
-    signer = TokenSigner(config.secret_bytes(), config.window_ms + config.lateness_ms)
-    return ServiceState(config, world, Funnel(world), signer, store, bus, logger, service, limits)
+    p = build_logging(world.featureset, config, SystemClock(), CostLedger())
+    return ServiceState(config, world, Funnel(world), p.signer, p.store, p.bus, p.logger, p.service, p.limits)
 
 
 def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAPI:

@@ -27,6 +27,8 @@ class ServeConfig:
         store_url: TransientStore (``memory://`` or ``redis://host:port/db``).
         bus_url: EventBus (``memory://`` or ``redis://host:port/db``); joiners must share it.
         logging: ``lazy`` (the lean way), ``eager`` (the naive baseline) or ``off``.
+        featureset: The FeatureSet file the service logs under (its ranker's features); empty for
+            the synthetic world's, which ``n_users``, ``n_items`` and ``seed`` describe.
         n_users: Users of the synthetic world the service ranks for.
         n_items: Items of its corpus.
         seed: Seed of the world (joiners derive the FeatureSet from the same settings).
@@ -38,6 +40,7 @@ class ServeConfig:
         lookahead: Positions a pagination signal looks ahead.
         max_body_bytes: Largest request body accepted.
         max_events: Events in one batch.
+        max_items: Longest ranked list a ranker may log (``/v1/log`` and the library).
         secret: HMAC key of request tokens (``LEANREC_SECRET`` in the environment wins); every
             process serving one deployment must share it.
         warehouse: Folder (or URI) joiners write to.
@@ -51,6 +54,7 @@ class ServeConfig:
     store_url: str = "memory://"
     bus_url: str = "memory://"
     logging: str = "lazy"
+    featureset: str = ""
     n_users: int = 10_000
     n_items: int = 50_000
     seed: int = 7
@@ -62,6 +66,7 @@ class ServeConfig:
     lookahead: int = 2
     max_body_bytes: int = 256 << 10
     max_events: int = 1_000
+    max_items: int = 1_000
     secret: str = "leanrec-development-secret-change-me"
     warehouse: str = "leanrec-warehouse"
     consumer: str = "joiner-1"
@@ -70,7 +75,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.logging not in ("lazy", "eager", "off"):
             raise ConfigError(f"logging must be lazy, eager or off, got {self.logging!r}")
-        for name in ("port", "n_users", "window_ms", "max_body_bytes", "max_events", "poll_ms"):
+        for name in ("port", "n_users", "window_ms", "max_body_bytes", "max_events", "max_items", "poll_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_items < 1000:
@@ -112,10 +117,10 @@ class ServeConfig:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
             values = data.get("leanrec", data)
         known = {f.name: f for f in fields(cls)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
         for name, value in values.items():
             want = int if known[name].type in ("int", int) else str
             if want is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -15,7 +15,7 @@ from leanrec.clock import Clock
 from leanrec.events.bus import EventBus
 from leanrec.events.model import EventBatch, EventLimits, RequestRef, ValidationReport, validate
 from leanrec.featurelog.loggers import FeatureLogger, key
-from leanrec.funnel.ranker import RankedBatch
+from leanrec.featurelog.ranked import RankedBatch
 from leanrec.stores.transient import OnceAppend, StoreFullError
 
 

@@ -1,0 +1,135 @@
+"""A ranker's own arrays, checked against the FeatureSet and packed into the blocks loggers freeze.
+
+A ranking service outside leanrec holds the features it scored as arrays by name: the request side
+once (user and context features), the item side one row per ranked item. :func:`pack_ranked` checks
+every array against its feature (present, known, the right width, numbers of the right kind, ids
+inside the vocabulary) and packs them into a :class:`~leanrec.featurelog.ranked.RankedBatch`: one
+vectorised copy per feature, no loop over values. A mistake raises :class:`FeatureInputError`
+naming the feature, so the library and the HTTP sidecar refuse it before anything is logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from leanrec.errors import InputError
+from leanrec.featurelog.ranked import RankedBatch
+from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Side
+
+
+class FeatureInputError(InputError, ValueError):
+    """Arrays that do not match the FeatureSet, with the feature and what was wrong.
+
+    Attributes:
+        feature: The feature (or field) at fault, ``""`` when it is the request as a whole.
+        status: The HTTP status the sidecar answers with: 413 for a list over the limit, else 422.
+
+    """
+
+    def __init__(self, message: str, feature: str = "", status: int = 422) -> None:
+        super().__init__(message)
+        self.feature, self.status = feature, status
+
+
+def _block(
+    fs: FeatureSet, side: Side, values: Mapping[str, object], rows: int, where: str
+) -> tuple[FeatureBlock, set[str]]:
+    """One side's block of ``rows`` rows from ``values``; returns it and the names it used."""
+    layout = fs.layout(side)
+    block = layout.zeros(rows)
+    used = set()
+    for slot in layout.slots:
+        f = slot.feature
+        if f.name not in values:
+            raise FeatureInputError(f"feature {f.name} ({f.owner.value}, {where}) is missing", f.name)
+        used.add(f.name)
+        try:
+            a = np.asarray(values[f.name])
+        except (TypeError, ValueError):
+            raise FeatureInputError(f"feature {f.name}: not an array of numbers", f.name) from None
+        if side is Side.REQUEST and a.ndim <= 2 and a.size == f.size and a.shape[:1] in ((), (1,), (f.size,)):
+            a = a.reshape(1, f.size)  # a scalar, (size,) or (1, size)
+        elif side is Side.ITEM and f.size == 1 and a.shape == (rows,):
+            a = a.reshape(rows, 1)
+        if a.shape != (rows, f.size):
+            got = "x".join(map(str, np.shape(values[f.name]))) or "a scalar"
+            shape = f"{f.size} values" if side is Side.REQUEST else f"{rows} rows of {f.size}"
+            raise FeatureInputError(f"feature {f.name}: expected {shape}, got {got}", f.name)
+        if f.is_float:
+            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or (
+                a.dtype == np.bool_
+            ):
+                raise FeatureInputError(f"feature {f.name} is dense: expected numbers, got {a.dtype}", f.name)
+            block.floats[:, slot.offset : slot.stop] = a
+        else:
+            if not np.issubdtype(a.dtype, np.integer):
+                raise FeatureInputError(
+                    f"feature {f.name} holds ids: expected integers, got {a.dtype}", f.name
+                )
+            if a.size and (int(a.min()) < PAD_ID or int(a.max()) >= f.vocab):
+                raise FeatureInputError(
+                    f"feature {f.name}: ids must lie in [0, {f.vocab}) (or {PAD_ID} for padding), "
+                    f"got {int(a.min())}..{int(a.max())}",
+                    f.name,
+                )
+            block.ints[:, slot.offset : slot.stop] = a
+    return block, used
+
+
+def pack_ranked(
+    fs: FeatureSet,
+    user_id: int,
+    item_ids: object,
+    features: Mapping[str, object],
+    scores: object | None = None,
+    max_items: int = 1_000,
+) -> RankedBatch:
+    """One ranked request as a RankedBatch, from a ranker's arrays.
+
+    Args:
+        fs: The FeatureSet the ranker scored under.
+        user_id: Who the request was ranked for.
+        item_ids: ``(n,)`` integer ids of the ranked items, best first.
+        features: Every feature of ``fs`` by name: request-side ones as ``(size,)`` (or a scalar
+            for size 1), item-side ones as ``(n, size)`` (or ``(n,)`` for size 1).
+        scores: ``(n,)`` scores the ranker gave, or None (then ``n - position``, descending).
+        max_items: Longest list accepted.
+
+    Raises:
+        FeatureInputError: A feature missing, unknown, of the wrong width or kind of number, an id
+            outside its vocabulary, or more than ``max_items`` items (status 413).
+
+    """
+    items = np.asarray(item_ids)
+    if items.ndim != 1 or not len(items):
+        raise FeatureInputError("items: expected a non-empty list of item ids", "items")
+    if not np.issubdtype(items.dtype, np.integer):
+        raise FeatureInputError(f"items: expected integer ids, got {items.dtype}", "items")
+    n = len(items)
+    if n > max_items:
+        raise FeatureInputError(f"items: {n} ranked items, limit {max_items}", "items", status=413)
+    if int(items.min()) < 0 or int(items.max()) >= 2**31:
+        raise FeatureInputError("items: ids must lie in [0, 2**31)", "items")
+    request, used_r = _block(fs, Side.REQUEST, features, 1, "once per request")
+    item_block, used_i = _block(fs, Side.ITEM, features, n, "one row per item")
+    if unknown := sorted(set(features) - used_r - used_i):
+        raise FeatureInputError(
+            f"feature {unknown[0]} is not in FeatureSet {fs.name} v{fs.version}"
+            + (f" (nor {unknown[1:]})" if len(unknown) > 1 else ""),
+            unknown[0],
+        )
+    if scores is None:
+        s = np.arange(n, 0, -1, dtype=np.float32)
+    else:
+        s = np.asarray(scores)
+        if s.shape != (n,) or not np.issubdtype(s.dtype, np.number):
+            raise FeatureInputError(f"scores: expected {n} numbers, one per item", "scores")
+    return RankedBatch(
+        np.array([user_id], np.int64),
+        items.astype(np.int32).reshape(1, n),
+        s.astype(np.float32).reshape(1, n),
+        request,
+        item_block,
+    )

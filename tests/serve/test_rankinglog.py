@@ -1,0 +1,205 @@
+"""The library's way in: a FeatureSet of one's own, logged, paginated, engaged with and joined."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+import leanrec
+from leanrec.clock import ManualClock
+from leanrec.featurefile import parse_featureset
+from leanrec.featurelog.inputs import FeatureInputError
+from leanrec.schema import Side
+from leanrec.serve.config import ConfigError
+from leanrec.serve.tokens import TokenError
+from leanrec.warehouse.store import ParquetWarehouse
+from leanrec.warehouse.tables import TableLayout
+
+SHOP = """
+name = "shop"
+version = 1
+
+[[features]]
+name = "region"
+owner = "user"
+kind = "sparse"
+vocab = 30
+
+[[features]]
+name = "taste"
+owner = "user"
+kind = "dense"
+size = 8
+space = "tt"
+
+[[features]]
+name = "bought"
+owner = "user"
+kind = "sequence"
+size = 12
+vocab = 5000
+role = "history"
+
+[[features]]
+name = "hour"
+owner = "context"
+kind = "sparse"
+vocab = 24
+
+[[features]]
+name = "sku"
+owner = "item"
+kind = "sparse"
+vocab = 5000
+role = "item_id"
+
+[[features]]
+name = "price"
+owner = "item"
+kind = "dense"
+
+[[features]]
+name = "look"
+owner = "item"
+kind = "dense"
+size = 8
+space = "tt"
+"""
+
+T0 = 1_700_000_000_000
+
+
+def _features(rng: np.random.Generator, items: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(items)
+    return {
+        "region": np.array(rng.integers(30)),
+        "taste": rng.normal(size=8).astype(np.float32),
+        "bought": np.where(np.arange(12) < 7, rng.integers(5000, size=12), -1),
+        "hour": np.array([13]),
+        "sku": items,
+        "price": rng.gamma(2.0, 10.0, size=n),  # float64: dense features take any real numbers
+        "look": rng.normal(size=(n, 8)).astype(np.float32),
+    }
+
+
+@pytest.fixture(params=["memory", "redis"])
+def urls(request: pytest.FixtureRequest) -> tuple[str, str]:
+    if request.param == "memory":
+        return "memory://", "memory://"
+    url = request.getfixturevalue("redis_url")
+    return url, url
+
+
+@pytest.mark.parametrize("logging", ["lazy", "eager"])
+def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back_joined(
+    tmp_path: Path, urls: tuple[str, str], logging: str
+) -> None:
+    (tmp_path / "shop.toml").write_text(SHOP)
+    clock = ManualClock(T0)
+    log = leanrec.open_logging(
+        tmp_path / "shop.toml", *urls, logging=logging, clock=clock, window_ms=60_000, lateness_ms=5_000
+    )
+    joiner = log.joiner(tmp_path / "wh")
+    rng = np.random.default_rng(4)
+    sent, viewed = {}, {}
+    for user in range(6):
+        items = rng.choice(5000, size=40, replace=False)
+        feats, scores = _features(rng, items), np.sort(rng.random(40))[::-1]
+        logged = log.ranked(user, items, feats, scores)
+        sent[logged.request_id] = (feats, items)
+        assert logged.n_items == 40
+        # The head is seen; user 0..2 scroll to 14 with a signal; users 3..5 scroll fast: their first
+        # signal comes after events on items of a page never signalled.
+        seen = [0, 2, 5]
+        if user < 3:
+            log.paginate(logged.request_id, logged.token, 14)
+            seen += [9, 14]
+        seen += [22] if user >= 3 else []
+        events = [
+            {"position": p, "item_id": int(items[p]), "kind": "click", "ts_ms": clock.now_ms()} for p in seen
+        ]
+        result = log.events(logged.request_id, logged.token, events, batch_id=f"b{user}")
+        assert result.accepted == len(seen) and result.refused == {}
+        viewed[logged.request_id] = seen
+        clock.advance(100)
+    clock.advance(60_000 + 5_000 + 10_000)
+    joiner.poll()
+    assert joiner.join_due() == 6
+    joiner.flush()
+    assert joiner.stats.labels_lost == 0
+    layout = TableLayout.REQUEST if logging == "lazy" else TableLayout.IMPRESSION
+    wh = ParquetWarehouse(str(tmp_path / "wh"), log.featureset, layout)
+    rows = wh.read_examples()
+    assert rows.num_rows == sum(len(v) for v in viewed.values())
+    fs = log.featureset
+    for rid, seen in viewed.items():
+        feats, items = sent[rid]
+        mine = rows.filter(pc.equal(rows["request_id"], rid))
+        assert mine["position"].to_pylist() == seen
+        assert mine["item_id"].to_pylist() == items[seen].tolist()
+        # Frozen byte for byte: the request side once, each viewed item's row as the ranker scored it.
+        np.testing.assert_array_equal(
+            np.stack(mine["taste"].to_numpy(zero_copy_only=False)), np.tile(feats["taste"], (len(seen), 1))
+        )
+        np.testing.assert_array_equal(mine["price"].to_numpy(), feats["price"][seen].astype(np.float32))
+        np.testing.assert_array_equal(
+            np.stack(mine["look"].to_numpy(zero_copy_only=False)), feats["look"][seen]
+        )
+        assert mine["bought"].to_pylist()[0] == feats["bought"].tolist()
+        assert all(mine["click"].to_pylist())
+    assert set(fs.layout(Side.REQUEST).names) <= set(rows.column_names)
+
+
+def _shop_log(**settings: object) -> leanrec.serve.rankinglog.RankingLog:
+    return leanrec.open_logging(parse_featureset(SHOP), clock=ManualClock(T0), **settings)
+
+
+@pytest.mark.parametrize(
+    ("change", "message", "status"),
+    [
+        (lambda f: f.pop("price"), r"feature price \(item, one row per item\) is missing", 422),
+        (lambda f: f.update(look=f["look"][:, :7]), "feature look: expected 40 rows of 8, got 40x7", 422),
+        (lambda f: f.update(taste=np.zeros(9)), "feature taste: expected 8 values, got 9", 422),
+        (lambda f: f.update(region=np.array(2.5)), "feature region holds ids: expected integers", 422),
+        (lambda f: f.update(price=np.array(["a"] * 40)), "feature price is dense: expected numbers", 422),
+        (lambda f: f.update(sku=f["sku"] + 5000), r"feature sku: ids must lie in \[0, 5000\)", 422),
+        (lambda f: f.update(colour=np.zeros(40)), "feature colour is not in FeatureSet shop v1", 422),
+    ],
+)
+def test_arrays_that_do_not_match_the_featureset_are_refused_naming_the_feature(
+    change, message: str, status: int
+) -> None:
+    log = _shop_log()
+    rng = np.random.default_rng(0)
+    items = rng.choice(5000, size=40, replace=False)
+    good = log.ranked(1, items, _features(rng, items))
+    feats = _features(rng, items)
+    change(feats)
+    with pytest.raises(FeatureInputError, match=message) as caught:
+        log.ranked(2, items, feats)
+    assert caught.value.status == status
+    # Nothing accepted before is lost: the good request still paginates and takes events.
+    assert log.paginate(good.request_id, good.token, 10) >= 1
+    ok = log.events(
+        good.request_id, good.token, [{"position": 3, "item_id": int(items[3]), "kind": "click", "ts_ms": T0}]
+    )
+    assert ok.accepted == 1
+
+
+def test_a_list_over_the_limit_and_a_forged_token_are_refused() -> None:
+    log = _shop_log(max_items=30)
+    rng = np.random.default_rng(1)
+    items = rng.choice(5000, size=40, replace=False)
+    with pytest.raises(FeatureInputError, match="40 ranked items, limit 30") as caught:
+        log.ranked(1, items, _features(rng, items))
+    assert caught.value.status == 413
+    ok = log.ranked(1, items[:30], _features(rng, items[:30]))
+    with pytest.raises(TokenError, match="for request"):
+        log.paginate("another", ok.token, 5)
+    with pytest.raises(ConfigError, match="logging must be lazy or eager"):
+        _shop_log(logging="off")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        _shop_log(window=5)
