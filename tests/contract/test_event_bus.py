@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from leanrec.events import EventBatch, EventBus, MemoryEventBus, RequestOpened, open_event_bus
+from leanrec.events import EventBatch, EventBus, MemoryEventBus, RequestOpened, Undecodable, open_event_bus
 from leanrec.events.redis_bus import MalformedEntryError, RedisEventBus, decode_opened, encode_opened
 
 from .conftest import REDIS_TEST_URL, flush_redis, require_redis
@@ -368,6 +368,30 @@ def test_redis_only_malformed_entries_are_counted_skipped_and_acked(
     _assert_delivered(bus.consume(10), ids[3:], good[3:])
     assert bus.claim_pending() == list(zip(ids, good, strict=True))
     assert bus.malformed == len(bad_entries)  # each counted once
+
+
+def test_redis_only_malformed_entries_are_delivered_raw_and_stay_pending_when_asked(
+    redis_bus: Callable[..., RedisEventBus], raw: redis.Redis
+) -> None:
+    bus = redis_bus(deliver_malformed=True, claim_idle_ms=0)
+    good = _messages(2)
+    ids = bus.append_many(good[:1])
+    bad = {"request_id": b"r-x", "user_id": b"twelve", "payload": b"\x00\xff"}
+    bad_id = raw.xadd(bus.stream, bad).decode()  # type: ignore[arg-type]
+    ids += bus.append_many(good[1:])
+
+    got = bus.consume(10)
+    assert [mid for mid, _ in got] == [ids[0], bad_id, ids[1]]
+    assert [m for _, m in got][::2] == good
+    odd = got[1][1]
+    assert isinstance(odd, Undecodable)
+    assert dict(odd.fields) == {k.encode(): v for k, v in bad.items()}  # the bytes as stored
+    assert "unexpected fields" in odd.reason and "missing fields" in odd.reason
+    assert bus.malformed == 1
+    assert bus.pending() == 3  # left to the consumer to acknowledge once it has kept it
+    assert [mid for mid, _ in bus.claim_pending()] == [ids[0], bad_id, ids[1]]
+    assert bus.ack([bad_id]) == 1
+    assert [mid for mid, _ in bus.claim_pending()] == ids
 
 
 def test_redis_only_a_malformed_entry_is_refused_naming_its_id() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from leanrec.featurelog import codec
-from leanrec.featurelog.codec import HEADER_BYTES, BlobKind, CodecError
+from leanrec.featurelog.codec import HEADER_BYTES, BlobKind, CodecError, ForeignBlobError
 from leanrec.schema import FeatureBlock, FeatureSet, Side
 from leanrec.world import default_featureset
 
@@ -162,7 +162,7 @@ def test_blob_of_another_featureset_is_refused_naming_both(
     else:
         assert other.fingerprint != fs.fingerprint
     blob = _blobs(other)[kind]
-    with pytest.raises(CodecError) as err:
+    with pytest.raises(ForeignBlobError) as err:  # another reader's blob, not a damaged one
         _decode(fs, kind, blob)
     msg = str(err.value)
     assert f"{other.fingerprint:08x} v{other.version}" in msg
@@ -172,16 +172,21 @@ def test_blob_of_another_featureset_is_refused_naming_both(
 def test_impressions_of_two_featuresets_in_one_batch_are_refused(fs: FeatureSet) -> None:
     ours = _blobs(fs)[BlobKind.IMPRESSION]
     theirs = _blobs(_other_version(fs))[BlobKind.IMPRESSION]
-    with pytest.raises(CodecError, match="different FeatureSets"):
+    with pytest.raises(ForeignBlobError, match="different FeatureSets"):
         codec.decode_impressions(fs, [ours, ours, theirs])
+    damaged = b"XX" + theirs[2:]
+    with pytest.raises(CodecError, match="magic") as err:
+        codec.decode_impressions(fs, [ours, damaged])
+    assert not isinstance(err.value, ForeignBlobError)
 
 
 @pytest.mark.parametrize("kind", list(BlobKind))
 @pytest.mark.parametrize("cut", [0, 1, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 3, -1])
 def test_truncated_blobs_are_refused(fs: FeatureSet, kind: BlobKind, cut: int) -> None:
     blob = _blobs(fs)[kind]
-    with pytest.raises(CodecError, match=r"\d+ B"):
+    with pytest.raises(CodecError, match=r"\d+ B") as err:
         _decode(fs, kind, blob[:cut])
+    assert not isinstance(err.value, ForeignBlobError)
 
 
 @pytest.mark.parametrize("kind", list(BlobKind))

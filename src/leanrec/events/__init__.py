@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-from leanrec.events.bus import EventBus, MemoryEventBus, Message, RequestOpened
+from leanrec.events.bus import EventBus, MemoryEventBus, Message, RequestOpened, Undecodable
 from leanrec.events.model import (
     LABELS,
     EventBatch,
@@ -26,6 +26,7 @@ __all__ = [
     "Message",
     "RequestOpened",
     "RequestRef",
+    "Undecodable",
     "ValidationReport",
     "open_event_bus",
     "validate",
@@ -38,7 +39,7 @@ def open_event_bus(url: str, **kwargs: Any) -> EventBus:
     ``memory://`` is the in-process :class:`MemoryEventBus` (it takes no options).
     ``redis://[user:password@]host:port/db`` is :class:`~leanrec.events.redis_bus.RedisEventBus` on
     that server; ``kwargs`` go to it (``stream``, ``group``, ``consumer``, ``maxlen``,
-    ``claim_idle_ms``).
+    ``claim_idle_ms``, ``deliver_malformed``).
 
     Raises:
         ValueError: For a scheme leanrec has no backend for.

@@ -37,6 +37,24 @@ class RequestOpened:
 Message = RequestOpened
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A bus entry that is not a RequestOpened record, delivered as stored so its consumer can set it aside.
+
+    A backend that can hold foreign entries (a Redis stream any client may write to) delivers these
+    when asked to (``deliver_malformed``), instead of acknowledging them itself, so that the consumer
+    acknowledges them only once they are kept somewhere.
+
+    Attributes:
+        fields: The entry's fields and their raw values, as stored.
+        reason: What is wrong with it.
+
+    """
+
+    fields: tuple[tuple[bytes, bytes], ...]
+    reason: str
+
+
 @runtime_checkable
 class EventBus(Protocol):
     """Append, consume and acknowledge messages."""

@@ -22,8 +22,10 @@ How the EventBus operations map onto Redis:
 * ``pending``: the group's pending count (``XPENDING``), every consumer included.
 
 An entry that cannot be parsed back into a RequestOpened (written by another client, or by hand) does
-not stop consumption: it is skipped, counted in ``malformed``, logged with its id, and acknowledged so
-that it is never delivered again.
+not stop consumption: it is counted in ``malformed`` and logged with its id. By default it is skipped
+and acknowledged so that it is never delivered again; with ``deliver_malformed`` it is delivered as an
+:class:`~leanrec.events.bus.Undecodable` holding its raw fields and left pending like any record, so
+a consumer (the joiner) acknowledges it only once it has set it aside.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any, TypeVar
 import redis
 import redis.exceptions
 
-from leanrec.events.bus import RequestOpened
+from leanrec.events.bus import RequestOpened, Undecodable
 from leanrec.stores.redis_common import answering, connect
 
 log = logging.getLogger(__name__)
@@ -167,8 +169,9 @@ class RedisEventBus:
     that record to be processed again, so processing must be idempotent.
 
     Client-side counters: ``appended`` (entries this client appended), ``malformed`` (entries that were
-    not RequestOpened records, skipped and acknowledged), ``trimmed`` (pending entries whose data
-    MAXLEN trimming had removed, acknowledged as lost); ``last_malformed`` is the last such error.
+    not RequestOpened records: skipped and acknowledged, or delivered with ``deliver_malformed``),
+    ``trimmed`` (pending entries whose data MAXLEN trimming had removed, acknowledged as lost);
+    ``last_malformed`` is the last such error.
 
     Args:
         url: ``redis://[user:password@]host:port/db``, as ``redis.Redis.from_url`` takes it.
@@ -179,6 +182,9 @@ class RedisEventBus:
         claim_idle_ms: How long another consumer's entry must have been pending and untouched before
             :meth:`claim_pending` takes it over. Longer than the slowest batch a worker processes, or
             live workers' entries are taken from them and processed twice.
+        deliver_malformed: Deliver entries that are not RequestOpened records as
+            :class:`~leanrec.events.bus.Undecodable` messages, pending until acknowledged, instead of
+            acknowledging them here; for a consumer that keeps what it cannot read.
 
     Raises:
         ValueError: If ``maxlen`` is not positive or ``claim_idle_ms`` is negative.
@@ -194,6 +200,7 @@ class RedisEventBus:
         consumer: str = "c0",
         maxlen: int = 1_000_000,
         claim_idle_ms: int = 30_000,
+        deliver_malformed: bool = False,
     ) -> None:
         if maxlen <= 0:
             raise ValueError(f"maxlen must be positive, got {maxlen}")
@@ -205,6 +212,7 @@ class RedisEventBus:
         self.consumer = consumer
         self.maxlen = maxlen
         self.claim_idle_ms = claim_idle_ms
+        self.deliver_malformed = deliver_malformed
         self.appended = 0
         self.malformed = 0
         self.trimmed = 0
@@ -247,9 +255,12 @@ class RedisEventBus:
 
     def _decode_all(
         self, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]
-    ) -> list[tuple[str, RequestOpened]]:
-        """Parse entries; acknowledge and count the malformed and the trimmed ones, keep the rest."""
-        out: list[tuple[str, RequestOpened]] = []
+    ) -> list[tuple[str, RequestOpened | Undecodable]]:
+        """Parse entries; count the malformed ones and acknowledge them (or deliver them, as asked).
+
+        Trimmed ones are acknowledged as lost: nothing of them is left to deliver.
+        """
+        out: list[tuple[str, RequestOpened | Undecodable]] = []
         dropped: list[str] = []
         for entry_id, fields in entries:
             if not fields:  # XADD needs a field: an empty entry is one trimmed away while pending
@@ -264,6 +275,10 @@ class RedisEventBus:
             except MalformedEntryError as err:
                 self.malformed += 1
                 self.last_malformed = str(err)
+                if self.deliver_malformed:
+                    out.append((entry_id, Undecodable(tuple(fields.items()), err.reason)))
+                    log.warning("%s; delivered to be set aside", err)
+                    continue
                 dropped.append(entry_id)
                 log.warning("%s; skipped and acknowledged", err)
         if dropped:
@@ -298,13 +313,14 @@ class RedisEventBus:
         self.appended += len(ids)
         return ids
 
-    def consume(self, max_count: int) -> list[tuple[str, RequestOpened]]:
+    def consume(self, max_count: int) -> list[tuple[str, RequestOpened | Undecodable]]:
         """Deliver up to ``max_count`` new records to this consumer, without blocking.
 
-        They stay pending (to this consumer) until acknowledged. Malformed entries are skipped, so
-        reading goes on until ``max_count`` good records are found or the stream has no new entries.
+        They stay pending (to this consumer) until acknowledged. Malformed entries are skipped (unless
+        delivered, ``deliver_malformed``), so reading goes on until ``max_count`` records are found or
+        the stream has no new entries.
         """
-        out: list[tuple[str, RequestOpened]] = []
+        out: list[tuple[str, RequestOpened | Undecodable]] = []
         while len(out) < max_count:
             want = max_count - len(out)
             entries = self._read(">", want)
@@ -324,7 +340,7 @@ class RedisEventBus:
         with self._errors():
             return int(self._client.xack(self.stream, self.group, *valid))
 
-    def claim_pending(self) -> list[tuple[str, RequestOpened]]:
+    def claim_pending(self) -> list[tuple[str, RequestOpened | Undecodable]]:
         """Records delivered and not acknowledged that this consumer should now process, oldest first.
 
         These are this consumer's own pending records (whatever their idle time: a restarted worker

@@ -11,7 +11,8 @@ A blob is a 16-byte header followed by raw little-endian buffers, with no per-va
 - ``IMPRESSION``: the naive layout, one item with the whole vector the model scored: item id, request
   side floats and ints, item side floats and ints.
 
-Decoding returns views over the blob (no copy) and refuses a blob of another FeatureSet.
+Decoding returns views over the blob (no copy) and refuses a blob of another FeatureSet
+(:class:`ForeignBlobError`) or one that is not a whole blob of its kind (:class:`CodecError`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class BlobKind(IntEnum):
 
 class CodecError(ValueError):
     """A blob that cannot be decoded with the given FeatureSet, with the reason."""
+
+
+class ForeignBlobError(CodecError):
+    """A well-formed blob written under another FeatureSet (fingerprint or version): another reader's."""
 
 
 @dataclass
@@ -75,7 +80,7 @@ def _check(fs: FeatureSet, blob: bytes, kind: BlobKind) -> tuple[int, int]:
     if got_kind != kind:
         raise CodecError(f"expected a {kind.name} blob, got kind {got_kind}")
     if fp != fs.fingerprint or fs_version != fs.version:
-        raise CodecError(
+        raise ForeignBlobError(
             f"blob written with FeatureSet fingerprint {fp:08x} v{fs_version}, "
             f"reader has {fs.name} {fs.fingerprint:08x} v{fs.version}"
         )
@@ -204,8 +209,14 @@ def decode_impressions(
     rec = np.frombuffer(b"".join(blobs), dtype=dtype)
     head = np.frombuffer(rec["header"].tobytes(), np.uint8).reshape(len(rec), HEADER_BYTES)
     fixed = 10  # magic, codec version, kind, fingerprint, FeatureSet version
-    if not (head[:, :fixed] == head[0, :fixed]).all():
-        raise CodecError("IMPRESSION blobs of different FeatureSets or codec versions in one batch")
+    odd = np.flatnonzero((head[:, :fixed] != head[0, :fixed]).any(axis=1))
+    if len(odd):  # the first passed the check, so this one fails it: say why, as its own type
+        try:
+            _check(fs, blobs[int(odd[0])], BlobKind.IMPRESSION)
+        except CodecError as err:
+            raise type(err)(
+                f"IMPRESSION blobs of different FeatureSets or codec versions in one batch: {err}"
+            ) from None
     positions = head[:, fixed : fixed + 2].copy().view("<u2").ravel().astype(np.int32)
     request = FeatureBlock(rec["req_f"], rec["req_i"])
     items = FeatureBlock(rec["item_f"], rec["item_i"])

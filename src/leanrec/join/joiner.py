@@ -9,22 +9,29 @@ never-viewed items are dropped. Labels are flags and a maximum, so duplicate and
 events give the same record.
 Messages are acknowledged, and transient entries deleted, only after the warehouse has committed
 the records made from them.
+
+A record the joiner cannot read (a request logged under another FeatureSet, a corrupt or truncated
+blob, an event batch or a bus entry that does not decode) is set aside in the dead letters with the
+reason and counted, and joining goes on (see :mod:`leanrec.join.deadletter`); it too is
+acknowledged, and its entries deleted, only once the dead letters are committed.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
 from leanrec.clock import Clock
 from leanrec.energy.ledger import CostLedger
-from leanrec.events.bus import EventBus, RequestOpened
+from leanrec.events.bus import EventBus, RequestOpened, Undecodable
 from leanrec.events.model import EventBatch, EventKind
-from leanrec.featurelog.loggers import FeatureLogger, key
+from leanrec.featurelog.codec import ForeignBlobError
+from leanrec.featurelog.loggers import FeatureLogger, Fetched, key
+from leanrec.join.deadletter import DeadKind, DeadLetter, DeadLetters, MemoryDeadLetters
 from leanrec.warehouse.records import RequestRecord
 
 PROGRESS_EVERY = 64
@@ -69,8 +76,10 @@ class JoinStats:
     malformed_messages: int = 0  # bus entries that are not RequestOpened records
     malformed_event_blobs: int = 0  # stored event batches that do not decode
     recovered_committed: int = 0  # taken over after a crash, found already in the warehouse
+    dead_letters: int = 0  # records set aside because they cannot be read
+    dead_letters_by_kind: dict[str, int] = field(default_factory=dict)  # DeadKind value -> count
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready counters."""
         return asdict(self)
 
@@ -94,6 +103,7 @@ class LabelJoiner:
         lateness_ms: Extra wait after the window for event batches still in flight.
         settle_ms: Wait after the lateness, so that a batch accepted at the deadline has landed.
         remember_ms: How long a joined request id is remembered, so a redelivered record is not joined again.
+        dead_letters: Where records that cannot be read are set aside (in the process if not given).
 
     """
 
@@ -108,10 +118,12 @@ class LabelJoiner:
         lateness_ms: int = 0,
         remember_ms: int | None = None,
         settle_ms: int = 2_000,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.logger, self.bus, self.sink, self.ledger, self.clock = logger, bus, sink, ledger, clock
         self.window_ms, self.lateness_ms, self.settle_ms = window_ms, lateness_ms, settle_ms
         self.remember_ms = remember_ms if remember_ms is not None else 2 * window_ms
+        self.dead_letters = dead_letters if dead_letters is not None else MemoryDeadLetters()
         self.stats = JoinStats()
         self._open: dict[str, _Open] = {}
         self._due: list[tuple[int, str]] = []
@@ -119,10 +131,34 @@ class LabelJoiner:
         self._ack: list[str] = []
         self._delete: list[str] = []
 
+    def _set_aside(self, letter: DeadLetter) -> None:
+        """Buffer a dead letter, committed by the next flush, before any acknowledgement."""
+        self.dead_letters.append([letter])
+        self.stats.dead_letters += 1
+        by_kind, kind = self.stats.dead_letters_by_kind, str(letter.kind)
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+
     def _schedule(self, mid: str, msg: object) -> None:
         if not isinstance(msg, RequestOpened):
             self.stats.malformed_messages += 1
-            self._ack.append(mid)
+            if isinstance(msg, Undecodable):
+                raw, reason = msg.fields, msg.reason
+            else:  # an object an in-process producer put on the bus
+                blob = msg.to_bytes() if isinstance(msg, EventBatch) else repr(msg).encode()
+                raw, reason = ((type(msg).__name__.encode(), blob),), f"a {type(msg).__name__}"
+            fields = tuple((k.decode("utf-8", "surrogateescape"), v) for k, v in raw)
+            named = dict(fields).get("request_id", b"").decode("utf-8", "replace") or None
+            self._set_aside(
+                DeadLetter(
+                    DeadKind.BUS_MESSAGE,
+                    f"bus entry {mid} is not a RequestOpened record: {reason}",
+                    self.clock.now_ms(),
+                    request_id=named,
+                    message_id=mid,
+                    raw=fields,
+                )
+            )
+            self._ack.append(mid)  # by the next flush, after the dead letter is committed
             return
         state = self._open.get(msg.request_id)
         if state is not None:  # delivered again while waiting: acknowledged with the first, after the commit
@@ -204,24 +240,78 @@ class LabelJoiner:
             del self._joined[rid]
         return joined
 
+    def _fetch(self, state: _Open, positions: np.ndarray, ev_chunks: list[bytes]) -> Fetched | None:
+        """The frozen features of ``positions``, or ``None`` once a request that cannot be read is set aside.
+
+        A request logged under another FeatureSet, or with a blob that does not decode, goes to the
+        dead letters whole: every transient entry it has and its event batches, raw, with the reason.
+        """
+        ref, fs = state.ref, self.logger.fs
+        if ref.fs_version != fs.version:
+            kind = DeadKind.FEATURESET
+            reason = f"logged under FeatureSet v{ref.fs_version}, this joiner reads {fs.name} v{fs.version}"
+        else:
+            try:
+                return self.logger.fetch(ref, np.unique(positions))
+            except ForeignBlobError as exc:
+                kind, reason = DeadKind.FEATURESET, str(exc)
+            except (ValueError, IndexError) as exc:  # CodecError, or a header whose numbers do not fit
+                kind, reason = DeadKind.CORRUPT_BLOB, str(exc) or type(exc).__name__
+        keys = self.logger.keys(ref)
+        values = self.logger.store.get_many(keys)
+        raw = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+        raw += [(key(ref.request_id, "ev"), chunk) for chunk in ev_chunks]
+        now = self.clock.now_ms()
+        self._set_aside(
+            DeadLetter(
+                kind,
+                reason,
+                now,
+                ref.request_id,
+                state.message_ids[0],
+                ref,
+                tuple(raw),
+            )
+        )
+        self._ack.extend(state.message_ids)
+        self._delete.extend(self._keys(ref))
+        self._joined[ref.request_id] = now
+        return None
+
     def _join(self, state: _Open) -> RequestRecord | None:
         ref = state.ref
         ev_key = key(ref.request_id, "ev")
-        batches = []
-        for blob in self.logger.store.get_lists_many([ev_key])[0]:
+        chunks = self.logger.store.get_lists_many([ev_key])[0]
+        batches, bad = [], []
+        for blob in chunks:
             try:
                 batches.append(EventBatch.from_bytes(blob))
-            except ValueError:
-                self.stats.malformed_event_blobs += 1
+            except ValueError as exc:
+                bad.append((blob, str(exc)))
         ev = EventBatch.concat(ref.request_id, batches)
+        # A client presents its own RequestRef: positions past the list that was ranked name no item.
+        off_list = (ev.position < 0) | (ev.position >= ref.n_items)
+        fetched = self._fetch(state, ev.position[~off_list], chunks)
+        if fetched is None:
+            return None
+        for blob, why in bad:  # the rest of the request joins
+            self.stats.malformed_event_blobs += 1
+            self._set_aside(
+                DeadLetter(
+                    DeadKind.EVENT_BLOB,
+                    f"event batch does not decode: {why}",
+                    self.clock.now_ms(),
+                    ref.request_id,
+                    state.message_ids[0],
+                    ref,
+                    ((ev_key, blob),),
+                )
+            )
         self.stats.events_joined += len(ev)
         keys = np.stack([ev.position.astype(np.int64), ev.kind.astype(np.int64), ev.ts_ms])
         self.stats.duplicate_events += len(ev) - (np.unique(keys, axis=1).shape[1] if len(ev) else 0)
-        # A client presents its own RequestRef: positions past the list that was ranked name no item.
-        off_list = (ev.position < 0) | (ev.position >= ref.n_items)
         self.stats.mismatched_events += int(off_list.sum())
         ev = ev.take(~off_list)
-        fetched = self.logger.fetch(ref, np.unique(ev.position))
         with self.ledger.cpu("join") as cost:
             viewed = np.unique(ev.position)
             # Events naming another item than the one logged at their position are refused.
@@ -274,8 +364,9 @@ class LabelJoiner:
         )
 
     def flush(self) -> list[str]:
-        """Commit the sink, then acknowledge messages and delete the joined requests' entries."""
+        """Commit the sink and the dead letters, then acknowledge messages and delete requests' entries."""
         committed = self.sink.flush()
+        self.dead_letters.flush()
         if self._ack:
             self.bus.ack(self._ack)
             self._ack = []
@@ -296,3 +387,13 @@ class LabelJoiner:
     def open_requests(self) -> int:
         """Requests waiting for their window to close."""
         return len(self._open)
+
+    @property
+    def next_due_ms(self) -> int | None:
+        """When the earliest open request is due (window, lateness and settling); ``None`` if none is open."""
+        return self._due[0][0] if self._due else None
+
+    @property
+    def unflushed(self) -> bool:
+        """Whether a flush has acknowledgements or deletions to make (joined or set-aside records)."""
+        return bool(self._ack or self._delete)
