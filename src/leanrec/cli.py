@@ -266,19 +266,36 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 
 
 def _join(args: argparse.Namespace, console: Console) -> int:
-    from leanrec.join.worker import run_worker
+    from leanrec.join.deadletter import DeadLetterFolder
+    from leanrec.join.worker import run_worker, set_aside_text
 
     config = _config(args)
     console.print(
-        f"leanrec join: consumer {config.consumer}, bus {config.bus_url}, warehouse {config.warehouse}"
+        f"leanrec join: consumer {config.consumer}, bus {config.bus_url}, warehouse {config.warehouse}, "
+        f"dead letters {DeadLetterFolder.of_warehouse(config.warehouse).uri}",
+        markup=False,
+        soft_wrap=True,
     )
+    if args.metrics_port is not None:
+        console.print(
+            f"metrics: http://{config.host}:{args.metrics_port}/metrics", markup=False, soft_wrap=True
+        )
     try:
-        report = run_worker(config, max_seconds=args.max_seconds)
+        report = run_worker(
+            config,
+            max_seconds=args.max_seconds,
+            status=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
+            metrics_port=args.metrics_port,
+        )
     except ConnectionError as exc:  # the Redis backends name the server that does not answer
         raise InputError(f"{exc}{_NOT_ANSWERING}") from None
     console.print(
         f"stopped: took over {report.recovered} pending, joined {report.requests_joined} requests, "
-        f"{report.examples} examples, {report.labels_lost} labels lost, {report.files} files"
+        f"{report.examples} examples, {report.labels_lost} labels lost, {report.files} files, "
+        f"{set_aside_text(report.dead_letters, report.dead_letters_by_kind)}"
+        + (f" in {report.dead_letter_uri}" if report.dead_letters else ""),
+        markup=False,
+        soft_wrap=True,
     )
     return 0
 
@@ -654,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(join)
     join.add_argument(
         "--max-seconds", type=_above_zero, default=None, help="stop after this long (default: run)"
+    )
+    join.add_argument(
+        "--metrics-port", type=_positive, default=None, help="serve the joiner's counters on /metrics there"
     )
     sim = sub.add_parser("simulate", help="drive a running service with simulated users over HTTP")
     sim.add_argument("--target", required=True, help="base URL of the service (loopback only)")

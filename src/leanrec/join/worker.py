@@ -6,19 +6,27 @@ first takes over what it (or a dead worker) left pending, skipping requests the 
 holds. SIGTERM drains it: it stops taking new records, commits what it has joined, and leaves the
 rest pending for another worker. A SIGKILL loses nothing: what was not acknowledged is pending, and
 the next worker to start takes it over.
+
+A record the worker cannot read (another FeatureSet, a corrupt blob, a bus entry that is not a
+RequestOpened) goes to the dead-letter folder inside the warehouse (``<warehouse>/_dead_letter/``),
+counted, and the worker goes on. While it waits for windows to close it says so, at most every
+``STATUS_EVERY_S``: how many requests are open and when the next window closes.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import FrameType
 
 from leanrec.clock import SystemClock
 from leanrec.energy.ledger import CostLedger
 from leanrec.events import open_event_bus
 from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging
+from leanrec.join.deadletter import DeadLetterFolder
 from leanrec.join.joiner import LabelJoiner
 from leanrec.serve.config import ConfigError, ServeConfig
 from leanrec.stores import open_transient_store
@@ -27,6 +35,7 @@ from leanrec.warehouse.tables import TableLayout
 from leanrec.world import WorldConfig, default_featureset
 
 CLAIM_EVERY_MS = 60_000  # how often a worker looks for records a dead worker left pending
+STATUS_EVERY_S = 30.0  # at most how often a worker says what it is waiting for
 
 
 @dataclass
@@ -38,6 +47,41 @@ class WorkerReport:
     examples: int
     labels_lost: int
     files: int
+    dead_letters: int = 0
+    dead_letters_by_kind: dict[str, int] = field(default_factory=dict)
+    dead_letter_uri: str = ""
+
+
+def _duration(ms: int) -> str:
+    """``"42s"``, ``"4m 05s"`` or ``"2h 03m"`` (an overdue time is ``"0s"``)."""
+    s = max(ms, 0) // 1000
+    if s >= 3600:
+        return f"{s // 3600}h {s // 60 % 60:02d}m"
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def set_aside_text(count: int, by_kind: dict[str, int]) -> str:
+    """``"2 set aside (corrupt_blob 1, featureset 1)"``, or ``"none set aside"``."""
+    if not count:
+        return "none set aside"
+    return f"{count} set aside (" + ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items())) + ")"
+
+
+def status_line(joiner: LabelJoiner, now_ms: int) -> str:
+    """What a worker waits for: open requests, when the next window closes, what it did so far."""
+    js = joiner.stats
+    due = joiner.next_due_ms
+    if due is None:
+        waiting = "waiting: no request open"
+    else:
+        when = datetime.fromtimestamp(due / 1000, UTC)
+        n = joiner.open_requests
+        waiting = (
+            f"waiting: {n} request{'s' * (n != 1)} open, next window closes in {_duration(due - now_ms)} "
+            f"({when:%H:%M:%S} UTC)"
+        )
+    done = set_aside_text(js.dead_letters, js.dead_letters_by_kind)
+    return f"{waiting}; so far {js.requests_joined} joined, {done}"
 
 
 def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
@@ -57,7 +101,10 @@ def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
     store = open_transient_store(config.store_url, clock=clock)
     # Another worker may take over a record only when no live worker could still be waiting on it.
     claim_idle_ms = config.window_ms + config.lateness_ms + 60_000
-    bus = open_event_bus(config.bus_url, consumer=config.consumer, claim_idle_ms=claim_idle_ms)
+    # Entries that are not RequestOpened records come to the joiner, which sets them aside before acking.
+    bus = open_event_bus(
+        config.bus_url, consumer=config.consumer, claim_idle_ms=claim_idle_ms, deliver_malformed=True
+    )
     ttl = config.window_ms + config.lateness_ms + config.ttl_grace_ms
     logger: FeatureLogger
     if config.logging == "lazy":
@@ -69,17 +116,36 @@ def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
         logger = EagerLogger(fs, store, bus, ledger, ttl)
         layout = TableLayout.IMPRESSION
     warehouse = ParquetWarehouse(config.warehouse, fs, layout, ledger, flush_rows=500)
-    joiner = LabelJoiner(logger, bus, warehouse, ledger, clock, config.window_ms, config.lateness_ms)
+    dead = DeadLetterFolder.of_warehouse(config.warehouse)
+    joiner = LabelJoiner(
+        logger, bus, warehouse, ledger, clock, config.window_ms, config.lateness_ms, dead_letters=dead
+    )
     return joiner, warehouse
 
 
 def run_worker(
-    config: ServeConfig, stop: threading.Event | None = None, max_seconds: float | None = None
+    config: ServeConfig,
+    stop: threading.Event | None = None,
+    max_seconds: float | None = None,
+    status: Callable[[str], None] | None = None,
+    status_every_s: float = STATUS_EVERY_S,
+    metrics_port: int | None = None,
 ) -> WorkerReport:
     """Join until stopped (SIGTERM, SIGINT, ``stop`` set, or ``max_seconds`` passed), then drain.
 
     Draining commits every record already joined and acknowledges it; records whose windows have
     not closed stay pending in the bus for another worker.
+
+    Args:
+        config: The deployment.
+        stop: Set to stop the worker (from another thread).
+        max_seconds: Stop after this long.
+        status: Called with a :func:`status_line` at the start and then at most every
+            ``status_every_s`` while the worker waits.
+        status_every_s: Least time between two status lines.
+        metrics_port: Serve the joiner's counters in the Prometheus text format on
+            ``http://<config.host>:<port>/metrics`` while it runs (0 picks a free port).
+
     """
     joiner, warehouse = build_joiner(config)
     stop = stop or threading.Event()
@@ -90,19 +156,52 @@ def run_worker(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
-    recovered = joiner.recover()
-    deadline = None if max_seconds is None else SystemClock().now_ms() + int(max_seconds * 1000)
-    next_claim = SystemClock().now_ms() + CLAIM_EVERY_MS
-    while not stop.is_set():
-        if SystemClock().now_ms() >= next_claim:  # take over what a dead worker left pending
-            recovered += joiner.recover()
-            next_claim = SystemClock().now_ms() + CLAIM_EVERY_MS
-        joiner.poll()
-        if joiner.join_due():
-            joiner.flush()
-        if deadline is not None and SystemClock().now_ms() >= deadline:
-            break
-        stop.wait(config.poll_ms / 1000)
-    joiner.flush()
+    server = None
+    if metrics_port is not None:
+        from leanrec.join.metrics import serve_metrics
+
+        if not 0 <= metrics_port <= 65_535:
+            raise ConfigError(f"the metrics port must be between 0 and 65535, got {metrics_port}")
+        try:
+            server = serve_metrics(joiner, config.host, metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {config.host}:{metrics_port}: {exc.strerror or exc}; "
+                "give another --metrics-port"
+            ) from None
+    try:
+        recovered = joiner.recover()
+        clock = SystemClock()
+        deadline = None if max_seconds is None else clock.now_ms() + int(max_seconds * 1000)
+        next_claim = clock.now_ms() + CLAIM_EVERY_MS
+        last_status: int | None = None
+        while not stop.is_set():
+            if clock.now_ms() >= next_claim:  # take over what a dead worker left pending
+                recovered += joiner.recover()
+                next_claim = clock.now_ms() + CLAIM_EVERY_MS
+            joiner.poll()
+            if joiner.join_due() or joiner.unflushed:  # records joined, or set aside
+                joiner.flush()
+            now = clock.now_ms()
+            if status is not None and (last_status is None or now - last_status >= status_every_s * 1000):
+                status(status_line(joiner, now))
+                last_status = now
+            if deadline is not None and now >= deadline:
+                break
+            stop.wait(config.poll_ms / 1000)
+        joiner.flush()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     js = joiner.stats
-    return WorkerReport(recovered, js.requests_joined, js.examples, js.labels_lost, len(warehouse.files))
+    return WorkerReport(
+        recovered,
+        js.requests_joined,
+        js.examples,
+        js.labels_lost,
+        len(warehouse.files),
+        js.dead_letters,
+        dict(js.dead_letters_by_kind),
+        DeadLetterFolder.of_warehouse(config.warehouse).uri,
+    )
