@@ -35,8 +35,7 @@ from leanrec.stores.transient import MemoryTransientStore
 from leanrec.warehouse import ParquetWarehouse, TableLayout
 from leanrec.world import World, WorldConfig
 
-WINDOW = 2_000
-SETTLE = 2_000  # the joiner's default settle after the lateness
+WINDOW = 4_000
 SMALL = {"n_users": 400, "n_items": 3_000, "seed": 11}
 
 

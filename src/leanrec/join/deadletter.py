@@ -182,6 +182,7 @@ class DeadLetterFolder:
         self.filesystem, self.root = _open_fs(self.uri)
         self._buffer: list[DeadLetter] = []
         self._files: list[str] = []
+        self._commits = 0
 
     @classmethod
     def of_warehouse(cls, warehouse_uri: str) -> DeadLetterFolder:
@@ -202,7 +203,9 @@ class DeadLetterFolder:
         if not self._buffer:
             return 0
         now = datetime.now(UTC)
-        name = f"dead-{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:12]}.jsonl"
+        self._commits += 1  # orders this writer's files within one millisecond
+        stamp = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{self._commits:06d}"
+        name = f"dead-{stamp}-{uuid.uuid4().hex[:12]}.jsonl"
         tmp, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
         body = "".join(letter.to_json() + "\n" for letter in self._buffer).encode()
         self.filesystem.create_dir(self.root, recursive=True)
