@@ -195,6 +195,7 @@ _SERVE_FLAGS = (
     ("--n-users", int, "users of the synthetic world (default 10000)"),
     ("--n-items", int, "items of the corpus (default 50000)"),
     ("--seed", int, "seed of the world (default 7)"),
+    ("--featureset", str, "FeatureSet file to log under for a ranker of your own (/v1/log; no world)"),
     ("--window-ms", int, "attribution window (default 600000)"),
     ("--lateness-ms", int, "how long after the window event batches may arrive (default 60000)"),
     ("--warehouse", str, "joiner: warehouse folder or URI"),

@@ -14,7 +14,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,3 +318,82 @@ def traffic() -> type[Traffic]:
 def examples() -> tuple[Any, Any]:
     """``(warehouse_examples, compare_examples)``."""
     return warehouse_examples, compare_examples
+
+
+# ------------------------------------------------------------------ a FeatureSet of a shop's own
+# It shares no feature name with the synthetic world's: nothing may work only because names match.
+SHOP_FEATURESET = """
+name = "shop"
+version = 1
+
+[[features]]
+name = "region"
+owner = "user"
+kind = "sparse"
+vocab = 30
+
+[[features]]
+name = "taste"
+owner = "user"
+kind = "dense"
+size = 8
+space = "tt"
+
+[[features]]
+name = "bought"
+owner = "user"
+kind = "sequence"
+size = 12
+vocab = 5000
+role = "history"
+
+[[features]]
+name = "hour"
+owner = "context"
+kind = "sparse"
+vocab = 24
+
+[[features]]
+name = "sku"
+owner = "item"
+kind = "sparse"
+vocab = 5000
+role = "item_id"
+
+[[features]]
+name = "price"
+owner = "item"
+kind = "dense"
+
+[[features]]
+name = "look"
+owner = "item"
+kind = "dense"
+size = 8
+space = "tt"
+"""
+
+
+@pytest.fixture
+def shop_toml() -> str:
+    """A FeatureSet file's text: a shop's user, context and item features, with history and item id."""
+    return SHOP_FEATURESET
+
+
+def _shop_features(rng: np.random.Generator, items: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(items)
+    return {
+        "region": np.array(rng.integers(30)),
+        "taste": rng.normal(size=8).astype(np.float32),
+        "bought": np.where(np.arange(12) < 7, rng.integers(5000, size=12), -1),
+        "hour": np.array([13]),
+        "sku": items,
+        "price": rng.gamma(2.0, 10.0, size=n),  # float64: dense features take any real numbers
+        "look": rng.normal(size=(n, 8)).astype(np.float32),
+    }
+
+
+@pytest.fixture
+def shop_features() -> Callable[[np.random.Generator, np.ndarray], dict[str, np.ndarray]]:
+    """Draws every feature of ``shop_toml`` for a ranked list of item ids, as a ranker would hold them."""
+    return _shop_features

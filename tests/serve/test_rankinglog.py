@@ -18,71 +18,7 @@ from leanrec.serve.tokens import TokenError
 from leanrec.warehouse.store import ParquetWarehouse
 from leanrec.warehouse.tables import TableLayout
 
-SHOP = """
-name = "shop"
-version = 1
-
-[[features]]
-name = "region"
-owner = "user"
-kind = "sparse"
-vocab = 30
-
-[[features]]
-name = "taste"
-owner = "user"
-kind = "dense"
-size = 8
-space = "tt"
-
-[[features]]
-name = "bought"
-owner = "user"
-kind = "sequence"
-size = 12
-vocab = 5000
-role = "history"
-
-[[features]]
-name = "hour"
-owner = "context"
-kind = "sparse"
-vocab = 24
-
-[[features]]
-name = "sku"
-owner = "item"
-kind = "sparse"
-vocab = 5000
-role = "item_id"
-
-[[features]]
-name = "price"
-owner = "item"
-kind = "dense"
-
-[[features]]
-name = "look"
-owner = "item"
-kind = "dense"
-size = 8
-space = "tt"
-"""
-
 T0 = 1_700_000_000_000
-
-
-def _features(rng: np.random.Generator, items: np.ndarray) -> dict[str, np.ndarray]:
-    n = len(items)
-    return {
-        "region": np.array(rng.integers(30)),
-        "taste": rng.normal(size=8).astype(np.float32),
-        "bought": np.where(np.arange(12) < 7, rng.integers(5000, size=12), -1),
-        "hour": np.array([13]),
-        "sku": items,
-        "price": rng.gamma(2.0, 10.0, size=n),  # float64: dense features take any real numbers
-        "look": rng.normal(size=(n, 8)).astype(np.float32),
-    }
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -95,9 +31,9 @@ def urls(request: pytest.FixtureRequest) -> tuple[str, str]:
 
 @pytest.mark.parametrize("logging", ["lazy", "eager"])
 def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back_joined(
-    tmp_path: Path, urls: tuple[str, str], logging: str
+    tmp_path: Path, urls: tuple[str, str], logging: str, shop_toml: str, shop_features
 ) -> None:
-    (tmp_path / "shop.toml").write_text(SHOP)
+    (tmp_path / "shop.toml").write_text(shop_toml)
     clock = ManualClock(T0)
     log = leanrec.open_logging(
         tmp_path / "shop.toml", *urls, logging=logging, clock=clock, window_ms=60_000, lateness_ms=5_000
@@ -107,7 +43,7 @@ def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back
     sent, viewed = {}, {}
     for user in range(6):
         items = rng.choice(5000, size=40, replace=False)
-        feats, scores = _features(rng, items), np.sort(rng.random(40))[::-1]
+        feats, scores = shop_features(rng, items), np.sort(rng.random(40))[::-1]
         logged = log.ranked(user, items, feats, scores)
         sent[logged.request_id] = (feats, items)
         assert logged.n_items == 40
@@ -153,8 +89,12 @@ def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back
     assert set(fs.layout(Side.REQUEST).names) <= set(rows.column_names)
 
 
-def _shop_log(**settings: object) -> leanrec.serve.rankinglog.RankingLog:
-    return leanrec.open_logging(parse_featureset(SHOP), clock=ManualClock(T0), **settings)
+@pytest.fixture
+def shop_log(shop_toml: str):
+    def opened(**settings: object):
+        return leanrec.open_logging(parse_featureset(shop_toml), clock=ManualClock(T0), **settings)
+
+    return opened
 
 
 @pytest.mark.parametrize(
@@ -170,13 +110,13 @@ def _shop_log(**settings: object) -> leanrec.serve.rankinglog.RankingLog:
     ],
 )
 def test_arrays_that_do_not_match_the_featureset_are_refused_naming_the_feature(
-    change, message: str, status: int
+    change, message: str, status: int, shop_log, shop_features
 ) -> None:
-    log = _shop_log()
+    log = shop_log()
     rng = np.random.default_rng(0)
     items = rng.choice(5000, size=40, replace=False)
-    good = log.ranked(1, items, _features(rng, items))
-    feats = _features(rng, items)
+    good = log.ranked(1, items, shop_features(rng, items))
+    feats = shop_features(rng, items)
     change(feats)
     with pytest.raises(FeatureInputError, match=message) as caught:
         log.ranked(2, items, feats)
@@ -189,17 +129,17 @@ def test_arrays_that_do_not_match_the_featureset_are_refused_naming_the_feature(
     assert ok.accepted == 1
 
 
-def test_a_list_over_the_limit_and_a_forged_token_are_refused() -> None:
-    log = _shop_log(max_items=30)
+def test_a_list_over_the_limit_and_a_forged_token_are_refused(shop_log, shop_features) -> None:
+    log = shop_log(max_items=30)
     rng = np.random.default_rng(1)
     items = rng.choice(5000, size=40, replace=False)
     with pytest.raises(FeatureInputError, match="40 ranked items, limit 30") as caught:
-        log.ranked(1, items, _features(rng, items))
+        log.ranked(1, items, shop_features(rng, items))
     assert caught.value.status == 413
-    ok = log.ranked(1, items[:30], _features(rng, items[:30]))
+    ok = log.ranked(1, items[:30], shop_features(rng, items[:30]))
     with pytest.raises(TokenError, match="for request"):
         log.paginate("another", ok.token, 5)
     with pytest.raises(ConfigError, match="logging must be lazy or eager"):
-        _shop_log(logging="off")
+        shop_log(logging="off")
     with pytest.raises(ConfigError, match="unknown setting"):
-        _shop_log(window=5)
+        shop_log(window=5)

@@ -2,6 +2,11 @@
 
 - ``POST /v1/rank``: ranks the corpus for a user, freezes and logs the scored features, and returns
   the request id, the ordered item ids and a signed token.
+- ``POST /v1/log``: the sidecar for a ranker of one's own, in any language: the user, the ranked
+  items, their scores and the features they were scored with (JSON, or an Arrow IPC stream for long
+  lists), checked against the FeatureSet, frozen and logged as ``/v1/rank`` logs; returns the
+  request id and the token. ``leanrec serve --featureset FILE`` serves only this way in, under the
+  user's FeatureSet, and builds no synthetic world.
 - ``POST /v1/paginate`` and ``POST /v1/events``: the client's scroll signal and event batches, each
   checked against the token.
 - ``GET /healthz``: which backends answer and whether logging is degraded; ``GET /metrics``: the
@@ -32,13 +37,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from leanrec.clock import SystemClock
 from leanrec.energy.ledger import CostLedger
 from leanrec.events import EventBatch, EventLimits, RequestRef
+from leanrec.featurefile import load_featureset
+from leanrec.featurelog.inputs import FeatureInputError, pack_ranked
 from leanrec.featurelog.loggers import FeatureLogger, LazyLogger
+from leanrec.featurelog.ranked import RankedBatch
 from leanrec.funnel.ranker import Funnel
+from leanrec.schema import FeatureSet
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
 from leanrec.serve.service import LoggingService, LoggingUnavailable
@@ -51,6 +60,76 @@ class RankIn(BaseModel):
 
     user_id: int = Field(ge=0, description="the user to rank for")
     surface: int = Field(0, ge=0, le=2, description="feed surface: 0 home, 1 explore, 2 following")
+
+
+class LogIn(BaseModel):
+    """A ranking made by the caller's ranker, with the features it scored (the JSON body of /v1/log)."""
+
+    user_id: int = Field(ge=0, description="who the list was ranked for")
+    items: list[int] = Field(description="ranked item ids, best first")
+    scores: list[float] | None = Field(None, description="the ranker's score of each item")
+    features: dict[str, Any] = Field(
+        description="every feature of the FeatureSet by name: request-side ones as a number or a list "
+        "of size values, item-side ones as a list of one value (or one list of size values) per item"
+    )
+
+
+class LogOut(BaseModel):
+    """The logged request: present its id and token with paginate and events."""
+
+    request_id: str
+    token: str
+    n_items: int
+
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+"""Content type of the binary body of /v1/log: one Arrow IPC stream (see :func:`_arrow_body`)."""
+
+
+def _arrow_body(raw: bytes) -> tuple[int, list[int], list[float] | None, dict[str, Any]]:
+    """The user, items, scores and features of an Arrow IPC body of /v1/log.
+
+    The stream's rows are the ranked items: an ``item_id`` column, an optional ``score`` column, and
+    one column per item-side feature (a fixed-size list for a size above 1). The request side rides
+    in the schema's metadata under ``leanrec``: JSON ``{"user_id": ..., "features": {...}}``, the
+    features as in the JSON body.
+
+    Raises:
+        FeatureInputError: Not an Arrow stream, or its metadata is missing or not such JSON.
+
+    """
+    import json
+
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_stream(raw).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise FeatureInputError(f"body is not an Arrow IPC stream: {exc}") from None
+    try:
+        head = json.loads((table.schema.metadata or {})[b"leanrec"])
+        user_id, request_features = int(head["user_id"]), dict(head.get("features", {}))
+    except (KeyError, TypeError, ValueError):
+        raise FeatureInputError(
+            'the stream\'s schema metadata needs "leanrec": {"user_id": ..., "features": {...}} as JSON',
+            "leanrec",
+        ) from None
+    if "item_id" not in table.column_names:
+        raise FeatureInputError("the stream needs an item_id column", "item_id")
+    features = dict(request_features)
+    for name in table.column_names:
+        if name in ("item_id", "score"):
+            continue
+        col = table[name].combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            features[name] = (
+                col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+            )
+        else:
+            features[name] = col.to_numpy(zero_copy_only=False)
+    items = table["item_id"].to_numpy()
+    scores = table["score"].to_numpy() if "score" in table.column_names else None
+    return user_id, items, scores, features
 
 
 class RankOut(BaseModel):
@@ -303,17 +382,18 @@ class _Collector:
 
 @dataclass
 class ServiceState:
-    """Everything one serving process holds."""
+    """Everything one serving process holds (no world and no funnel when it logs a FeatureSet file's)."""
 
     config: ServeConfig
-    world: World
-    funnel: Funnel
+    world: World | None
+    funnel: Funnel | None
     signer: TokenSigner
     store: Any
     bus: Any
     logger: FeatureLogger | None
     service: LoggingService | None
     limits: EventLimits
+    featureset: FeatureSet | None = None  # what /v1/log checks against (default: the world's)
     health: _Health = field(default_factory=_Health)
     ranked: int = 0
     last_tick_ms: int = 0
@@ -324,10 +404,20 @@ class ServiceState:
 
 
 def build_state(config: ServeConfig) -> ServiceState:
-    """Build the world, the funnel and the logging plumbing of one serving process."""
-    world = World(WorldConfig(n_users=config.n_users, n_items=config.n_items, seed=config.seed))
-    p = build_logging(world.featureset, config, SystemClock(), CostLedger())
-    return ServiceState(config, world, Funnel(world), p.signer, p.store, p.bus, p.logger, p.service, p.limits)
+    """Build the logging plumbing of one serving process, and the world and funnel it ranks with.
+
+    With ``config.featureset`` set, the process logs under that file's FeatureSet for a ranker of
+    the user's own (``/v1/log``) and builds no world.
+    """
+    if config.featureset:
+        world, funnel, fs = None, None, load_featureset(config.featureset)
+    else:
+        world = World(WorldConfig(n_users=config.n_users, n_items=config.n_items, seed=config.seed))
+        funnel, fs = Funnel(world), world.featureset
+    p = build_logging(fs, config, SystemClock(), CostLedger())
+    return ServiceState(
+        config, world, funnel, p.signer, p.store, p.bus, p.logger, p.service, p.limits, featureset=fs
+    )
 
 
 def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAPI:
@@ -373,20 +463,71 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         except TokenError as exc:
             return _error(401, str(exc))
 
-    @app.post("/v1/rank", response_model=RankOut, responses=_ERRORS)
-    async def rank(body: RankIn) -> Any:
-        t0 = time.perf_counter()
-        if body.user_id >= config.n_users:
-            return _error(422, f"unknown user {body.user_id}: users are 0..{config.n_users - 1}")
-        now = clock.now_ms()
-        batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
-        ref = RequestRef(uuid.uuid4().hex[:16], body.user_id, now, batch.n_items)
+    featureset: FeatureSet = st.featureset or st.world.featureset  # type: ignore[union-attr]
+
+    def _logged(batch: RankedBatch, user_id: int, now: int) -> RequestRef:
+        """Hand a ranked request to the logging lane (after the answer, in order); returns its ref."""
+        ref = RequestRef(uuid.uuid4().hex[:16], user_id, now, batch.n_items)
         if st.service is not None:
-            st.lane.submit(st.service.ranked, [ref], batch)  # logged after the answer, in order
+            st.lane.submit(st.service.ranked, [ref], batch)
             if now - st.last_tick_ms >= 1_000:
                 st.last_tick_ms = now
                 st.lane.submit(st.logger.tick)  # type: ignore[union-attr]
         st.ranked += 1
+        return ref
+
+    @app.post(
+        "/v1/log",
+        response_model=LogOut,
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": LogIn.model_json_schema()},
+                    ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def log(request: Request) -> Any:
+        t0 = time.perf_counter()
+        raw = await request.body()
+        try:
+            if request.headers.get("content-type", "").split(";")[0].strip() == ARROW_STREAM:
+                user_id, items, scores, feats = _arrow_body(raw)
+            else:
+                body = LogIn.model_validate_json(raw)
+                user_id, items, scores, feats = body.user_id, body.items, body.scores, body.features
+            batch = pack_ranked(featureset, user_id, items, feats, scores, config.max_items)
+        except ValidationError as exc:
+            return _error(
+                422,
+                "invalid request: "
+                + "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+                ),
+            )
+        except FeatureInputError as exc:
+            return _error(exc.status, str(exc), feature=exc.feature)
+        ref = _logged(batch, user_id, clock.now_ms())
+        latency.labels("log").observe(time.perf_counter() - t0)
+        return {"request_id": ref.request_id, "token": st.signer.sign(ref), "n_items": ref.n_items}
+
+    @app.post("/v1/rank", response_model=RankOut, responses=_ERRORS)
+    async def rank(body: RankIn) -> Any:
+        t0 = time.perf_counter()
+        if st.funnel is None:
+            return _error(
+                404,
+                f"this service ranks no catalog of its own: it logs FeatureSet {featureset.name} "
+                f"v{featureset.version} for your ranker; rank there and POST the ranking to /v1/log",
+            )
+        if body.user_id >= config.n_users:
+            return _error(422, f"unknown user {body.user_id}: users are 0..{config.n_users - 1}")
+        now = clock.now_ms()
+        batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
+        ref = _logged(batch, body.user_id, now)
         out = RankOut(request_id=ref.request_id, items=batch.item_ids[0].tolist(), token=st.signer.sign(ref))
         latency.labels("rank").observe(time.perf_counter() - t0)
         return out

@@ -1,0 +1,176 @@
+"""The HTTP logging sidecar: a ranker in any language logs through ``POST /v1/log``.
+
+The service is started from a FeatureSet file that shares no feature name with the synthetic world's,
+builds no world, checks every ranking against the file, and freezes and logs it as ``/v1/rank`` does;
+paginate and events are the calls a client of ``/v1/rank`` makes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from fastapi.testclient import TestClient
+
+from leanrec.clock import ManualClock, SystemClock
+from leanrec.join.joiner import LabelJoiner
+from leanrec.schema import FeatureSet, Side
+from leanrec.serve.app import ARROW_STREAM, ServiceState, create_app
+from leanrec.serve.config import ServeConfig
+from leanrec.warehouse.store import ParquetWarehouse
+from leanrec.warehouse.tables import TableLayout
+
+
+@pytest.fixture(params=["memory", "redis"])
+def sidecar(request: pytest.FixtureRequest, tmp_path: Path, shop_toml: str) -> Iterator[TestClient]:
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    (tmp_path / "shop.toml").write_text(shop_toml)
+    config = ServeConfig(store_url=url, bus_url=url, featureset=str(tmp_path / "shop.toml"), max_items=200)
+    with TestClient(create_app(config)) as client:
+        yield client
+
+
+def _state(client: TestClient) -> ServiceState:
+    return client.app.state.leanrec  # type: ignore[attr-defined]
+
+
+def _json_body(user: int, items: np.ndarray, feats: dict[str, np.ndarray], scores: np.ndarray) -> dict:
+    return {
+        "user_id": user,
+        "items": items.tolist(),
+        "scores": scores.tolist(),
+        "features": {k: np.asarray(v).tolist() for k, v in feats.items()},
+    }
+
+
+def _arrow_body(fs: FeatureSet, user: int, items: np.ndarray, feats: dict, scores: np.ndarray) -> bytes:
+    """The binary body: item rows as columns, the request side in the schema's metadata."""
+    cols = {"item_id": pa.array(items), "score": pa.array(scores)}
+    for f in (s.feature for s in fs.layout(Side.ITEM).slots):
+        a = np.asarray(feats[f.name])
+        cols[f.name] = pa.FixedSizeListArray.from_arrays(a.ravel(), f.size) if f.size > 1 else pa.array(a)
+    request = {
+        s.feature.name: np.asarray(feats[s.feature.name]).tolist() for s in fs.layout(Side.REQUEST).slots
+    }
+    table = pa.table(cols).replace_schema_metadata(
+        {"leanrec": json.dumps({"user_id": user, "features": request})}
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _log(client: TestClient, fs: FeatureSet, user: int, items, feats, scores, binary: bool):
+    if binary:
+        body = _arrow_body(fs, user, items, feats, scores)
+        return client.post("/v1/log", content=body, headers={"content-type": ARROW_STREAM})
+    return client.post("/v1/log", json=_json_body(user, items, feats, scores))
+
+
+def _join(client: TestClient, warehouse: Path) -> tuple[Any, LabelJoiner]:
+    st = _state(client)
+    st.lane.drain()
+    cfg = st.config
+    clock = ManualClock(SystemClock().now_ms() + cfg.window_ms + cfg.lateness_ms + 10_000)
+    wh = ParquetWarehouse(str(warehouse), st.featureset, TableLayout.REQUEST)
+    joiner = LabelJoiner(st.logger, st.bus, wh, wh.ledger, clock, cfg.window_ms, cfg.lateness_ms)
+    joiner.poll()
+    joiner.join_due()
+    joiner.flush()
+    return wh.read_examples(), joiner
+
+
+def test_a_sidecar_serves_a_featureset_file_and_ranks_no_world_of_its_own(sidecar: TestClient) -> None:
+    st = _state(sidecar)
+    assert st.world is None and st.funnel is None and st.featureset.name == "shop"
+    r = sidecar.post("/v1/rank", json={"user_id": 1})
+    assert r.status_code == 404 and "POST the ranking to /v1/log" in r.json()["error"]
+    spec = sidecar.get("/openapi.json").json()
+    assert ARROW_STREAM in spec["paths"]["/v1/log"]["post"]["requestBody"]["content"]
+
+
+def test_rankings_logged_as_json_and_as_arrow_are_joined_byte_for_byte(
+    sidecar: TestClient, tmp_path: Path, shop_features
+) -> None:
+    fs = _state(sidecar).featureset
+    rng = np.random.default_rng(5)
+    sent = {}
+    for user in range(6):
+        items = rng.choice(5000, size=100, replace=False)
+        feats = shop_features(rng, items)
+        scores = np.sort(rng.random(100))[::-1]
+        r = _log(sidecar, fs, user, items, feats, scores, binary=user % 2 == 1)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["n_items"] == 100
+        auth = {"request_id": out["request_id"], "token": out["token"]}
+        seen = [0, 3, 5] + ([8, 12] if user < 3 else [40])  # users 3..5 scroll past any signal
+        if user < 3:
+            assert sidecar.post("/v1/paginate", json={**auth, "seen_up_to": 12}).status_code == 200
+        now = SystemClock().now_ms()
+        events = [{"position": p, "item_id": int(items[p]), "kind": "click", "ts_ms": now} for p in seen]
+        r = sidecar.post("/v1/events", json={**auth, "batch_id": f"b{user}", "events": events})
+        assert r.status_code == 200 and r.json()["accepted"] == len(seen), r.text
+        sent[out["request_id"]] = (items, feats, seen)
+    rows, joiner = _join(sidecar, tmp_path / "wh")
+    assert joiner.stats.labels_lost == 0
+    assert rows.num_rows == sum(len(s) for _, _, s in sent.values())
+    for rid, (items, feats, seen) in sent.items():
+        mine = rows.filter(pc.equal(rows["request_id"], rid))
+        assert mine["position"].to_pylist() == seen
+        assert mine["item_id"].to_pylist() == items[seen].tolist()
+        look = np.stack(mine["look"].to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(look, feats["look"][seen])
+        np.testing.assert_array_equal(mine["price"].to_numpy(), feats["price"][seen].astype(np.float32))
+        assert mine["bought"].to_pylist()[0] == feats["bought"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "names"),
+    [
+        (lambda b: b["features"].pop("taste"), 422, "feature taste"),
+        (lambda b: b["features"].update(look=[v[:7] for v in b["features"]["look"]]), 422, "feature look"),
+        (lambda b: b["features"].update(hour=[1.5]), 422, "feature hour holds ids: expected integers"),
+        (
+            lambda b: b.update(items=b["items"] * 3, scores=b["scores"] * 3),
+            413,
+            "300 ranked items, limit 200",
+        ),
+        (lambda b: b.pop("user_id"), 422, "user_id: Field required"),
+    ],
+)
+def test_bad_sidecar_input_is_refused_naming_what_was_wrong_and_loses_nothing(
+    sidecar: TestClient, tmp_path: Path, shop_features, change, status: int, names: str
+) -> None:
+    rng = np.random.default_rng(8)
+    items = rng.choice(5000, size=100, replace=False)
+    good = sidecar.post("/v1/log", json=_json_body(1, items, shop_features(rng, items), np.zeros(100)))
+    assert good.status_code == 200
+    body = _json_body(2, items, shop_features(rng, items), np.zeros(100))
+    change(body)
+    r = sidecar.post("/v1/log", json=body)
+    assert r.status_code == status and names in r.json()["error"], r.text
+    auth = {"request_id": good.json()["request_id"], "token": good.json()["token"]}
+    now = SystemClock().now_ms()
+    ev = [{"position": 2, "item_id": int(items[2]), "kind": "click", "ts_ms": now}]
+    assert sidecar.post("/v1/events", json={**auth, "batch_id": "x", "events": ev}).status_code == 200
+    rows, joiner = _join(sidecar, tmp_path / "wh")
+    assert rows["request_id"].to_pylist() == [auth["request_id"]] and joiner.stats.labels_lost == 0
+
+
+def test_a_body_over_the_limit_and_a_broken_arrow_stream_are_refused(tmp_path: Path, shop_toml: str) -> None:
+    (tmp_path / "shop.toml").write_text(shop_toml)
+    config = ServeConfig(featureset=str(tmp_path / "shop.toml"), max_body_bytes=4_096)
+    with TestClient(create_app(config)) as client:
+        r = client.post("/v1/log", content=b"x" * 5_000, headers={"content-type": ARROW_STREAM})
+        assert r.status_code == 413 and "larger than 4096 bytes" in r.json()["error"]
+        r = client.post("/v1/log", content=b"not arrow", headers={"content-type": ARROW_STREAM})
+        assert r.status_code == 422 and "not an Arrow IPC stream" in r.json()["error"]
+        assert _state(client).logger.stats.entries_written == 0
