@@ -174,3 +174,37 @@ def test_a_body_over_the_limit_and_a_broken_arrow_stream_are_refused(tmp_path: P
         r = client.post("/v1/log", content=b"not arrow", headers={"content-type": ARROW_STREAM})
         assert r.status_code == 422 and "not an Arrow IPC stream" in r.json()["error"]
         assert _state(client).logger.stats.entries_written == 0
+
+
+def test_leanrec_join_joins_what_the_sidecar_logged_under_the_featureset_file(
+    redis_url: str, tmp_path: Path, shop_toml: str, shop_features
+) -> None:
+    from leanrec.join.worker import run_worker
+
+    (tmp_path / "shop.toml").write_text(shop_toml)
+    config = ServeConfig(
+        store_url=redis_url,
+        bus_url=redis_url,
+        featureset=str(tmp_path / "shop.toml"),
+        window_ms=3_000,
+        lateness_ms=0,
+        poll_ms=100,
+        warehouse=str(tmp_path / "wh"),
+    )
+    rng = np.random.default_rng(2)
+    with TestClient(create_app(config)) as client:
+        fs = _state(client).featureset
+        logged = []
+        for user in range(4):
+            items = rng.choice(5000, size=50, replace=False)
+            out = _log(client, fs, user, items, shop_features(rng, items), np.zeros(50), binary=True).json()
+            now = SystemClock().now_ms()
+            ev = [{"position": 1, "item_id": int(items[1]), "kind": "like", "ts_ms": now}]
+            auth = {"request_id": out["request_id"], "token": out["token"]}
+            assert client.post("/v1/events", json={**auth, "batch_id": "b", "events": ev}).status_code == 200
+            logged.append(out["request_id"])
+        _state(client).lane.drain()
+    report = run_worker(config, max_seconds=3_000 / 1000 + 2_000 / 1000 + 4)
+    assert report.requests_joined == 4 and report.labels_lost == 0
+    rows = ParquetWarehouse(str(tmp_path / "wh"), fs).read_examples()
+    assert sorted(rows["request_id"].to_pylist()) == sorted(logged) and all(rows["like"].to_pylist())

@@ -32,7 +32,6 @@ from leanrec.serve.config import ConfigError, ServeConfig
 from leanrec.stores import open_transient_store
 from leanrec.warehouse.store import ParquetWarehouse
 from leanrec.warehouse.tables import TableLayout
-from leanrec.world import WorldConfig, default_featureset
 
 CLAIM_EVERY_MS = 60_000  # how often a worker looks for records a dead worker left pending
 STATUS_EVERY_S = 30.0  # at most how often a worker says what it is waiting for
@@ -96,7 +95,7 @@ def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
     if not config.bus_url.startswith("redis://"):
         raise ConfigError(f"a joiner process needs a shared bus (redis://host:port/db), got {config.bus_url}")
     clock = SystemClock()
-    fs, _ = default_featureset(WorldConfig(n_users=config.n_users, n_items=config.n_items, seed=config.seed))
+    fs = config.catalog_featureset()
     ledger = CostLedger()
     store = open_transient_store(config.store_url, clock=clock)
     # Another worker may take over a record only when no live worker could still be waiting on it.

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from leanrec.errors import InputError
+from leanrec.schema import FeatureSet
 
 
 class ConfigError(InputError, ValueError):
@@ -86,6 +87,21 @@ class ServeConfig:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
         for name in ("store_url", "bus_url"):
             _check_url(name, getattr(self, name))
+
+    def catalog_featureset(self) -> FeatureSet:
+        """The FeatureSet the deployment logs under: the ``featureset`` file's, else the world's.
+
+        Raises:
+            FeatureSetFileError: The file cannot be used.
+
+        """
+        if self.featureset:
+            from leanrec.featurefile import load_featureset
+
+            return load_featureset(self.featureset)
+        from leanrec.world import WorldConfig, default_featureset
+
+        return default_featureset(WorldConfig(n_users=self.n_users, n_items=self.n_items, seed=self.seed))[0]
 
     def secret_bytes(self) -> bytes:
         """The HMAC key: the environment's ``LEANREC_SECRET`` if set, else the configured one."""
