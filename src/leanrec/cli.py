@@ -780,6 +780,14 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         _print_error(str(exc))
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        _print_error(
+            f"leanrec {args.command} trains or runs a model, which needs torch: "
+            "install the training extra, pip install 'leanrec[train]'"
+        )
+        return 2
     except KeyboardInterrupt:
         _print_error(f"leanrec {args.command} interrupted")
         return 130
