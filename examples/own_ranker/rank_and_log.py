@@ -16,6 +16,7 @@ to Redis instead (then both runs share it: use an empty database).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     eager, lazy = run("eager", args, out), run("lazy", args, out)
-    print(f"{args.requests} ranked requests of {RANKED} products, logged under {HERE / 'featureset.toml'}:")
+    where = os.path.relpath(HERE / "featureset.toml")
+    print(f"{args.requests} ranked requests of {RANKED} products, logged under {where}:")
     print(f"{'':24}{'eager':>14}{'lazy':>14}{'lazy / eager':>14}")
     for key in ("kv_bytes_written", "examples", "labels_lost"):
         ratio = f"{lazy[key] / eager[key]:.3f}" if eager[key] else "-"
