@@ -608,6 +608,14 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             },
             "logging_queue": st.lane.pending,
             "ranked": st.ranked,
+            "catalog": {
+                "featureset": featureset.name,
+                "version": featureset.version,
+                "fingerprint": featureset.fingerprint,
+                "world": None
+                if st.world is None
+                else {"n_users": config.n_users, "n_items": config.n_items, "seed": config.seed},
+            },
         }
         return JSONResponse(body, status_code=200)
 

@@ -156,15 +156,14 @@ async def _run(
     concurrency: int,
     seconds: float,
     seed: int,
-    world_config: WorldConfig,
+    world_config: WorldConfig | None,
     progress: Callable[[int], None] | None,
 ) -> SimReport:
-    world = World(world_config)
     report = SimReport()
     paging, lookahead = Paging(), 2
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=target, limits=limits, timeout=30.0) as http:
-        await _check_answers(http, target)
+        world = World(_served_world(await _check_answers(http, target), target, world_config))
         started = time.perf_counter()
         deadline = started + seconds
         issued = 0
@@ -191,8 +190,36 @@ async def _run(
     return report
 
 
-async def _check_answers(http: httpx.AsyncClient, target: str) -> None:
+def _served_world(health: dict, target: str, given: WorldConfig | None) -> WorldConfig:
+    """The world the service ranks, as its /healthz says: the one to simulate users of.
+
+    Raises:
+        TargetError: The service ranks no world of its own (a sidecar), or another world than
+            ``given``: users simulated from another world's truth would engage at random.
+
+    """
+    served = (health.get("catalog") or {}).get("world")
+    if served is None:
+        raise TargetError(
+            f"{target} ranks no synthetic world (it logs {health.get('catalog', {}).get('featureset')!r} "
+            "for a ranker of its own): simulate drives leanrec serve's own /v1/rank"
+        )
+    if given is None:
+        return WorldConfig(n_users=served["n_users"], n_items=served["n_items"], seed=served["seed"])
+    mine = {"n_users": given.n_users, "n_items": given.n_items, "seed": given.seed}
+    if mine != served:
+        raise TargetError(
+            f"{target} ranks the world {served}, not {mine}; leave out --n-users, --n-items and "
+            "--world-seed to simulate the users of the world it serves"
+        )
+    return given
+
+
+async def _check_answers(http: httpx.AsyncClient, target: str) -> dict:
     """Refuse a target where no leanrec service answers, before any session is counted as failed.
+
+    Returns:
+        The service's /healthz answer.
 
     Raises:
         TargetError: Nothing listens there, it does not speak HTTP, or it is not a leanrec service.
@@ -210,6 +237,10 @@ async def _check_answers(http: httpx.AsyncClient, target: str) -> None:
             f"{target} answers but is not a leanrec service (GET /healthz gave {health.status_code}); "
             "aim at the URL `leanrec serve` listens on"
         )
+    try:
+        return dict(health.json())
+    except ValueError:
+        raise TargetError(f"{target} answers /healthz with no JSON: it is not a leanrec service") from None
 
 
 def simulate(
@@ -229,8 +260,9 @@ def simulate(
         concurrency: Sessions in flight at once.
         seconds: Time bound of the run.
         seed: Seeds the users' behaviour.
-        world_config: Must match the service's world (users, items, seed) so that engagement follows
-            the same truth.
+        world_config: The service's world (users, items, seed), so that engagement follows the same
+            truth; None learns it from the service, and a world that differs from the service's is
+            refused.
         progress: Called once per finished session.
 
     Raises:
@@ -240,6 +272,4 @@ def simulate(
     if requests < 1 or concurrency < 1 or seconds <= 0:
         raise ValueError("requests and concurrency must be >= 1 and seconds > 0")
     target = check_loopback(target)
-    return asyncio.run(
-        _run(target, requests, concurrency, seconds, seed, world_config or WorldConfig(), progress)
-    )
+    return asyncio.run(_run(target, requests, concurrency, seconds, seed, world_config, progress))
