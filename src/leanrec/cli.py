@@ -301,10 +301,23 @@ def _join(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _given_world(args: argparse.Namespace):
+    """The world the flags name, or None when none is given (then simulate learns the service's).
+
+    Flags left out take the world's defaults.
+    """
+    from leanrec.world import WorldConfig
+
+    given = {"n_users": args.n_users, "n_items": args.n_items, "seed": args.world_seed}
+    if all(v is None for v in given.values()):
+        return None
+    defaults = WorldConfig()
+    return WorldConfig(**{k: getattr(defaults, k) if v is None else v for k, v in given.items()})
+
+
 def _simulate(args: argparse.Namespace, console: Console) -> int:
     from leanrec.report.tables import Col, fitted
     from leanrec.sim.client import simulate
-    from leanrec.world import WorldConfig
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -315,7 +328,7 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
             args.concurrency,
             args.seconds,
             args.seed,
-            WorldConfig(n_users=args.n_users, n_items=args.n_items, seed=args.world_seed),
+            _given_world(args),
             progress=lambda n: progress.advance(task, n),
         )
     rows = []
@@ -682,9 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--concurrency", type=_positive, default=8, help="sessions in flight (default 8)")
     sim.add_argument("--seconds", type=_above_zero, default=60.0, help="time bound of the run (default 60)")
     sim.add_argument("--seed", type=_seed, default=7, help="seed of the users' behaviour")
-    sim.add_argument("--n-users", type=_positive, default=10_000, help="must match the service's world")
-    sim.add_argument("--n-items", type=_positive, default=50_000, help="must match the service's world")
-    sim.add_argument("--world-seed", type=_seed, default=7, help="must match the service's --seed")
+    sim.add_argument("--n-users", type=_positive, help="the service's world (default: learnt from it)")
+    sim.add_argument("--n-items", type=_positive, help="the service's world (default: learnt from it)")
+    sim.add_argument("--world-seed", type=_seed, help="the service's --seed (default: learnt from it)")
     fset = sub.add_parser("featureset", help="check a FeatureSet file, or write the synthetic world's")
     fsub = fset.add_subparsers(dest="action", required=True)
     check = fsub.add_parser("check", help="validate a FeatureSet file and print its layout")
