@@ -107,6 +107,17 @@ def shop_log(shop_toml: str):
         (lambda f: f.update(price=np.array(["a"] * 40)), "feature price is dense: expected numbers", 422),
         (lambda f: f.update(sku=f["sku"] + 5000), r"feature sku: ids must lie in \[0, 5000\)", 422),
         (lambda f: f.update(colour=np.zeros(40)), "feature colour is not in FeatureSet shop v1", 422),
+        # an id beyond 32 bits is refused, never wrapped into the vocabulary
+        (
+            lambda f: f.update(bought=np.full(12, 2**40 + 3)),
+            r"feature bought: ids must lie in \[0, 5000\)",
+            422,
+        ),
+        (
+            lambda f: f.update(region=np.array(-5)),
+            r"feature region: ids must lie in \[0, 30\).*got -5\.\.-5",
+            422,
+        ),
     ],
 )
 def test_arrays_that_do_not_match_the_featureset_are_refused_naming_the_feature(

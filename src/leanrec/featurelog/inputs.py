@@ -36,20 +36,23 @@ class FeatureInputError(InputError, ValueError):
 def _block(
     fs: FeatureSet, side: Side, values: Mapping[str, object], rows: int, where: str
 ) -> tuple[FeatureBlock, set[str]]:
-    """One side's block of ``rows`` rows from ``values``; returns it and the names it used."""
+    """One side's block of ``rows`` rows from ``values``; returns it and the names it used.
+
+    One slice copy per feature; the ids' range is checked once for the whole block (as int64, so an
+    id that does not fit in 32 bits is refused rather than wrapped).
+    """
     layout = fs.layout(side)
-    block = layout.zeros(rows)
-    used = set()
+    floats = np.empty((rows, layout.float_width), "<f4")
+    ints = np.empty((rows, layout.int_width), np.int64)
     for slot in layout.slots:
         f = slot.feature
         if f.name not in values:
             raise FeatureInputError(f"feature {f.name} ({f.owner.value}, {where}) is missing", f.name)
-        used.add(f.name)
         try:
             a = np.asarray(values[f.name])
         except (TypeError, ValueError):
             raise FeatureInputError(f"feature {f.name}: not an array of numbers", f.name) from None
-        if side is Side.REQUEST and a.ndim <= 2 and a.size == f.size and a.shape[:1] in ((), (1,), (f.size,)):
+        if side is Side.REQUEST and a.size == f.size and a.ndim <= 2 and a.shape[:1] in ((), (1,), (f.size,)):
             a = a.reshape(1, f.size)  # a scalar, (size,) or (1, size)
         elif side is Side.ITEM and f.size == 1 and a.shape == (rows,):
             a = a.reshape(rows, 1)
@@ -57,25 +60,32 @@ def _block(
             got = "x".join(map(str, np.shape(values[f.name]))) or "a scalar"
             shape = f"{f.size} values" if side is Side.REQUEST else f"{rows} rows of {f.size}"
             raise FeatureInputError(f"feature {f.name}: expected {shape}, got {got}", f.name)
+        kind = a.dtype.kind
         if f.is_float:
-            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)) or (
-                a.dtype == np.bool_
-            ):
+            if kind not in "fiu":
                 raise FeatureInputError(f"feature {f.name} is dense: expected numbers, got {a.dtype}", f.name)
-            block.floats[:, slot.offset : slot.stop] = a
+            floats[:, slot.offset : slot.stop] = a
         else:
-            if not np.issubdtype(a.dtype, np.integer):
+            if kind not in "iu":
                 raise FeatureInputError(
                     f"feature {f.name} holds ids: expected integers, got {a.dtype}", f.name
                 )
-            if a.size and (int(a.min()) < PAD_ID or int(a.max()) >= f.vocab):
-                raise FeatureInputError(
-                    f"feature {f.name}: ids must lie in [0, {f.vocab}) (or {PAD_ID} for padding), "
-                    f"got {int(a.min())}..{int(a.max())}",
-                    f.name,
-                )
-            block.ints[:, slot.offset : slot.stop] = a
-    return block, used
+            ints[:, slot.offset : slot.stop] = a
+    ids = [s for s in layout.slots if not s.feature.is_float]
+    if ids and rows:
+        sizes = [s.feature.size for s in ids]
+        vocab = np.repeat([s.feature.vocab for s in ids], sizes)
+        bad = ((ints < PAD_ID) | (ints >= vocab)).any(0)
+        if bad.any():
+            slot = ids[int(np.searchsorted(np.cumsum(sizes), int(np.argmax(bad)), side="right"))]
+            f, col = slot.feature, ints[:, slot.offset : slot.stop]
+            raise FeatureInputError(
+                f"feature {f.name}: ids must lie in [0, {f.vocab}) (or {PAD_ID} for padding), "
+                f"got {int(col.min())}..{int(col.max())}",
+                f.name,
+            )
+    used = {s.feature.name for s in layout.slots}
+    return FeatureBlock(floats, ints.astype("<i4")), used
 
 
 def pack_ranked(
