@@ -87,7 +87,7 @@ def _forward_work(model: LateRanker, n_items: int) -> tuple[float, float]:
 
     Returns:
         The whole forward pass, and the part that exists for the history alone (its encoder and the
-        target attention).
+        target attention; 0 for a FeatureSet without a history).
 
     """
     req, item = model.fs.layout(Side.REQUEST), model.fs.layout(Side.ITEM)
@@ -99,9 +99,11 @@ def _forward_work(model: LateRanker, n_items: int) -> tuple[float, float]:
         torch.zeros(n_items, dtype=torch.long),
     )
     model.eval()
-    length = model.fs[model.config.history].size
-    tokens = torch.zeros(1, length, model.config.dim)
-    history = _counted(model.encoder, tokens) + 2 * n_items * length * model.config.dim
+    history = 0.0
+    if model.encoder is not None and model.history is not None:
+        length = model.history.size
+        tokens = torch.zeros(1, length, model.config.dim)
+        history = _counted(model.encoder, tokens) + 2 * n_items * length * model.config.dim
     return _counted(model, *args), history
 
 
@@ -142,7 +144,8 @@ def feature_costs(
     # The rest of the forward pass (towers, top MLP) is shared by all features and not attributed.
     forward, history = _forward_work(model, items_ranked)
     total = forward + total_lookups * cfg.dim
-    work[cfg.history] += history
+    if model.history is not None:  # the encoder and the target attention exist for the history
+        work[model.history.name] += history
     out = {}
     for f in fs.features:
         per_value = f.dtype.itemsize * f.size

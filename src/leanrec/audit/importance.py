@@ -309,7 +309,8 @@ def weight_importance(model: LateRanker, data: Batch) -> dict[str, float]:
                 if f.is_float:
                     out[f.name] = float(norms[i])
                     continue
-                name = f.name if f.name in model.tables else model.config.item_id
+                # The history has no table of its own: it reads the item id's.
+                name = f.name if f.name in model.tables else getattr(model.item_id, "name", f.name)
                 table = model.tables[name]
                 ids = ints[:, slot.offset : slot.stop]
                 pooled = table(torch.where(ids < 0, table.padding_idx, ids)).sum(1)

@@ -130,10 +130,15 @@ def heldout(uri: str, model: LateRanker, cfg: TrainConfig) -> Batch:
     except WarehouseError as exc:
         raise AuditError(str(exc)) from None
     fs = model.fs
-    if written.name != fs.name or not fs.reads(written):
+    if written.name != fs.name:
         raise AuditError(
             f"the model is of FeatureSet {fs.name} v{fs.version} and the warehouse {uri} of "
             f"{written.name} v{written.version}: different lineages, the model cannot read that data"
+        )
+    if conflicts := fs.read_conflicts(written):
+        raise AuditError(
+            f"the model is of FeatureSet {fs.name} v{fs.version}, which cannot read the warehouse {uri} "
+            f"of v{written.version}: {'; '.join(conflicts)}"
         )
     batches = [b for part in (1, 2) for b in split_batches(uri, fs, cfg, part)]
     if not batches:
@@ -178,7 +183,8 @@ def audit(
         warehouse: Its warehouse (a FeatureSet version the model can read).
         config: Audit settings.
         train_config: The split the model was trained with.
-        keep: Features never retired (besides the history and item id the model is built on).
+        keep: Features never retired, besides the features of the history and item id roles the
+            model is built on (the history shares the item id's table, so neither goes alone).
         progress: Called with (phase, advance, total).
 
     Raises:
@@ -207,7 +213,7 @@ def audit(
     p99 = float(np.percentile(latency_ms(model, data, 100, config.latency_repeats, config.seed), 99))
     items_logged = config.items_logged or data.n_items / data.n_requests
     costs = feature_costs(model, warehouse, items_logged, 100, p99)
-    keep = keep | {model.config.history, model.config.item_id}
+    keep = keep | {f.name for f in (model.history, model.item_id) if f is not None}
     worth = {n: measurable_value(i) for n, i in importance.items()}
     related = relatedness(
         model.fs,

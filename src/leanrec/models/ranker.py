@@ -1,5 +1,13 @@
 """The late ranker: a DLRM-style model built from the FeatureSet, with a request-level forward path.
 
+The model finds its inputs by role, never by name (see :class:`~leanrec.schema.Role`): the user's
+history (``Role.HISTORY``, an id sequence of items) and the item id (``Role.ITEM_ID``) whose embedding
+table the history shares. Every other id feature is sum-pooled through a table of its own, every dense
+feature enters its side's dense tower. Without a history there is no encoder and no target attention:
+the user side's history parts are zero-width and every shape stays consistent. A side without dense
+inputs has zero-width input layers, whose outputs are their biases (learnt constants); a side without
+ids pools nothing.
+
 Everything that depends only on the request side (the user's dense tower, the user's embedding
 lookups, the transformer over the user's history) is the *user side*. A request-level batch computes
 it once per request and broadcasts it to the request's items; an impression-level batch computes it
@@ -19,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from leanrec.schema import FeatureSet, Kind, Side
+from leanrec.schema import Feature, FeatureSet, Kind, Role, Side
 
 
 @dataclass(frozen=True)
@@ -36,28 +45,37 @@ class RankerConfig:
         dim: Width of every embedding and of the history encoder.
         hidden: Width of the dense towers and the top MLP.
         heads: Attention heads of the history encoder.
-        history: Name of the id-sequence feature the encoder reads (its ids are items).
-        item_id: Item-side feature whose embedding table the history shares.
+
+    The history and the item id are not named here: the model reads them from the FeatureSet's roles.
 
     """
 
     dim: int = 32
     hidden: int = 128
     heads: int = 2
-    history: str = "u_hist"
-    item_id: str = "i_id"
+
+
+def _linear(a: int, b: int) -> nn.Linear:
+    """``nn.Linear(a, b)``; with ``a == 0`` (a side without dense inputs) its output is its bias."""
+    with warnings.catch_warnings():
+        # Initialising a (b, 0) weight does nothing, which is what a zero-width input needs.
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        return nn.Linear(a, b)
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(sizes):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [_linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
 
 @dataclass
 class UserSide:
-    """The user side of B rows: a vector, and the encoded history with its mask."""
+    """The user side of B rows: a vector, and the encoded history with its mask.
+
+    Without a history role in the FeatureSet, ``L`` is 0.
+    """
 
     vector: torch.Tensor  # (B, hidden)
     linear: torch.Tensor  # (B, dim) linear projection of the dense inputs, for the dot interaction
@@ -81,9 +99,9 @@ class SideParts:
     wide: torch.Tensor  # (B, 2) the side's share of the wide part's logits
     pooled: torch.Tensor  # (B, n_ids, dim) sum-pooled embedding of each id feature
     spaced: torch.Tensor  # (B, S) raw vectors of a shared embedding space
-    encoded: torch.Tensor | None = None  # request side: (B, L, dim) encoded history
+    encoded: torch.Tensor | None = None  # request side: (B, L, dim) encoded history (L = 0 without)
     mask: torch.Tensor | None = None  # request side: (B, L)
-    summary: torch.Tensor | None = None  # request side: (B, dim)
+    summary: torch.Tensor | None = None  # request side: (B, dim), (B, 0) without a history
 
     def replace(self, **changes: torch.Tensor) -> SideParts:
         """A copy with some parts replaced."""
@@ -95,7 +113,7 @@ class ItemSide:
     """The item side of N rows."""
 
     vector: torch.Tensor  # (N, hidden)
-    query: torch.Tensor  # (N, dim) the item's attention query over the user's history
+    query: torch.Tensor  # (N, dim) the item's attention query over the user's history; (N, 0) without
     linear: torch.Tensor  # (N, dim) linear projection of the dense inputs, for the dot interaction
     wide: torch.Tensor  # (N, 2) the item's share of the wide part's logits
     spaced: torch.Tensor  # (N, S) raw item vectors matched with ``UserSide.spaced``, column for column
@@ -130,14 +148,23 @@ class LateRanker(nn.Module):
     """The late-stage ranker of one FeatureSet version.
 
     Args:
-        fs: The FeatureSet whose layouts the inputs follow; the checkpoint records its version.
+        fs: The FeatureSet whose layouts the inputs follow; the checkpoint records it. Its
+            ``Role.HISTORY`` feature, if any, is encoded (with the request-side id sequences of the
+            same size, which describe the same entries) and attended to by each item; it shares the
+            embedding table of the ``Role.ITEM_ID`` feature.
         config: Sizes.
+
+    Attributes:
+        history: The FeatureSet's history feature, or None (no encoder, no target attention).
+        item_id: The FeatureSet's item id feature, or None.
 
     """
 
     def __init__(self, fs: FeatureSet, config: RankerConfig = RankerConfig()) -> None:
         super().__init__()
         self.fs, self.config = fs, config
+        self.history: Feature | None = fs.role(Role.HISTORY)
+        self.item_id: Feature | None = fs.role(Role.ITEM_ID)
         req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
         d, h = config.dim, config.hidden
         self.register_buffer("req_mean", torch.zeros(req.float_width))
@@ -151,36 +178,39 @@ class LateRanker(nn.Module):
         self.tables = nn.ModuleDict()
         self._req_ids: list[tuple[str, int, int]] = []  # (name, offset, size) of pooled request ids
         self._item_ids: list[tuple[str, int, int]] = []
-        self._side_seqs: list[tuple[str, int, int]] = []  # sequences aligned with the history
-        hist_slot = None
+        # Request-side id sequences of the history's length, added to its tokens: they describe the
+        # same entries (the category of each item in the history, say). Only with a history.
+        self._side_seqs: list[tuple[str, int, int]] = []
+        self._hist = (0, 0)  # (offset, size) of the history in the request ints
         for side, out in ((req, self._req_ids), (item, self._item_ids)):
             for slot in side.slots:
                 f = slot.feature
                 if f.is_float:
                     continue
-                if f.name == config.history:
-                    hist_slot = slot
+                if f.role == Role.HISTORY:
+                    self._hist = (slot.offset, f.size)
                     continue
                 self.tables[f.name] = nn.Embedding(f.vocab + 1, d, padding_idx=f.vocab)
-                if f.kind is Kind.SEQUENCE and f.size == fs[config.history].size:
+                if self.aligned(f):
                     self._side_seqs.append((f.name, slot.offset, f.size))
                 else:
                     out.append((f.name, slot.offset, f.size))
-        if hist_slot is None:
-            raise ValueError(f"FeatureSet {fs.name} v{fs.version} has no history feature {config.history!r}")
-        self._hist = (hist_slot.offset, hist_slot.feature.size)
-        self._item_id_vocab = fs[config.item_id].vocab
-        self.encoder = nn.TransformerEncoderLayer(
-            d, config.heads, dim_feedforward=2 * d, batch_first=True, dropout=0.0
-        )
+        # The history's share of the user vector (its summary) and of the top MLP (the target
+        # attention): dim each with a history, nothing without.
+        d_hist = d if self.history is not None else 0
+        self.encoder: nn.TransformerEncoderLayer | None = None
+        if self.history is not None:
+            self.encoder = nn.TransformerEncoderLayer(
+                d, config.heads, dim_feedforward=2 * d, batch_first=True, dropout=0.0
+            )
         n_req, n_item = len(self._req_ids), len(self._item_ids)
-        self.user_mix = _mlp([h + (n_req + 1) * d, h, h])
+        self.user_mix = _mlp([h + n_req * d + d_hist, h, h])
         self.item_mix = _mlp([h + n_item * d, h, h])
-        self.query = nn.Linear(h, d)
+        self.query: nn.Linear | None = nn.Linear(h, d) if self.history is not None else None
         # DLRM's dot interaction on linear projections of the dense inputs: a bilinear user-item
         # term the MLPs would otherwise have to approximate.
-        self.user_linear = nn.Linear(req.float_width, d)
-        self.item_linear = nn.Linear(item.float_width, d)
+        self.user_linear = _linear(req.float_width, d)
+        self.item_linear = _linear(item.float_width, d)
         # Vectors the FeatureSet places in one embedding space interact directly: their elementwise
         # products and dot product go to the top MLP. A learnt projection would have to rediscover
         # the alignment from data, which MLPs do slowly.
@@ -191,8 +221,8 @@ class LateRanker(nn.Module):
         # Wide part: each side's dense inputs and each pair's dot product add straight to both logits.
         # Zero to start; fit_wide solves it.
         self.space_weight = nn.Parameter(torch.zeros(summing.shape[1], 2))
-        self.user_wide = nn.Linear(req.float_width, 2)
-        self.item_wide = nn.Linear(item.float_width, 2)
+        self.user_wide = _linear(req.float_width, 2)
+        self.item_wide = _linear(item.float_width, 2)
         for layer in (self.user_wide, self.item_wide):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -203,7 +233,7 @@ class LateRanker(nn.Module):
         self.register_buffer("item_wide_support", torch.ones(2, item.float_width), persistent=False)
         self.user_wide.weight.register_hook(lambda g: g * self.user_wide_support)
         self.item_wide.weight.register_hook(lambda g: g * self.item_wide_support)
-        self.top = _mlp([3 * h + 2 * d + len(u_cols) + summing.shape[1], h, h // 2, 2])
+        self.top = _mlp([3 * h + d_hist + d + len(u_cols) + summing.shape[1], h, h // 2, 2])
         # Slot of each dense input column, for per-feature weight norms.
         for side, name in ((req, "req"), (item, "item")):
             slot_of = [
@@ -211,10 +241,27 @@ class LateRanker(nn.Module):
             ]
             self.register_buffer(f"{name}_column_slot", torch.tensor(slot_of, dtype=torch.long))
 
+    def aligned(self, f: Feature) -> bool:
+        """Whether ``f`` is an id sequence the history encoder reads with the history, entry by entry.
+
+        That is a request-side sequence of the history's size other than the history itself; without
+        a history no feature is.
+        """
+        h = self.history
+        return (
+            h is not None
+            and f.name != h.name
+            and f.kind is Kind.SEQUENCE
+            and f.side is Side.REQUEST
+            and f.size == h.size
+        )
+
     # ------------------------------------------------------------------ inputs
     def fit_normalizer(self, req_floats: torch.Tensor, item_floats: torch.Tensor) -> None:
         """Standardise dense inputs with statistics of training data (stored in the checkpoint)."""
         for name, x in (("req", req_floats), ("item", item_floats)):
+            if x.shape[1] == 0:  # a side without dense inputs has nothing to standardise
+                continue
             getattr(self, f"{name}_mean").copy_(x.mean(0))
             getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(1e-3))
 
@@ -278,15 +325,34 @@ class LateRanker(nn.Module):
 
     @property
     def encoded_features(self) -> frozenset[str]:
-        """Features the history encoder reads: the history and the sequences aligned with it."""
-        return frozenset([self.config.history, *(n for n, _, _ in self._side_seqs)])
+        """Features the history encoder reads: the history and the sequences aligned with it.
+
+        Empty without a history.
+        """
+        if self.history is None:
+            return frozenset()
+        return frozenset([self.history.name, *(n for n, _, _ in self._side_seqs)])
 
     def encode(self, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The history encoded ``(B, L, dim)``, its attention mask ``(B, L)`` and summary ``(B, dim)``."""
+        """The history of B request rows, encoded.
+
+        Args:
+            ints: ``(B, I_req)`` request-side ids.
+
+        Returns:
+            The encoded history ``(B, L, dim)``, its attention mask ``(B, L)`` (True where attended)
+            and its summary ``(B, dim)``, the mean of the encoded entries. Without a history, ``L``
+            is 0 and the summary is ``(B, 0)``.
+
+        """
+        if self.encoder is None or self.item_id is None:
+            b = len(ints)
+            empty = torch.zeros(b, 0, self.config.dim, device=ints.device)
+            return empty, torch.zeros(b, 0, dtype=torch.bool, device=ints.device), empty[:, :, 0]
         off, size = self._hist
         hist = ints[:, off : off + size]
         mask = hist >= 0
-        table = self.tables[self.config.item_id]
+        table = self.tables[self.item_id.name]
         tokens = table(torch.where(mask, hist, table.padding_idx))
         for n, o, s in self._side_seqs:
             tokens = tokens + self._ids(n, ints, o, s)
@@ -307,7 +373,8 @@ class LateRanker(nn.Module):
         """The item side from its parts (see :meth:`side_parts`)."""
         dense = self.item_dense[1:](p.first)
         vector = self.item_mix(torch.cat([dense, p.pooled.flatten(1)], dim=1))
-        return ItemSide(vector, self.query(vector), p.linear, p.wide, p.spaced)
+        query = self.query(vector) if self.query is not None else vector.new_zeros(len(vector), 0)
+        return ItemSide(vector, query, p.linear, p.wide, p.spaced)
 
     def user_side(self, floats: torch.Tensor, ints: torch.Tensor) -> UserSide:
         """Everything that depends only on the request side, for B rows."""
@@ -319,9 +386,12 @@ class LateRanker(nn.Module):
 
     def score(self, user: UserSide, item: ItemSide) -> torch.Tensor:
         """Logits ``(N, 2)`` (click, like) for N items whose user side is ``user`` (N rows)."""
-        att = torch.einsum("nld,nd->nl", user.history, item.query) / self.config.dim**0.5
-        att = att.masked_fill(~user.mask, float("-inf")).softmax(-1)
-        target = torch.einsum("nl,nld->nd", att, user.history)
+        if self.history is None:
+            target = item.vector.new_zeros(len(item.vector), 0)  # no history to attend to
+        else:
+            att = torch.einsum("nld,nd->nl", user.history, item.query) / self.config.dim**0.5
+            att = att.masked_fill(~user.mask, float("-inf")).softmax(-1)
+            target = torch.einsum("nl,nld->nd", att, user.history)  # (N, dim)
         products = user.spaced * item.spaced  # (N, S)
         dots = products @ self.space_sum  # (N, P) dot product of each pair of one embedding space
         z = torch.cat(
@@ -505,6 +575,8 @@ def wide_support(
 
     """
     n, h = len(x), labels.shape[1]
+    if x.shape[1] == 0:  # no dense inputs: nothing to select
+        return x.new_zeros(h, 0)
     ids, groups = torch.unique(groups, return_inverse=True)
     n_groups = len(ids)
     bce = nn.functional.binary_cross_entropy_with_logits
