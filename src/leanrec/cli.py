@@ -465,12 +465,13 @@ def _evaluate(args: argparse.Namespace, console: Console) -> int:
     from leanrec.train.trainer import TrainConfig, _batches, evaluate_arrays, load_checkpoint, predict
     from leanrec.warehouse.store import featureset_of
 
-    fs = featureset_of(args.warehouse)
-    model = load_checkpoint(args.model, fs)
+    # The model reads the warehouse under its own FeatureSet: the warehouse's, or a later version
+    # that retired features from it (a pruned model evaluated on data logged before the audit).
+    model = load_checkpoint(args.model, featureset_of(args.warehouse))
     cfg = TrainConfig()
     with Progress(TextColumn("[bold]evaluating"), TimeElapsedColumn(), console=console, transient=True) as p:
         p.add_task("evaluate", total=None)
-        arrays = predict(model, _batches(args.warehouse, fs, cfg, 2, ReadStats(), None))
+        arrays = predict(model, _batches(args.warehouse, model.fs, cfg, 2, ReadStats(), None))
     if len(arrays[0]) == 0:
         raise InputError(
             f"{args.warehouse} has no held-out test requests (a tenth of its requests, by id); "

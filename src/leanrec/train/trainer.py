@@ -9,6 +9,7 @@ training time can be measured.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections.abc import Callable
@@ -22,14 +23,14 @@ from torch import nn
 
 from leanrec.errors import InputError
 from leanrec.models.ranker import LateRanker, RankerConfig
-from leanrec.schema import FeatureSet, Side
+from leanrec.schema import ROLE_SHAPES, FeatureSet, Role, Side
 from leanrec.train.metrics import auc, log_loss, per_request
 from leanrec.train.reader import Batch, ReadStats, iter_batches
 from leanrec.warehouse.store import WarehouseError
 
 
 class CheckpointError(InputError, ValueError):
-    """A checkpoint that does not fit the FeatureSet or is not a leanrec checkpoint."""
+    """A checkpoint that cannot read the data's FeatureSet or is not a leanrec checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -387,7 +388,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: LateRanker, path: str | Path, result: TrainResult | None = None) -> None:
-    """Save weights with the FeatureSet (and its version) they expect."""
+    """Save weights with the FeatureSet they were trained under (its features, roles and version)."""
     torch.save(
         {
             "leanrec": 1,
@@ -404,12 +405,58 @@ def save_checkpoint(model: LateRanker, path: str | Path, result: TrainResult | N
 
 _GIVE_CHECKPOINT = "give a checkpoint that `leanrec train` wrote"
 
+_LEGACY_ROLE_KEYS = {"history": Role.HISTORY, "item_id": Role.ITEM_ID}
+"""Model-config keys by which checkpoints written before features carried roles named them."""
+
+
+def _model_config(saved: dict) -> RankerConfig:
+    """The sizes a checkpoint saved, without keys :class:`RankerConfig` no longer has."""
+    known = {f.name for f in dataclasses.fields(RankerConfig)}
+    return RankerConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def _legacy_roles(fs: FeatureSet, saved: dict) -> FeatureSet:
+    """``fs`` with the roles an older checkpoint named in its model config, if ``fs`` carries none.
+
+    A checkpoint written before features carried roles names its history and item id in its model
+    config (``history``, ``item_id``); its weights include the history encoder, so the model must be
+    rebuilt with those roles. A FeatureSet that carries any role already says what it means, and
+    the names are ignored.
+    """
+    if any(f.role for f in fs.features):
+        return fs
+    named = {saved[k]: role for k, role in _LEGACY_ROLE_KEYS.items() if isinstance(saved.get(k), str)}
+    features = tuple(
+        dataclasses.replace(f, role=named[f.name].value)
+        if f.name in named
+        and f.owner in ROLE_SHAPES[named[f.name]][0]
+        and f.kind is ROLE_SHAPES[named[f.name]][1]
+        else f
+        for f in fs.features
+    )
+    try:
+        return FeatureSet(fs.name, fs.version, features, fs.retired)
+    except ValueError:  # the names do not make a valid pair (no item id of the history's vocabulary)
+        return fs
+
 
 def load_checkpoint(path: str | Path, fs: FeatureSet | None = None) -> LateRanker:
-    """Load a model; refuse one built for another FeatureSet version than ``fs``.
+    """Load a model, built for the FeatureSet it was trained under.
+
+    Args:
+        path: A checkpoint :func:`save_checkpoint` wrote.
+        fs: The FeatureSet of the data the model is to read (a warehouse's, see
+            ``leanrec.warehouse.store.featureset_of``), or None to skip the check. The checkpoint's
+            FeatureSet must read it (``FeatureSet.reads``): the same version, or an earlier version
+            of its lineage that it retired features from (data logged before a feature audit). Read
+            that data with ``model.fs``, so that only the model's columns are read.
+
+    Returns:
+        The model; ``model.fs`` is the checkpoint's FeatureSet, not ``fs``.
 
     Raises:
-        CheckpointError: Not a leanrec checkpoint, or its FeatureSet does not match ``fs``.
+        CheckpointError: Not a leanrec checkpoint, or its FeatureSet cannot read ``fs``'s data
+            (another lineage, a newer version, features missing or of another shape).
 
     """
     try:
@@ -420,13 +467,22 @@ def load_checkpoint(path: str | Path, fs: FeatureSet | None = None) -> LateRanke
         raise CheckpointError(f"{path} is not a readable checkpoint: {exc}; {_GIVE_CHECKPOINT}") from None
     if not isinstance(data, dict) or data.get("leanrec") != 1:
         raise CheckpointError(f"{path} is not a leanrec checkpoint; {_GIVE_CHECKPOINT}")
-    saved = FeatureSet.from_json(data["featureset"])
-    if fs is not None and (saved.fingerprint != fs.fingerprint or saved.version != fs.version):
+    saved_config = data.get("model_config") or {}
+    saved = _legacy_roles(FeatureSet.from_json(data["featureset"]), saved_config)
+    if fs is not None and (conflicts := saved.read_conflicts(fs)):
         raise CheckpointError(
             f"checkpoint {path} expects FeatureSet {saved.name} v{saved.version} ({saved.fingerprint:08x}); "
-            f"the data is {fs.name} v{fs.version} ({fs.fingerprint:08x}); give the warehouse it was trained "
-            "on, or train a model on this one"
+            f"the data is {fs.name} v{fs.version} ({fs.fingerprint:08x}), which it cannot read: "
+            f"{'; '.join(conflicts)}; give a warehouse of v{saved.version} or of an earlier version it "
+            "retired features from, or train a model on this one"
         )
-    model = LateRanker(fs or saved, RankerConfig(**data["model_config"]))
-    model.load_state_dict(data["state"])
+    model = LateRanker(saved, _model_config(saved_config))
+    try:
+        model.load_state_dict(data["state"])
+    except RuntimeError as exc:
+        why = " ".join(str(exc).split())
+        why = why if len(why) <= 200 else why[:199] + "…"
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not fit a model of its FeatureSet ({why}); {_GIVE_CHECKPOINT}"
+        ) from None
     return model
