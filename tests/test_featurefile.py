@@ -110,6 +110,11 @@ def _with(feature: str) -> str:
             "duplicate feature names",
         ),
         (_with('name = "a"\nowner = "user"\nkind = "dense"') + "\n[retired]\nb = 1\n", "maps each retired"),
+        (
+            _with('name = "item_id"\nowner = "item"\nkind = "sparse"\nvocab = 9\nrole = "item_id"'),
+            r"feature name\(s\) \['item_id'\] are warehouse columns",
+        ),
+        (_with('name = "click"\nowner = "item"\nkind = "dense"'), r"\['click'\] are warehouse columns"),
     ],
 )
 def test_every_mistake_is_refused_with_what_was_wrong(text: str, message: str) -> None:

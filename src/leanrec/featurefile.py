@@ -100,6 +100,13 @@ def _feature(where: str, table: Any) -> Feature:
         raise FeatureSetFileError(f"{where}: {exc}") from None
 
 
+def reserved_names() -> frozenset[str]:
+    """Column names the warehouse gives every request and item (ids, times, positions, labels)."""
+    from leanrec.warehouse.tables import ITEM_META_FIELDS, LABEL_FIELDS, META_FIELDS
+
+    return frozenset(f.name for f in (*META_FIELDS, *ITEM_META_FIELDS, *LABEL_FIELDS)) | {"items"}
+
+
 def parse_featureset(text: str, source: str = "FeatureSet file") -> FeatureSet:
     """The FeatureSet a TOML text declares.
 
@@ -131,6 +138,11 @@ def parse_featureset(text: str, source: str = "FeatureSet file") -> FeatureSet:
     if not isinstance(tables, list) or not tables:
         raise FeatureSetFileError(f"{source}: no features; declare each in a [[features]] table")
     features = tuple(_feature(f"{source}: feature {i + 1}", t) for i, t in enumerate(tables))
+    if clash := sorted({f.name for f in features} & reserved_names()):
+        raise FeatureSetFileError(
+            f"{source}: feature name(s) {clash} are warehouse columns of every request or item; "
+            "name the feature otherwise (its role says what it is)"
+        )
     retired = data.get("retired", {})
     if not isinstance(retired, dict) or not all(isinstance(v, str) for v in retired.values()):
         raise FeatureSetFileError(f"{source}: [retired] maps each retired feature's name to why (a string)")
