@@ -50,7 +50,7 @@ from leanrec.funnel.ranker import Funnel
 from leanrec.schema import FeatureSet
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
-from leanrec.serve.service import LoggingService, LoggingUnavailable
+from leanrec.serve.service import EventsResult, LoggingService, LoggingUnavailable
 from leanrec.serve.tokens import TokenError, TokenSigner
 from leanrec.world import World, WorldConfig
 
@@ -569,11 +569,8 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         except LoggingUnavailable as exc:
             st.health.failed()
             return _error(503, f"{exc}; send the batch again later")
-        refused = dict(report.refused)
-        if errors:
-            refused["malformed"] = len(errors)
-        messages = [*errors[:5], *report.messages.values()]
-        accepted = len(batch) - report.total
+        result = EventsResult.of(len(batch), errors, report)
+        accepted, refused, messages = result.accepted, result.refused, result.messages
         latency.labels("events").observe(time.perf_counter() - t0)
         if accepted == 0 and body.events:
             status = 409 if "replayed" in refused else 410 if "window_closed" in refused else 422

@@ -32,13 +32,12 @@ from typing import Any
 from leanrec.clock import Clock, SystemClock
 from leanrec.energy.ledger import CostLedger
 from leanrec.events import EventBatch, EventLimits, RequestRef, open_event_bus
-from leanrec.events.model import ValidationReport
 from leanrec.featurelog.inputs import FeatureInputError, pack_ranked
 from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging
 from leanrec.featurelog.ranked import RankedBatch
 from leanrec.schema import FeatureSet
 from leanrec.serve.config import ConfigError, ServeConfig
-from leanrec.serve.service import LoggingService
+from leanrec.serve.service import EventsResult, LoggingService
 from leanrec.serve.tokens import TokenSigner
 from leanrec.stores import open_transient_store
 
@@ -91,15 +90,6 @@ class Logged:
     request_id: str
     token: str
     n_items: int
-
-
-@dataclass(frozen=True)
-class EventsResult:
-    """What happened to an event batch: events accepted, refused by reason, and why."""
-
-    accepted: int
-    refused: dict[str, int]
-    messages: list[str]
 
 
 class RankingLog:
@@ -188,11 +178,7 @@ class RankingLog:
         """
         ref = self._ref(request_id, token)
         batch, errors = EventBatch.from_records(request_id, list(events))
-        report: ValidationReport = self._service.events(ref, batch, batch_id)
-        refused = dict(report.refused)
-        if errors:
-            refused["malformed"] = len(errors)
-        return EventsResult(len(batch) - report.total, refused, [*errors[:5], *report.messages.values()])
+        return EventsResult.of(len(batch), errors, self._service.events(ref, batch, batch_id))
 
     def joiner(self, warehouse: str | Path, impression_level: bool | None = None) -> Any:
         """A joiner in this process over this log's own store and bus, writing to ``warehouse``.

@@ -34,6 +34,23 @@ class ServiceStats:
     events_refused: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class EventsResult:
+    """What happened to an event batch: events accepted, refused by reason, and why."""
+
+    accepted: int
+    refused: dict[str, int]
+    messages: list[str]
+
+    @classmethod
+    def of(cls, well_formed: int, errors: list[str], report: ValidationReport) -> EventsResult:
+        """The answer to a batch of ``well_formed`` records (``errors``: one per malformed one)."""
+        refused = dict(report.refused)
+        if errors:
+            refused["malformed"] = len(errors)
+        return cls(well_formed - report.total, refused, [*errors[:5], *report.messages.values()])
+
+
 class LoggingService:
     """Logging entry points of one ranking service.
 
