@@ -196,6 +196,11 @@ _SERVE_FLAGS = (
     ("--n-items", int, "items of the corpus (default 50000)"),
     ("--seed", int, "seed of the world (default 7)"),
     ("--featureset", str, "FeatureSet file to log under for a ranker of your own (/v1/log; no world)"),
+    ("--features-url", str, "with --featureset: FeatureStore of the catalog to rank (redis://…)"),
+    ("--retrieval", str, "with --features-url: retrieval index file giving /v1/rank its candidates"),
+    ("--model", str, "with --features-url: `leanrec train` checkpoint, the late ranker of /v1/rank"),
+    ("--n-retrieve", int, "candidates the late ranker scores (default 1000)"),
+    ("--n-rank", int, "items /v1/rank returns and logs (default 100)"),
     ("--window-ms", int, "attribution window (default 600000)"),
     ("--lateness-ms", int, "how long after the window event batches may arrive (default 60000)"),
     ("--warehouse", str, "joiner: warehouse folder or URI"),
@@ -258,9 +263,18 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
             f"Redis refused to open the store or the bus: {exc}; check the database number of "
             "--store-url and --bus-url"
         ) from None
+    ranks = (
+        f"ranks {config.featureset} from {config.features_url}"
+        + (f", candidates from {config.retrieval}" if config.retrieval else "")
+        + (f", ranker {config.model}" if config.model else ", in retrieval order")
+        if config.features_url
+        else (f"logs {config.featureset} (/v1/log)" if config.featureset else "ranks the synthetic world")
+    )
     console.print(
-        f"leanrec serve: logging={config.logging}, store={config.store_url}, bus={config.bus_url}, "
-        f"http://{config.host}:{config.port}"
+        f"leanrec serve: {ranks}; logging={config.logging}, store={config.store_url}, "
+        f"bus={config.bus_url}, http://{config.host}:{config.port}",
+        markup=False,
+        soft_wrap=True,
     )
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
@@ -295,6 +309,47 @@ def _join(args: argparse.Namespace, console: Console) -> int:
         f"{report.examples} examples, {report.labels_lost} labels lost, {report.files} files, "
         f"{set_aside_text(report.dead_letters, report.dead_letters_by_kind)}"
         + (f" in {report.dead_letter_uri}" if report.dead_letters else ""),
+        markup=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
+def _features(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.featurefile import load_featureset
+    from leanrec.schema import Owner
+    from leanrec.serve.config import _check_url
+    from leanrec.stores.loading import catalog_prefix, load_entities, open_catalog_store
+
+    if args.users is None and args.items is None:
+        raise InputError("give --users FILE, --items FILE or both: the Parquet files to load")
+    _check_url("--store-url", args.store_url)
+    if not args.store_url.startswith("redis"):
+        raise InputError(
+            f"--store-url must be redis://host:port/db (shared with serve), got {args.store_url!r}"
+        )
+    fs = load_featureset(args.featureset)
+    try:
+        store = open_catalog_store(args.store_url, fs)
+    except ConnectionError as exc:
+        raise InputError(f"{exc}; start it, or give --store-url a server that answers") from None
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    loaded = {}
+    with Progress(*columns, console=console, transient=True) as progress:
+        for owner, path in ((Owner.USER, args.users), (Owner.ITEM, args.items)):
+            if path is None:
+                continue
+            task = progress.add_task(f"{owner.value}s", total=None)
+            loaded[owner] = load_entities(
+                store,
+                fs,
+                owner,
+                path,
+                progress=lambda d, t, task=task: progress.update(task, completed=d, total=t),
+            )
+    console.print(
+        f"loaded {', '.join(f'{n:,} {o.value}s' for o, n in loaded.items())} of FeatureSet {fs.name} "
+        f"v{fs.version} into {args.store_url} (keys {catalog_prefix(fs)}:…)",
         markup=False,
         soft_wrap=True,
     )
@@ -699,6 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--n-users", type=_positive, help="the service's world (default: learnt from it)")
     sim.add_argument("--n-items", type=_positive, help="the service's world (default: learnt from it)")
     sim.add_argument("--world-seed", type=_seed, help="the service's --seed (default: learnt from it)")
+    feats = sub.add_parser("features", help="load a catalog's user and item features into a FeatureStore")
+    fload = feats.add_subparsers(dest="features_command", required=True).add_parser(
+        "load", help="write users and items from Parquet files (an update overwrites what it holds)"
+    )
+    fload.add_argument("--featureset", required=True, help="the FeatureSet file the features belong to")
+    fload.add_argument("--users", help="Parquet file: a user_id column and one per user feature")
+    fload.add_argument("--items", help="Parquet file: an item_id column and one per item feature")
+    fload.add_argument("--store-url", required=True, help="the FeatureStore: redis://host:port/db")
     fset = sub.add_parser("featureset", help="check a FeatureSet file, or write the synthetic world's")
     fsub = fset.add_subparsers(dest="action", required=True)
     check = fsub.add_parser("check", help="validate a FeatureSet file and print its layout")
@@ -783,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         "join": _join,
         "simulate": _simulate,
         "featureset": _featureset,
+        "features": _features,
         "train": _train,
         "evaluate": _evaluate,
         "audit": _audit,

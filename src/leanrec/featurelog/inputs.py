@@ -10,13 +10,14 @@ naming the feature, so the library and the HTTP sidecar refuse it before anythin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
 
 from leanrec.errors import InputError
 from leanrec.featurelog.ranked import RankedBatch
-from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Side
+from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Owner, Side
 
 
 class FeatureInputError(InputError, ValueError):
@@ -143,3 +144,37 @@ def pack_ranked(
         request,
         item_block,
     )
+
+
+def pack_owner(
+    fs: FeatureSet, owner: Owner, values: Mapping[str, object], rows: int, where: str = ""
+) -> FeatureBlock:
+    """``rows`` rows of one owner's block (as a FeatureStore holds it) from arrays by name.
+
+    Each of the owner's features is checked as :func:`pack_ranked` checks it; names of other
+    features are not read, so a table with more columns than the FeatureSet needs loads.
+
+    Args:
+        fs: The FeatureSet.
+        owner: Whose block.
+        values: Each of the owner's features: ``(rows, size)``, or ``(rows,)`` for size 1.
+        rows: Entities.
+        where: Where the values came from, for messages.
+
+    Raises:
+        FeatureInputError: A feature missing, of the wrong width or kind, or an id out of range.
+
+    """
+    # The owner's features alone as a FeatureSet (roles dropped: they pair features across owners):
+    # its one side's layout is the owner's block, offsets and all.
+    own = tuple(dataclasses.replace(f, role="") for f in fs.of(owner))
+    side = Side.ITEM if owner is Owner.ITEM else Side.REQUEST
+    shaped = {
+        f.name: np.asarray(values[f.name]).reshape(rows, 1)
+        if f.name in values and f.size == 1 and np.ndim(values[f.name]) == 1
+        else values[f.name]
+        for f in own
+        if f.name in values
+    }
+    block, _ = _block(FeatureSet(fs.name, fs.version, own), side, shaped, rows, where or owner.value)
+    return block

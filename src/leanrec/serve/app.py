@@ -46,8 +46,10 @@ from leanrec.featurefile import load_featureset
 from leanrec.featurelog.inputs import FeatureInputError, pack_ranked
 from leanrec.featurelog.loggers import FeatureLogger, LazyLogger
 from leanrec.featurelog.ranked import RankedBatch
+from leanrec.funnel.catalog import CatalogFunnel
 from leanrec.funnel.ranker import Funnel
 from leanrec.schema import FeatureSet
+from leanrec.serve.catalog import catalog_funnel
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
 from leanrec.serve.service import EventsResult, LoggingService, LoggingUnavailable
@@ -59,7 +61,15 @@ class RankIn(BaseModel):
     """A ranking request."""
 
     user_id: int = Field(ge=0, description="the user to rank for")
-    surface: int = Field(0, ge=0, le=2, description="feed surface: 0 home, 1 explore, 2 following")
+    surface: int = Field(
+        0, ge=0, le=2, description="synthetic world: feed surface (0 home, 1 explore, 2 following)"
+    )
+    candidates: list[int] | None = Field(
+        None, description="a catalog service: the items to rank (default: its retrieval model's)"
+    )
+    context: dict[str, Any] | None = Field(
+        None, description="a catalog service: the FeatureSet's context features by name (number or list)"
+    )
 
 
 class LogIn(BaseModel):
@@ -386,7 +396,7 @@ class ServiceState:
 
     config: ServeConfig
     world: World | None
-    funnel: Funnel | None
+    funnel: Funnel | CatalogFunnel | None
     signer: TokenSigner
     store: Any
     bus: Any
@@ -407,10 +417,13 @@ def build_state(config: ServeConfig) -> ServiceState:
     """Build the logging plumbing of one serving process, and the world and funnel it ranks with.
 
     With ``config.featureset`` set, the process logs under that file's FeatureSet for a ranker of
-    the user's own (``/v1/log``) and builds no world.
+    the user's own (``/v1/log``) and builds no world; with ``config.features_url`` too, it also ranks
+    that catalog (``/v1/rank``, see :func:`~leanrec.serve.catalog.catalog_funnel`).
     """
+    funnel: Funnel | CatalogFunnel | None
     if config.featureset:
-        world, funnel, fs = None, None, load_featureset(config.featureset)
+        fs = load_featureset(config.featureset)
+        world, funnel = None, catalog_funnel(config, fs)
     else:
         world = World(WorldConfig(n_users=config.n_users, n_items=config.n_items, seed=config.seed))
         funnel, fs = Funnel(world), world.featureset
@@ -523,10 +536,26 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
                 f"this service ranks no catalog of its own: it logs FeatureSet {featureset.name} "
                 f"v{featureset.version} for your ranker; rank there and POST the ranking to /v1/log",
             )
-        if body.user_id >= config.n_users:
-            return _error(422, f"unknown user {body.user_id}: users are 0..{config.n_users - 1}")
         now = clock.now_ms()
-        batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
+        if isinstance(st.funnel, CatalogFunnel):
+            try:
+                batch = await asyncio.to_thread(st.funnel.rank, body.user_id, body.context, body.candidates)
+            except FeatureInputError as exc:
+                return _error(exc.status, str(exc), feature=exc.feature)
+            except KeyError as exc:
+                return _error(422, f"not in the catalog's feature store: {exc.args[0]}")
+            except ConnectionError as exc:
+                return _error(503, f"the feature store is not answering: {exc}; try again later")
+        else:
+            if body.candidates is not None or body.context is not None:
+                return _error(
+                    422,
+                    "candidates and context are for a catalog service (leanrec serve --featureset F "
+                    "--features-url URL); this one ranks the synthetic world with its own retrieval",
+                )
+            if body.user_id >= config.n_users:
+                return _error(422, f"unknown user {body.user_id}: users are 0..{config.n_users - 1}")
+            batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
         ref = _logged(batch, body.user_id, now)
         out = RankOut(request_id=ref.request_id, items=batch.item_ids[0].tolist(), token=st.signer.sign(ref))
         latency.labels("rank").observe(time.perf_counter() - t0)

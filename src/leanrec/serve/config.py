@@ -30,6 +30,15 @@ class ServeConfig:
         logging: ``lazy`` (the lean way), ``eager`` (the naive baseline) or ``off``.
         featureset: The FeatureSet file the service logs under (its ranker's features); empty for
             the synthetic world's, which ``n_users``, ``n_items`` and ``seed`` describe.
+        features_url: With ``featureset``: the FeatureStore holding the catalog's current user and
+            item features (``redis://host:port/db``, filled by ``leanrec features load``); set, the
+            service ranks that catalog at ``/v1/rank``; empty, it only logs (``/v1/log``).
+        retrieval: A retrieval index file (``leanrec.retrieval.save_index``) that gives ``/v1/rank``
+            its candidates when a request brings none.
+        model: A ``leanrec train`` checkpoint: the late ranker of ``/v1/rank``; empty, candidates
+            keep their retrieval order.
+        n_retrieve: Candidates the late ranker scores (and most a request may bring).
+        n_rank: Items ``/v1/rank`` returns and logs.
         n_users: Users of the synthetic world the service ranks for.
         n_items: Items of its corpus.
         seed: Seed of the world (joiners derive the FeatureSet from the same settings).
@@ -56,6 +65,11 @@ class ServeConfig:
     bus_url: str = "memory://"
     logging: str = "lazy"
     featureset: str = ""
+    features_url: str = ""
+    retrieval: str = ""
+    model: str = ""
+    n_retrieve: int = 1_000
+    n_rank: int = 100
     n_users: int = 10_000
     n_items: int = 50_000
     seed: int = 7
@@ -76,7 +90,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.logging not in ("lazy", "eager", "off"):
             raise ConfigError(f"logging must be lazy, eager or off, got {self.logging!r}")
-        for name in ("port", "n_users", "window_ms", "max_body_bytes", "max_events", "max_items", "poll_ms"):
+        positive = ("port", "n_users", "n_retrieve", "n_rank", "window_ms", "max_body_bytes", "max_events")
+        for name in (*positive, "max_items", "poll_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_items < 1000:
@@ -87,6 +102,21 @@ class ServeConfig:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
         for name in ("store_url", "bus_url"):
             _check_url(name, getattr(self, name))
+        if self.n_rank > self.n_retrieve:
+            raise ConfigError(f"n_rank ({self.n_rank}) must be at most n_retrieve ({self.n_retrieve})")
+        if (self.features_url or self.retrieval or self.model) and not self.featureset:
+            raise ConfigError(
+                "features_url, retrieval and model rank a catalog of your own: give its featureset file too"
+            )
+        if (self.retrieval or self.model) and not self.features_url:
+            raise ConfigError("retrieval and model rank with the catalog's features: give features_url too")
+        if self.features_url:
+            _check_url("features_url", self.features_url)
+            if self.features_url.startswith("memory:"):
+                raise ConfigError(
+                    "features_url must be redis://host:port/db: the FeatureStore is shared with "
+                    "`leanrec features load`, so it cannot live in the serving process"
+                )
 
     def catalog_featureset(self) -> FeatureSet:
         """The FeatureSet the deployment logs under: the ``featureset`` file's, else the world's.
