@@ -37,10 +37,11 @@ def main() -> None:
     fs = world.featureset
     batch = Funnel(world).rank(np.arange(4), np.zeros(4, np.int64), np.zeros(4, np.int64))
     req, items, ids = batch.request.take(slice(0, 1)), batch.items.take(slice(0, 100)), batch.item_ids[0]
+    scores = batch.scores[0]  # logged with the items, as the loggers do
     page = items.take(slice(6, 15))
     user_blob = codec.encode_request(fs, req)
-    page_blob = codec.encode_page(fs, 6, ids[6:15], page)
-    imp_blobs = codec.encode_impressions(fs, ids, req, items)
+    page_blob = codec.encode_page(fs, 6, ids[6:15], page, scores[6:15])
+    imp_blobs = codec.encode_impressions(fs, ids, req, items, scores)
     cases = {
         "request side (1 row)": (
             lambda: codec.encode_request(fs, req),
@@ -48,12 +49,12 @@ def main() -> None:
             len(user_blob),
         ),
         "page (9 items)": (
-            lambda: codec.encode_page(fs, 6, ids[6:15], page),
+            lambda: codec.encode_page(fs, 6, ids[6:15], page, scores[6:15]),
             lambda: codec.decode_page(fs, page_blob),
             len(page_blob),
         ),
         "100 impressions (naive)": (
-            lambda: codec.encode_impressions(fs, ids, req, items),
+            lambda: codec.encode_impressions(fs, ids, req, items, scores),
             lambda: codec.decode_impressions(fs, imp_blobs),
             sum(map(len, imp_blobs)),
         ),

@@ -115,6 +115,7 @@ def _with(feature: str) -> str:
             r"feature name\(s\) \['item_id'\] are warehouse columns",
         ),
         (_with('name = "click"\nowner = "item"\nkind = "dense"'), r"\['click'\] are warehouse columns"),
+        (_with('name = "score"\nowner = "item"\nkind = "dense"'), r"\['score'\] are warehouse columns"),
     ],
 )
 def test_every_mistake_is_refused_with_what_was_wrong(text: str, message: str) -> None:

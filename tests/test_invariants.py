@@ -517,6 +517,7 @@ def test_request_and_impression_layouts_convert_into_each_other_without_loss(
     assert naive.num_rows > 3 * lean.num_rows  # several viewed items per request
     lean = lean.sort_by("request_id")
     naive = naive.sort_by(SORT)
+    assert naive.column("score").null_count == 0  # the funnel scored every item it ranked
     assert request_to_impression(lean, fs).sort_by(SORT).equals(naive)
     assert impression_to_request(naive, fs).equals(lean)
     # Round trips in both directions.
@@ -538,6 +539,12 @@ def test_a_conversion_drops_nothing_it_is_given(
         pa.array(~naive.column("click").to_numpy(zero_copy_only=False)),
     )
     assert not impression_to_request(flipped, fs).equals(lean.sort_by("request_id"))
+    scores = naive.column("score").to_numpy().copy()
+    scores[len(scores) // 2] += 1.0
+    moved = naive.set_column(
+        naive.schema.get_field_index("score"), naive.schema.field("score"), pa.array(scores)
+    )
+    assert not impression_to_request(moved, fs).equals(lean.sort_by("request_id"))
 
 
 TINY_FS = FeatureSet(
@@ -590,6 +597,10 @@ def random_records(seed: int, n_records: int, max_items: int) -> list[RequestRec
                     "hide": rng.random(k) < 0.1,
                     "watch_ms": rng.integers(0, 60_000, k).astype(np.int32),
                 },
+                # The ranker's scores: some missing (NaN), and a request logged without any.
+                None
+                if rng.random() < 0.2
+                else np.where(rng.random(k) < 0.2, np.nan, rng.normal(size=k)).astype(np.float32),
             )
         )
     return out
@@ -613,11 +624,15 @@ def test_layout_round_trip_property(seed: int, n_records: int, max_items: int) -
     assert impression_to_request(request_to_impression(req, TINY_FS), TINY_FS).equals(req_sorted)
     back = request_to_impression(impression_to_request(imp, TINY_FS), TINY_FS)
     assert back.sort_by(SORT).equals(imp_sorted)
-    # The features survive as exact bits.
+    # The features survive as exact bits, and the scores as given (null where there is none).
     first = records[0]
     rows = imp_sorted.filter(pc.equal(imp_sorted.column("request_id"), first.request_id))
     got = arrays_block(TINY_FS.layout(Side.ITEM), _cols(rows), len(first))
     assert np.array_equal(u32(got), u32(first.items))
+    given = np.full(len(first), np.nan, np.float32) if first.scores is None else first.scores
+    kept = rows.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    assert np.array_equal(kept, given, equal_nan=True)
+    assert rows.column("score").null_count == int(np.isnan(given).sum())
 
 
 # --------------------------------------------------------------------------- 5. TTL

@@ -101,10 +101,11 @@ def _feature(where: str, table: Any) -> Feature:
 
 
 def reserved_names() -> frozenset[str]:
-    """Column names the warehouse gives every request and item (ids, times, positions, labels)."""
-    from leanrec.warehouse.tables import ITEM_META_FIELDS, LABEL_FIELDS, META_FIELDS
+    """Column names the warehouse gives every request and item (ids, times, positions, scores, labels)."""
+    from leanrec.warehouse.tables import ITEM_META_FIELDS, LABEL_FIELDS, META_FIELDS, SCORE_FIELD
 
-    return frozenset(f.name for f in (*META_FIELDS, *ITEM_META_FIELDS, *LABEL_FIELDS)) | {"items"}
+    fields = (*META_FIELDS, *ITEM_META_FIELDS, SCORE_FIELD, *LABEL_FIELDS)
+    return frozenset(f.name for f in fields) | {"items"}
 
 
 def parse_featureset(text: str, source: str = "FeatureSet file") -> FeatureSet:

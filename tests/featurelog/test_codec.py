@@ -31,6 +31,24 @@ def _random_block(fs: FeatureSet, side: Side, rows: int, seed: int) -> FeatureBl
     return FeatureBlock(floats, ints)
 
 
+def _scores(rows: int, seed: int) -> np.ndarray:
+    """Scores of arbitrary bit patterns, a NaN with a payload and -0.0 among them."""
+    scores = np.random.default_rng(seed).integers(0, 2**32, rows, dtype=np.uint32).view("<f4")
+    scores.view(np.uint32)[:2] = [0xFFC00001, 0x80000000][:rows]
+    return scores
+
+
+def _as_v1(blob: bytes, kind: BlobKind, fs: FeatureSet) -> bytes:
+    """The same blob as codec version 1 wrote it: version byte 1, no scores."""
+    rows = int.from_bytes(blob[12:14], "little")
+    head = blob[:2] + bytes([1]) + blob[3:HEADER_BYTES]
+    body = blob[HEADER_BYTES:]
+    if kind is BlobKind.PAGE:  # ids, then the scores to drop
+        return head + body[: 4 * rows] + body[8 * rows :]
+    assert kind is BlobKind.IMPRESSION  # item id, then its score
+    return head + body[:4] + body[8:]
+
+
 def _other_version(fs: FeatureSet) -> FeatureSet:
     return FeatureSet(fs.name, fs.version + 1, fs.features, fs.retired)
 
@@ -73,12 +91,38 @@ def test_request_of_more_than_one_row_is_refused(fs: FeatureSet) -> None:
 def test_page_round_trip_is_byte_exact(fs: FeatureSet, first: int, rows: int) -> None:
     block = _random_block(fs, Side.ITEM, rows, seed=first + rows)
     ids = np.random.default_rng(first).integers(0, 50_000, rows).astype(np.int32)
-    blob = codec.encode_page(fs, first, ids, block)
-    assert len(blob) == HEADER_BYTES + rows * (4 + fs.layout(Side.ITEM).row_bytes)
+    scores = _scores(rows, seed=first)
+    blob = codec.encode_page(fs, first, ids, block, scores)
+    assert len(blob) == HEADER_BYTES + rows * (4 + 4 + fs.layout(Side.ITEM).row_bytes)
+    assert blob[HEADER_BYTES + 4 * rows : HEADER_BYTES + 8 * rows] == scores.tobytes()  # after the ids
     page = codec.decode_page(fs, blob)
     assert page.first_position == first
     assert np.array_equal(page.item_ids, ids)
     assert page.block.same_bytes(block)
+    assert page.scores.dtype == np.dtype("<f4")
+    assert np.array_equal(page.scores.view(np.uint32), scores.view(np.uint32))
+
+
+def test_a_page_without_scores_holds_nan_for_each(fs: FeatureSet) -> None:
+    block = _random_block(fs, Side.ITEM, 4, seed=1)
+    page = codec.decode_page(fs, codec.encode_page(fs, 6, np.arange(4), block))
+    assert np.isnan(page.scores).all() and len(page.scores) == 4
+    with pytest.raises(CodecError, match="3 scores for 4"):
+        codec.encode_page(fs, 6, np.arange(4), block, np.zeros(3, np.float32))
+
+
+def test_a_version_1_page_decodes_with_nan_scores(fs: FeatureSet) -> None:
+    block = _random_block(fs, Side.ITEM, 9, seed=2)
+    ids = np.arange(100, 109, dtype=np.int32)
+    old = _as_v1(codec.encode_page(fs, 6, ids, block, _scores(9, seed=3)), BlobKind.PAGE, fs)
+    assert len(old) == HEADER_BYTES + 9 * (4 + fs.layout(Side.ITEM).row_bytes)
+    page = codec.decode_page(fs, old)
+    assert page.first_position == 6
+    assert np.array_equal(page.item_ids, ids)
+    assert page.block.same_bytes(block)
+    assert np.isnan(page.scores).all() and len(page.scores) == 9
+    with pytest.raises(CodecError, match=r"\d+ B"):  # a version 1 header on a version 2 body
+        codec.decode_page(fs, old[:HEADER_BYTES] + codec.encode_page(fs, 6, ids, block)[HEADER_BYTES:])
 
 
 def test_page_with_mismatched_ids_and_rows_is_refused(fs: FeatureSet) -> None:
@@ -97,33 +141,62 @@ def test_impressions_round_trip_is_byte_exact(fs: FeatureSet) -> None:
     request = _random_block(fs, Side.REQUEST, 1, seed=4)
     items = _random_block(fs, Side.ITEM, n, seed=5)
     ids = np.random.default_rng(6).permutation(50_000)[:n].astype(np.int32)
-    blobs = codec.encode_impressions(fs, ids, request, items)
+    scores = _scores(n, seed=6)
+    blobs = codec.encode_impressions(fs, ids, request, items, scores)
     assert len(blobs) == n
     req_lay, item_lay = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
-    assert {len(b) for b in blobs} == {HEADER_BYTES + 4 + req_lay.row_bytes + item_lay.row_bytes}
+    assert {len(b) for b in blobs} == {HEADER_BYTES + 4 + 4 + req_lay.row_bytes + item_lay.row_bytes}
+    assert blobs[7][HEADER_BYTES + 4 : HEADER_BYTES + 8] == scores[7:8].tobytes()  # after the item id
 
-    positions, got_ids, got_req, got_items = codec.decode_impressions(fs, blobs)
+    positions, got_ids, got_req, got_items, got_scores = codec.decode_impressions(fs, blobs)
     assert np.array_equal(positions, np.arange(n))
     assert np.array_equal(got_ids, ids)
     assert got_items.same_bytes(items)
     assert got_req.same_bytes(FeatureBlock.concat([request] * n))
+    assert np.array_equal(got_scores.view(np.uint32), scores.view(np.uint32))
+
+
+def test_impressions_without_scores_hold_nan(fs: FeatureSet) -> None:
+    request, items = _random_block(fs, Side.REQUEST, 1, seed=1), _random_block(fs, Side.ITEM, 3, seed=2)
+    blobs = codec.encode_impressions(fs, np.arange(3), request, items)
+    assert np.isnan(codec.decode_impressions(fs, blobs)[4]).all()
+    with pytest.raises(CodecError, match="2 scores for 3"):
+        codec.encode_impressions(fs, np.arange(3), request, items, np.zeros(2, np.float32))
+
+
+def test_version_1_impressions_decode_with_nan_scores(fs: FeatureSet) -> None:
+    request, items = _random_block(fs, Side.REQUEST, 1, seed=3), _random_block(fs, Side.ITEM, 5, seed=4)
+    ids = np.arange(50, 55, dtype=np.int32)
+    new = codec.encode_impressions(fs, ids, request, items, _scores(5, seed=5))
+    old = [_as_v1(b, BlobKind.IMPRESSION, fs) for b in new]
+    assert {len(b) for b in old} == {len(new[0]) - 4}
+    positions, got_ids, got_req, got_items, got_scores = codec.decode_impressions(fs, old[::-1])
+    assert positions.tolist() == [4, 3, 2, 1, 0]
+    assert np.array_equal(got_ids, ids[::-1])
+    assert got_items.same_bytes(items.take(np.arange(5)[::-1]))
+    assert got_req.same_bytes(FeatureBlock.concat([request] * 5))
+    assert np.isnan(got_scores).all() and len(got_scores) == 5
+    with pytest.raises(CodecError, match=r"\d+ B"):  # one request's entries are of one version
+        codec.decode_impressions(fs, [old[0], new[1]])
 
 
 def test_impressions_decode_any_subset_in_any_order(fs: FeatureSet) -> None:
     request = _random_block(fs, Side.REQUEST, 1, seed=7)
     items = _random_block(fs, Side.ITEM, 20, seed=8)
     ids = np.arange(1_000, 1_020, dtype=np.int32)
-    blobs = codec.encode_impressions(fs, ids, request, items)
     pick = np.array([17, 3, 4, 0])
-    positions, got_ids, _, got_items = codec.decode_impressions(fs, [blobs[p] for p in pick])
+    scores = np.linspace(1, 0, 20, dtype=np.float32)
+    blobs = codec.encode_impressions(fs, ids, request, items, scores)
+    positions, got_ids, _, got_items, got_scores = codec.decode_impressions(fs, [blobs[p] for p in pick])
+    assert np.array_equal(got_scores, scores[pick])
     assert np.array_equal(positions, pick)
     assert np.array_equal(got_ids, ids[pick])
     assert got_items.same_bytes(items.take(pick))
 
 
 def test_no_impressions_decode_to_empty_blocks(fs: FeatureSet) -> None:
-    positions, ids, request, items = codec.decode_impressions(fs, [])
-    assert len(positions) == len(ids) == len(request) == len(items) == 0
+    positions, ids, request, items, scores = codec.decode_impressions(fs, [])
+    assert len(positions) == len(ids) == len(request) == len(items) == len(scores) == 0
     assert items.floats.shape[1] == fs.layout(Side.ITEM).float_width
 
 

@@ -162,9 +162,10 @@ def test_eager_logs_every_ranked_item_with_user_and_item_features(ranked: Ranked
     for b, ref in enumerate(ranked.refs):
         blobs = rig.store.get_many([key(ref.request_id, f"i{p}") for p in range(N_ITEMS)])
         assert all(v is not None for v in blobs)
-        positions, ids, request, items = codec.decode_impressions(fs, blobs)
+        positions, ids, request, items, scores = codec.decode_impressions(fs, blobs)
         assert np.array_equal(positions, np.arange(N_ITEMS))
         assert np.array_equal(ids, ranked.saved.item_ids[b])
+        assert np.array_equal(scores, ranked.saved.scores[b])
         repeated = FeatureBlock.concat([ranked.saved.request.take(slice(b, b + 1))] * N_ITEMS)
         assert request.same_bytes(repeated)
         assert items.same_bytes(_items_of(ranked.saved, b, slice(None)))
@@ -209,6 +210,7 @@ def test_lazy_logs_request_side_once_and_the_head_only(ranked: Ranked) -> None:
         head = codec.decode_page(fs, head_blob)
         assert head.first_position == 0
         assert np.array_equal(head.item_ids, ranked.saved.item_ids[b, :6])
+        assert np.array_equal(head.scores, ranked.saved.scores[b, :6])
         assert head.block.same_bytes(_items_of(ranked.saved, b, slice(0, 6)))
     assert len(rig.contexts) == len(ranked.refs)
     opened = _opened(rig)
@@ -359,6 +361,7 @@ def _context(world: World, rid: str, ts_ms: int, n: int = N_ITEMS) -> RequestCon
     return RequestContext(
         RequestRef(rid, 0, ts_ms, n),
         np.arange(n, dtype=np.int32),
+        np.linspace(1, 0, n, dtype=np.float32),
         fs.layout(Side.REQUEST).zeros(1),
         fs.layout(Side.ITEM).zeros(n),
         np.zeros(Paging().count(n), bool),
@@ -369,7 +372,8 @@ def _context(world: World, rid: str, ts_ms: int, n: int = N_ITEMS) -> RequestCon
 def test_context_nbytes_counts_what_it_holds(small_world: World) -> None:
     fs = small_world.featureset
     ctx = _context(small_world, "a", START_MS)
-    want = 4 * N_ITEMS + fs.layout(Side.REQUEST).row_bytes + N_ITEMS * fs.layout(Side.ITEM).row_bytes + 12
+    item_bytes = 4 + 4 + fs.layout(Side.ITEM).row_bytes  # id, score, features
+    want = N_ITEMS * item_bytes + fs.layout(Side.REQUEST).row_bytes + 12
     assert ctx.nbytes == want
 
 
@@ -499,3 +503,48 @@ def test_a_full_store_is_counted_not_fatal(ranked: Ranked) -> None:
     assert rig.logger.stats.entries_written == 0
     assert rig.store.stats().keys_held == 0
     assert len(_opened(rig)) == len(ranked.refs)
+
+
+# ----------------------------------------------------------------------------------- scores
+def test_scores_are_frozen_with_the_features_in_every_page_however_they_were_logged(ranked: Ranked) -> None:
+    """Head at rank time, pages on signal and on touch: each holds the scores of its positions."""
+    rig = _lazy(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ranked.batch.scores[:] = -7.0  # the caller reuses its buffer: the context holds its own copy
+    ref = ranked.refs[1]
+    rig.clock.advance(5_000)
+    rig.logger.paginate(ref, 10)  # page 1: 6-14
+    rig.logger.touch(ref, _click(ref.request_id, [80], ranked.saved.item_ids[1]))  # a fast scroll: 78-86
+    assert _lazy_held(rig, ref.request_id) == {"u", "p0", "p1", "p9"}
+    positions = np.array([0, 5, 6, 14, 15, 77, 78, 80, 86, 87, 99])
+    got = rig.logger.fetch(_opened(rig)[ref.request_id], positions)
+    want = ranked.saved.scores[1, positions]
+    assert np.isfinite(want).all() and len(np.unique(want)) == len(want)
+    assert np.array_equal(got.scores[got.found], want[got.found])
+    assert got.found.tolist() == [True] * 4 + [False, False] + [True] * 3 + [False, False]
+    assert np.isnan(got.scores[~got.found]).all()  # no score where nothing was logged
+
+
+def test_eager_fetch_returns_the_scores_of_the_asked_positions(ranked: Ranked) -> None:
+    rig = _eager(ranked.world)
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    ref = ranked.refs[2]
+    rig.store.delete_many([key(ref.request_id, "i7")])
+    positions = np.array([99, 7, 0, 42])
+    got = rig.logger.fetch(_opened(rig)[ref.request_id], positions)
+    assert got.found.tolist() == [True, False, True, True]
+    assert np.array_equal(got.scores[got.found], ranked.saved.scores[2, positions[got.found]])
+    assert np.isnan(got.scores[1])
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_a_ranking_logged_without_scores_reads_back_nan(ranked: Ranked, lazy: bool) -> None:
+    rig = _lazy(ranked.world) if lazy else _eager(ranked.world)
+    batch = _copy(ranked.batch)
+    batch.scores[0] = np.nan  # what pack_ranked gives a ranker that sent no scores
+    rig.logger.log_ranked(ranked.refs, batch)
+    opened = _opened(rig)
+    none = rig.logger.fetch(opened[ranked.refs[0].request_id], np.arange(6))
+    some = rig.logger.fetch(opened[ranked.refs[1].request_id], np.arange(6))
+    assert none.found.all() and np.isnan(none.scores).all()
+    assert np.array_equal(some.scores, ranked.saved.scores[1, :6])

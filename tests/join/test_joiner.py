@@ -14,14 +14,14 @@ import pytest
 
 from leanrec.clock import ManualClock
 from leanrec.energy.ledger import CostLedger
-from leanrec.events.bus import MemoryEventBus
+from leanrec.events.bus import EventBus, MemoryEventBus
 from leanrec.events.model import EventBatch, EventKind, EventLimits, RequestRef
 from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging, key
 from leanrec.funnel.ranker import Funnel, RankedBatch
 from leanrec.join.joiner import LabelJoiner
 from leanrec.schema import Side
 from leanrec.serve.service import LoggingService
-from leanrec.stores.transient import MemoryTransientStore
+from leanrec.stores.transient import MemoryTransientStore, TransientStore
 from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout
 from leanrec.world import World
 
@@ -36,8 +36,8 @@ FLAGS = ("click", "like", "share", "hide")
 @dataclass
 class Rig:
     clock: ManualClock
-    store: MemoryTransientStore
-    bus: MemoryEventBus
+    store: TransientStore
+    bus: EventBus
     logger: FeatureLogger
     service: LoggingService
     joiner: LabelJoiner
@@ -50,20 +50,30 @@ class Rig:
         return sorted(Path(self.warehouse.uri).rglob("*.parquet"))
 
 
-def make_rig(world: World, lazy: bool, root: Path, clock: ManualClock) -> Rig:
+def make_rig(
+    world: World,
+    lazy: bool,
+    root: Path,
+    clock: ManualClock,
+    layout: TableLayout | None = None,
+    store: TransientStore | None = None,
+    bus: EventBus | None = None,
+) -> Rig:
+    """A logger, a joiner and a warehouse: lazy into request-level rows, eager into impression rows,
+    unless ``layout`` says otherwise; on the embedded store and bus unless others are given."""
     fs = world.featureset
-    store = MemoryTransientStore(clock=clock)
-    bus = MemoryEventBus()
+    store = store if store is not None else MemoryTransientStore(clock=clock)
+    bus = bus if bus is not None else MemoryEventBus()
     ledger = CostLedger()
     ttl = WINDOW + 120_000
     logger: FeatureLogger
     if lazy:
         contexts = ContextCache(1 << 30, 60_000, WINDOW, clock, ledger)
         logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, Paging(6, 9), lookahead=2)
-        layout = TableLayout.REQUEST
     else:
         logger = EagerLogger(fs, store, bus, ledger, ttl)
-        layout = TableLayout.IMPRESSION
+    if layout is None:
+        layout = TableLayout.REQUEST if lazy else TableLayout.IMPRESSION
     warehouse = ParquetWarehouse(str(root), fs, layout, ledger)
     joiner = LabelJoiner(logger, bus, warehouse, ledger, clock, WINDOW, LATENESS)
     service = LoggingService(logger, bus, EventLimits(window_ms=WINDOW, lateness_ms=LATENESS), clock)
@@ -334,6 +344,59 @@ def test_joined_features_are_the_logged_ones(small_world: World, tmp_path: Path,
     emb = next(s for s in layout.slots if s.feature.name == "i_emb")
     want = batch.items.floats[positions, emb.offset : emb.stop]
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("layout", [TableLayout.REQUEST, TableLayout.IMPRESSION])
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_the_ranker_scores_come_out_of_the_warehouse_at_their_positions(
+    small_world: World,
+    tmp_path: Path,
+    lazy: bool,
+    layout: TableLayout,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Head, pages logged later on a signal, and a fast scroll's pages logged on touch."""
+    clock = ManualClock(T0)
+    store: TransientStore | None = None
+    bus: EventBus | None = None
+    if backend == "redis":
+        from leanrec.events.redis_bus import RedisEventBus
+        from leanrec.stores.redis_transient import RedisTransientStore
+
+        url = request.getfixturevalue("redis_url")
+        redis_store, redis_bus = RedisTransientStore(url), RedisEventBus(url)
+        request.addfinalizer(redis_store.close)
+        request.addfinalizer(redis_bus.close)
+        store, bus = redis_store, redis_bus
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock, layout, store, bus)
+    refs, batch = rank(small_world, [21, 22, 23])
+    scores = batch.scores.copy()
+    assert np.isfinite(scores).all() and len(np.unique(scores[0])) == batch.n_items
+    rig.service.ranked(refs, batch)
+    batch.scores[:] = 0.0  # the ranker reuses its buffers: what was logged is what it scored
+    # j0 stays in the head; j1 signals its scroll, then views the pages it logged; j2 scrolls fast
+    # past any signal, so its deep pages are logged by the events themselves.
+    viewed = {0: [0, 1, 3], 1: [0, 5, 6, 14, 20, 23], 2: [1, 47, 48, 90, 99]}
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(viewed[0])))
+    clock.advance(2_000)
+    rig.service.paginate(refs[1], 21)
+    rig.service.events(refs[1], events(refs[1], batch.item_ids[1], views(viewed[1], 3_000)))
+    rig.service.events(refs[2], events(refs[2], batch.item_ids[2], views(viewed[2], 1_500)))
+    if lazy:
+        assert rig.logger.stats.pages_on_signal == 2  # j1's pages 1 and 2 (positions 6..23)
+        assert rig.logger.stats.pages_on_touch == 3  # j2's pages 5, 10 and 11
+    join(rig)
+    assert rig.joiner.stats.labels_lost == 0
+    ex = rig.examples()
+    want = [(f"j{b}", p, float(scores[b, p])) for b in viewed for p in viewed[b]]
+    got = zip(ex["request_id"].to_pylist(), ex["position"].to_pylist(), ex["score"].to_pylist(), strict=True)
+    assert list(got) == want
+    table = rig.warehouse.read()
+    if layout is TableLayout.REQUEST:  # a list beside the other item fields, one score per item
+        assert table.schema.field("items").type.value_type.field("score").type == pa.float32()
+    else:  # one float per row
+        assert table.schema.field("score").type == pa.float32()
 
 
 def restart(rig: Rig) -> LabelJoiner:

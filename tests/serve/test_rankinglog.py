@@ -44,8 +44,10 @@ def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back
     for user in range(6):
         items = rng.choice(5000, size=40, replace=False)
         feats, scores = shop_features(rng, items), np.sort(rng.random(40))[::-1]
+        if user == 5:
+            scores = None  # a ranker that gives no scores: null in the warehouse
         logged = log.ranked(user, items, feats, scores)
-        sent[logged.request_id] = (feats, items)
+        sent[logged.request_id] = (feats, items, scores)
         assert logged.n_items == 40
         # The head is seen; user 0..2 scroll to 14 with a signal; users 3..5 scroll fast: their first
         # signal comes after events on items of a page never signalled.
@@ -72,10 +74,14 @@ def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back
     assert rows.num_rows == sum(len(v) for v in viewed.values())
     fs = log.featureset
     for rid, seen in viewed.items():
-        feats, items = sent[rid]
+        feats, items, scores = sent[rid]
         mine = rows.filter(pc.equal(rows["request_id"], rid))
         assert mine["position"].to_pylist() == seen
         assert mine["item_id"].to_pylist() == items[seen].tolist()
+        if scores is None:
+            assert mine["score"].null_count == len(seen)
+        else:  # the ranker's score at each viewed position, as float32
+            np.testing.assert_array_equal(mine["score"].to_numpy(), scores[seen].astype(np.float32))
         # Frozen byte for byte: the request side once, each viewed item's row as the ranker scored it.
         np.testing.assert_array_equal(
             np.stack(mine["taste"].to_numpy(zero_copy_only=False)), np.tile(feats["taste"], (len(seen), 1))

@@ -16,7 +16,7 @@ import torch
 from leanrec.schema import Feature, FeatureSet, Kind, Owner, Side
 from leanrec.sim.demo import run_demo
 from leanrec.train.reader import Batch, ReadStats, iter_batches, shard, warehouse_files
-from leanrec.warehouse.store import WarehouseError, read_table
+from leanrec.warehouse.store import ParquetWarehouse, WarehouseError, read_table
 from leanrec.warehouse.tables import FEATURESET_KEY, TableLayout
 from leanrec.world import WorldConfig, default_featureset
 
@@ -245,6 +245,77 @@ def test_bytes_read_of_a_stream_cut_short(demo: Demo) -> None:
     full = ReadStats()
     list(iter_batches(demo.lean_split, demo.fs, stats=full))
     assert 0 < stats.bytes_read < full.bytes_read and full.row_groups >= 12
+
+
+# --------------------------------------------------------------------------- the ranker's scores
+
+
+def logged(batches: list[Batch]) -> dict[tuple[str, int], float]:
+    """(request id, position) -> the ranker's logged score, over a stream."""
+    out = {}
+    for b in batches:
+        assert b.scores is not None and b.scores.dtype == torch.float32 and len(b.scores) == b.n_items
+        for k, s in zip(keys([b]), b.scores.tolist(), strict=True):
+            out[k] = s
+    return out
+
+
+def test_logged_scores_are_read_only_when_asked_and_are_no_model_input(demo: Demo) -> None:
+    got = {}
+    for name, kw in (("lean", {"batch_requests": 32}), ("naive", {"batch_impressions": 300})):
+        uri = getattr(demo, name)
+        plain, scored = ReadStats(), ReadStats()
+        without = list(iter_batches(uri, demo.fs, stats=plain, **kw))
+        with_ = list(iter_batches(uri, demo.fs, stats=scored, logged_scores=True, **kw))
+        assert all(b.scores is None for b in without)  # training reads no score column
+        assert_same(examples(without), examples(with_))  # the inputs and labels are the same
+        assert scored.bytes_read > plain.bytes_read  # the score column is read only when asked
+        got[name] = logged(with_)
+    assert got["lean"] == got["naive"]  # both layouts hold the same scores
+    rows = ParquetWarehouse(demo.lean, demo.fs).read_examples()
+    columns = (rows[name].to_pylist() for name in ("request_id", "position", "score"))
+    assert got["lean"] == {(r, p): s for r, p, s in zip(*columns, strict=True)}  # the warehouse's column
+    assert all(np.isfinite(list(got["lean"].values())))
+    ordered = list(iter_batches(demo.lean, demo.fs, batch_requests=16, by_request=True, logged_scores=True))
+    assert logged(ordered) == got["lean"]
+
+
+def _old_copy(src: str, dst: Path, layout: TableLayout) -> str:
+    """A warehouse's files as written before scores were kept: no score column (metadata kept)."""
+    for i, path in enumerate(warehouse_files(src)):
+        table = pq.read_table(path)
+        if layout is TableLayout.IMPRESSION:
+            table = table.drop_columns(["score"])
+        else:
+            index = table.schema.get_field_index("items")
+            fields = [f for f in table.schema.field(index).type.value_type if f.name != "score"]
+            table = table.cast(table.schema.set(index, pa.field("items", pa.list_(pa.struct(fields)), False)))
+        folder = dst / "dt=2026-11-01" / "hour=07"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, folder / f"part-old{i}.parquet")
+    return str(dst)
+
+
+@pytest.mark.parametrize("which", ["lean", "naive"])
+def test_files_written_before_scores_were_kept_read_with_nan_scores(
+    demo: Demo, tmp_path: Path, which: str
+) -> None:
+    layout = TableLayout.REQUEST if which == "lean" else TableLayout.IMPRESSION
+    old = _old_copy(getattr(demo, which), tmp_path / "old", layout)
+    batches = list(iter_batches(old, demo.fs, logged_scores=True))
+    assert sum(b.n_items for b in batches) == demo.examples
+    assert all(torch.isnan(b.scores).all() for b in batches if b.scores is not None)
+    assert_same(examples(batches), examples(list(iter_batches(getattr(demo, which), demo.fs))))
+    # Old and new files in one folder: one stream, NaN for the old rows, the scores for the new.
+    mixed = _old_copy(getattr(demo, which), tmp_path / "mixed", layout)
+    for path in warehouse_files(getattr(demo, which)):
+        folder = tmp_path / "mixed" / "dt=2026-11-02" / "hour=08"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(path), folder / Path(path).name)
+    both = list(iter_batches(mixed, demo.fs, batch_requests=7, batch_impressions=50, logged_scores=True))
+    scores = torch.cat([b.scores for b in both if b.scores is not None])
+    assert len(scores) == 2 * demo.examples
+    assert int(torch.isnan(scores).sum()) == demo.examples
 
 
 # --------------------------------------------------------------------------- refusals

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from leanrec.featurefile import reserved_names
 from leanrec.schema import FeatureBlock, FeatureSet, Side
 from leanrec.warehouse import (
     ParquetWarehouse,
@@ -23,9 +25,10 @@ from leanrec.warehouse import (
     WarehouseError,
     arrays_block,
     read_table,
+    records_table,
     warehouse_bytes,
 )
-from leanrec.warehouse.store import featureset_of
+from leanrec.warehouse.store import featureset_of, sorted_impression_bytes
 from leanrec.warehouse.tables import FEATURESET_KEY, LAYOUT_KEY
 from leanrec.world import WorldConfig, default_featureset
 
@@ -40,7 +43,10 @@ def fs(small_config: WorldConfig) -> FeatureSet:
 
 
 def make_records(fs: FeatureSet, times: list[int], seed: int = 0) -> list[RequestRecord]:
-    """One record per time, with 1..7 viewed items each, random exact features and labels."""
+    """One record per time, with 1..7 viewed items each, random exact features, labels and scores.
+
+    A fifth of the scores are NaN (the ranker gave none there), and every fourth record has none at all.
+    """
     rng = np.random.default_rng(seed)
     req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
     out = []
@@ -71,9 +77,40 @@ def make_records(fs: FeatureSet, times: list[int], seed: int = 0) -> list[Reques
                     "hide": rng.random(k) < 0.1,
                     "watch_ms": rng.integers(0, 90_000, k).astype(np.int32),
                 },
+                None
+                if i % 4 == 3
+                else np.where(rng.random(k) < 0.2, np.nan, rng.normal(size=k)).astype(np.float32),
             )
         )
     return out
+
+
+def want_scores(records: Sequence[RequestRecord]) -> list[float | None]:
+    """The scores a warehouse holds for ``records``, in record order: null where NaN or none."""
+    got = np.concatenate([np.full(len(r), np.nan) if r.scores is None else r.scores for r in records])
+    return [None if np.isnan(x) else float(x) for x in got.astype(np.float32)]
+
+
+def without_scores(table: pa.Table, layout: TableLayout) -> pa.Table:
+    """A warehouse table as written before scores were kept: no ``score`` column (or field)."""
+    if layout is TableLayout.IMPRESSION:
+        return table.drop_columns(["score"])
+    index = table.schema.get_field_index("items")
+    fields = [f for f in table.schema.field(index).type.value_type if f.name != "score"]
+    items = pa.field("items", pa.list_(pa.struct(fields)), nullable=False)
+    return table.cast(table.schema.set(index, items))  # the schema's metadata kept
+
+
+def write_old(root: Path, fs: FeatureSet, layout: TableLayout, records: list[RequestRecord]) -> Path:
+    """Write ``records`` as one file of a warehouse written before scores were kept."""
+    table = without_scores(records_table(fs, records, layout), layout)
+    assert "score" not in str(table.schema)
+    when = datetime.fromtimestamp(records[0].ts_ms // 1000, UTC)  # the hour of its requests
+    assert all(r.ts_ms // HOUR_MS == records[0].ts_ms // HOUR_MS for r in records)
+    folder = root / f"dt={when:%Y-%m-%d}" / f"hour={when:%H}"
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-old.parquet", compression="zstd")
+    return folder / "part-old.parquet"
 
 
 def write(root: Path, fs: FeatureSet, layout: TableLayout, records: list[RequestRecord]) -> ParquetWarehouse:
@@ -253,6 +290,8 @@ def test_request_level_rows_hold_the_request_side_once(fs: FeatureSet, tmp_path:
         assert np.array_equal(bits(block), bits(r.items))
         assert items.field("position").to_numpy().tolist() == r.positions.tolist()
         assert items.field("watch_ms").to_numpy().tolist() == r.labels["watch_ms"].tolist()
+        assert items.field("score").type == pa.float32()
+        assert items.field("score").to_pylist() == want_scores([r])  # beside the item's other fields
 
 
 def test_impression_level_rows_are_one_per_viewed_item(fs: FeatureSet, tmp_path: Path) -> None:
@@ -269,6 +308,78 @@ def test_impression_level_rows_are_one_per_viewed_item(fs: FeatureSet, tmp_path:
     assert (
         table.column("item_id").to_numpy().tolist() == np.concatenate([r.item_ids for r in records]).tolist()
     )
+    assert table.schema.field("score").type == pa.float32()  # one float per row
+    assert table.column("score").to_pylist() == want_scores(records)
+
+
+# --------------------------------------------------------------------------- the ranker's scores
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_score_column_is_the_warehouses_own_and_no_feature_can_take_its_name(
+    fs: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    table = write(tmp_path / "wh", fs, layout, make_records(fs, [T0 + i for i in range(8)], seed=2)).read()
+    item_type = table.schema.field("items").type.value_type if layout is TableLayout.REQUEST else table.schema
+    field = item_type.field("score")
+    assert field.type == pa.float32() and field.nullable  # null where the ranker gave none
+    assert "score" in reserved_names()
+    assert "score" not in {f.name for f in fs.features}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scores_read_back_at_their_positions_in_pyarrow_and_duckdb(
+    fs: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    records = make_records(fs, [T0 + 10 * i for i in range(9)], seed=12)
+    assert any(r.scores is None for r in records)
+    assert any(r.scores is not None and np.isnan(r.scores).any() for r in records)
+    wh = write(tmp_path / "wh", fs, layout, records)
+    rows = wh.read_examples()  # sorted by request id and position, as the records are
+    assert rows.column("score").to_pylist() == want_scores(records)
+    src = f"read_parquet('{tmp_path / 'wh'}/**/*.parquet', hive_partitioning=true)"
+    if layout is TableLayout.REQUEST:
+        unnested = f"(SELECT request_id, unnest(items) AS it FROM {src})"
+        query = f"SELECT request_id, it.position, it.score FROM {unnested}"
+    else:
+        query = f"SELECT request_id, position, score FROM {src}"
+    got = duckdb.sql(query + " ORDER BY 1, 2").fetchall()
+    assert [s for _, _, s in got] == want_scores(records)
+    assert [(rid, p) for rid, p, _ in got] == [(r.request_id, int(p)) for r in records for p in r.positions]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_warehouse_written_before_scores_were_kept_reads_with_null_scores(
+    fs: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    records = make_records(fs, [T0 + 1_000 * i for i in range(6)], seed=13)
+    old_root = tmp_path / "old"
+    write_old(old_root, fs, layout, records)
+    old = ParquetWarehouse(str(old_root), fs, layout)
+    now = write(tmp_path / "now", fs, layout, records)
+    got, want = old.read_examples(), now.read_examples()
+    assert got.schema.equals(want.schema)
+    assert got.column("score").null_count == got.num_rows == sum(len(r) for r in records)
+    for name in want.column_names:  # everything else as a warehouse written today holds it
+        if name != "score":
+            assert got.column(name).equals(want.column(name)), name
+    assert old.committed([records[0].request_id, "nope"]) == {records[0].request_id}
+    if layout is TableLayout.REQUEST:  # the impression layout of an old file can be measured too
+        assert sorted_impression_bytes(str(old_root), fs) > 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_folder_of_files_with_and_without_scores_reads_as_one(
+    fs: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    before = make_records(fs, [T0 + i for i in range(4)], seed=14)  # the hour before the upgrade
+    after = make_records(fs, [T0 + HOUR_MS + i for i in range(5)], seed=15)
+    root = tmp_path / "wh"
+    write_old(root, fs, layout, before)
+    write(root, fs, layout, after)
+    rows = ParquetWarehouse(str(root), fs, layout).read_examples()
+    assert rows.num_rows == sum(len(r) for r in (*before, *after))
+    old = pc.is_in(rows.column("request_id"), pa.array([r.request_id for r in before]))
+    assert rows.filter(old).column("score").null_count == sum(len(r) for r in before)
+    assert rows.filter(pc.invert(old)).column("score").to_pylist() == want_scores(after)
 
 
 # --------------------------------------------------------------------------- refusals

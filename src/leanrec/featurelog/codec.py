@@ -6,10 +6,14 @@ A blob is a 16-byte header followed by raw little-endian buffers, with no per-va
     | first position u16 | rows u16 | reserved u16
 
 - ``REQUEST``: the request side (user and context features) of one request, once.
-- ``PAGE``: ``rows`` consecutive ranked items from ``first position``: item ids (int32), then the item
-  side's float block, then its int block.
-- ``IMPRESSION``: the naive layout, one item with the whole vector the model scored: item id, request
-  side floats and ints, item side floats and ints.
+- ``PAGE``: ``rows`` consecutive ranked items from ``first position``: item ids (int32), the scores the
+  ranker gave them (float32), then the item side's float block, then its int block.
+- ``IMPRESSION``: the naive layout, one item with the whole vector the model scored: item id, its
+  score, request side floats and ints, item side floats and ints.
+
+A score is NaN where the ranker gave none. Codec version 1 had no scores; its PAGE and IMPRESSION
+blobs still decode, with NaN scores, so a joiner reads what was logged before an upgrade until the
+TTL takes it.
 
 Decoding returns views over the blob (no copy) and refuses a blob of another FeatureSet
 (:class:`ForeignBlobError`) or one that is not a whole blob of its kind (:class:`CodecError`).
@@ -26,7 +30,10 @@ import numpy as np
 from leanrec.schema import FeatureBlock, FeatureSet, Side
 
 MAGIC = b"LR"
-CODEC_VERSION = 1
+CODEC_VERSION = 2
+"""The version this codec writes."""
+READS_VERSIONS = (1, 2)
+"""Versions it decodes: 1 is 2 without the scores."""
 _HEADER = struct.Struct("<2sBBIHHHH")
 HEADER_BYTES = _HEADER.size
 
@@ -55,12 +62,14 @@ class Page:
         first_position: Rank position (0-based) of the first row.
         item_ids: ``(rows,)`` int32.
         block: Item-side features, ``rows`` rows.
+        scores: ``(rows,)`` float32 the ranker's score of each item, NaN where it gave none.
 
     """
 
     first_position: int
     item_ids: np.ndarray
     block: FeatureBlock
+    scores: np.ndarray
 
 
 def _header(fs: FeatureSet, kind: BlobKind, first_position: int, rows: int) -> bytes:
@@ -69,14 +78,15 @@ def _header(fs: FeatureSet, kind: BlobKind, first_position: int, rows: int) -> b
     return _HEADER.pack(MAGIC, CODEC_VERSION, kind, fs.fingerprint, fs.version, first_position, rows, 0)
 
 
-def _check(fs: FeatureSet, blob: bytes, kind: BlobKind) -> tuple[int, int]:
+def _check(fs: FeatureSet, blob: bytes, kind: BlobKind) -> tuple[int, int, int]:
+    """Check a blob's header; returns its codec version, first position and row count."""
     if len(blob) < HEADER_BYTES:
         raise CodecError(f"blob of {len(blob)} B is shorter than its {HEADER_BYTES} B header")
     magic, version, got_kind, fp, fs_version, first, rows, _ = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise CodecError(f"not a leanrec blob (magic {magic!r})")
-    if version != CODEC_VERSION:
-        raise CodecError(f"blob codec version {version}, this reader knows {CODEC_VERSION}")
+    if version not in READS_VERSIONS:
+        raise CodecError(f"blob codec version {version}, this reader knows {list(READS_VERSIONS)}")
     if got_kind != kind:
         raise CodecError(f"expected a {kind.name} blob, got kind {got_kind}")
     if fp != fs.fingerprint or fs_version != fs.version:
@@ -84,7 +94,7 @@ def _check(fs: FeatureSet, blob: bytes, kind: BlobKind) -> tuple[int, int]:
             f"blob written with FeatureSet fingerprint {fp:08x} v{fs_version}, "
             f"reader has {fs.name} {fs.fingerprint:08x} v{fs.version}"
         )
-    return first, rows
+    return version, first, rows
 
 
 def _f4(a: np.ndarray) -> np.ndarray:
@@ -93,6 +103,15 @@ def _f4(a: np.ndarray) -> np.ndarray:
 
 def _i4(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype="<i4")
+
+
+def _scores(scores: np.ndarray | None, n: int) -> np.ndarray:
+    """``(n,)`` little-endian float32 scores; NaN for each when the ranker gave none."""
+    if scores is None:
+        return np.full(n, np.nan, "<f4")
+    if len(scores) != n:
+        raise CodecError(f"{len(scores)} scores for {n} ranked items")
+    return _f4(scores)
 
 
 def encode_request(fs: FeatureSet, block: FeatureBlock) -> bytes:
@@ -114,14 +133,30 @@ def decode_request(fs: FeatureSet, blob: bytes) -> FeatureBlock:
     return FeatureBlock(floats, ints)
 
 
-def encode_page(fs: FeatureSet, first_position: int, item_ids: np.ndarray, block: FeatureBlock) -> bytes:
-    """Encode ``len(item_ids)`` consecutive ranked items starting at ``first_position``."""
+def encode_page(
+    fs: FeatureSet,
+    first_position: int,
+    item_ids: np.ndarray,
+    block: FeatureBlock,
+    scores: np.ndarray | None = None,
+) -> bytes:
+    """Encode ``len(item_ids)`` consecutive ranked items starting at ``first_position``.
+
+    Args:
+        fs: The FeatureSet.
+        first_position: Rank position of the first item.
+        item_ids: ``(rows,)`` ranked item ids.
+        block: Item-side features, ``rows`` rows.
+        scores: ``(rows,)`` the ranker's scores of these items; None stores NaN for each.
+
+    """
     if len(item_ids) != len(block):
         raise CodecError(f"{len(item_ids)} item ids for {len(block)} feature rows")
     return b"".join(
         (
             _header(fs, BlobKind.PAGE, first_position, len(item_ids)),
             _i4(item_ids).data,
+            _scores(scores, len(item_ids)).data,
             _f4(block.floats).data,
             _i4(block.ints).data,
         )
@@ -129,27 +164,35 @@ def encode_page(fs: FeatureSet, first_position: int, item_ids: np.ndarray, block
 
 
 def decode_page(fs: FeatureSet, blob: bytes) -> Page:
-    """Decode a PAGE blob (views over ``blob``)."""
-    first, rows = _check(fs, blob, BlobKind.PAGE)
+    """Decode a PAGE blob (views over ``blob``; a version 1 blob's scores are NaN)."""
+    version, first, rows = _check(fs, blob, BlobKind.PAGE)
     lay = fs.layout(Side.ITEM)
-    expect = HEADER_BYTES + rows * (4 + lay.row_bytes)
+    per_row = 4 + (4 if version >= 2 else 0)  # item id, and the score since version 2
+    expect = HEADER_BYTES + rows * (per_row + lay.row_bytes)
     if len(blob) != expect:
         raise CodecError(f"PAGE blob of {rows} rows is {len(blob)} B, layout needs {expect} B")
     off = HEADER_BYTES
     ids = np.frombuffer(blob, "<i4", rows, off)
     off += 4 * rows
+    if version >= 2:
+        scores = np.frombuffer(blob, "<f4", rows, off)
+        off += 4 * rows
+    else:
+        scores = np.full(rows, np.nan, "<f4")
     floats = np.frombuffer(blob, "<f4", rows * lay.float_width, off).reshape(rows, lay.float_width)
     off += 4 * rows * lay.float_width
     ints = np.frombuffer(blob, "<i4", rows * lay.int_width, off).reshape(rows, lay.int_width)
-    return Page(first, ids, FeatureBlock(floats, ints))
+    return Page(first, ids, FeatureBlock(floats, ints), scores)
 
 
-def _impression_dtype(fs: FeatureSet) -> np.dtype:
+def _impression_dtype(fs: FeatureSet, version: int = CODEC_VERSION) -> np.dtype:
     req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    score = [("score", "<f4")] if version >= 2 else []
     return np.dtype(
         [
             ("header", f"V{HEADER_BYTES}"),
             ("item_id", "<i4"),
+            *score,
             ("req_f", "<f4", (req.float_width,)),
             ("req_i", "<i4", (req.int_width,)),
             ("item_f", "<f4", (item.float_width,)),
@@ -159,7 +202,11 @@ def _impression_dtype(fs: FeatureSet) -> np.dtype:
 
 
 def encode_impressions(
-    fs: FeatureSet, item_ids: np.ndarray, request: FeatureBlock, items: FeatureBlock
+    fs: FeatureSet,
+    item_ids: np.ndarray,
+    request: FeatureBlock,
+    items: FeatureBlock,
+    scores: np.ndarray | None = None,
 ) -> list[bytes]:
     """Encode each ranked item as its own IMPRESSION blob holding the request side too.
 
@@ -171,6 +218,7 @@ def encode_impressions(
         item_ids: ``(n,)`` ranked item ids; position ``i`` is row ``i``.
         request: One-row request-side block.
         items: ``n``-row item-side block.
+        scores: ``(n,)`` the ranker's scores; None stores NaN for each.
 
     """
     n = len(item_ids)
@@ -178,6 +226,7 @@ def encode_impressions(
     headers = b"".join(_header(fs, BlobKind.IMPRESSION, p, 1) for p in range(n))
     rec["header"] = np.frombuffer(headers, dtype=f"V{HEADER_BYTES}")
     rec["item_id"] = item_ids
+    rec["score"] = _scores(scores, n)
     rec["req_f"] = request.floats
     rec["req_i"] = request.ints
     rec["item_f"] = items.floats
@@ -189,22 +238,26 @@ def encode_impressions(
 
 def decode_impressions(
     fs: FeatureSet, blobs: list[bytes]
-) -> tuple[np.ndarray, np.ndarray, FeatureBlock, FeatureBlock]:
-    """Decode many IMPRESSION blobs at once.
+) -> tuple[np.ndarray, np.ndarray, FeatureBlock, FeatureBlock, np.ndarray]:
+    """Decode many IMPRESSION blobs at once (of one codec version, as one request's are).
 
     Returns:
         positions ``(n,)``, item ids ``(n,)``, the request side repeated ``n`` rows, the item side
-        ``n`` rows.
+        ``n`` rows, scores ``(n,)`` float32 (NaN where the ranker gave none, and in version 1 blobs).
 
     """
-    dtype = _impression_dtype(fs)
+    if not blobs:
+        empty = np.empty(0, np.int32)
+        none = np.empty(0, np.float32)
+        return empty, empty, fs.layout(Side.REQUEST).zeros(), fs.layout(Side.ITEM).zeros(), none
+    version = CODEC_VERSION
+    if len(blobs[0]) >= HEADER_BYTES and blobs[0][2] in READS_VERSIONS:
+        version = blobs[0][2]  # the layout the first blob says; others of another version are refused below
+    dtype = _impression_dtype(fs, version)
     bad = [b for b in blobs if len(b) != dtype.itemsize]
     if bad:
         _check(fs, bad[0], BlobKind.IMPRESSION)  # a blob of another FeatureSet: say so, not just its size
         raise CodecError(f"IMPRESSION blob is {len(bad[0])} B, layout needs {dtype.itemsize} B")
-    if not blobs:
-        empty = np.empty(0, np.int32)
-        return empty, empty, fs.layout(Side.REQUEST).zeros(), fs.layout(Side.ITEM).zeros()
     _check(fs, blobs[0], BlobKind.IMPRESSION)
     rec = np.frombuffer(b"".join(blobs), dtype=dtype)
     head = np.frombuffer(rec["header"].tobytes(), np.uint8).reshape(len(rec), HEADER_BYTES)
@@ -220,4 +273,5 @@ def decode_impressions(
     positions = head[:, fixed : fixed + 2].copy().view("<u2").ravel().astype(np.int32)
     request = FeatureBlock(rec["req_f"], rec["req_i"])
     items = FeatureBlock(rec["item_f"], rec["item_i"])
-    return positions, rec["item_id"], request, items
+    scores = rec["score"] if version >= 2 else np.full(len(rec), np.nan, "<f4")
+    return positions, rec["item_id"], request, items, scores

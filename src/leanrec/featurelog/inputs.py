@@ -105,7 +105,9 @@ def pack_ranked(
         item_ids: ``(n,)`` integer ids of the ranked items, best first.
         features: Every feature of ``fs`` by name: request-side ones as ``(size,)`` (or a scalar
             for size 1), item-side ones as ``(n, size)`` (or ``(n,)`` for size 1).
-        scores: ``(n,)`` scores the ranker gave, or None (then ``n - position``, descending).
+        scores: ``(n,)`` scores the ranker gave, logged with each item (as float32) and kept in the
+            warehouse's ``score`` column. None when the ranker gives none: every score is then NaN
+            in the transient store and null in the warehouse, never a made-up order.
         max_items: Longest list accepted.
 
     Raises:
@@ -132,10 +134,13 @@ def pack_ranked(
             unknown[0],
         )
     if scores is None:
-        s = np.arange(n, 0, -1, dtype=np.float32)
+        s = np.full(n, np.nan, np.float32)
     else:
-        s = np.asarray(scores)
-        if s.shape != (n,) or not np.issubdtype(s.dtype, np.number):
+        try:
+            s = np.asarray(scores)
+        except (TypeError, ValueError):
+            raise FeatureInputError(f"scores: expected {n} numbers, one per item", "scores") from None
+        if s.shape != (n,) or s.dtype.kind not in "fiu":
             raise FeatureInputError(f"scores: expected {n} numbers, one per item", "scores")
     return RankedBatch(
         np.array([user_id], np.int64),

@@ -1,10 +1,14 @@
 """Feature loggers: freeze what the late ranker scored and put it in the TransientStore.
 
 - :class:`EagerLogger` (the naive baseline): at rank time, one entry per ranked item holding the
-  whole vector the model scored, user and item features together.
+  whole vector the model scored, user and item features together, and the score it gave.
 - :class:`LazyLogger` (the lean way): at rank time, the request side once and the head page; later
   pages only when the client signals that the user scrolled there, or when an event touches a
-  position whose page is not logged yet (log-on-touch), so a fast scroll never loses a label.
+  position whose page is not logged yet (log-on-touch), so a fast scroll never loses a label. Each
+  page holds its items' scores beside their features.
+
+Every logged item carries the score the ranker gave it at its position, frozen with its features
+(NaN where the ranker gave none), so the warehouse can keep the logged ranking beside the labels.
 
 Each logger also knows how its entries are read back (``fetch``) and removed (``keys``), so the
 joiner works with either.
@@ -71,6 +75,8 @@ class Fetched:
         item_ids: ``(k,)`` int32 logged item id (-1 where not found).
         request: Request side, one row (``None`` if not found).
         items: Item side, one row per asked position (zeros where not found).
+        scores: ``(k,)`` float32 the ranker's score at each asked position (NaN where not found or
+            where the ranker gave none).
 
     """
 
@@ -78,6 +84,7 @@ class Fetched:
     item_ids: np.ndarray
     request: FeatureBlock | None
     items: FeatureBlock
+    scores: np.ndarray
 
 
 @dataclass
@@ -194,6 +201,7 @@ class EagerLogger(_Base):
                     batch.item_ids[b],
                     batch.request.take(slice(b, b + 1)),
                     batch.items.take(slice(b * n, (b + 1) * n)),
+                    batch.scores[b],
                 )
                 cost.ops += len(blobs)
                 cost.bytes_serialized += sum(map(len, blobs))
@@ -217,25 +225,32 @@ class EagerLogger(_Base):
         values = self._get([key(ref.request_id, f"i{p}") for p in positions])
         found = np.array([v is not None for v in values], bool)
         with self.ledger.cpu("deserialize"):
-            pos, ids, request, items = codec.decode_impressions(self.fs, [v for v in values if v is not None])
+            decoded = codec.decode_impressions(self.fs, [v for v in values if v is not None])
+        pos, ids, request, items, scores = decoded
         if not np.array_equal(pos, np.asarray(positions)[found]):
             raise codec.CodecError(f"request {ref.request_id}: entries hold other positions than their keys")
-        return _scatter(found, ids, request.take(slice(0, 1)) if found.any() else None, items)
+        return _scatter(found, ids, request.take(slice(0, 1)) if found.any() else None, items, scores)
 
 
 def _scatter(
-    found: np.ndarray, ids: np.ndarray, request: FeatureBlock | None, items: FeatureBlock
+    found: np.ndarray,
+    ids: np.ndarray,
+    request: FeatureBlock | None,
+    items: FeatureBlock,
+    scores: np.ndarray,
 ) -> Fetched:
     """Place rows read for the found positions into arrays over all asked positions."""
     k = len(found)
     out_ids = np.full(k, -1, np.int32)
     out_ids[found] = ids
+    out_scores = np.full(k, np.nan, np.float32)
+    out_scores[found] = scores
     block = FeatureBlock(
         np.zeros((k, items.floats.shape[1]), np.float32), np.zeros((k, items.ints.shape[1]), np.int32)
     )
     block.floats[found] = items.floats
     block.ints[found] = items.ints
-    return Fetched(found, out_ids, request, block)
+    return Fetched(found, out_ids, request, block, out_scores)
 
 
 @dataclass
@@ -245,6 +260,7 @@ class RequestContext:
     Attributes:
         ref: The request.
         item_ids: ``(n,)`` ranked item ids.
+        scores: ``(n,)`` float32 the ranker's scores (owned copy; NaN where it gave none).
         request: Request side, one row (owned copy).
         items: Item side, n rows (owned copy).
         logged: ``(pages,)`` bool, pages already in the store.
@@ -254,6 +270,7 @@ class RequestContext:
 
     ref: RequestRef
     item_ids: np.ndarray
+    scores: np.ndarray
     request: FeatureBlock
     items: FeatureBlock
     logged: np.ndarray
@@ -262,7 +279,13 @@ class RequestContext:
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = self.item_ids.nbytes + self.request.nbytes + self.items.nbytes + self.logged.nbytes
+        self.nbytes = (
+            self.item_ids.nbytes
+            + self.scores.nbytes
+            + self.request.nbytes
+            + self.items.nbytes
+            + self.logged.nbytes
+        )
 
 
 @dataclass
@@ -385,7 +408,11 @@ class LazyLogger(_Base):
             for page in pages:
                 start, stop = self.paging.bounds(page, ctx.ref.n_items)
                 out[key(ctx.ref.request_id, f"p{page}")] = codec.encode_page(
-                    self.fs, start, ctx.item_ids[start:stop], ctx.items.take(slice(start, stop))
+                    self.fs,
+                    start,
+                    ctx.item_ids[start:stop],
+                    ctx.items.take(slice(start, stop)),
+                    ctx.scores[start:stop],
                 )
             cost.ops += len(out)
             cost.bytes_serialized += sum(map(len, out.values()))
@@ -406,6 +433,7 @@ class LazyLogger(_Base):
             ctx = RequestContext(
                 ref,
                 batch.item_ids[b].copy(),
+                np.array(batch.scores[b], np.float32),  # an owned copy, like the features
                 batch.request.take(slice(b, b + 1)).copy(),
                 batch.items.take(slice(b * n, (b + 1) * n)).copy(),
                 np.zeros(self.paging.count(n), bool),
@@ -471,8 +499,9 @@ class LazyLogger(_Base):
         pages = np.unique(self.paging.page_of(positions)).tolist()
         values = self._get([key(ref.request_id, "u")] + [key(ref.request_id, f"p{p}") for p in pages])
         empty = self.fs.layout(Side.ITEM).zeros()
+        none = np.empty(0, np.float32)
         if values[0] is None:
-            return _scatter(np.zeros(len(positions), bool), np.empty(0, np.int32), None, empty)
+            return _scatter(np.zeros(len(positions), bool), np.empty(0, np.int32), None, empty, none)
         with self.ledger.cpu("deserialize"):
             request = codec.decode_request(self.fs, values[0])
             decoded = [codec.decode_page(self.fs, v) for v in values[1:] if v is not None]
@@ -486,7 +515,9 @@ class LazyLogger(_Base):
         rows = row_of[positions]
         found = rows >= 0
         if not decoded:
-            return _scatter(found, np.empty(0, np.int32), request, empty)
+            return _scatter(found, np.empty(0, np.int32), request, empty, none)
         ids = np.concatenate([p.item_ids for p in decoded])
+        scores = np.concatenate([p.scores for p in decoded])
         items = FeatureBlock.concat([p.block for p in decoded])
-        return _scatter(found, ids[rows[found]], request, items.take(rows[found]))
+        take = rows[found]
+        return _scatter(found, ids[take], request, items.take(take), scores[take])

@@ -21,7 +21,9 @@ class RankedBatch:
     Attributes:
         user_ids: ``(B,)`` int64.
         item_ids: ``(B, n)`` int32, in ranked order.
-        scores: ``(B, n)`` float32 late-ranker scores, descending along axis 1.
+        scores: ``(B, n)`` float32 late-ranker scores, in ranked order (leanrec's funnel: descending
+            along axis 1). Each is logged with its item and lands in the warehouse's ``score``
+            column; NaN where the ranker gave none (stored as null there).
         request: Request-side features, B rows.
         items: Item-side features, ``B * n`` rows; request b's items are rows ``b*n .. b*n+n-1`` in
             ranked order.

@@ -6,7 +6,8 @@ window. Event batches wait in the transient store beside the frozen features (``
 whichever worker joins a request finds everything it needs there. At the join every viewed item
 (any event at its position) becomes one example, with no engagement meaning a negative;
 never-viewed items are dropped. Labels are flags and a maximum, so duplicate and out-of-order
-events give the same record.
+events give the same record. Each example keeps the score the ranker gave its item, as it was
+logged with the features.
 Messages are acknowledged, and transient entries deleted, only after the warehouse has committed
 the records made from them.
 
@@ -361,6 +362,7 @@ class LabelJoiner:
             view_ms,
             fetched.items.take(keep),
             labels,
+            fetched.scores[keep],
         )
 
     def flush(self) -> list[str]:

@@ -124,7 +124,8 @@ class RankingLog:
             item_ids: ``(n,)`` ranked item ids, best first.
             features: Every feature of the FeatureSet by name (see
                 :func:`~leanrec.featurelog.inputs.pack_ranked` for the shapes).
-            scores: ``(n,)`` the ranker's scores, or None.
+            scores: ``(n,)`` the ranker's scores, logged with the items and written to the
+                warehouse's ``score`` column; or None, stored as NaN (null in the warehouse).
 
         Returns:
             The request id and the signed token the client presents with paginate and events.

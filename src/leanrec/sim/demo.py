@@ -100,8 +100,9 @@ def plan_holding(
     key_bytes = 24  # lr:{<12 hex digits>}:i<position>
     events = 4_096  # a session's event batches and replay guards, the same on both paths
     naive = n_rank * (impression + key_bytes) + events
-    lean = codec.HEADER_BYTES * (2 + n_rank) + req.row_bytes + n_rank * (item.row_bytes + 4) + events
-    context = n_rank * (item.row_bytes + 4) + req.row_bytes + 64
+    # Each ranked item is its features, its id and its score (4 B each), in a page or a context.
+    lean = codec.HEADER_BYTES * (2 + n_rank) + req.row_bytes + n_rank * (item.row_bytes + 8) + events
+    context = n_rank * (item.row_bytes + 8) + req.row_bytes + 64
     return Holding(
         store_open,
         store_open * (n_rank + 2),

@@ -3,7 +3,9 @@
 Each Parquet file is opened on its own and read row group by row group, with column projection: the
 request id, the features the FeatureSet derives, the item position and the click and like labels, and
 nothing else (inside request-level rows too: only those fields of the ``items`` structs), so a large
-warehouse is never loaded whole and unused columns are never read. Record batches become tensors
+warehouse is never loaded whole and unused columns are never read. The ranker's logged scores are read
+only when asked for (``logged_scores=True``, for off-policy evaluation or to compare a model with the
+logged one): they are not a feature, and no model input is built from them. Record batches become tensors
 column by column: features through :func:`~leanrec.warehouse.tables.arrays_block`, the items of
 request-level rows through ``list_flatten`` and ``list_parent_indices``. There is no Python loop per
 row.
@@ -38,7 +40,7 @@ from leanrec.warehouse.store import (
     projection,
     written_featureset,
 )
-from leanrec.warehouse.tables import TableLayout, arrays_block
+from leanrec.warehouse.tables import SCORE_FIELD, TableLayout, arrays_block, with_scores
 
 LABEL_COLUMNS = ("click", "like")
 """Labels a batch carries, as float 0/1."""
@@ -58,6 +60,9 @@ class Batch:
         like: ``(N,)`` float32 0/1.
         request_ids: R request ids (impression-level: one per row, so repeated across a request's items).
         positions: ``(N,)`` int64 position of each item in its request's feed.
+        scores: ``(N,)`` float32 the score the ranker gave each item when it was logged (NaN where
+            it gave none, or the file predates scores), when the reader was asked for them; else
+            None. Not a model input.
 
     """
 
@@ -70,11 +75,13 @@ class Batch:
     like: torch.Tensor
     request_ids: list[str]
     positions: torch.Tensor
+    scores: torch.Tensor | None = None
 
     @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:
         """One batch of all requests and items of ``batches`` (request rows renumbered)."""
         offsets = np.cumsum([0, *(b.n_requests for b in batches[:-1])])
+        scores = [b.scores for b in batches if b.scores is not None]  # kept only if every batch has them
         return Batch(
             req_floats=torch.cat([b.req_floats for b in batches]),
             req_ints=torch.cat([b.req_ints for b in batches]),
@@ -85,6 +92,7 @@ class Batch:
             like=torch.cat([b.like for b in batches]),
             request_ids=[r for b in batches for r in b.request_ids],
             positions=torch.cat([b.positions for b in batches]),
+            scores=torch.cat(scores) if len(scores) == len(batches) else None,
         )
 
     @property
@@ -157,6 +165,7 @@ def iter_batches(
     shuffle_seed: int | None = None,
     stats: ReadStats | None = None,
     by_request: bool = False,
+    logged_scores: bool = False,
 ) -> Iterator[Batch]:
     """Stream a warehouse as training batches.
 
@@ -181,6 +190,8 @@ def iter_batches(
             out: a request-level and an impression-level warehouse of the same examples then give
             the same examples in the same batches, so training on them can be compared one to one.
             Reads one file at a time whole (a file holds one warehouse flush).
+        logged_scores: Also read the ``score`` column into ``Batch.scores`` (NaN for files written
+            before scores were kept). Off by default: training does not read it.
 
     Raises:
         WarehouseError: The path is missing or holds no Parquet files; a file is not a leanrec
@@ -205,9 +216,11 @@ def iter_batches(
     if layout is not None and found is not layout:
         raise WarehouseError(f"warehouse {uri} is {found.value}-level, expected {layout.value}-level")
     if by_request:
-        return _by_request(filesystem, paths, fs, found, batch_requests, shuffle_seed or 0, stats)
+        return _by_request(
+            filesystem, paths, fs, found, batch_requests, shuffle_seed or 0, stats, logged_scores
+        )
     size = batch_requests if found is TableLayout.REQUEST else batch_impressions
-    return _generate(filesystem, paths, fs, found, size, shuffle_seed, stats)
+    return _generate(filesystem, paths, fs, found, size, shuffle_seed, stats, logged_scores)
 
 
 # --------------------------------------------------------------------------- internals
@@ -221,14 +234,15 @@ def _generate(
     size: int,
     shuffle_seed: int | None,
     stats: ReadStats,
+    scores: bool,
 ) -> Iterator[Batch]:
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     order = [paths[i] for i in rng.permutation(len(paths))] if rng is not None else paths
     record_batches = (
-        rb for path in order for rb in _read_file(filesystem, path, fs, layout, size, rng, stats)
+        rb for path in order for rb in _read_file(filesystem, path, fs, layout, size, rng, stats, scores)
     )
     for table in _rebatch(record_batches, size):
-        batch = _to_batch(table, fs, layout)
+        batch = _to_batch(table, fs, layout, scores)
         stats.examples += batch.n_items
         stats.batches += 1
         yield batch
@@ -246,12 +260,13 @@ def _check_file(path: str, pf: pq.ParquetFile, fs: FeatureSet) -> TableLayout:
 
 
 def _projection(
-    path: str, pf: pq.ParquetFile, fs: FeatureSet, layout: TableLayout
+    path: str, pf: pq.ParquetFile, fs: FeatureSet, layout: TableLayout, scores: bool
 ) -> tuple[list[str], list[int]]:
     """Column paths to read, and the indices of the Parquet leaf columns they cover."""
     request = ["request_id", *fs.layout(Side.REQUEST).names]
     item = ["position", *fs.layout(Side.ITEM).names, *LABEL_COLUMNS]
-    return projection(path, pf, request, item, layout)
+    item += [SCORE_FIELD.name] if scores else []
+    return projection(path, pf, request, item, layout, optional=(SCORE_FIELD.name,))
 
 
 def _request_order(table: pa.Table, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,6 +287,7 @@ def _by_request(
     batch_requests: int,
     seed: int,
     stats: ReadStats,
+    scores: bool,
 ) -> Iterator[Batch]:
     firsts = []
     for path in paths:  # files in order of the first request they hold: the same in both layouts
@@ -280,7 +296,7 @@ def _by_request(
     for path in [p for _, p in sorted(zip(firsts, paths, strict=True))]:
         tables = [
             pa.Table.from_batches([rb])
-            for rb in _read_file(filesystem, path, fs, layout, 1 << 20, None, stats)
+            for rb in _read_file(filesystem, path, fs, layout, 1 << 20, None, stats, scores)
         ]
         if not tables:
             continue
@@ -298,7 +314,7 @@ def _by_request(
         chunk = (np.cumsum(new_request) - 1) // batch_requests
         cuts = np.r_[0, np.flatnonzero(np.diff(chunk)) + 1, table.num_rows]
         for a, b in itertools.pairwise(cuts):
-            batch = _to_batch(table.slice(a, b - a), fs, layout)
+            batch = _to_batch(table.slice(a, b - a), fs, layout, scores)
             stats.examples += batch.n_items
             stats.batches += 1
             yield batch
@@ -312,15 +328,20 @@ def _read_file(
     size: int,
     rng: np.random.Generator | None,
     stats: ReadStats,
+    scores: bool,
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of the projected columns of one file, row group by row group."""
+    """Record batches of the projected columns of one file, row group by row group.
+
+    With ``scores``, a file written before scores were kept gets a column of nulls, so its batches
+    concatenate with those of newer files.
+    """
     with _Opened(filesystem, path) as pf:
         found = _check_file(path, pf, fs)
         if found is not layout:
             raise WarehouseError(
                 f"{path} is {found.value}-level; the files before it are {layout.value}-level"
             )
-        columns, leaves = _projection(path, pf, fs, layout)
+        columns, leaves = _projection(path, pf, fs, layout, scores)
         top = list(dict.fromkeys(c.split(".")[0] for c in columns))
         stats.files += 1
         groups = np.arange(pf.num_row_groups)
@@ -334,6 +355,8 @@ def _read_file(
             stats.row_groups += 1
             for rb in pf.iter_batches(batch_size=size, row_groups=[g], columns=columns):
                 rb = rb.select(top)  # one column order whatever the file's, so batches of files concatenate
+                if scores:
+                    rb = with_scores(rb, layout)
                 if rng is not None:
                     rb = rb.take(pa.array(rng.permutation(rb.num_rows)))
                 stats.rows += rb.num_rows
@@ -371,8 +394,8 @@ def _numpy(col: pa.Array | pa.ChunkedArray, dtype: type) -> np.ndarray:
     return np.asarray(_column(col).to_numpy(zero_copy_only=False)).astype(dtype)
 
 
-def _to_batch(table: pa.Table, fs: FeatureSet, layout: TableLayout) -> Batch:
-    """Whole columns to tensors."""
+def _to_batch(table: pa.Table, fs: FeatureSet, layout: TableLayout, scores: bool) -> Batch:
+    """Whole columns to tensors (the logged scores too, with ``scores``: NaN where null)."""
     r = table.num_rows
     cols = {name: table.column(name) for name in table.column_names}
     req = arrays_block(fs.layout(Side.REQUEST), cols, r)
@@ -396,4 +419,7 @@ def _to_batch(table: pa.Table, fs: FeatureSet, layout: TableLayout) -> Batch:
         like=torch.from_numpy(_numpy(item_cols["like"], np.float32)),
         request_ids=table.column("request_id").to_pylist(),
         positions=torch.from_numpy(_numpy(item_cols["position"], np.int64)),
+        scores=torch.from_numpy(_numpy(pc.fill_null(_column(item_cols["score"]), np.nan), np.float32))
+        if scores
+        else None,
     )

@@ -139,6 +139,7 @@ def _subset(batch: Batch, keep_request: np.ndarray) -> Batch | None:
         like=batch.like[items],
         request_ids=[r for r, k in zip(batch.request_ids, keep_request, strict=True) if k],
         positions=batch.positions[items],
+        scores=None if batch.scores is None else batch.scores[items],
     )
 
 

@@ -25,6 +25,10 @@ class RequestRecord:
         items: Item side, k rows.
         labels: Label name → ``(k,)`` array (``click``, ``like``, ``share``, ``hide``: bool;
             ``watch_ms``: int32).
+        scores: ``(k,)`` float32 the score the ranker gave each item at its position, as logged;
+            NaN where it gave none, and None for a request without any. Not a feature: the
+            warehouse keeps it (as null where there is none) for off-policy evaluation and for
+            comparing a new model with the logged one.
 
     """
 
@@ -38,6 +42,7 @@ class RequestRecord:
     view_ms: np.ndarray
     items: FeatureBlock
     labels: dict[str, np.ndarray]
+    scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.positions)

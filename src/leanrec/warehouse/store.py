@@ -27,11 +27,13 @@ from leanrec.warehouse.tables import (
     FEATURESET_KEY,
     LAYOUT_KEY,
     META_FIELDS,
+    SCORE_FIELD,
     TableLayout,
     item_struct,
     records_table,
     request_to_impression,
     schema,
+    with_scores,
 )
 
 
@@ -164,7 +166,9 @@ class ParquetWarehouse:
     def read_examples(self) -> pa.Table:
         """Every committed example as an impression row, sorted by request id and position.
 
-        The same view of either layout, so the two can be compared row for row.
+        The same view of either layout, so the two can be compared row for row. Each row holds the
+        ranker's ``score`` of its item (null where there is none, as in files written before scores
+        were kept).
         """
         table = self.read()
         if self.layout is TableLayout.REQUEST:
@@ -287,7 +291,12 @@ def layout_of(path: str, metadata: dict[bytes, bytes] | None) -> TableLayout:
 
 
 def projection(
-    path: str, pf: pq.ParquetFile, request: list[str], item: list[str], layout: TableLayout
+    path: str,
+    pf: pq.ParquetFile,
+    request: list[str],
+    item: list[str],
+    layout: TableLayout,
+    optional: Sequence[str] = (),
 ) -> tuple[list[str], list[int]]:
     """Column paths of a file to read, and the indices of the Parquet leaf columns they cover.
 
@@ -300,9 +309,11 @@ def projection(
         request: Top-level columns (request-level) or the request-side ones (impression-level).
         item: Item columns: fields of the ``items`` structs (request-level) or top-level columns.
         layout: The file's layout.
+        optional: Item columns a file may lack (``score``, in files written before it was kept):
+            left out of the projection where absent.
 
     Raises:
-        WarehouseError: The file lacks some of the columns.
+        WarehouseError: The file lacks some of the columns (other than the optional ones).
 
     """
     leaves: dict[str, list[int]] = {}
@@ -315,9 +326,11 @@ def projection(
         prefix = next((k.rsplit(".", 1)[0] for k in leaves if k.startswith("items.")), None)
         if prefix is None:
             raise WarehouseError(f"{path} is request-level but has no items column")
-        columns = [*request, *(f"{prefix}.{n}" for n in item)]
+        named = {n: f"{prefix}.{n}" for n in item}
     else:
-        columns = [*request, *item]
+        named = {n: n for n in item}
+    item_columns = [c for n, c in named.items() if n not in optional or c in leaves]
+    columns = [*request, *item_columns]
     if missing := [c for c in columns if c not in leaves]:
         raise WarehouseError(f"{path} lacks the columns {missing}")
     return columns, [i for c in columns for i in leaves[c]]
@@ -389,7 +402,8 @@ def read_table(uri: str, fs: FeatureSet, layout: TableLayout | None = None) -> p
                 )
             columns, _ = _table_projection(f.path, pf, fs, got)
             # Read in file order, then put columns (and struct fields, by name) in the schema's order.
-            tables.append(pf.read(columns=columns).select(want.names).cast(want))
+            table = with_scores(pf.read(columns=columns), got)
+            tables.append(table.select(want.names).cast(want))
     return pa.concat_tables(tables)
 
 
@@ -398,7 +412,8 @@ def _table_projection(
 ) -> tuple[list[str], list[int]]:
     """Projection of every column of the warehouse schema ``fs`` derives."""
     request = [*(f.name for f in META_FIELDS), *fs.layout(Side.REQUEST).names]
-    return projection(path, pf, request, [f.name for f in item_struct(fs)], layout)
+    item = [f.name for f in item_struct(fs)]
+    return projection(path, pf, request, item, layout, optional=(SCORE_FIELD.name,))
 
 
 def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
@@ -415,7 +430,7 @@ def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
         with _Opened(filesystem, info.path) as file:
             if layout_of(info.path, file.schema_arrow.metadata) is not TableLayout.REQUEST:
                 raise WarehouseError(f"{info.path} is not a request-level file")
-            table = file.read()
+            table = with_scores(file.read(), TableLayout.REQUEST)
         flat = request_to_impression(table, fs)
         sink = pa.BufferOutputStream()
         pq.write_table(flat, sink, compression="zstd")

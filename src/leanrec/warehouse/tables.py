@@ -1,8 +1,14 @@
 """Arrow schemas of the two warehouse layouts, derived from the FeatureSet, and conversions.
 
 - Request-level (default): one row per request; request-side features once; ``items`` is a list of
-  structs, one per viewed item, with its position, id, first-view time, features and labels.
+  structs, one per viewed item, with its position, id, first-view time, the ranker's score, features
+  and labels.
 - Impression-level (baseline): one row per viewed item; request-side columns repeated in each.
+
+``score`` is the score the ranker gave the item at its position, as logged with its features: not a
+feature (no model reads it as an input), kept for off-policy evaluation and for comparing a new model
+with the logged one. It is null where the ranker gave none; files written before it was kept have
+no such column, and readers give nulls for them (:func:`with_scores`).
 
 A feature of size 1 is a scalar column; a wider one is a fixed-size list. Everything here works on
 whole columns: no loop per row or per value.
@@ -43,6 +49,8 @@ ITEM_META_FIELDS = (
     pa.field("item_id", pa.int32(), nullable=False),
     pa.field("view_ms", pa.int64(), nullable=False),
 )
+SCORE_FIELD = pa.field("score", pa.float32(), nullable=True)
+"""The ranker's score of each viewed item; null where it gave none."""
 LABEL_FIELDS = tuple(
     pa.field(name, pa.int32() if name == "watch_ms" else pa.bool_(), nullable=False) for name in LABELS
 )
@@ -58,9 +66,14 @@ def _fields(layout: Layout) -> list[pa.Field]:
     return [feature_field(s.feature) for s in layout.slots]
 
 
+def _item_fields(fs: FeatureSet) -> list[pa.Field]:
+    """Columns of one viewed item, in either layout."""
+    return [*ITEM_META_FIELDS, SCORE_FIELD, *_fields(fs.layout(Side.ITEM)), *LABEL_FIELDS]
+
+
 def item_struct(fs: FeatureSet) -> pa.StructType:
     """Type of one viewed item inside a request-level row."""
-    return pa.struct([*ITEM_META_FIELDS, *_fields(fs.layout(Side.ITEM)), *LABEL_FIELDS])
+    return pa.struct(_item_fields(fs))
 
 
 def schema(fs: FeatureSet, layout: TableLayout) -> pa.Schema:
@@ -69,7 +82,7 @@ def schema(fs: FeatureSet, layout: TableLayout) -> pa.Schema:
     if layout is TableLayout.REQUEST:
         fields = [*META_FIELDS, *req, pa.field("items", pa.list_(item_struct(fs)), nullable=False)]
     else:
-        fields = [*META_FIELDS, *req, *ITEM_META_FIELDS, *_fields(fs.layout(Side.ITEM)), *LABEL_FIELDS]
+        fields = [*META_FIELDS, *req, *_item_fields(fs)]
     return pa.schema(
         fields, metadata={FEATURESET_KEY: fs.to_json().encode(), LAYOUT_KEY: layout.value.encode()}
     )
@@ -128,7 +141,11 @@ def records_table(fs: FeatureSet, records: Sequence[RequestRecord], layout: Tabl
         pa.array(np.concatenate([r.view_ms for r in records]).astype(np.int64)),
     ]
     labels = [pa.array(np.concatenate([r.labels[name] for r in records])) for name in LABELS]
-    item_cols = [*item_meta, *block_arrays(fs.layout(Side.ITEM), items), *labels]
+    scores = np.concatenate(
+        [np.full(len(r), np.nan, np.float32) if r.scores is None else r.scores for r in records]
+    ).astype(np.float32)
+    score = pa.array(scores, pa.float32(), mask=np.isnan(scores))  # NaN, no score: null
+    item_cols = [*item_meta, score, *block_arrays(fs.layout(Side.ITEM), items), *labels]
     req_cols = [*meta, *block_arrays(fs.layout(Side.REQUEST), request)]
     if layout is TableLayout.REQUEST:
         struct = pa.StructArray.from_arrays(item_cols, fields=list(item_struct(fs)))
@@ -139,6 +156,33 @@ def records_table(fs: FeatureSet, records: Sequence[RequestRecord], layout: Tabl
     order = np.argsort(item_meta[2].to_numpy(), kind="stable")
     table = pa.Table.from_arrays([*(c.take(parent) for c in req_cols), *item_cols], schema=sch)
     return table.take(order)
+
+
+def with_scores(table: pa.Table | pa.RecordBatch, layout: TableLayout) -> pa.Table | pa.RecordBatch:
+    """``table`` with a ``score`` column of nulls if it has none (a file written before scores were kept).
+
+    Request-level, the column is a field of the ``items`` structs, added at the end of each struct
+    (casting to the schema puts it in place by name); the lists keep their offsets. A table that has
+    the column is returned as it is.
+    """
+    name = SCORE_FIELD.name
+    if layout is TableLayout.IMPRESSION:
+        if name in table.column_names:
+            return table
+        return table.append_column(SCORE_FIELD, pa.nulls(table.num_rows, SCORE_FIELD.type))
+    index = table.schema.get_field_index("items")
+    items = table.column(index)
+    items = items.combine_chunks() if isinstance(items, pa.ChunkedArray) else items
+    struct_type = items.type.value_type
+    if struct_type.get_field_index(name) >= 0:
+        return table
+    flat = pc.list_flatten(items)
+    children = [*flat.flatten(), pa.nulls(len(flat), SCORE_FIELD.type)]
+    struct = pa.StructArray.from_arrays(children, fields=[*struct_type, SCORE_FIELD])
+    lengths = pc.list_value_length(items).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    lists = pa.ListArray.from_arrays(offsets, struct)
+    return table.set_column(index, pa.field("items", lists.type, nullable=False), lists)
 
 
 def request_to_impression(table: pa.Table, fs: FeatureSet) -> pa.Table:
