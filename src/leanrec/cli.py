@@ -411,6 +411,62 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     return 0 if report.sessions_failed == 0 else 1
 
 
+def _replay(args: argparse.Namespace, console: Console) -> int:
+    from leanrec.report.tables import Col, fitted
+    from leanrec.sim.replay import replay
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("sessions", total=None)
+        report = replay(
+            args.target,
+            args.sessions,
+            args.featureset,
+            args.concurrency,
+            args.seed,
+            args.patience,
+            args.fast_scroll_share,
+            progress=lambda n: progress.advance(task, n),
+        )
+    figures = report.figures()
+    rows = [
+        ("sessions replayed", f"{report.sessions:,}"),
+        ("sessions failed", f"{report.failed:,}"),
+        ("NDCG@10", f"{figures['ndcg@10']:.4f}"),
+        ("recall@10", f"{figures['recall@10']:.4f}"),
+        ("engagements per session", f"{figures['engagements_per_session']:.3f}"),
+        ("positions viewed per session", f"{figures['viewed_per_session']:.1f}"),
+        (
+            "pagination signals sent / lost (fast scrolls)",
+            f"{report.signals_sent:,} / {report.signals_lost:,}",
+        ),
+        ("events sent / accepted", f"{report.events_sent:,} / {report.events_accepted:,}"),
+        ("transient-store bytes written", f"{report.server.get('leanrec_kv_bytes_written_total', 0):,.0f}"),
+    ]
+    cols = (Col("replay", kind="label"), Col("value"))
+    title = f"{args.target}: {report.catalog.get('featureset')} v{report.catalog.get('version')}"
+    console.print(fitted(title, cols, rows, console.width))
+    if args.out:
+        out = {
+            **figures,
+            "sessions": report.sessions,
+            "failed": report.failed,
+            "engagements": report.engagements,
+            "likes": report.likes,
+            "viewed": report.viewed,
+            "signals_sent": report.signals_sent,
+            "signals_lost": report.signals_lost,
+            "events_sent": report.events_sent,
+            "events_accepted": report.events_accepted,
+            "status": report.status,
+            "seconds": report.seconds,
+            "server": report.server,
+            "catalog": report.catalog,
+        }
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    return 0 if report.sessions else 1
+
+
 def _progress_columns() -> tuple:
     return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
@@ -596,6 +652,13 @@ def _above_zero(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _at_least_zero(text: str) -> float:
     value = _number(text)
     if not value >= 0:
@@ -754,6 +817,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--n-users", type=_positive, help="the service's world (default: learnt from it)")
     sim.add_argument("--n-items", type=_positive, help="the service's world (default: learnt from it)")
     sim.add_argument("--world-seed", type=_seed, help="the service's --seed (default: learnt from it)")
+    rp = sub.add_parser("replay", help="replay recorded sessions against a catalog service over HTTP")
+    rp.add_argument("--target", required=True, help="base URL of the service (loopback only)")
+    rp.add_argument(
+        "--sessions", required=True, help="Parquet file: user_id, items (engaged), likes, context"
+    )
+    rp.add_argument("--featureset", help="the FeatureSet file the sessions are for (default: the service's)")
+    rp.add_argument("--concurrency", type=_positive, default=4, help="sessions in flight (default 4)")
+    rp.add_argument("--seed", type=_seed, default=7, help="seeds which sessions scroll fast")
+    rp.add_argument(
+        "--patience", type=_positive, default=10, help="positions viewed past the last engagement"
+    )
+    rp.add_argument(
+        "--fast-scroll-share", type=_share, default=0.2, help="sessions whose signals never arrive"
+    )
+    rp.add_argument("--out", help="write the figures as JSON here")
     feats = sub.add_parser("features", help="load a catalog's user and item features into a FeatureStore")
     fload = feats.add_subparsers(dest="features_command", required=True).add_parser(
         "load", help="write users and items from Parquet files (an update overwrites what it holds)"
@@ -847,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulate": _simulate,
         "featureset": _featureset,
         "features": _features,
+        "replay": _replay,
         "train": _train,
         "evaluate": _evaluate,
         "audit": _audit,

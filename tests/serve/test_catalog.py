@@ -217,3 +217,55 @@ def test_a_trained_ranker_orders_the_list_and_a_pruned_one_serves_its_own_versio
                 featureset=str(folder / "pruned.toml"), features_url=redis_url, model=str(tmp_path / "v1.pt")
             )
         )
+
+
+def test_replay_drives_a_catalog_service_and_refuses_another_featureset(
+    catalog, redis_url: str, shop: Shop
+) -> None:
+    """Sessions replayed through /v1/rank, paginate and events, fast scrolls too; every event accepted."""
+    import httpx
+
+    from leanrec.sim.client import TargetError
+    from leanrec.sim.replay import replay
+
+    folder, _, _ = catalog
+    rng = np.random.default_rng(5)
+    sessions = pa.table(
+        {
+            "user_id": rng.integers(1, N_USERS, 40),
+            "items": pa.array([rng.choice(N_ITEMS, 8, replace=False).tolist() for _ in range(40)]),
+            "weekday": rng.integers(0, 7, 40),
+        }
+    )
+    pq.write_table(sessions, folder / "sessions.parquet")
+    config = ServeConfig(
+        featureset=str(folder / "fs.toml"),
+        features_url=redis_url,
+        retrieval=str(folder / "index.npz"),
+        n_retrieve=60,
+        n_rank=40,
+        store_url=redis_url.replace("/0", "/1"),
+        bus_url=redis_url.replace("/0", "/1"),
+    )
+    app = create_app(config)
+
+    def run(featureset: Path) -> object:
+        return replay(
+            "http://127.0.0.1",
+            folder / "sessions.parquet",
+            str(featureset),
+            concurrency=3,
+            fast_scroll_share=0.5,
+            transport=httpx.ASGITransport(app=app),
+        )
+
+    report = run(folder / "fs.toml")
+    assert report.sessions == 40 and report.failed == 0
+    assert report.signals_lost > 0 and report.events_accepted == report.events_sent
+    state = app.state.leanrec
+    state.lane.drain()
+    assert state.logger.stats.pages_on_touch > 0  # fast scrolls: pages logged because events touched them
+    assert state.ranked == 40
+    (folder / "other.toml").write_text(shop.toml(drop=("badges",), version=2))
+    with pytest.raises(TargetError, match="not"):
+        run(folder / "other.toml")

@@ -48,7 +48,7 @@ from leanrec.featurelog.loggers import FeatureLogger, LazyLogger
 from leanrec.featurelog.ranked import RankedBatch
 from leanrec.funnel.catalog import CatalogFunnel
 from leanrec.funnel.ranker import Funnel
-from leanrec.schema import FeatureSet
+from leanrec.schema import FeatureSet, Owner
 from leanrec.serve.catalog import catalog_funnel
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
@@ -638,6 +638,8 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
                 "featureset": featureset.name,
                 "version": featureset.version,
                 "fingerprint": featureset.fingerprint,
+                "ranks": st.funnel is not None,
+                "context": [f.name for f in featureset.of(Owner.CONTEXT)],
                 "world": None
                 if st.world is None
                 else {"n_users": config.n_users, "n_items": config.n_items, "seed": config.seed},
