@@ -306,9 +306,7 @@ def _main() -> None:
         ratio = f"{b / a:.3f}" if a and key.endswith("bytes") else ""
         t.add_row(label, f"{a:,}", f"{b:,}", ratio)
     console.print(t)
-    t = Table(
-        title=f"{ranking['retrieval']['sessions']:,} held-out sessions (chunks 3-4): ranker, retrieval"
-    )
+    t = Table(title=f"{ranking['retrieval']['sessions']:,} held-out sessions (chunks 3-4): ranker, retrieval")
     for col in ("", "retrieval alone", "round-2 ranker", "ranker / retrieval"):
         t.add_column(col, justify="left" if not col else "right")
     for key in ("ndcg@10", "recall@10", "engagements_per_session"):
@@ -320,6 +318,15 @@ def _main() -> None:
     results = {"round_1": figures, "held_out": ranking, "examples_equal": same}
     (work / "results.json").write_text(json.dumps(results, indent=2))
     console.print(f"results: {work / 'results.json'}")
+    wrong = [
+        *(["the two warehouses hold different examples"] if not same else []),
+        *(f"{p}: {v} {k.replace('_', ' ')}" for p in figures for k in ("labels_lost", "skewed_examples")
+          if (v := figures[p][k])),
+        *(f"the round-2 ranker is not ahead of retrieval on {k}" for k in ranking["retrieval"]
+          if k != "sessions" and ranking["round 2"][k] <= ranking["retrieval"][k]),
+    ]  # fmt: skip
+    if wrong:
+        sys.exit("; ".join(wrong))
 
 
 if __name__ == "__main__":
