@@ -216,6 +216,15 @@ def test_the_reference_of_relatedness_is_not_widened_by_a_few_tied_features(seed
     assert not found["noise"].related and not found["noise_id"].related
 
 
+def test_a_lone_noise_feature_is_not_taken_for_related() -> None:
+    """With one tested feature on a side, its reference still has enough permutations to hold."""
+    wrong = 0
+    for seed in range(40):  # four permutations alone took it for related in 2 of these 40
+        fs, batch, _ = _repeated_entities(seed % 3)
+        wrong += relatedness(fs, batch, ["anchor"], ["noise"], seed=seed)["noise"].related
+    assert wrong == 0
+
+
 def test_the_interval_of_a_worthless_feature_holds_its_unshuffled_draw_too() -> None:
     # The unshuffled AUC is one more draw of the shuffled ones: sd * sqrt(1 + 1/r), not sd / sqrt(r).
     x = np.array([0.001, -0.002, 0.0005, 0.0015, -0.001])

@@ -107,6 +107,7 @@ def relatedness(
     z: float = 4.0,
     null_features: int = 48,
     null_draws: int = 4,
+    min_null: int = 64,
     seed: int = 0,
 ) -> dict[str, Related]:
     """For each of ``names``, whether the valuable dense features of its side explain it.
@@ -121,6 +122,7 @@ def relatedness(
             related.
         null_features: Dense features of a side whose values are permuted for the reference.
         null_draws: Permutations per such feature.
+        min_null: Fewest permutations in a side's reference, all features together.
         seed: Seeds the permutations.
 
     Returns:
@@ -149,7 +151,10 @@ def relatedness(
         dense = [n for n in mine if columns[n].is_float]
         pool = [dense[i] for i in rng.permutation(len(dense))[:null_features]] or mine
         shuffle = _value_shuffled if dense else (lambda x, g: x[g.permutation(len(x))])
-        null = np.array([_explained(basis, shuffle(reps[n], rng)) for n in pool for _ in range(null_draws)])
+        # A side with few tested features draws more permutations of each: a reference of a handful
+        # of values would put the threshold by chance.
+        draws = max(null_draws, -(-min_null // len(pool)))
+        null = np.array([_explained(basis, shuffle(reps[n], rng)) for n in pool for _ in range(draws)])
         centre, spread = _robust_spread(null)
         out.update({n: Related(r2[n], centre, spread, r2[n] > centre + z * spread) for n in mine})
     return out
