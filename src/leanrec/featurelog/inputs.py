@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
 from leanrec.errors import InputError
 from leanrec.featurelog.ranked import RankedBatch
-from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Owner, Side
+from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Layout, Owner, Side, Slot
 
 
 class FeatureInputError(InputError, ValueError):
@@ -34,18 +36,140 @@ class FeatureInputError(InputError, ValueError):
         self.feature, self.status = feature, status
 
 
+@dataclass(frozen=True)
+class _Group:
+    """Features of one side, one block (floats or ids) and one size, packed with one stack and one copy.
+
+    Attributes:
+        slots: Their slots, in layout order.
+        names: Their names.
+        columns: ``(k * size,)`` int64 columns inside the block, feature after feature.
+        is_float: Whether they live in the float block.
+        size: Values per row of each.
+
+    """
+
+    slots: tuple[Slot, ...]
+    names: tuple[str, ...]
+    columns: np.ndarray
+    is_float: bool
+    size: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one layout is packed: its features in groups of one block and size."""
+
+    groups: tuple[_Group, ...]
+    index: dict[str, int]  # each feature's index in the layout, to check features in layout order
+    names: frozenset[str]
+    id_slots: tuple[Slot, ...]  # the id features, in int-block order
+    id_ends: np.ndarray  # (len(id_slots),) one past each one's last column
+    vocab: np.ndarray  # (int_width,) the vocabulary of each int column
+
+
+_PLANS: dict[int, tuple[Layout, _Plan]] = {}
+
+
+def _plan(layout: Layout) -> _Plan:
+    """The packing plan of ``layout``, built once per layout object (a layout hashes slowly)."""
+    held = _PLANS.get(id(layout))
+    if held is not None and held[0] is layout:
+        return held[1]
+    by_kind: dict[tuple[bool, int], list[Slot]] = {}
+    for slot in layout.slots:
+        by_kind.setdefault((slot.feature.is_float, slot.feature.size), []).append(slot)
+    groups = tuple(
+        _Group(
+            tuple(slots),
+            tuple(s.feature.name for s in slots),
+            (np.array([s.offset for s in slots], np.int64)[:, None] + np.arange(size)).ravel(),
+            is_float,
+            size,
+        )
+        for (is_float, size), slots in by_kind.items()
+    )
+    index = {s.feature.name: i for i, s in enumerate(layout.slots)}
+    ids = tuple(s for s in layout.slots if not s.feature.is_float)
+    sizes = [s.feature.size for s in ids]
+    vocab = np.repeat(np.array([s.feature.vocab for s in ids], np.int64), sizes)
+    plan = _Plan(groups, index, frozenset(index), ids, np.cumsum(sizes), vocab)
+    if len(_PLANS) >= 64:  # FeatureSets built on the fly (e.g. one owner's) must not pile up
+        _PLANS.clear()
+    _PLANS[id(layout)] = (layout, plan)
+    return plan
+
+
+_NUMBERS = {True: frozenset({float, int}), False: frozenset({int})}
+
+
+def _stacked(values: Mapping[str, object], group: _Group, side: Side, rows: int) -> np.ndarray | None:
+    """``(rows, k * size)`` values of a group of features in one stack, or None to check one by one.
+
+    Only the plain cases are stacked: Python numbers (a bare one for a size-1 request feature, else
+    a list: of ``size`` numbers on the request side, of one number per row on the item side), or
+    numpy arrays of one dtype of the right kind, each of the feature's shape. Anything else (a
+    missing feature, mixed dtypes, a bool, a nested list) is left to the one-by-one checks, which
+    accept or refuse it naming the feature.
+    """
+    try:
+        vals = [values[name] for name in group.names]
+    except KeyError:
+        return None
+    k, size, request = len(vals), group.size, side is Side.REQUEST
+    types = set(map(type, vals))
+    if types == {list}:  # JSON: request side, size numbers each; item side, one number per row
+        length = size if request else rows
+        if (not request and size != 1) or set(map(len, vals)) != {length}:
+            return None
+        if not set(map(type, chain.from_iterable(vals))) <= _NUMBERS[group.is_float]:
+            return None
+        try:
+            a = np.fromiter(chain.from_iterable(vals), np.float64 if group.is_float else np.int64, k * length)
+        except OverflowError:  # an integer beyond 64 bits
+            return None
+        return a.reshape(1, k * size) if request else a.reshape(k, rows).T
+    if request and size == 1 and types <= _NUMBERS[group.is_float]:
+        a = np.array(vals)
+        return a.reshape(1, k) if a.dtype.kind in "fiu" else None
+    if types != {np.ndarray}:
+        return None
+    dtypes = {v.dtype for v in vals}
+    shapes = {v.shape for v in vals}
+    if request:
+        fits = shapes in ({()}, {(1,)}) if size == 1 else shapes == {(size,)}
+    else:
+        fits = shapes == ({(rows,)} if size == 1 else {(rows, size)})
+    kinds = "fiu" if group.is_float else "iu"
+    if not fits or len(dtypes) != 1 or next(iter(dtypes)).kind not in kinds:
+        return None
+    a = np.array(vals)  # (k, ...) : one copy
+    return a.reshape(1, k * size) if request else np.moveaxis(a, 0, 1).reshape(rows, k * size)
+
+
 def _block(
     fs: FeatureSet, side: Side, values: Mapping[str, object], rows: int, where: str
-) -> tuple[FeatureBlock, set[str]]:
+) -> tuple[FeatureBlock, frozenset[str]]:
     """One side's block of ``rows`` rows from ``values``; returns it and the names it used.
 
-    One slice copy per feature; the ids' range is checked once for the whole block (as int64, so an
-    id that does not fit in 32 bits is refused rather than wrapped).
+    The features of one block and size are stacked and copied at once (a FeatureSet has many
+    features of few shapes: one copy per feature is what an HTTP request could not afford); a
+    group that is not plain is checked and copied feature by feature, in layout order, so the
+    first one at fault is the one named. The ids' range is checked once for the whole block
+    (as int64, so an id that does not fit in 32 bits is refused rather than wrapped).
     """
     layout = fs.layout(side)
+    plan = _plan(layout)
     floats = np.empty((rows, layout.float_width), "<f4")
     ints = np.empty((rows, layout.int_width), np.int64)
-    for slot in layout.slots:
+    one_by_one: list[tuple[int, Slot]] = []
+    for group in plan.groups:
+        a = _stacked(values, group, side, rows)
+        if a is None:
+            one_by_one += [(plan.index[name], s) for name, s in zip(group.names, group.slots, strict=True)]
+        else:
+            (floats if group.is_float else ints)[:, group.columns] = a
+    for _, slot in sorted(one_by_one, key=lambda t: t[0]):
         f = slot.feature
         if f.name not in values:
             raise FeatureInputError(f"feature {f.name} ({f.owner.value}, {where}) is missing", f.name)
@@ -72,21 +196,17 @@ def _block(
                     f"feature {f.name} holds ids: expected integers, got {a.dtype}", f.name
                 )
             ints[:, slot.offset : slot.stop] = a
-    ids = [s for s in layout.slots if not s.feature.is_float]
-    if ids and rows:
-        sizes = [s.feature.size for s in ids]
-        vocab = np.repeat([s.feature.vocab for s in ids], sizes)
-        bad = ((ints < PAD_ID) | (ints >= vocab)).any(0)
+    if plan.id_slots and rows:
+        bad = ((ints < PAD_ID) | (ints >= plan.vocab)).any(0)
         if bad.any():
-            slot = ids[int(np.searchsorted(np.cumsum(sizes), int(np.argmax(bad)), side="right"))]
+            slot = plan.id_slots[int(np.searchsorted(plan.id_ends, int(np.argmax(bad)), side="right"))]
             f, col = slot.feature, ints[:, slot.offset : slot.stop]
             raise FeatureInputError(
                 f"feature {f.name}: ids must lie in [0, {f.vocab}) (or {PAD_ID} for padding), "
                 f"got {int(col.min())}..{int(col.max())}",
                 f.name,
             )
-    used = {s.feature.name for s in layout.slots}
-    return FeatureBlock(floats, ints.astype("<i4")), used
+    return FeatureBlock(floats, ints.astype("<i4")), plan.names
 
 
 def pack_ranked(
