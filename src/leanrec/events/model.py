@@ -238,6 +238,11 @@ class ValidationReport:
         return sum(self.refused.values())
 
 
+_KNOWN_KIND = np.zeros(256, bool)
+_KNOWN_KIND[[int(k) for k in EventKind]] = True
+"""Whether each int8 value (read as uint8) is an EventKind."""
+
+
 def validate(batch: EventBatch, ref: RequestRef, limits: EventLimits) -> tuple[EventBatch, ValidationReport]:
     """Keep the events that can be joined; refuse and count the rest.
 
@@ -258,7 +263,7 @@ def validate(batch: EventBatch, ref: RequestRef, limits: EventLimits) -> tuple[E
     checks = (
         (
             "unknown_kind",
-            ~np.isin(batch.kind, list(EventKind)),
+            ~_KNOWN_KIND[batch.kind.astype(np.uint8)],  # a table lookup: np.isin costs more here
             "kind is not one of view, click, like, share, hide, watch",
         ),
         (

@@ -6,7 +6,7 @@ attribute, so it can be read with ``redis-cli XRANGE`` and written by any client
 
 How the EventBus operations map onto Redis:
 
-* ``append_many``: one pipeline of ``XADD stream MAXLEN ~ maxlen * field value ...``. The stream is
+* ``append_many``: ``XADD stream MAXLEN ~ maxlen * field value ...`` per record, sent at once. The stream is
   bounded: Redis drops the oldest entries once it holds about ``maxlen`` (``~`` lets it trim whole
   internal nodes only, which is cheap, so the length stays between ``maxlen`` and ``maxlen`` plus the
   server's ``stream-node-max-entries``, 100 by default). An entry trimmed before the group read it is
@@ -34,13 +34,14 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from itertools import chain
 from typing import Any, TypeVar
 
 import redis
 import redis.exceptions
 
 from leanrec.events.bus import RequestOpened, Undecodable
-from leanrec.stores.redis_common import answering, connect
+from leanrec.stores.redis_common import answering, connect, roundtrip
 
 log = logging.getLogger(__name__)
 
@@ -305,11 +306,14 @@ class RedisEventBus:
                 raise type(err)(f"message {i}: {err}") from None
         if not encoded:
             return []
+        trim = ("MAXLEN", "~", str(self.maxlen))
+        commands = [("XADD", self.stream, *trim, "*", *chain.from_iterable(f.items())) for f in encoded]
         with self._errors():
-            pipe = self._client.pipeline(transaction=False)
-            for fields in encoded:
-                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-            ids = [_str(eid) for eid in pipe.execute()]
+            replies = roundtrip(self._client, commands)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        ids = [_str(eid) for eid in replies]
         self.appended += len(ids)
         return ids
 

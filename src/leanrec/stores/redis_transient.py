@@ -1,8 +1,8 @@
 """RedisTransientStore: the TransientStore protocol on a Redis server.
 
-Each batch is one round trip: ``put_many`` pipelines ``SET key value PX ttl_ms``, ``get_many`` is one
-``MGET``, ``delete_many`` one ``DEL``. Redis expires keys itself (on access and by its active expiry
-cycle), so ``purge_expired`` has nothing to do.
+Each batch is one round trip: ``put_many`` sends ``SET key value PX ttl_ms`` for every entry at
+once, ``get_many`` is one ``MGET``, ``delete_many`` one ``DEL``. Redis expires keys itself (on
+access and by its active expiry cycle), so ``purge_expired`` has nothing to do.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import redis
 import redis.exceptions
 
-from leanrec.stores.redis_common import answering, connect, redact
+from leanrec.stores.redis_common import answering, connect, redact, roundtrip
 from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStats
 
 
@@ -100,7 +100,7 @@ class RedisTransientStore:
             )
 
     def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
-        """Write all entries with one TTL in one pipeline; refuse the whole batch if it does not fit.
+        """Write all entries with one TTL in one round trip; refuse the whole batch if it does not fit.
 
         Raises:
             ValueError: If ``ttl_ms`` is not positive.
@@ -118,10 +118,8 @@ class RedisTransientStore:
             return
         with self._errors():
             self._check_bound(items)
-            pipe = self._client.pipeline(transaction=False)
-            for key, value in items.items():
-                pipe.set(key, value, px=int(ttl_ms))
-            results = pipe.execute(raise_on_error=False)
+            px = int(ttl_ms)
+            results = roundtrip(self._client, [("SET", key, value, "PX", px) for key, value in items.items()])
             self._refuse_on_oom(list(items), results)
         self._stats.writes += len(items)
         self._stats.bytes_written += sum(len(v) for v in items.values())
@@ -225,10 +223,11 @@ class RedisTransientStore:
         for attempt in (0, 1):
             if self._append_sha is None or attempt:
                 self._append_sha = self._client.script_load(self._APPEND_ONCE)
-            pipe = self._client.pipeline(transaction=False)
-            for e in entries:
-                pipe.evalsha(self._append_sha, 2, e.guard_key, e.list_key, e.token, e.chunk, ttl_ms)
-            results = pipe.execute(raise_on_error=False)
+            sha = self._append_sha
+            results = roundtrip(
+                self._client,
+                [("EVALSHA", sha, 2, e.guard_key, e.list_key, e.token, e.chunk, ttl_ms) for e in entries],
+            )
             missing = [r for r in results if isinstance(r, redis.exceptions.NoScriptError)]
             if not missing:
                 break
