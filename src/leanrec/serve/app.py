@@ -12,10 +12,12 @@
 - ``GET /healthz``: which backends answer and whether logging is degraded; ``GET /metrics``: the
   Prometheus text format; ``/openapi.json`` and ``/docs``: the generated API description.
 
-Ranking never waits on logging: a ranking is answered first and frozen and logged right after, on one
-logging thread that also serves the pagination and event calls in order. If the transient store
-or the bus fails, the ranking is answered,
-the lost logging is counted, shown in ``/healthz`` and ``/metrics``, and logging resumes by itself
+Ranking never waits on logging: a ranking is answered first and frozen and logged right after, in
+one lane (:class:`LogLane`) that also serves the pagination and event calls in order: on the event
+loop while the backends answer, on a thread of its own once one has failed. The three calls of a
+ranked request take a lean way in (:class:`_HotRoutes`), with FastAPI's routes checking and refusing
+any body that is not plain. If the transient store or the bus fails, the ranking is answered, the
+lost logging is counted, shown in ``/healthz`` and ``/metrics``, and logging resumes by itself
 when the backend answers again. An event batch the store did not take is answered with 503 and is
 not accepted, so the client sends it again.
 """
@@ -23,11 +25,13 @@ not accepted, so the client sends it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +58,7 @@ from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
 from leanrec.serve.service import EventsResult, LoggingService, LoggingUnavailable
 from leanrec.serve.tokens import TokenError, TokenSigner
+from leanrec.serve.wire import arrow_body, dumps, event_columns, is_plain_ref, loads
 from leanrec.world import World, WorldConfig
 
 
@@ -93,53 +98,7 @@ class LogOut(BaseModel):
 
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-"""Content type of the binary body of /v1/log: one Arrow IPC stream (see :func:`_arrow_body`)."""
-
-
-def _arrow_body(raw: bytes) -> tuple[int, list[int], list[float] | None, dict[str, Any]]:
-    """The user, items, scores and features of an Arrow IPC body of /v1/log.
-
-    The stream's rows are the ranked items: an ``item_id`` column, an optional ``score`` column, and
-    one column per item-side feature (a fixed-size list for a size above 1). The request side rides
-    in the schema's metadata under ``leanrec``: JSON ``{"user_id": ..., "features": {...}}``, the
-    features as in the JSON body.
-
-    Raises:
-        FeatureInputError: Not an Arrow stream, or its metadata is missing or not such JSON.
-
-    """
-    import json
-
-    import pyarrow as pa
-
-    try:
-        table = pa.ipc.open_stream(raw).read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise FeatureInputError(f"body is not an Arrow IPC stream: {exc}") from None
-    try:
-        head = json.loads((table.schema.metadata or {})[b"leanrec"])
-        user_id, request_features = int(head["user_id"]), dict(head.get("features", {}))
-    except (KeyError, TypeError, ValueError):
-        raise FeatureInputError(
-            'the stream\'s schema metadata needs "leanrec": {"user_id": ..., "features": {...}} as JSON',
-            "leanrec",
-        ) from None
-    if "item_id" not in table.column_names:
-        raise FeatureInputError("the stream needs an item_id column", "item_id")
-    features = dict(request_features)
-    for name in table.column_names:
-        if name in ("item_id", "score"):
-            continue
-        col = table[name].combine_chunks()
-        if pa.types.is_fixed_size_list(col.type):
-            features[name] = (
-                col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-            )
-        else:
-            features[name] = col.to_numpy(zero_copy_only=False)
-    items = table["item_id"].to_numpy()
-    scores = table["score"].to_numpy() if "score" in table.column_names else None
-    return user_id, items, scores, features
+"""Content type of the binary body of /v1/log: one Arrow IPC stream (see :func:`.wire.arrow_body`)."""
 
 
 class RankOut(BaseModel):
@@ -223,42 +182,166 @@ class _Health:
         return time.monotonic() - self.last_failure < self.window_s
 
 
-class LogLane:
-    """One thread that runs every logging call in arrival order, so ranking never waits on logging.
+_Call = tuple[Callable[..., Any], tuple]
+_Done = Callable[[bool, Any], None]
 
-    ``/v1/rank`` hands the freeze-and-log step to the lane and answers at once; paginate and event
-    calls go through the same lane and wait for their result, so they always follow the ranking
-    they refer to. The lane holds at most ``max_pending`` calls: past that a ranking's logging is
-    dropped and counted (and the service reports itself degraded) rather than letting memory grow.
+
+class _Queue:
+    """What the lane's thread shares with the lane: the calls in order, and whether it sleeps."""
+
+    def __init__(self) -> None:
+        self.calls: deque[_Call | None] = deque()
+        self.wake = threading.Condition(threading.Lock())
+        self.idle = False
+
+    def put(self, call: _Call | None) -> None:
+        self.calls.append(call)  # a deque's append is atomic: no lock unless the thread sleeps
+        if self.idle:
+            with self.wake:
+                self.wake.notify()
+
+
+def _lane_thread(queue: _Queue) -> None:
+    """Run the queued calls in order; sleep only when none is queued; end at None."""
+    calls = queue.calls
+    while True:
+        if not calls:
+            with queue.wake:
+                queue.idle = True
+                while not calls:
+                    queue.wake.wait()
+                queue.idle = False
+        call = calls.popleft()
+        if call is None:
+            return
+        fn, args = call
+        fn(*args)
+        del fn, args, call  # hold nothing (the lane) while asleep
+
+
+def _stop_lane(queue: _Queue, thread: threading.Thread) -> None:
+    """Let the lane's thread finish what is queued and end (the lane is gone, or the process ends)."""
+    queue.put(None)
+    if threading.current_thread() is not thread:
+        thread.join(timeout=10.0)
+
+
+def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if not future.cancelled():  # a caller that timed out (healthz) no longer waits
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class LogLane:
+    """Runs every logging call in arrival order, so ranking never waits on logging.
+
+    ``/v1/rank`` and ``/v1/log`` hand the freeze-and-log step to the lane and answer first;
+    paginate and event calls go through the same lane and wait for their result, so they always
+    follow the ranking they refer to. The lane holds at most ``max_pending`` calls: past that a
+    ranking's logging is dropped and counted (and the service reports itself degraded) rather than
+    letting memory grow.
+
+    While the backends answer, the calls run on the event loop itself: a ranking's logging right
+    after its answer is sent (scheduled behind it), a paginate or events call at once, after what
+    was queued before it. Redis answers a logging call in a fraction of a millisecond, and handing
+    each call to a thread and its answer back cost the sidecar more CPU than the call itself (two
+    threads taking turns on the interpreter, a wake-up each way). Once a backend has failed
+    (logging degraded, see ``_Health``), calls go to the lane's own thread instead, so a hung
+    server stalls only logging and never the answers; the onset costs the loop at most one call's
+    socket timeouts. Calls go back to the loop when the thread has run all it was given and the
+    backends have answered for the health window. What is queued when the process ends still runs.
     """
 
     def __init__(self, health: _Health, logger: FeatureLogger | None, max_pending: int = 10_000) -> None:
         self.health, self.logger, self.max_pending = health, logger, max_pending
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leanrec-log")
         self._lock = threading.Lock()
         self.pending = 0
         self.dropped = 0
+        self._queue = _Queue()
+        self._on_thread = 0  # calls handed to the thread and not run yet: the loop waits for them
+        self._inline: deque[tuple[Callable[..., Any], tuple, _Done | None]] = deque()
+        self._scheduled = False  # a run of self._inline is scheduled on the loop
+        self._inline_queued = self._inline_ran = 0
+        thread = threading.Thread(target=_lane_thread, args=(self._queue,), name="leanrec-log", daemon=True)
+        thread.start()
+        weakref.finalize(self, _stop_lane, self._queue, thread)
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _run(self, fn: Callable[..., Any], args: tuple, done: _Done | None, threaded: bool = False) -> None:
         stats = self.logger.stats if self.logger is not None else None
         before = stats.write_failures + stats.bus_failures if stats else 0
+        ok, value = True, None
         try:
-            return fn(*args)
+            value = fn(*args)
+        except Exception as exc:  # handed to the caller that waits; a call nobody waits for is lost
+            ok, value = False, exc
         finally:
-            with self._lock:
+            with self._lock:  # counted off before the caller hears back, so it sees the lane as it is
                 self.pending -= 1
+                self._on_thread -= threaded
             if stats and stats.write_failures + stats.bus_failures > before:
                 self.health.failed()
+        if done is not None:
+            done(ok, value)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future | None:
-        """Queue a call; ``None`` if the lane is full (the call is dropped and counted)."""
+    def _run_threaded(self, fn: Callable[..., Any], args: tuple, done: _Done | None) -> None:
+        self._run(fn, args, done, threaded=True)
+
+    def _run_inline(self) -> None:
+        """Run what was queued to run on the loop, in order."""
+        self._scheduled = False
+        while self._inline:
+            self._run(*self._inline.popleft())
+            self._inline_ran += 1
+
+    def _on_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The running loop if calls may run on it now, else None (they go to the thread)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the loop (a test, a thread of the user's own)
+            return None
+        if self._on_thread or self.health.degraded:
+            return None
+        return loop
+
+    def _take(self) -> bool:
         with self._lock:
             if self.pending >= self.max_pending:
                 self.dropped += 1
                 self.health.failed()
-                return None
+                return False
             self.pending += 1
-        return self._executor.submit(self._run, fn, *args)
+        return True
+
+    def _to_thread(self, fn: Callable[..., Any], args: tuple, done: _Done | None) -> None:
+        with self._lock:
+            # what was queued for the loop and has not run yet goes first, to keep the order
+            moved = len(self._inline)
+            self._on_thread += moved + 1
+        for _ in range(moved):
+            self._queue.put((self._run_threaded, self._inline.popleft()))
+            self._inline_ran += 1
+        self._queue.put((self._run_threaded, (fn, args, done)))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, done: _Done | None = None) -> bool:
+        """Queue a call (``done(ok, result or exception)`` runs after it); False if the lane is full.
+
+        On the loop the call runs once the current task has yielded (after the answer is sent). A
+        call the full lane does not take is dropped and counted.
+        """
+        if not self._take():
+            return False
+        loop = self._on_loop()
+        if loop is None:
+            self._to_thread(fn, args, done)
+            return True
+        self._inline.append((fn, args, done))
+        self._inline_queued += 1
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._run_inline)
+        return True
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Queue a call and wait for its result.
@@ -267,14 +350,41 @@ class LogLane:
             LoggingUnavailable: The lane is full.
 
         """
-        future = self.submit(fn, *args)
-        if future is None:
+        result: list[tuple[bool, Any]] = []
+        if self._on_loop() is not None:
+            if not self._take():
+                raise LoggingUnavailable(f"logging queue full ({self.max_pending} calls waiting)")
+            self._run_inline()  # what came before, then this call
+            self._run(fn, args, lambda ok, value: result.append((ok, value)))
+            ok, value = result[0]
+            if ok:
+                return value
+            raise value
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def done(ok: bool, value: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(_settle, future, ok, value)
+
+        if not self._take():
             raise LoggingUnavailable(f"logging queue full ({self.max_pending} calls waiting)")
-        return await asyncio.wrap_future(future)
+        self._to_thread(fn, args, done)
+        return await future
 
     def drain(self) -> None:
-        """Block until every call queued so far has run (tests, shutdown)."""
-        self._executor.submit(lambda: None).result()
+        """Block until every call queued so far has run (tests, shutdown), on the loop or the thread."""
+        target = self._inline_queued
+        try:
+            asyncio.get_running_loop()
+            self._run_inline()  # on the loop: run them here
+        except RuntimeError:
+            pass
+        ran = threading.Event()
+        self._queue.put((ran.set, ()))
+        ran.wait()
+        while self._inline_ran < target:  # the loop runs them (it is another thread's)
+            time.sleep(0.001)
 
 
 class _BodyLimit:
@@ -312,6 +422,74 @@ class _BodyLimit:
     async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
         response = _error(413, f"request body larger than {self.max_bytes} bytes")
         await response(scope, receive, send)
+
+
+_Answer = tuple[int, dict[str, Any]]
+"""A call's answer: its status and its JSON body."""
+
+_HotRoute = Callable[[bytes, str], Awaitable[_Answer | None]]
+
+
+def _response(answer: _Answer) -> JSONResponse:
+    status, body = answer
+    return JSONResponse(body, status_code=status)
+
+
+def _json_object(raw: bytes, content_type: str) -> dict[str, Any] | None:
+    """A JSON object body (as FastAPI reads one: a JSON content type), or None."""
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        return None
+    try:
+        body = loads(raw)
+    except ValueError:  # malformed: FastAPI's answer says where
+        return None
+    return body if type(body) is dict else None
+
+
+class _HotRoutes:
+    """ASGI middleware: the per-request calls of the sidecar (log, paginate, events), answered lean.
+
+    A ranked request costs three HTTP calls, and FastAPI's work per call (routing, dependency
+    solving, validating the body into models and the answer back through its response model) cost
+    more than the logging itself. Here a POST to one of ``routes`` is read whole and handed to its
+    handler with its content type; the handler answers a plain body with the same function the
+    FastAPI route calls, and returns None for anything else, which then goes on to the FastAPI route
+    (the body replayed) to be checked and refused there exactly as before. The routes stay declared
+    in FastAPI, so the OpenAPI document describes them.
+    """
+
+    def __init__(self, app: Any, routes: dict[str, _HotRoute]) -> None:
+        self.app, self.routes = app, routes
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        content_type = ""
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+        answer = await route(raw, content_type)
+        if answer is None:
+            whole = {"type": "http.request", "body": raw, "more_body": False}
+            await self.app(scope, _replay([whole], receive), send)
+            return
+        status, body = answer
+        data = dumps(body)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
 
 
 def _replay(messages: list[dict], receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
@@ -451,6 +629,7 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         registry=registry,
         buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0),
     )
+    took = {endpoint: latency.labels(endpoint) for endpoint in ("log", "paginate", "events")}
     clock = SystemClock()
 
     @app.exception_handler(RequestValidationError)
@@ -470,11 +649,11 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         )
         return _error(400 if kind == "malformed JSON" else 422, f"{kind}: " + "; ".join(problems))
 
-    def _ref(request_id: str, token: str) -> RequestRef | JSONResponse:
+    def _ref(request_id: str, token: str) -> RequestRef | _Answer:
         try:
             return st.signer.check(token, request_id, clock.now_ms())
         except TokenError as exc:
-            return _error(401, str(exc))
+            return 401, {"error": str(exc)}
 
     featureset: FeatureSet = st.featureset or st.world.featureset  # type: ignore[union-attr]
 
@@ -504,28 +683,29 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         },
     )
     async def log(request: Request) -> Any:
+        return _response(_log(await request.body(), request.headers.get("content-type", "")))
+
+    def _log(raw: bytes, content_type: str) -> _Answer:
         t0 = time.perf_counter()
-        raw = await request.body()
         try:
-            if request.headers.get("content-type", "").split(";")[0].strip() == ARROW_STREAM:
-                user_id, items, scores, feats = _arrow_body(raw)
+            if content_type.split(";")[0].strip() == ARROW_STREAM:
+                user_id, items, scores, feats = arrow_body(raw)
             else:
                 body = LogIn.model_validate_json(raw)
                 user_id, items, scores, feats = body.user_id, body.items, body.scores, body.features
             batch = pack_ranked(featureset, user_id, items, feats, scores, config.max_items)
         except ValidationError as exc:
-            return _error(
-                422,
-                "invalid request: "
+            return 422, {
+                "error": "invalid request: "
                 + "; ".join(
                     f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-                ),
-            )
+                )
+            }
         except FeatureInputError as exc:
-            return _error(exc.status, str(exc), feature=exc.feature)
+            return exc.status, {"error": str(exc), "feature": exc.feature}
         ref = _logged(batch, user_id, clock.now_ms())
-        latency.labels("log").observe(time.perf_counter() - t0)
-        return {"request_id": ref.request_id, "token": st.signer.sign(ref), "n_items": ref.n_items}
+        took["log"].observe(time.perf_counter() - t0)
+        return 200, {"request_id": ref.request_id, "token": st.signer.sign(ref), "n_items": ref.n_items}
 
     @app.post("/v1/rank", response_model=RankOut, responses=_ERRORS)
     async def rank(body: RankIn) -> Any:
@@ -563,48 +743,89 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
 
     @app.post("/v1/paginate", response_model=PaginateOut, responses=_ERRORS)
     async def paginate(body: PaginateIn) -> Any:
+        return _response(await _paginate(body.request_id, body.token, body.seen_up_to))
+
+    async def _paginate(request_id: str, token: str, seen_up_to: int) -> _Answer:
         t0 = time.perf_counter()
-        ref = _ref(body.request_id, body.token)
-        if isinstance(ref, JSONResponse):
+        ref = _ref(request_id, token)
+        if not isinstance(ref, RequestRef):
             return ref
-        if body.seen_up_to >= ref.n_items:
-            return _error(422, f"seen_up_to={body.seen_up_to} is beyond the ranked list of {ref.n_items}")
+        if seen_up_to >= ref.n_items:
+            return 422, {"error": f"seen_up_to={seen_up_to} is beyond the ranked list of {ref.n_items}"}
         logged = 0
         if st.service is not None:
             try:
-                logged = await st.lane.call(st.service.paginate, ref, body.seen_up_to)
+                logged = await st.lane.call(st.service.paginate, ref, seen_up_to)
             except LoggingUnavailable as exc:
-                return _error(503, str(exc))
-        latency.labels("paginate").observe(time.perf_counter() - t0)
-        return {"pages_logged": logged}
+                return 503, {"error": str(exc)}
+        took["paginate"].observe(time.perf_counter() - t0)
+        return 200, {"pages_logged": logged}
 
     @app.post("/v1/events", response_model=EventsOut, responses=_ERRORS)
     async def events(body: EventsIn) -> Any:
+        def records() -> tuple[EventBatch, list[str]]:
+            return EventBatch.from_records(body.request_id, [e.model_dump() for e in body.events])
+
+        return _response(await _events(body.request_id, body.token, body.batch_id, len(body.events), records))
+
+    async def _events(
+        request_id: str,
+        token: str,
+        batch_id: str,
+        n_events: int,
+        records: Callable[[], tuple[EventBatch, list[str]]],
+    ) -> _Answer:
+        """An event batch of ``n_events`` events; ``records()`` builds it (and says which were malformed)."""
         t0 = time.perf_counter()
-        ref = _ref(body.request_id, body.token)
-        if isinstance(ref, JSONResponse):
+        ref = _ref(request_id, token)
+        if not isinstance(ref, RequestRef):
             return ref
-        if len(body.events) > st.limits.max_events:
-            return _error(413, f"{len(body.events)} events in one batch, limit {st.limits.max_events}")
-        batch, errors = EventBatch.from_records(body.request_id, [e.model_dump() for e in body.events])
+        if n_events > st.limits.max_events:
+            return 413, {"error": f"{n_events} events in one batch, limit {st.limits.max_events}"}
+        batch, errors = records()
         if st.service is None:
-            return {
+            return 200, {
                 "accepted": len(batch),
                 "refused": {"malformed": len(errors)} if errors else {},
                 "messages": errors,
             }
         try:
-            report = await st.lane.call(st.service.events, ref, batch, body.batch_id)
+            report = await st.lane.call(st.service.events, ref, batch, batch_id)
         except LoggingUnavailable as exc:
             st.health.failed()
-            return _error(503, f"{exc}; send the batch again later")
+            return 503, {"error": f"{exc}; send the batch again later"}
         result = EventsResult.of(len(batch), errors, report)
         accepted, refused, messages = result.accepted, result.refused, result.messages
-        latency.labels("events").observe(time.perf_counter() - t0)
-        if accepted == 0 and body.events:
+        took["events"].observe(time.perf_counter() - t0)
+        if accepted == 0 and n_events:
             status = 409 if "replayed" in refused else 410 if "window_closed" in refused else 422
-            return _error(status, "no event accepted: " + "; ".join(messages), refused=refused)
-        return {"accepted": accepted, "refused": refused, "messages": messages}
+            return status, {"error": "no event accepted: " + "; ".join(messages), "refused": refused}
+        return 200, {"accepted": accepted, "refused": refused, "messages": messages}
+
+    # The hot calls' plain bodies, checked as PaginateIn and EventsIn would check them (None: not
+    # plain, FastAPI's route checks it and says what is wrong). Events become columns in one step.
+    async def _hot_log(raw: bytes, content_type: str) -> _Answer:
+        return _log(raw, content_type)
+
+    async def _hot_paginate(raw: bytes, content_type: str) -> _Answer | None:
+        body = _json_object(raw, content_type)
+        if body is None or not is_plain_ref(body, ("request_id", 64), ("token", 512)):
+            return None
+        seen = body.get("seen_up_to")
+        if type(seen) is not int or seen < 0:
+            return None
+        return await _paginate(body["request_id"], body["token"], seen)
+
+    async def _hot_events(raw: bytes, content_type: str) -> _Answer | None:
+        body = _json_object(raw, content_type)
+        if body is None or not is_plain_ref(body, ("request_id", 64), ("token", 512), ("batch_id", 64)):
+            return None
+        batch = event_columns(body["request_id"], body.get("events"), st.limits.max_events)
+        if batch is None or not body["batch_id"]:
+            return None
+        return await _events(
+            body["request_id"], body["token"], body["batch_id"], len(batch), lambda: (batch, [])
+        )
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -651,5 +872,7 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    hot = {"/v1/log": _hot_log, "/v1/paginate": _hot_paginate, "/v1/events": _hot_events}
+    app.add_middleware(_HotRoutes, routes=hot)
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)  # outside: bounds every body
     return app

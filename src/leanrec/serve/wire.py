@@ -1,0 +1,237 @@
+"""The bodies of the sidecar's hot calls, decoded in a few vectorised steps.
+
+A ranked request costs the sidecar three HTTP calls (``/v1/log``, maybe ``/v1/paginate``, then
+``/v1/events``), so their bodies are decoded without a Python step per feature or per event:
+
+- :func:`arrow_body`: an Arrow IPC body of ``/v1/log``, its numeric columns taken out of the record
+  batch one type at a time (one tensor per type) rather than one column at a time;
+- :func:`loads`: JSON through orjson when it is installed, else the standard library, with the
+  standard library's answer (and error) wherever orjson refuses what it accepts;
+- :func:`event_columns`: the events of a ``/v1/events`` body as columns, straight from the parsed
+  JSON, or ``None`` for a body that needs the full checks (which then name what is wrong).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from leanrec.events.model import EventBatch, EventKind
+from leanrec.featurelog.inputs import FeatureInputError
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the standard library still works
+    orjson = None  # type: ignore[assignment]
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON; orjson's speed where it agrees with ``json.loads``, else ``json.loads`` itself.
+
+    orjson refuses a few things the standard library takes (``NaN``, integers beyond 64 bits): those
+    bodies go to ``json.loads``, so what is accepted, and the error for what is not, do not depend
+    on orjson.
+
+    Raises:
+        json.JSONDecodeError: Not JSON (from the standard library, with its position).
+
+    """
+    if orjson is not None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes (as FastAPI's own responses are)."""
+    if orjson is not None:
+        return orjson.dumps(obj)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_NUMERIC = (pa.types.is_integer, pa.types.is_floating)
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return any(is_(t) for is_ in _NUMERIC)
+
+
+class _ArrowPlan:
+    """How the columns of one Arrow schema (metadata aside) are taken out, built once per schema.
+
+    Attributes:
+        groups: Per primitive numeric type, the indices and names of its columns: one tensor each.
+        lists: Fixed-size lists of numbers: ``(index, name, list size)``, one view each.
+        others: Every other column: ``(index, name)``, converted as it is (nulls, strings...) for
+            the FeatureSet checks to refuse or accept.
+
+    """
+
+    def __init__(self, schema: pa.Schema) -> None:
+        by_type: dict[pa.DataType, list[tuple[int, str]]] = {}
+        self.lists: list[tuple[int, str, int]] = []
+        self.others: list[tuple[int, str]] = []
+        for i, f in enumerate(schema):
+            if _numeric(f.type):
+                by_type.setdefault(f.type, []).append((i, f.name))
+            elif pa.types.is_fixed_size_list(f.type) and _numeric(f.type.value_type):
+                self.lists.append((i, f.name, f.type.list_size))
+            else:
+                self.others.append((i, f.name))
+        self.groups = [([i for i, _ in cols], [n for _, n in cols]) for cols in by_type.values()]
+
+
+_PLANS: list[tuple[pa.Schema, _ArrowPlan]] = []
+
+
+def _plan(schema: pa.Schema) -> _ArrowPlan:
+    # Compared, not hashed: a schema hashes its metadata too, which holds each request's features.
+    for known, plan in _PLANS:
+        if known.equals(schema, check_metadata=False):
+            return plan
+    plan = _ArrowPlan(schema)
+    _PLANS.insert(0, (schema.remove_metadata(), plan))
+    del _PLANS[16:]  # a few rankers' schemas, not one per request if something varies
+    return plan
+
+
+def _column(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """One column as numpy, whatever it holds (nulls as NaN, strings as objects...)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _columns(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+    """Every column of one record batch by name: ``(rows,)``, or ``(rows, size)`` for a fixed-size list.
+
+    The numeric columns of one type come out as one column-major tensor, a view per column; a
+    fixed-size list without nulls is a view of its values. Columns with nulls take the slow way,
+    one by one, so nulls read as NaN as they always did.
+    """
+    plan = _plan(batch.schema)
+    out: dict[str, np.ndarray] = {}
+    slow = list(plan.others)
+    for idx, names in plan.groups:
+        try:
+            block = np.asarray(batch.select(idx).to_tensor(row_major=False))  # (rows, k), F order
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # nulls
+            slow += list(zip(idx, names, strict=True))
+            continue
+        for j, name in enumerate(names):
+            out[name] = block[:, j]
+    for i, name, size in plan.lists:
+        col = batch.column(i)
+        values = col.values
+        if col.null_count or values.null_count:
+            slow.append((i, name))
+            continue
+        start = col.offset * size
+        out[name] = values.to_numpy()[start : start + len(col) * size].reshape(len(col), size)
+    for i, name in slow:
+        out[name] = _column(batch.column(i))
+    return {name: out[name] for name in batch.schema.names}  # in the stream's column order
+
+
+def arrow_body(raw: bytes) -> tuple[int, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """The user, items, scores and features of an Arrow IPC body of /v1/log.
+
+    The stream's rows are the ranked items: an ``item_id`` column, an optional ``score`` column, and
+    one column per item-side feature (a fixed-size list for a size above 1). The request side rides
+    in the schema's metadata under ``leanrec``: JSON ``{"user_id": ..., "features": {...}}``, the
+    features as in the JSON body.
+
+    Returns:
+        The user id, ``(n,)`` item ids, ``(n,)`` scores or None, and the features by name (request
+        side as parsed from JSON, item side ``(n,)`` or ``(n, size)`` arrays).
+
+    Raises:
+        FeatureInputError: Not an Arrow stream, or its metadata is missing or not such JSON.
+
+    """
+    try:
+        reader = pa.ipc.open_stream(raw)
+        batches = list(reader)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise FeatureInputError(f"body is not an Arrow IPC stream: {exc}") from None
+    schema = reader.schema
+    try:
+        head = loads((schema.metadata or {})[b"leanrec"])
+        user_id, request_features = int(head["user_id"]), dict(head.get("features", {}))
+    except (KeyError, TypeError, ValueError):
+        raise FeatureInputError(
+            'the stream\'s schema metadata needs "leanrec": {"user_id": ..., "features": {...}} as JSON',
+            "leanrec",
+        ) from None
+    if "item_id" not in schema.names:
+        raise FeatureInputError("the stream needs an item_id column", "item_id")
+    if len(batches) == 1:
+        columns = _columns(batches[0])
+    else:  # several batches (or none): one table, column by column
+        table = pa.Table.from_batches(batches, schema=schema)
+        columns = {name: _column(table[name]) for name in table.column_names}
+    items = columns.pop("item_id")
+    scores = columns.pop("score", None)
+    return user_id, items, scores, {**request_features, **columns}
+
+
+_KINDS = {k.name.lower(): int(k) for k in EventKind} | {k.name: int(k) for k in EventKind}
+_FIELDS = ("position", "item_id", "kind", "ts_ms")
+_INT32 = (-(2**31), 2**31)
+
+
+def event_columns(request_id: str, events: object, max_events: int) -> EventBatch | None:
+    """The events of a ``/v1/events`` body as one EventBatch, or None if any is not plain.
+
+    Plain: a list of at most ``max_events`` objects, each with integer ``position`` and ``item_id``
+    (32 bits), a known ``kind`` (lower or upper case), an integer ``ts_ms`` (64 bits) and, if
+    present, a numeric ``value``. Each field is gathered for all events at once; a body that is not
+    plain is left to the full, per-event checks, which say what is wrong with which event.
+    """
+    if type(events) is not list or len(events) > max_events:
+        return None
+    if events and set(map(type, events)) != {dict}:
+        return None
+    try:
+        cols = [list(map(itemgetter(name), events)) for name in _FIELDS]
+    except KeyError:
+        return None
+    position, item_id, kind, ts_ms = cols
+    value = [e.get("value", 0.0) for e in events]
+    ints = set(map(type, position)) | set(map(type, item_id)) | set(map(type, ts_ms))
+    if not ints <= {int} or not set(map(type, value)) <= {int, float}:
+        return None  # bools, floats, strings: the full checks decide
+    try:
+        kinds = np.array(list(map(_KINDS.__getitem__, kind)), np.int8)
+        pos, item, ts = (np.array(c, np.int64) for c in (position, item_id, ts_ms))
+    except (KeyError, TypeError, OverflowError):
+        return None  # an unknown kind, a kind that is not a string, an integer beyond 64 bits
+    lo, hi = _INT32
+    if len(events) and (min(pos.min(), item.min()) < lo or max(pos.max(), item.max()) >= hi):
+        return None  # the full checks refuse these events one by one
+    return EventBatch(
+        request_id,
+        pos.astype(np.int32),
+        item.astype(np.int32),
+        kinds,
+        ts,
+        np.array(value, np.float32),
+    )
+
+
+def is_plain_ref(body: Mapping[str, object], *fields: tuple[str, int]) -> bool:
+    """Whether ``body`` holds each ``(name, max length)`` as a string no longer than that."""
+    for name, limit in fields:
+        v = body.get(name)
+        if type(v) is not str or len(v) > limit:
+            return False
+    return True
