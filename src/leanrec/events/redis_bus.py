@@ -41,7 +41,7 @@ import redis
 import redis.exceptions
 
 from leanrec.events.bus import RequestOpened, Undecodable
-from leanrec.stores.redis_common import answering, connect, roundtrip
+from leanrec.stores.redis_common import RoundTrips, answering, connect
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ class RedisEventBus:
         self.trimmed = 0
         self.last_malformed: str | None = None
         self._client: redis.Redis = connect(url)
+        self._roundtrip = RoundTrips(self._client)
         with self._errors():
             self._ensure_group()
 
@@ -309,7 +310,7 @@ class RedisEventBus:
         trim = ("MAXLEN", "~", str(self.maxlen))
         commands = [("XADD", self.stream, *trim, "*", *chain.from_iterable(f.items())) for f in encoded]
         with self._errors():
-            replies = roundtrip(self._client, commands)
+            replies = self._roundtrip(commands)
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             raise errors[0]
@@ -397,4 +398,5 @@ class RedisEventBus:
 
     def close(self) -> None:
         """Close the connections to the server; pending records stay pending for a claim."""
+        self._roundtrip.close()
         self._client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -40,40 +41,72 @@ def answering(what: str, url: str) -> Iterator[None]:
 _LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
-def roundtrip(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Send ``commands`` in one write and read their replies: one round trip, like a pipeline.
+def _resp(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """The commands in the Redis protocol, as one buffer (bytes as they are, str as UTF-8, ints)."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                arg = arg.encode()
+            elif isinstance(arg, int):
+                arg = b"%d" % arg
+            out += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return b"".join(out)
 
-    A pipeline of redis-py costs more of the client's CPU than the round trip itself for the two
-    or three commands a logging call sends (its bookkeeping per pipeline, per command and per
-    reply); here the commands are packed and sent at once and the raw replies read back in order.
-    A reply that is an error comes back as its exception, as from a pipeline run with
-    ``raise_on_error=False``. A connection found lost is dropped and the batch sent once more on a
-    fresh one (a server that restarted, or closed an idle connection), as redis-py retries.
 
-    Raises:
-        redis.exceptions.ConnectionError: The server did not answer, twice.
-        redis.exceptions.TimeoutError: It did not answer in time, twice.
+class RoundTrips:
+    """Commands sent in one write and their raw replies read back: one round trip, like a pipeline.
+
+    A pipeline of redis-py costs more of the client's CPU than the round trip itself for the two or
+    three commands a logging call sends (taking a connection from the pool and checking it, packing
+    each argument, its bookkeeping per pipeline and per reply). Here one connection is kept for
+    these round trips, the commands are packed into one buffer and sent with one write, and the
+    replies are read in order. A reply that is an error comes back as its exception, as from a
+    pipeline run with ``raise_on_error=False``. A connection found lost (a server that restarted, or
+    closed it) is dropped and the batch sent once more on a fresh one, as redis-py retries.
+
+    Args:
+        client: Whose pool (server, database, timeouts) the connection comes from.
 
     """
-    pool = client.connection_pool
-    for attempt in (0, 1):
-        conn = None
-        try:
-            conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_commands(commands))
-            replies: list[Any] = []
-            for _ in commands:
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: Any = None
+        self._lock = threading.Lock()  # one round trip at a time on the one connection
+
+    def __call__(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands``, return their replies in order.
+
+        Raises:
+            redis.exceptions.ConnectionError: The server did not answer, twice.
+            redis.exceptions.TimeoutError: It did not answer in time, twice.
+
+        """
+        packed = [_resp(commands)]
+        with self._lock:
+            for attempt in (0, 1):
                 try:
-                    replies.append(conn.read_response())
-                except redis.exceptions.ResponseError as err:
-                    replies.append(err)
-            return replies
-        except _LOST:
-            if conn is not None:
-                conn.disconnect()  # what was sent may be half read: never reuse it
-            if attempt:
-                raise
-        finally:
-            if conn is not None:
-                pool.release(conn)
-    raise AssertionError("unreachable")  # pragma: no cover
+                    if self._conn is None:
+                        self._conn = self._pool.make_connection()
+                    self._conn.send_packed_command(packed, check_health=False)
+                    replies: list[Any] = []
+                    for _ in commands:
+                        try:
+                            replies.append(self._conn.read_response())
+                        except redis.exceptions.ResponseError as err:
+                            replies.append(err)
+                    return replies
+                except _LOST:
+                    if self._conn is not None:
+                        self._conn.disconnect()  # what was sent may be half read: start afresh
+                    if attempt:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close the connection (a later round trip opens another)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.disconnect()

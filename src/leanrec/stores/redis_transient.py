@@ -15,7 +15,7 @@ from typing import Any
 import redis
 import redis.exceptions
 
-from leanrec.stores.redis_common import answering, connect, redact, roundtrip
+from leanrec.stores.redis_common import RoundTrips, answering, connect, redact
 from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStats
 
 
@@ -55,6 +55,7 @@ class RedisTransientStore:
         self.url = url
         self.max_bytes = max_bytes
         self._client: redis.Redis = connect(url)
+        self._roundtrip = RoundTrips(self._client)
         self._append_sha: str | None = None
         self._stats = TransientStats()
         with self._errors():
@@ -119,7 +120,7 @@ class RedisTransientStore:
         with self._errors():
             self._check_bound(items)
             px = int(ttl_ms)
-            results = roundtrip(self._client, [("SET", key, value, "PX", px) for key, value in items.items()])
+            results = self._roundtrip([("SET", key, value, "PX", px) for key, value in items.items()])
             self._refuse_on_oom(list(items), results)
         self._stats.writes += len(items)
         self._stats.bytes_written += sum(len(v) for v in items.values())
@@ -224,9 +225,8 @@ class RedisTransientStore:
             if self._append_sha is None or attempt:
                 self._append_sha = self._client.script_load(self._APPEND_ONCE)
             sha = self._append_sha
-            results = roundtrip(
-                self._client,
-                [("EVALSHA", sha, 2, e.guard_key, e.list_key, e.token, e.chunk, ttl_ms) for e in entries],
+            results = self._roundtrip(
+                [("EVALSHA", sha, 2, e.guard_key, e.list_key, e.token, e.chunk, ttl_ms) for e in entries]
             )
             missing = [r for r in results if isinstance(r, redis.exceptions.NoScriptError)]
             if not missing:
@@ -278,4 +278,5 @@ class RedisTransientStore:
 
     def close(self) -> None:
         """Close the connections to the server."""
+        self._roundtrip.close()
         self._client.close()
