@@ -71,7 +71,8 @@ def test_an_arrow_body_reads_as_column_by_column(nulls: bool, batches: int) -> N
         parts = [parts[0].slice(0, 0)]
     raw = _stream(*parts)
     for _ in range(2):  # the second read goes through the schema's cached plan
-        user, items, scores, features = arrow_body(raw)
+        user, items, scores, features, block = arrow_body(raw)
+        assert block is None  # no FeatureSet: every column by name
         want = _reference(raw)
         assert user == 7 and features["u"] == [1.5] and features["h"] == [1, 2, 3]
         np.testing.assert_array_equal(items, want.pop("item_id"))
@@ -80,6 +81,90 @@ def test_an_arrow_body_reads_as_column_by_column(nulls: bool, batches: int) -> N
         for name, a in want.items():
             assert features[name].dtype == a.dtype and features[name].shape == a.shape, name
             np.testing.assert_array_equal(features[name], a, err_msg=name)
+
+
+def _body(fs, rng: np.random.Generator, n: int, change=None) -> bytes:
+    from leanrec.schema import Side
+
+    cols = {"item_id": pa.array(rng.choice(1000, n, replace=False)), "score": pa.array(rng.normal(size=n))}
+    for slot in fs.layout(Side.ITEM).slots:
+        f = slot.feature
+        a = (
+            rng.normal(size=(n, f.size)).astype(np.float32)
+            if f.is_float
+            else rng.integers(0, f.vocab, (n, f.size))
+        )
+        cols[f.name] = (
+            pa.array(a[:, 0]) if f.size == 1 else pa.FixedSizeListArray.from_arrays(a.ravel(), f.size)
+        )
+    request = {}
+    for slot in fs.layout(Side.REQUEST).slots:
+        f = slot.feature
+        a = rng.normal(size=f.size) if f.is_float else rng.integers(0, f.vocab, f.size)
+        request[f.name] = a.tolist()
+    if change is not None:
+        change(cols)
+    head = {"user_id": 3, "features": request}
+    return _stream(pa.record_batch(cols).replace_schema_metadata({"leanrec": json.dumps(head)}))
+
+
+def _first_item(fs, floats: bool, size: int) -> str:
+    from leanrec.schema import Side
+
+    return next(
+        s.feature.name
+        for s in fs.layout(Side.ITEM).slots
+        if s.feature.is_float is floats and (s.feature.size == 1) == (size == 1)
+    )
+
+
+def _packed(fs, raw: bytes, with_fs: bool) -> object:
+    from leanrec.featurelog.inputs import FeatureInputError, pack_ranked
+
+    try:
+        user, items, scores, feats, block = arrow_body(raw, fs if with_fs else None)
+        b = pack_ranked(fs, user, items, feats, scores, 1_000, block)
+    except FeatureInputError as exc:
+        return ("refused", str(exc))
+    arrays = (b.item_ids, b.scores, b.request.floats, b.request.ints, b.items.floats, b.items.ints)
+    return tuple(a.tobytes() for a in arrays), block is not None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "none",
+        "a null",
+        "an id out of range",
+        "float ids",
+        "a vector of the wrong size",
+        "int floats",
+        "a column too many",
+        "a column missing",
+        "int32 ids",
+    ],
+)
+def test_the_item_block_taken_straight_from_arrow_is_what_the_full_checks_pack(change: str) -> None:
+    from leanrec.world import WorldConfig, default_featureset
+
+    fs = default_featureset(WorldConfig())[0]
+    f1, i1, fv = _first_item(fs, True, 1), _first_item(fs, False, 1), _first_item(fs, True, 2)
+    changes = {
+        "none": None,
+        "a null": lambda c: c.update({f1: pa.array([None, *c[f1].to_pylist()[1:]], pa.float32())}),
+        "an id out of range": lambda c: c.update({i1: pa.array(np.full(len(c[i1]), 10**9))}),
+        "float ids": lambda c: c.update({i1: pa.array(np.asarray(c[i1], float))}),
+        "a vector of the wrong size": lambda c: c.update({fv: c[fv].flatten().slice(0, len(c[fv]))}),
+        "int floats": lambda c: c.update({f1: pa.array(np.arange(len(c[f1])))}),
+        "a column too many": lambda c: c.update(extra=c[f1]),
+        "a column missing": lambda c: c.pop(f1),
+        "int32 ids": lambda c: c.update({i1: pa.array(np.asarray(c[i1], np.int32))}),
+    }
+    raw = _body(fs, np.random.default_rng(4), 30, changes[change])
+    straight, full = _packed(fs, raw, True), _packed(fs, raw, False)
+    assert straight[0] == full[0], change
+    took_straight = straight[1] if straight[0] != "refused" else False
+    assert took_straight == (change in ("none", "int floats", "int32 ids")), change
 
 
 def _records(n: int, rng: np.random.Generator) -> list[dict]:

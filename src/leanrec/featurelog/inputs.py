@@ -143,8 +143,10 @@ def _stacked(values: Mapping[str, object], group: _Group, side: Side, rows: int)
     kinds = "fiu" if group.is_float else "iu"
     if not fits or len(dtypes) != 1 or next(iter(dtypes)).kind not in kinds:
         return None
-    a = np.array(vals)  # (k, ...) : one copy
-    return a.reshape(1, k * size) if request else np.moveaxis(a, 0, 1).reshape(rows, k * size)
+    a = np.array(vals)  # (k, ...): one copy
+    if request:
+        return a.reshape(1, k * size)
+    return a.T if size == 1 else a.transpose(1, 0, 2).reshape(rows, k * size)
 
 
 def _block(
@@ -209,6 +211,12 @@ def _block(
     return FeatureBlock(floats, ints.astype("<i4")), plan.names
 
 
+def ids_fit(fs: FeatureSet, side: Side, ints: np.ndarray) -> bool:
+    """Whether every id of ``(rows, int_width)`` int64 ``ints`` of one side lies in its vocabulary."""
+    plan = _plan(fs.layout(side))
+    return not plan.id_slots or not len(ints) or not ((ints < PAD_ID) | (ints >= plan.vocab)).any()
+
+
 def pack_ranked(
     fs: FeatureSet,
     user_id: int,
@@ -216,6 +224,7 @@ def pack_ranked(
     features: Mapping[str, object],
     scores: object | None = None,
     max_items: int = 1_000,
+    item_block: FeatureBlock | None = None,
 ) -> RankedBatch:
     """One ranked request as a RankedBatch, from a ranker's arrays.
 
@@ -229,6 +238,9 @@ def pack_ranked(
             warehouse's ``score`` column. None when the ranker gives none: every score is then NaN
             in the transient store and null in the warehouse, never a made-up order.
         max_items: Longest list accepted.
+        item_block: The item side already packed and checked (``n`` rows: what the sidecar takes
+            straight from an Arrow body's columns, see :mod:`leanrec.serve.wire`); ``features``
+            then holds the request side only.
 
     Raises:
         FeatureInputError: A feature missing, unknown, of the wrong width or kind of number, an id
@@ -246,7 +258,10 @@ def pack_ranked(
     if int(items.min()) < 0 or int(items.max()) >= 2**31:
         raise FeatureInputError("items: ids must lie in [0, 2**31)", "items")
     request, used_r = _block(fs, Side.REQUEST, features, 1, "once per request")
-    item_block, used_i = _block(fs, Side.ITEM, features, n, "one row per item")
+    if item_block is None:
+        item_block, used_i = _block(fs, Side.ITEM, features, n, "one row per item")
+    else:
+        used_i = _plan(fs.layout(Side.ITEM)).names
     if unknown := sorted(set(features) - used_r - used_i):
         raise FeatureInputError(
             f"feature {unknown[0]} is not in FeatureSet {fs.name} v{fs.version}"

@@ -689,11 +689,12 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         t0 = time.perf_counter()
         try:
             if content_type.split(";")[0].strip() == ARROW_STREAM:
-                user_id, items, scores, feats = arrow_body(raw)
+                user_id, items, scores, feats, item_block = arrow_body(raw, featureset)
             else:
                 body = LogIn.model_validate_json(raw)
                 user_id, items, scores, feats = body.user_id, body.items, body.scores, body.features
-            batch = pack_ranked(featureset, user_id, items, feats, scores, config.max_items)
+                item_block = None
+            batch = pack_ranked(featureset, user_id, items, feats, scores, config.max_items, item_block)
         except ValidationError as exc:
             return 422, {
                 "error": "invalid request: "

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from leanrec.events.model import EventBatch, EventKind
-from leanrec.featurelog.inputs import FeatureInputError
+from leanrec.featurelog.inputs import FeatureInputError, ids_fit
+from leanrec.schema import FeatureBlock, FeatureSet, Side
 
 try:
     import orjson
@@ -86,6 +87,96 @@ class _ArrowPlan:
             else:
                 self.others.append((i, f.name))
         self.groups = [([i for i, _ in cols], [n for _, n in cols]) for cols in by_type.values()]
+        self.schema = schema
+        self.items: dict[int, tuple[FeatureSet, _ItemPlan | None]] = {}
+
+    def item_plan(self, fs: FeatureSet) -> _ItemPlan | None:
+        """How these columns become ``fs``'s item block, or None if they are not all plain."""
+        held = self.items.get(id(fs))
+        if held is None or held[0] is not fs:
+            held = self.items[id(fs)] = (fs, _ItemPlan.of(fs, self.schema))
+        return held[1]
+
+
+class _ItemPlan:
+    """Where the columns of one Arrow schema go in one FeatureSet's item block.
+
+    Built only when every column is plain: ``item_id``, maybe ``score``, and exactly the item-side
+    features, each a numeric column (a fixed-size list of its size for a vector) of a kind the
+    feature takes (integers for ids). Then a body's item block is copied straight from the record
+    batch: one tensor per Arrow type and block, one view per vector, and the ids' range checked
+    over the block; anything else (nulls, an id out of range, another shape) goes the full way,
+    whose checks name what is wrong.
+
+    Attributes:
+        item_id: Column of the item ids; ``score``: of the scores, or None.
+        selections: ``(column indices, into the float block?, (k,) block columns)``.
+        vectors: ``(column index, into the float block?, first block column, size)``.
+
+    """
+
+    def __init__(self) -> None:
+        self.item_id = 0
+        self.score: int | None = None
+        self.selections: list[tuple[list[int], bool, np.ndarray]] = []
+        self.vectors: list[tuple[int, bool, int, int]] = []
+
+    @classmethod
+    def of(cls, fs: FeatureSet, schema: pa.Schema) -> _ItemPlan | None:
+        names = schema.names
+        slots = {s.feature.name: s for s in fs.layout(Side.ITEM).slots}
+        if len(set(names)) != len(names) or set(names) - {"item_id", "score"} != set(slots):
+            return None
+        plan = cls()
+        by_kind: dict[tuple[pa.DataType, bool], tuple[list[int], list[int]]] = {}
+        for i, field in enumerate(schema):
+            t = field.type
+            if field.name in ("item_id", "score"):
+                if not _numeric(t):
+                    return None
+                setattr(plan, field.name, i)
+                continue
+            f = slots[field.name].feature
+            offset = slots[field.name].offset
+            if f.size == 1 and _numeric(t) and (f.is_float or pa.types.is_integer(t)):
+                idx, dest = by_kind.setdefault((t, f.is_float), ([], []))
+                idx.append(i)
+                dest.append(offset)
+            elif (
+                f.size > 1
+                and pa.types.is_fixed_size_list(t)
+                and t.list_size == f.size
+                and _numeric(t.value_type)
+                and (f.is_float or pa.types.is_integer(t.value_type))
+            ):
+                plan.vectors.append((i, f.is_float, offset, f.size))
+            else:
+                return None
+        plan.selections = [(idx, is_float, np.array(dest)) for (_, is_float), (idx, dest) in by_kind.items()]
+        return plan
+
+    def block(self, fs: FeatureSet, batch: pa.RecordBatch) -> FeatureBlock | None:
+        """The item block of one record batch, or None if a value is not plain (a null, an id)."""
+        layout, n = fs.layout(Side.ITEM), batch.num_rows
+        floats = np.empty((n, layout.float_width), "<f4")
+        ints = np.empty((n, layout.int_width), np.int64)
+        for idx, is_float, dest in self.selections:
+            try:
+                tensor = np.asarray(batch.select(idx).to_tensor(row_major=False))
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # nulls
+                return None
+            (floats if is_float else ints)[:, dest] = tensor
+        for i, is_float, offset, size in self.vectors:
+            col = batch.column(i)
+            values = col.values
+            if col.null_count or values.null_count:
+                return None
+            start = col.offset * size
+            view = values.to_numpy()[start : start + n * size].reshape(n, size)
+            (floats if is_float else ints)[:, offset : offset + size] = view
+        if not ids_fit(fs, Side.ITEM, ints):
+            return None
+        return FeatureBlock(floats, ints.astype("<i4"))
 
 
 _PLANS: list[tuple[pa.Schema, _ArrowPlan]] = []
@@ -142,7 +233,9 @@ def _columns(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     return {name: out[name] for name in batch.schema.names}  # in the stream's column order
 
 
-def arrow_body(raw: bytes) -> tuple[int, np.ndarray, np.ndarray | None, dict[str, Any]]:
+def arrow_body(
+    raw: bytes, fs: FeatureSet | None = None
+) -> tuple[int, np.ndarray, np.ndarray | None, dict[str, Any], FeatureBlock | None]:
     """The user, items, scores and features of an Arrow IPC body of /v1/log.
 
     The stream's rows are the ranked items: an ``item_id`` column, an optional ``score`` column, and
@@ -151,8 +244,10 @@ def arrow_body(raw: bytes) -> tuple[int, np.ndarray, np.ndarray | None, dict[str
     features as in the JSON body.
 
     Returns:
-        The user id, ``(n,)`` item ids, ``(n,)`` scores or None, and the features by name (request
-        side as parsed from JSON, item side ``(n,)`` or ``(n, size)`` arrays).
+        The user id, ``(n,)`` item ids, ``(n,)`` scores or None, the features by name (request side
+        as parsed from JSON, item side ``(n,)`` or ``(n, size)`` arrays), and None. With ``fs``,
+        when every column is plain (see :class:`_ItemPlan`), the item side comes instead as the
+        packed and checked item block of ``fs`` (the features then hold the request side only).
 
     Raises:
         FeatureInputError: Not an Arrow stream, or its metadata is missing or not such JSON.
@@ -174,6 +269,15 @@ def arrow_body(raw: bytes) -> tuple[int, np.ndarray, np.ndarray | None, dict[str
         ) from None
     if "item_id" not in schema.names:
         raise FeatureInputError("the stream needs an item_id column", "item_id")
+    if len(batches) == 1 and fs is not None:
+        batch = batches[0]
+        plan = _plan(batch.schema)
+        items_plan = plan.item_plan(fs)
+        block = items_plan.block(fs, batch) if items_plan is not None else None
+        if block is not None and items_plan is not None:
+            items = _column(batch.column(items_plan.item_id))
+            scores = None if items_plan.score is None else _column(batch.column(items_plan.score))
+            return user_id, items, scores, request_features, block
     if len(batches) == 1:
         columns = _columns(batches[0])
     else:  # several batches (or none): one table, column by column
@@ -181,7 +285,7 @@ def arrow_body(raw: bytes) -> tuple[int, np.ndarray, np.ndarray | None, dict[str
         columns = {name: _column(table[name]) for name in table.column_names}
     items = columns.pop("item_id")
     scores = columns.pop("score", None)
-    return user_id, items, scores, {**request_features, **columns}
+    return user_id, items, scores, {**request_features, **columns}, None
 
 
 _KINDS = {k.name.lower(): int(k) for k in EventKind} | {k.name: int(k) for k in EventKind}
