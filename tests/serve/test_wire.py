@@ -326,3 +326,36 @@ def test_a_call_that_fails_on_the_loop_raises_to_its_caller() -> None:
 
     asyncio.run(go())
     assert lane.pending == 0
+
+
+def test_a_rankings_first_write_and_its_record_share_one_round_trip(redis_url: str, monkeypatch) -> None:
+    from leanrec.schema import Side
+    from leanrec.serve.rankinglog import open_logging
+    from leanrec.stores.redis_common import RoundTrips
+    from leanrec.world import WorldConfig, default_featureset
+
+    sent: list[list[str]] = []
+    original = RoundTrips.__call__
+
+    def counting(self: RoundTrips, commands: list) -> list:
+        sent.append([c[0] for c in commands])
+        return original(self, commands)
+
+    monkeypatch.setattr(RoundTrips, "__call__", counting)
+    fs = default_featureset(WorldConfig())[0]
+    rng = np.random.default_rng(5)
+    feats = {}
+    for side, rows in ((Side.REQUEST, 1), (Side.ITEM, 20)):
+        for slot in fs.layout(side).slots:
+            f = slot.feature
+            a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.vocab, (rows, f.size))
+            feats[f.name] = a[0] if rows == 1 else a[:, 0] if f.size == 1 else a
+    for mode, writes in (("lazy", 2), ("eager", 20)):
+        log = open_logging(fs, redis_url, redis_url, logging=mode)
+        sent.clear()
+        logged = log.ranked(1, np.arange(20), feats, np.linspace(1, 0, 20))
+        assert sent == [["SET"] * writes + ["XADD"]], (mode, sent)
+        first = key(logged.request_id, "u" if mode == "lazy" else "i0")
+        assert log.parts.store.get_many([first])[0] is not None
+        assert log.parts.bus.consume(10)[-1][1].request_id == logged.request_id
+        assert log.parts.logger.stats.bus_failures == log.parts.logger.stats.write_failures == 0

@@ -299,24 +299,43 @@ class RedisEventBus:
             ValueError: If a record could not be read back (see :func:`encode_opened`).
 
         """
+        commands = self.append_commands(messages)
+        if not commands:
+            return []
+        with self._errors():
+            replies = self._roundtrip(commands)
+        return self.appended_by(replies)
+
+    def append_commands(self, messages: Sequence[RequestOpened]) -> list[tuple[Any, ...]]:
+        """The ``XADD`` commands that append ``messages``, for a round trip sent with others.
+
+        Raises:
+            TypeError: If a message is not a RequestOpened.
+            ValueError: If a record could not be read back (see :func:`encode_opened`).
+
+        """
         encoded = []
         for i, msg in enumerate(messages):
             try:
                 encoded.append(encode_opened(msg))
             except (TypeError, ValueError) as err:
                 raise type(err)(f"message {i}: {err}") from None
-        if not encoded:
-            return []
         trim = ("MAXLEN", "~", str(self.maxlen))
-        commands = [("XADD", self.stream, *trim, "*", *chain.from_iterable(f.items())) for f in encoded]
-        with self._errors():
-            replies = self._roundtrip(commands)
+        return [("XADD", self.stream, *trim, "*", *chain.from_iterable(f.items())) for f in encoded]
+
+    def appended_by(self, replies: Sequence[Any]) -> list[str]:
+        """The stream ids the replies to :meth:`append_commands` give; raises the first error."""
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             raise errors[0]
         ids = [_str(eid) for eid in replies]
         self.appended += len(ids)
         return ids
+
+    @property
+    def client(self) -> redis.Redis:
+        """The client of the server the stream is on."""
+        return self._client
 
     def consume(self, max_count: int) -> list[tuple[str, RequestOpened | Undecodable]]:
         """Deliver up to ``max_count`` new records to this consumer, without blocking.

@@ -175,6 +175,31 @@ class _Base:
             cost.bytes_read += sum(len(v) for v in values if v is not None)
         return values
 
+    def _put_opened(self, entries: dict[str, bytes], ref: RequestRef) -> bool:
+        """``_put(entries)`` then ``_opened([ref])``, in one round trip where the store can send both."""
+        joint = getattr(self.store, "put_many_and_append", None)
+        record = RequestOpened(ref.request_id, ref.user_id, ref.ts_ms, ref.n_items, self.fs.version)
+        errors = None
+        if joint is not None:
+            with self.ledger.cpu("kv_write") as cost:
+                errors = joint(entries, self.ttl_ms, self.bus, [record])
+                if errors is not None and errors[0] is None:
+                    cost.ops += len(entries)
+                    cost.bytes_written += sum(len(v) for v in entries.values())
+        if errors is None:  # apart
+            written = self._put(entries)
+            self._opened([ref])
+            return written
+        put_error, bus_error = errors
+        self.stats.requests += 1
+        if bus_error is not None:
+            self.stats.bus_failures += 1  # this request will not be joined: counted
+        if put_error is not None:
+            self.stats.write_failures += len(entries)
+            return False
+        self.stats.entries_written += len(entries)
+        return True
+
     def _opened(self, refs: list[RequestRef]) -> None:
         self.stats.requests += len(refs)
         try:
@@ -205,7 +230,12 @@ class EagerLogger(_Base):
                 )
                 cost.ops += len(blobs)
                 cost.bytes_serialized += sum(map(len, blobs))
-            if self._put({key(ref.request_id, f"i{p}"): blob for p, blob in enumerate(blobs)}):
+            entries = {key(ref.request_id, f"i{p}"): blob for p, blob in enumerate(blobs)}
+            if len(refs) == 1:  # one request (a sidecar's): its entries and its record at once
+                if self._put_opened(entries, ref):
+                    self.stats.count_logged(0, n)
+                return
+            if self._put(entries):
                 self.stats.count_logged(0, n)
         self._opened(refs)
 
@@ -439,11 +469,15 @@ class LazyLogger(_Base):
                 np.zeros(self.paging.count(n), bool),
                 now,
             )
-            if self._put({**self._encode_request(ctx), **self._encode_pages(ctx, [0])}):
+            entries = {**self._encode_request(ctx), **self._encode_pages(ctx, [0])}
+            # one request (a sidecar's): its first entries and its record in one round trip
+            written = self._put_opened(entries, ref) if len(refs) == 1 else self._put(entries)
+            if written:
                 ctx.logged[0] = ctx.request_logged = True
                 self.stats.count_logged(*self.paging.bounds(0, n))
             self.contexts.add(ctx)
-        self._opened(refs)
+        if len(refs) != 1:
+            self._opened(refs)
 
     def _log_pages(self, ref: RequestRef, pages: np.ndarray, counter: str) -> int:
         ctx = self.contexts.get(ref.request_id)

@@ -40,6 +40,14 @@ def answering(what: str, url: str) -> Iterator[None]:
 
 _LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
+_SERVER = ("host", "port", "db", "path", "username", "password")
+
+
+def same_server(a: redis.Redis, b: redis.Redis) -> bool:
+    """Whether two clients talk to the same server and database (as the same user)."""
+    ka, kb = a.connection_pool.connection_kwargs, b.connection_pool.connection_kwargs
+    return all(ka.get(k) == kb.get(k) for k in _SERVER)
+
 
 def _resp(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """The commands in the Redis protocol, as one buffer (bytes as they are, str as UTF-8, ints)."""
