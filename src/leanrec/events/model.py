@@ -283,6 +283,8 @@ def validate(batch: EventBatch, ref: RequestRef, limits: EventLimits) -> tuple[E
             f"value must be finite, >= 0 and <= {limits.max_watch_ms:.0f}",
         ),
     )
+    if not np.logical_or.reduce([bad for _, bad, _ in checks]).any():
+        return batch, report  # the usual batch: nothing to refuse, nothing to copy
     for reason, bad, message in checks:
         bad = bad & ok
         report.refuse(reason, int(bad.sum()), message)

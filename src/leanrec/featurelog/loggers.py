@@ -63,7 +63,8 @@ class Paging:
 
     def count(self, n_items: int) -> int:
         """Pages in a list of ``n_items``."""
-        return int(self.page_of(np.array([n_items - 1]))[0]) + 1
+        last = n_items - 1  # plain integers: once per ranked request, numpy costs more here
+        return 1 if last < self.head else 2 + (last - self.head) // self.size
 
 
 @dataclass
