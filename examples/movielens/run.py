@@ -244,6 +244,7 @@ def _main() -> None:
         figures[path] = {
             "transient_store_bytes": int(last.get("leanrec_kv_bytes_written_total", 0)),
             "warehouse_bytes": warehouse_bytes(str(wh[path])),
+            "warehouse_files": sum(1 for f in wh[path].rglob("*.parquet") if "_dead_letter" not in f.parts),
             "examples": examples.num_rows,
             "views_sent": sum(r["viewed"] for r in replays[path]),
             "labels_lost": sum(r["engagements"] for r in replays[path]) - clicks,
@@ -297,6 +298,7 @@ def _main() -> None:
     for key, label in (
         ("transient_store_bytes", "transient-store bytes"),
         ("warehouse_bytes", "warehouse bytes"),
+        ("warehouse_files", "warehouse files (as the joiner's commits cut them)"),
         ("examples", "examples"),
         ("labels_lost", "labels lost"),
         ("skewed_examples", "skewed examples"),
