@@ -359,3 +359,54 @@ def test_a_rankings_first_write_and_its_record_share_one_round_trip(redis_url: s
         assert log.parts.store.get_many([first])[0] is not None
         assert log.parts.bus.consume(10)[-1][1].request_id == logged.request_id
         assert log.parts.logger.stats.bus_failures == log.parts.logger.stats.write_failures == 0
+
+
+def test_an_event_batch_and_the_pages_it_touches_share_one_round_trip(redis_url: str, monkeypatch) -> None:
+    from leanrec.schema import Side
+    from leanrec.serve.rankinglog import open_logging
+    from leanrec.stores.redis_common import RoundTrips
+    from leanrec.world import WorldConfig, default_featureset
+
+    sent: list[list[str]] = []
+    original = RoundTrips.__call__
+
+    def counting(self: RoundTrips, commands: list) -> list:
+        sent.append([c[0] for c in commands])
+        return original(self, commands)
+
+    monkeypatch.setattr(RoundTrips, "__call__", counting)
+    fs = default_featureset(WorldConfig())[0]
+    rng = np.random.default_rng(6)
+    feats = {}
+    for side, rows in ((Side.REQUEST, 1), (Side.ITEM, 40)):
+        for slot in fs.layout(side).slots:
+            f = slot.feature
+            a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.vocab, (rows, f.size))
+            feats[f.name] = a[0] if rows == 1 else a[:, 0] if f.size == 1 else a
+    log = open_logging(fs, redis_url, redis_url, logging="lazy")
+    items = np.arange(100, 140)
+    logged = log.ranked(1, items, feats)
+    now = log.clock.now_ms()
+    clicks = [{"position": p, "item_id": int(items[p]), "kind": "click", "ts_ms": now} for p in (2, 20, 31)]
+    sent.clear()
+    result = log.events(logged.request_id, logged.token, clicks, batch_id="b1")
+    # a fast scroll: pages 2 (15-23) and 3 (24-32) are written before the batch is appended
+    assert result.accepted == 3 and sent == [["SET", "SET", "EVALSHA"]], sent
+    store, logger = log.parts.store, log.parts.logger
+    opened = log.parts.bus.consume(10)[-1][1]
+    fetched = logger.fetch(opened, np.array([2, 20, 31]))
+    assert fetched.found.all() and fetched.item_ids.tolist() == [102, 120, 131]
+    assert len(store.get_lists_many([key(logged.request_id, "ev")])[0]) == 1
+    assert logger.stats.pages_on_touch == 2 and logger.stats.write_failures == 0
+    sent.clear()
+    again = log.events(logged.request_id, logged.token, clicks, batch_id="b1")
+    assert again.accepted == 0 and again.refused == {"replayed": 3}
+    assert sent == [["EVALSHA"]]  # nothing left to log: the append alone
+    assert len(store.get_lists_many([key(logged.request_id, "ev")])[0]) == 1
+    store._client.script_flush()  # a restarted server: the script is sent again, the batch taken once
+    late = [{"position": 38, "item_id": int(items[38]), "kind": "click", "ts_ms": now}]
+    sent.clear()
+    assert log.events(logged.request_id, logged.token, late, batch_id="b2").accepted == 1
+    assert sent == [["SET", "EVALSHA"], ["EVALSHA"]], sent
+    assert len(store.get_lists_many([key(logged.request_id, "ev")])[0]) == 2
+    assert logger.fetch(opened, np.array([38])).found.all()

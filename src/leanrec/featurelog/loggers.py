@@ -29,7 +29,7 @@ from leanrec.events.model import EventBatch, RequestRef
 from leanrec.featurelog import codec
 from leanrec.featurelog.ranked import RankedBatch
 from leanrec.schema import FeatureBlock, FeatureSet, Side
-from leanrec.stores.transient import StoreFullError, TransientStore
+from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStore
 
 
 def key(request_id: str, suffix: str) -> str:
@@ -480,14 +480,30 @@ class LazyLogger(_Base):
         if len(refs) != 1:
             self._opened(refs)
 
-    def _log_pages(self, ref: RequestRef, pages: np.ndarray, counter: str) -> int:
+    def _pages_todo(
+        self, ref: RequestRef, pages: np.ndarray
+    ) -> tuple[RequestContext, list[int], dict[str, bytes]] | None:
+        """The request's context, its pages among ``pages`` not logged yet and their entries."""
         ctx = self.contexts.get(ref.request_id)
         if ctx is None:
-            return -1
+            return None
         todo = [int(p) for p in np.unique(pages) if p < len(ctx.logged) and not ctx.logged[p]]
+        if not todo:
+            return ctx, todo, {}
         # A request side whose write failed at rank time (store down) goes with the next pages.
         request = {} if ctx.request_logged else self._encode_request(ctx)
-        written = bool(todo) and self._put({**request, **self._encode_pages(ctx, todo)})
+        return ctx, todo, {**request, **self._encode_pages(ctx, todo)}
+
+    def _log_pages(self, ref: RequestRef, pages: np.ndarray, counter: str) -> int:
+        found = self._pages_todo(ref, pages)
+        if found is None:
+            return -1
+        ctx, todo, entries = found
+        return self._pages_written(ctx, todo, bool(todo) and self._put(entries), counter)
+
+    def _pages_written(self, ctx: RequestContext, todo: list[int], written: bool, counter: str) -> int:
+        """Mark ``todo`` logged if ``written``; release a context left with nothing to log."""
+        ref = ctx.ref
         if written:
             ctx.logged[todo] = True
             ctx.request_logged = True
@@ -517,6 +533,52 @@ class LazyLogger(_Base):
         pages = self.paging.page_of(events.position)
         if self._log_pages(ref, pages, "pages_on_touch") < 0:
             self.stats.touch_after_release += len(events)
+
+    def touch_and_append_once(self, ref: RequestRef, events: EventBatch, entry: OnceAppend) -> bool:
+        """:meth:`touch`, then ``store.append_once([entry])``: one round trip where the store can.
+
+        The touched pages' entries go first in the same write as the guarded append, so a page an
+        event lands on is in the store before the event (log-on-touch); a page write the store
+        refuses is counted and the events are appended all the same, as with ``touch`` apart.
+
+        Returns:
+            Whether the entry was appended (False: its token was taken before, a replay).
+
+        Raises:
+            ConnectionError, StoreFullError, OSError: The append did not take.
+
+        """
+        joint = getattr(self.store, "put_many_and_append_once", None)
+        if joint is None or len(events) == 0:
+            self.touch(ref, events)
+            return self.store.append_once([entry], self.ttl_ms)[0]
+        found = self._pages_todo(ref, self.paging.page_of(events.position))
+        if found is None:
+            self.stats.touch_after_release += len(events)
+            return self.store.append_once([entry], self.ttl_ms)[0]
+        ctx, todo, entries = found
+        if not todo:  # every touched page is logged already
+            self._pages_written(ctx, todo, False, "pages_on_touch")
+            return self.store.append_once([entry], self.ttl_ms)[0]
+        with self.ledger.cpu("kv_write") as cost:
+            try:
+                answer = joint(entries, self.ttl_ms, [entry])
+            except (ConnectionError, OSError):
+                self.stats.write_failures += len(entries)  # the pages stay held for a later write
+                raise
+            if answer is not None and answer[0] is None:
+                cost.ops += len(entries)
+                cost.bytes_written += sum(len(v) for v in entries.values())
+        if answer is None:  # apart
+            self._pages_written(ctx, todo, self._put(entries), "pages_on_touch")
+            return self.store.append_once([entry], self.ttl_ms)[0]
+        put_error, appended = answer
+        if put_error is None:
+            self.stats.entries_written += len(entries)
+        else:
+            self.stats.write_failures += len(entries)  # counted, never raised: like a touch apart
+        self._pages_written(ctx, todo, put_error is None, "pages_on_touch")
+        return appended[0]
 
     def tick(self) -> None:
         """Release contexts that went idle."""

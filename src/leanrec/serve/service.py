@@ -111,12 +111,18 @@ class LoggingService:
     ) -> None:
         ttl, events_key = self.logger.ttl_ms, key(ref.request_id, "ev")
         try:
-            self.logger.touch(ref, good)
             if batch_id is None:
+                self.logger.touch(ref, good)
                 self.logger.store.append_many({events_key: good.to_bytes()}, ttl)
             else:  # the guard check and the append are one atomic step: a retry is never a replay
                 entry = OnceAppend(events_key, good.to_bytes(), key(ref.request_id, "seen"), batch_id)
-                if not self.logger.store.append_once([entry], ttl)[0]:
+                joint = getattr(self.logger, "touch_and_append_once", None)
+                if joint is not None:  # the touched pages and the append in one round trip
+                    appended = joint(ref, good, entry)
+                else:
+                    self.logger.touch(ref, good)
+                    appended = self.logger.store.append_once([entry], ttl)[0]
+                if not appended:
                     report.refuse("replayed", len(good), f"batch {batch_id!r} was accepted before")
                     return
         except (ConnectionError, StoreFullError, OSError) as exc:

@@ -178,6 +178,70 @@ class RedisTransientStore:
             return put_error, exc
         return put_error, None
 
+    def put_many_and_append_once(
+        self, items: Mapping[str, bytes], ttl_ms: int, entries: Sequence[OnceAppend]
+    ) -> tuple[Exception | None, list[bool]] | None:
+        """:meth:`put_many` then :meth:`append_once`, in one round trip, the SETs first.
+
+        An event batch that touches pages not logged yet logs them and appends itself; one round trip
+        instead of two. The server runs the commands of one connection in order, so the pages are
+        written before the events are appended (log-on-touch), and each append stays one atomic
+        script, so a batch id is still taken once.
+
+        Returns:
+            None if the store has a byte bound (its check needs a round trip of its own: nothing was
+            sent, write and append apart); else what the write refused with (a StoreFullError...,
+            None if it took) and, per entry, whether it was appended.
+
+        Raises:
+            ValueError: If ``ttl_ms`` is not positive.
+            TypeError: If a value is not bytes-like.
+            ConnectionError: If the server did not answer (whether anything was written is unknown,
+                as for :meth:`append_once`).
+
+        """
+        if self.max_bytes is not None:
+            return None
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+        for key, value in items.items():
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
+        items = {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+        if not entries:
+            return None
+        px = int(ttl_ms)
+        with self._errors():
+            if self._append_sha is None:
+                self._append_sha = self._client.script_load(self._APPEND_ONCE)
+            sets = [("SET", k, v, "PX", px) for k, v in items.items()]
+            appends = [
+                ("EVALSHA", self._append_sha, 2, e.guard_key, e.list_key, e.token, e.chunk, px)
+                for e in entries
+            ]
+            replies = self._roundtrip(sets + appends)
+            put_error: Exception | None = None
+            try:
+                self._refuse_on_oom(list(items), replies[: len(items)])
+                self._stats.writes += len(items)
+                self._stats.bytes_written += sum(len(v) for v in items.values())
+            except (StoreFullError, redis.exceptions.RedisError) as exc:
+                put_error = exc
+            results = replies[len(items) :]
+            lost = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+            if lost:  # a restarted server lost the script: those were not appended, send them again
+                self._append_sha = None  # load it before the next EVALSHA
+                again = self._append_once([entries[i] for i in lost], px)
+                for i, r in zip(lost, again, strict=True):
+                    results[i] = r
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                raise errors[0]
+        out = [bool(r) for r in results]
+        self._stats.writes += sum(out)
+        self._stats.bytes_written += sum(len(e.chunk) for e, ok in zip(entries, out, strict=True) if ok)
+        return put_error, out
+
     def _refuse_on_oom(self, keys: list[str], results: list[Any]) -> None:
         """Undo a batch the server refused in part for lack of memory, then raise StoreFullError.
 
