@@ -49,3 +49,15 @@ def test_scores_that_are_not_one_number_per_item_are_refused(fs: FeatureSet, sco
     with pytest.raises(FeatureInputError, match="scores: expected 4 numbers, one per item") as err:
         pack_ranked(fs, 7, np.arange(4), _features(fs, 4), scores)
     assert err.value.feature == "scores"
+
+
+def test_a_retired_feature_sent_anyway_is_refused_with_why_it_was_retired(fs: FeatureSet) -> None:
+    gone = fs.layout(Side.ITEM).slots[-1].feature.name
+    pruned = fs.retire({gone: "earned nothing in the audit"})
+    features = _features(fs, 3)  # the parent's features, the retired one included
+    with pytest.raises(
+        FeatureInputError, match=f"{gone} is not in .* retired \\(earned nothing in the audit\\)"
+    ):
+        pack_ranked(pruned, 7, np.arange(3), features)
+    del features[gone]
+    assert pack_ranked(pruned, 7, np.arange(3), features).n_items == 3

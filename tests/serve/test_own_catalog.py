@@ -543,7 +543,9 @@ def test_a_featureset_of_ones_own_goes_from_logging_to_a_pruned_model(
             assert r.status_code == 200 and r.json()["n_items"] == RANKED, r.text
             r = _post_log(http, pruned, user, items, features, scores, fmt)
             assert r.status_code == 422, r.text
-            assert f"is not in FeatureSet atelier v{pruned.version}" in r.json()["error"], r.text
+            assert f"is not in FeatureSet atelier v{pruned.version}: it was retired" in r.json()["error"], (
+                r.text
+            )
             assert r.json()["feature"] in retired, r.text
         st.lane.drain()
         assert st.logger.stats.entries_written > 0

@@ -263,8 +263,10 @@ def pack_ranked(
     else:
         used_i = _plan(fs.layout(Side.ITEM)).names
     if unknown := sorted(set(features) - used_r - used_i):
+        retired = fs.retired.get(unknown[0])
         raise FeatureInputError(
             f"feature {unknown[0]} is not in FeatureSet {fs.name} v{fs.version}"
+            + (f": it was retired ({retired}); stop sending it" if retired else "")
             + (f" (nor {unknown[1:]})" if len(unknown) > 1 else ""),
             unknown[0],
         )
