@@ -16,7 +16,7 @@ import redis
 import redis.exceptions
 
 from leanrec.stores.redis_common import RoundTrips, answering, connect, redact, same_server
-from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStats
+from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStats, checked_batch
 
 
 class RedisTransientStore:
@@ -109,21 +109,14 @@ class RedisTransientStore:
             StoreFullError: If the batch would exceed ``max_bytes`` or the server is out of memory.
 
         """
-        if ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
-        for key, value in items.items():
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
-        items = {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+        items = checked_batch(items, ttl_ms)
         if not items:
             return
         with self._errors():
             self._check_bound(items)
             px = int(ttl_ms)
             results = self._roundtrip([("SET", key, value, "PX", px) for key, value in items.items()])
-            self._refuse_on_oom(list(items), results)
-        self._stats.writes += len(items)
-        self._stats.bytes_written += sum(len(v) for v in items.values())
+            self._took(items, results)
 
     def put_many_and_append(
         self, items: Mapping[str, bytes], ttl_ms: int, bus: Any, messages: Sequence[Any]
@@ -151,12 +144,7 @@ class RedisTransientStore:
             or not same_server(client, self._client)
         ):
             return None
-        if ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
-        for key, value in items.items():
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
-        items = {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+        items = checked_batch(items, ttl_ms)
         appends = bus.append_commands(messages)
         px = int(ttl_ms)
         try:
@@ -167,9 +155,7 @@ class RedisTransientStore:
         put_error: Exception | None = None
         try:
             with self._errors():
-                self._refuse_on_oom(list(items), replies[: len(items)])
-            self._stats.writes += len(items)
-            self._stats.bytes_written += sum(len(v) for v in items.values())
+                self._took(items, replies[: len(items)])
         except (StoreFullError, ConnectionError, OSError) as exc:
             put_error = exc
         try:
@@ -202,12 +188,7 @@ class RedisTransientStore:
         """
         if self.max_bytes is not None:
             return None
-        if ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
-        for key, value in items.items():
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
-        items = {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+        items = checked_batch(items, ttl_ms)
         if not entries:
             return None
         px = int(ttl_ms)
@@ -222,9 +203,7 @@ class RedisTransientStore:
             replies = self._roundtrip(sets + appends)
             put_error: Exception | None = None
             try:
-                self._refuse_on_oom(list(items), replies[: len(items)])
-                self._stats.writes += len(items)
-                self._stats.bytes_written += sum(len(v) for v in items.values())
+                self._took(items, replies[: len(items)])
             except (StoreFullError, redis.exceptions.RedisError) as exc:
                 put_error = exc
             results = replies[len(items) :]
@@ -241,6 +220,15 @@ class RedisTransientStore:
         self._stats.writes += sum(out)
         self._stats.bytes_written += sum(len(e.chunk) for e, ok in zip(entries, out, strict=True) if ok)
         return put_error, out
+
+    def _took(self, items: Mapping[str, bytes], replies: list[Any], keys: list[str] | None = None) -> None:
+        """Count a batch written, or undo and refuse it if the server refused part of it (see below).
+
+        ``keys`` are the keys of ``replies`` in order (default: one reply per item).
+        """
+        self._refuse_on_oom(list(items) if keys is None else keys, replies)
+        self._stats.writes += len(items)
+        self._stats.bytes_written += sum(len(v) for v in items.values())
 
     def _refuse_on_oom(self, keys: list[str], results: list[Any]) -> None:
         """Undo a batch the server refused in part for lack of memory, then raise StoreFullError.
@@ -284,12 +272,7 @@ class RedisTransientStore:
             StoreFullError: If the batch would exceed ``max_bytes`` or the server is out of memory.
 
         """
-        if ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
-        for key, value in items.items():
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
-        items = {k: bytes(v) for k, v in items.items()}
+        items = checked_batch(items, ttl_ms)
         if not items:
             return
         with self._errors():
@@ -304,9 +287,7 @@ class RedisTransientStore:
         ]
         if wrong:
             raise TypeError(f"a key of the batch holds a value, not a list: {wrong[0]}")
-        self._refuse_on_oom([k for k in items for _ in (0, 1)], results)
-        self._stats.writes += len(items)
-        self._stats.bytes_written += sum(len(v) for v in items.values())
+        self._took(items, results, [k for k in items for _ in (0, 1)])
 
     def get_lists_many(self, keys: Sequence[str]) -> list[list[bytes]]:
         """LRANGE every key in one pipeline; an empty list for a missing key."""

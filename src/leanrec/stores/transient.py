@@ -32,6 +32,23 @@ class StoreFullError(RuntimeError):
     """A write would exceed the store's byte bound; nothing of the batch was written."""
 
 
+def checked_batch(items: Mapping[str, bytes], ttl_ms: int) -> dict[str, bytes]:
+    """A validated copy of a batch every store takes: positive TTL, bytes-like values made bytes.
+
+    Raises:
+        ValueError: If ``ttl_ms`` is not positive.
+        TypeError: If a value is not bytes-like.
+
+    """
+    if ttl_ms <= 0:
+        raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+    for key, value in items.items():
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
+    # Sizes are byte lengths: len() of a memoryview counts elements, not bytes.
+    return {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
+
+
 @dataclass
 class TransientStats:
     """Counters of a TransientStore since it was opened."""
@@ -242,17 +259,6 @@ class MemoryTransientStore:
             return None
         return entry
 
-    @staticmethod
-    def _checked(items: Mapping[str, bytes], ttl_ms: int) -> dict[str, bytes]:
-        """A validated copy of a batch: positive TTL, bytes-like values made bytes."""
-        if ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
-        for key, value in items.items():
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise TypeError(f"value of {key!r} must be bytes, got {type(value).__name__}")
-        # Sizes are byte lengths: len() of a memoryview counts elements, not bytes.
-        return {k: v if isinstance(v, bytes) else bytes(v) for k, v in items.items()}
-
     def _reserve(self, net_bytes: int, n: int) -> None:
         """Purge what expired, then refuse a batch adding ``net_bytes`` that would not fit."""
         self.purge_expired()
@@ -295,7 +301,7 @@ class MemoryTransientStore:
 
     def put_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
         """Write all entries with one TTL; refuse the whole batch if it does not fit."""
-        items = self._checked(items, ttl_ms)
+        items = checked_batch(items, ttl_ms)
         incoming = sum(self._size(k, v) for k, v in items.items())
         self._reserve(
             incoming - sum(self._size(k, self._data[k][0]) for k in items if k in self._data), len(items)
@@ -340,7 +346,7 @@ class MemoryTransientStore:
             TypeError: If a key holds a value written by ``put_many``.
 
         """
-        items = self._checked(items, ttl_ms)
+        items = checked_batch(items, ttl_ms)
         now = self.clock.now_ms()
         for key in items:
             entry = self._live(key, now)
