@@ -17,9 +17,12 @@ from fastapi.testclient import TestClient
 
 from leanrec.events import EventBatch
 from leanrec.featurelog.loggers import key
+from leanrec.schema import FeatureSet, Side
 from leanrec.serve.app import LogLane, _Health, create_app
 from leanrec.serve.config import ServeConfig
+from leanrec.serve.rankinglog import open_logging
 from leanrec.serve.wire import arrow_body, event_columns, loads
+from leanrec.world import WorldConfig, default_featureset
 
 
 def _stream(*batches: pa.RecordBatch) -> bytes:
@@ -328,11 +331,10 @@ def test_a_call_that_fails_on_the_loop_raises_to_its_caller() -> None:
     assert lane.pending == 0
 
 
-def test_a_rankings_first_write_and_its_record_share_one_round_trip(redis_url: str, monkeypatch) -> None:
-    from leanrec.schema import Side
-    from leanrec.serve.rankinglog import open_logging
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The commands of each Redis round trip the logging calls make, as they are made."""
     from leanrec.stores.redis_common import RoundTrips
-    from leanrec.world import WorldConfig, default_featureset
 
     sent: list[list[str]] = []
     original = RoundTrips.__call__
@@ -342,14 +344,25 @@ def test_a_rankings_first_write_and_its_record_share_one_round_trip(redis_url: s
         return original(self, commands)
 
     monkeypatch.setattr(RoundTrips, "__call__", counting)
-    fs = default_featureset(WorldConfig())[0]
-    rng = np.random.default_rng(5)
+    return sent
+
+
+def _ranked_features(fs: FeatureSet, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Every feature of ``fs`` for a ranked list of ``n`` items, drawn within range."""
+    rng = np.random.default_rng(seed)
     feats = {}
-    for side, rows in ((Side.REQUEST, 1), (Side.ITEM, 20)):
+    for side, rows in ((Side.REQUEST, 1), (Side.ITEM, n)):
         for slot in fs.layout(side).slots:
             f = slot.feature
             a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.vocab, (rows, f.size))
             feats[f.name] = a[0] if rows == 1 else a[:, 0] if f.size == 1 else a
+    return feats
+
+
+def test_a_rankings_first_write_and_its_record_share_one_round_trip(redis_url: str, round_trips) -> None:
+    sent = round_trips
+    fs = default_featureset(WorldConfig())[0]
+    feats = _ranked_features(fs, 20, seed=5)
     for mode, writes in (("lazy", 2), ("eager", 20)):
         log = open_logging(fs, redis_url, redis_url, logging=mode)
         sent.clear()
@@ -361,28 +374,10 @@ def test_a_rankings_first_write_and_its_record_share_one_round_trip(redis_url: s
         assert log.parts.logger.stats.bus_failures == log.parts.logger.stats.write_failures == 0
 
 
-def test_an_event_batch_and_the_pages_it_touches_share_one_round_trip(redis_url: str, monkeypatch) -> None:
-    from leanrec.schema import Side
-    from leanrec.serve.rankinglog import open_logging
-    from leanrec.stores.redis_common import RoundTrips
-    from leanrec.world import WorldConfig, default_featureset
-
-    sent: list[list[str]] = []
-    original = RoundTrips.__call__
-
-    def counting(self: RoundTrips, commands: list) -> list:
-        sent.append([c[0] for c in commands])
-        return original(self, commands)
-
-    monkeypatch.setattr(RoundTrips, "__call__", counting)
+def test_an_event_batch_and_the_pages_it_touches_share_one_round_trip(redis_url: str, round_trips) -> None:
+    sent = round_trips
     fs = default_featureset(WorldConfig())[0]
-    rng = np.random.default_rng(6)
-    feats = {}
-    for side, rows in ((Side.REQUEST, 1), (Side.ITEM, 40)):
-        for slot in fs.layout(side).slots:
-            f = slot.feature
-            a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.vocab, (rows, f.size))
-            feats[f.name] = a[0] if rows == 1 else a[:, 0] if f.size == 1 else a
+    feats = _ranked_features(fs, 40, seed=6)
     log = open_logging(fs, redis_url, redis_url, logging="lazy")
     items = np.arange(100, 140)
     logged = log.ranked(1, items, feats)
