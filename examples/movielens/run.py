@@ -169,7 +169,9 @@ def _main() -> None:
         "--redis", default="redis://127.0.0.1:6379", help="Redis server (databases 6-9 are emptied)"
     )
     ap.add_argument("--epochs", type=int, default=5, help="most epochs of the round-2 ranker (default 5)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the training (S) and the replays (7 + S)")
     args = ap.parse_args()
+    seed = str(args.seed)
     work = Path(args.work).resolve()
     console = Console()
     fs_file = str(work / "featureset.toml")
@@ -221,7 +223,8 @@ def _main() -> None:
         for path in ("lean", "naive"):
             out = work / f"replay-{path}-{k}.json"
             run(console, "replay", "--target", f"http://127.0.0.1:{ports[path]}", "--sessions",
-                str(work / f"sessions_{k}.parquet"), "--featureset", fs_file, "--out", str(out))  # fmt: skip
+                str(work / f"sessions_{k}.parquet"), "--featureset", fs_file,
+                "--out", str(out), "--seed", str(7 + args.seed))  # fmt: skip
             replays[path].append(json.loads(out.read_text()))
         chunk_bounds.append((k, t0))
     time.sleep((WINDOW_MS + LATENESS_MS) / 1000 + 4)  # the last windows close and the joiners write them
@@ -262,6 +265,8 @@ def _main() -> None:
         str(work / "ranker.pt"),
         "--epochs",
         str(args.epochs),
+        "--seed",
+        seed,
     )
     held = f"{args.redis}/{DBS['held_out']}"
     procs, ports = [], {}
@@ -279,7 +284,8 @@ def _main() -> None:
         for name in held_out:
             out = work / f"replay-{name.replace(' ', '')}-{k}.json"
             run(console, "replay", "--target", f"http://127.0.0.1:{ports[name]}", "--sessions",
-                str(work / f"sessions_{k}.parquet"), "--featureset", fs_file, "--out", str(out))  # fmt: skip
+                str(work / f"sessions_{k}.parquet"), "--featureset", fs_file,
+                "--out", str(out), "--seed", str(7 + args.seed))  # fmt: skip
             held_out[name].append(json.loads(out.read_text()))
     stop(procs)
     ranking = {}
