@@ -8,8 +8,6 @@ lean and the naive paths can be compared on the same traffic.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 
@@ -28,6 +26,26 @@ class StageCost:
         """Add another stage's counts into this one."""
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class _Charge:
+    """The context manager of :meth:`CostLedger.cpu`.
+
+    A class rather than a generator: it runs a few times per logged request on the sidecar's hot
+    path, where a generator-based context manager costs several times more.
+    """
+
+    __slots__ = ("cost", "t0")
+
+    def __init__(self, cost: StageCost) -> None:
+        self.cost, self.t0 = cost, 0.0
+
+    def __enter__(self) -> StageCost:
+        self.t0 = time.process_time()
+        return self.cost
+
+    def __exit__(self, *exc: object) -> None:
+        self.cost.cpu_seconds += time.process_time() - self.t0
 
 
 class CostLedger:
@@ -52,15 +70,9 @@ class CostLedger:
         for name, value in counts.items():
             setattr(cost, name, getattr(cost, name) + value)
 
-    @contextmanager
-    def cpu(self, stage: str) -> Iterator[StageCost]:
-        """Charge the CPU time of the enclosed block to ``stage``."""
-        cost = self[stage]
-        t0 = time.process_time()
-        try:
-            yield cost
-        finally:
-            cost.cpu_seconds += time.process_time() - t0
+    def cpu(self, stage: str) -> _Charge:
+        """Charge the CPU time of the enclosed ``with`` block to ``stage`` (it yields the stage's cost)."""
+        return _Charge(self[stage])
 
     def total(self) -> StageCost:
         """All stages added up."""

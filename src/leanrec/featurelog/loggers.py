@@ -487,9 +487,13 @@ class LazyLogger(_Base):
         ctx = self.contexts.get(ref.request_id)
         if ctx is None:
             return None
-        todo = [int(p) for p in np.unique(pages) if p < len(ctx.logged) and not ctx.logged[p]]
-        if not todo:
-            return ctx, todo, {}
+        logged = ctx.logged
+        pages = pages[pages < len(logged)]
+        if logged[pages].all():  # the usual call: every page it names is logged already
+            return ctx, [], {}
+        named = np.zeros(len(logged), bool)
+        named[pages] = True
+        todo = np.flatnonzero(named & ~logged).tolist()  # in page order, each once
         # A request side whose write failed at rank time (store down) goes with the next pages.
         request = {} if ctx.request_logged else self._encode_request(ctx)
         return ctx, todo, {**request, **self._encode_pages(ctx, todo)}
