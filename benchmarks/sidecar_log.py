@@ -11,8 +11,13 @@ world's depth model says (a pagination signal when it passes the head, sometimes
 one event batch (a view per item seen, some clicks). Prints, per mode, the sidecar's own CPU time
 per ranked request (read from its process, its paginate and events calls included), the client-side
 p50 and p99 of ``/v1/log``, and the bytes the sidecar wrote to Redis per request, with lazy / eager
-ratios; medians over ``--repeat`` runs, the modes in alternating order. Exits non-zero unless lazy
-logging costs the sidecar at most 2 ms of CPU per ranked request and at most half of eager's.
+ratios; medians over ``--repeat`` runs, the modes in alternating order.
+
+What logging costs the sidecar is its CPU with logging on less its CPU with logging off on the same
+calls: with logging off the sidecar still reads, checks and packs every body, signs and checks the
+tokens and answers every call, and that work is the same in every mode. Exits non-zero unless lazy
+logging costs the sidecar at most 2 ms of CPU per ranked request (its paginate and events calls
+included) and at most half of what eager logging costs.
 """
 
 from __future__ import annotations
@@ -294,22 +299,33 @@ def main() -> int:
         ("/v1/log p99, ms", "p99", "{:.2f}"),
         ("bytes written to Redis per request", "bytes", "{:,.0f}"),
     )
+    for m in MODES:  # what logging adds to the same calls, each run against its own off run
+        costs = [r["cpu_ms"] - o["cpu_ms"] for r, o in zip(runs[m], runs["off"], strict=True)]
+        med[m]["logging_ms"] = float(np.median(costs))
+    rows = (
+        *rows[:1],
+        ("of which logging (less logging off), ms", "logging_ms", "{:.3f}"),
+        *rows[1:],
+    )
     for label, key, fmt in rows:
         ratio = med["lazy"][key] / med["eager"][key] if med["eager"][key] else float("nan")
         table.add_row(label, *(fmt.format(med[m][key]) for m in MODES), f"{ratio:.3f}")
     console.print(table)
-    lazy, eager = med["lazy"]["cpu_ms"], med["eager"]["cpu_ms"]
+    lazy, eager = med["lazy"]["logging_ms"], med["eager"]["logging_ms"]
     failures = []
     if lazy > CPU_BOUND_MS:
         failures.append(
             f"lazy logging costs the sidecar {lazy:.3f} ms of CPU per request, above {CPU_BOUND_MS}"
         )
     if lazy > 0.5 * eager:
-        failures.append(f"lazy logging costs {lazy / eager:.2f}x eager's CPU, above 0.5")
+        failures.append(f"lazy logging costs {lazy / eager:.2f}x what eager logging costs, above 0.5")
     for f in failures:
         console.print(f"[red]FAIL[/red] {f}")
     if not failures:
-        console.print(f"PASS lazy {lazy:.3f} ms CPU per ranked request, {lazy / eager:.2f}x eager's")
+        console.print(
+            f"PASS lazy logging costs the sidecar {lazy:.3f} ms of CPU per ranked request, "
+            f"{lazy / eager:.2f}x what eager logging costs"
+        )
     print(
         f"\n`python benchmarks/sidecar_log.py --requests {args.requests} --items {args.items} "
         f"--repeat {args.repeat}{' --json' if args.json else ''}`:\n"
