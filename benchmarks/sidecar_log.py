@@ -249,7 +249,7 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--featureset", help="a FeatureSet file (default: the synthetic world's)")
     ap.add_argument("--json", action="store_true", help="JSON bodies instead of Arrow IPC")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     console = Console()
@@ -328,7 +328,7 @@ def main() -> int:
         )
     print(
         f"\n`python benchmarks/sidecar_log.py --requests {args.requests} --items {args.items} "
-        f"--repeat {args.repeat}{' --json' if args.json else ''}`:\n"
+        f"--repeat {args.repeat} --seed {args.seed}{' --json' if args.json else ''}`:\n"
     )
     print("| figure | logging off | eager | lazy | lazy / eager |\n|---|---:|---:|---:|---:|")
     for label, key, fmt in rows:
