@@ -110,7 +110,7 @@ def values(fs: FeatureSet, rng: np.random.Generator, n: int) -> tuple[dict, dict
             a = (
                 rng.normal(size=(rows, f.size)).astype(np.float32)
                 if f.is_float
-                else rng.integers(f.vocab, size=(rows, f.size))
+                else rng.integers(f.rows, size=(rows, f.size))
             )
             out[k][f.name] = a[0] if side is Side.REQUEST else (a[:, 0] if f.size == 1 else a)
     return out
@@ -145,7 +145,7 @@ def traffic(fs: FeatureSet, requests: int, items: int, binary: bool, seed: int) 
     for r in range(requests):
         request, item = values(fs, rng, items)
         item_id = fs.role(Role.ITEM_ID)
-        ids = rng.choice(item_id.vocab if item_id else 2**31 - 1, size=items, replace=False)
+        ids = rng.choice(item_id.rows if item_id else 2**31 - 1, size=items, replace=False)
         if item_id is not None:
             item[item_id.name] = ids
         body = arrow_body(fs, r, ids, request, item) if binary else json_body(r, ids, request, item)

@@ -59,7 +59,7 @@ class Shop:
             if fname in drop:
                 continue
             lines += ["", "[[features]]", f'name = "{fname}"', f'owner = "{owner}"', f'kind = "{kind}"']
-            lines += [f"size = {size}"] * (size != 1) + [f"vocab = {vocab}"] * (vocab != 0)
+            lines += [f"size = {size}"] * (size != 1) + [f"rows = {vocab}"] * (vocab != 0)
             lines += [f'{k} = "{v}"' for k, v in extra.items()]
         return "\n".join(lines) + "\n"
 
@@ -156,7 +156,7 @@ def _block(layout: Layout, n: int, known: dict[str, np.ndarray], rng: np.random.
         elif f.is_float:
             values = rng.normal(size=(n, f.size))
         else:
-            values = rng.integers(0, f.vocab, (n, f.size))
+            values = rng.integers(0, f.rows, (n, f.size))
             if f.kind in (Kind.MULTI_HOT, Kind.SEQUENCE):  # padded after a random length
                 values = np.where(np.arange(f.size) < rng.integers(1, f.size + 1, (n, 1)), values, -1)
         dst = block.floats if f.is_float else block.ints

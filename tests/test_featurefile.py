@@ -17,7 +17,9 @@ version = 3
 name = "sku"
 owner = "item"
 kind = "sparse"
-vocab = 1000
+dtype = "string"
+rows = 1000
+evict = "lru"
 role = "item_id"
 
 [[features]]
@@ -31,7 +33,10 @@ name = "bought"
 owner = "user"
 kind = "sequence"
 size = 20
-vocab = 1000
+dtype = "string"
+rows = 1000
+map = "managed"
+evict = "lru"
 role = "history"
 
 [[features]]
@@ -46,7 +51,9 @@ doc = "a \\"quoted\\" doc, ünïcode"
 name = "hour"
 owner = "context"
 kind = "sparse"
-vocab = 24
+dtype = "int64"
+rows = 24
+map = "hash"
 
 [retired]
 old_price = "worth nothing measurable"
@@ -60,10 +67,15 @@ def test_a_file_declares_features_roles_and_retired_names() -> None:
     assert fs.role(Role.USER_ID) is None
     assert fs["taste"].space == "tt" and fs["taste"].doc == 'a "quoted" doc, ünïcode'
     assert fs.retired == {"old_price": "worth nothing measurable"}
-    # request side: taste (8 floats), bought (20 ids), hour (1 id); item side: price, sku
+    sku, bought, hour = fs["sku"], fs["bought"], fs["hour"]
+    assert (sku.rows, sku.string_ids, sku.id_map, sku.id_evict) == (1000, True, "managed", "lru")
+    assert (bought.rows, bought.string_ids, bought.id_map, bought.id_evict) == (1000, True, "managed", "lru")
+    assert (hour.rows, hour.string_ids, hour.id_map, hour.id_evict) == (24, False, "hash", "")
+    assert (fs["price"].rows, fs["price"].string_ids, fs["price"].id_map) == (0, False, "")
+    # request side: taste (8 float32), bought (20 int64 ids), hour (1 id); item side: price, sku
     assert layout_summary(fs) == {
-        "request": {"features": 3, "float_columns": 8, "int_columns": 21, "bytes": 116},
-        "item": {"features": 2, "float_columns": 1, "int_columns": 1, "bytes": 8},
+        "request": {"features": 3, "float_columns": 8, "int_columns": 21, "bytes": 8 * 4 + 21 * 8},
+        "item": {"features": 2, "float_columns": 1, "int_columns": 1, "bytes": 4 + 8},
     }
 
 
@@ -75,10 +87,15 @@ def test_what_is_written_reads_back_as_the_same_featureset(seed: int) -> None:
         back = parse_featureset(dump_featureset(one))
         assert back == one and back.fingerprint == one.fingerprint
         assert back.layout(Side.REQUEST) == one.layout(Side.REQUEST)
+    text = dump_featureset(parse_featureset(SHOP))
+    assert 'dtype = "string"' in text and 'map = "hash"' in text and 'evict = "lru"' in text
 
 
 def _with(feature: str) -> str:
     return f'name = "x"\nversion = 1\n\n[[features]]\n{feature}\n'
+
+
+_ROWS_NEEDED = r"shop.toml: feature 1 \(a\): a managed map needs its embedding rows \(rows >= 1\), got 0$"
 
 
 @pytest.mark.parametrize(
@@ -94,15 +111,59 @@ def _with(feature: str) -> str:
         (_with('name = "a"\nowner = "user"\nkind = "dense"\nwidth = 3'), r"unknown key\(s\) \['width'\]"),
         (_with('name = "a"\nowner = "user"\nkind = "dense"\nsize = 0'), "size must be >= 1"),
         (_with('name = "a"\nowner = "user"\nkind = "dense"\nsize = 2.5'), "size must be a whole number"),
-        (_with('name = "a"\nowner = "user"\nkind = "sparse"'), "id kinds need a vocabulary size"),
+        (_with('name = "a"\nowner = "user"\nkind = "sparse"'), _ROWS_NEEDED),
+        (_with('name = "a"\nowner = "user"\nkind = "sparse"\nmap = "managed"'), _ROWS_NEEDED),
+        (_with('name = "a"\nowner = "user"\nkind = "sparse"\nmap = "managed"\nrows = 0'), _ROWS_NEEDED),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "multi_hot"\nsize = 3\nrows = -2'),
+            r"\(a\): a managed .*got -2",
+        ),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "sparse"\nmap = "qr"\nrows = 1'),
+            r"\(a\): a qr map .*>= 2",
+        ),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "sparse"\nmap = "lsh"\nrows = 9'),
+            r"\(a\): unknown map 'lsh'",
+        ),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "sparse"\nmap = 3\nrows = 9'),
+            r"\(a\): map must be a string",
+        ),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "sparse"\nrows = 9\nmap = "hash"\nevict = "lru"'),
+            "only for a managed",
+        ),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "sparse"\nrows = 9\nevict = "fifo"'),
+            "evict is lfu or lru",
+        ),
+        (_with('name = "a"\nowner = "user"\nkind = "sparse"\nvocab = 9'), r"unknown key\(s\) \['vocab'\]"),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "sparse"\nrows = 9\ndtype = "int32"'),
+            "dtype is int64 or string",
+        ),
         (_with('name = "a"\nowner = "user"\nkind = "dense"\ndtype = "float64"'), "dtype is float32"),
-        (_with('name = "a"\nowner = "user"\nkind = "sparse"\nvocab = 9\nrole = "star"'), "unknown role"),
-        (_with('name = "a"\nowner = "user"\nkind = "sparse"\nvocab = 9\nrole = "item_id"'), "needs a sparse"),
+        (_with('name = "a"\nowner = "user"\nkind = "dense"\ndtype = "string"'), "dtype is float32"),
+        (_with('name = "a"\nowner = "user"\nkind = "dense"\nrows = 4'), r"\(a\): rows, map, .* not dense"),
+        (_with('name = "a"\nowner = "user"\nkind = "sparse"\nrows = 9\nrole = "star"'), "unknown role"),
+        (_with('name = "a"\nowner = "user"\nkind = "sparse"\nrows = 9\nrole = "item_id"'), "needs a sparse"),
         (_with('name = "a b"\nowner = "user"\nkind = "dense"'), "must be an identifier"),
         (_with('owner = "user"\nkind = "dense"'), r"feature 1: name is missing"),
         (
-            _with('name = "h"\nowner = "user"\nkind = "sequence"\nsize = 5\nvocab = 9\nrole = "history"'),
-            "needs an item_id feature of the same vocabulary",
+            _with('name = "h"\nowner = "user"\nkind = "sequence"\nsize = 5\nrows = 9\nrole = "history"'),
+            r"history h holds item ids, so it needs an item_id feature of the same table \(9 rows",
+        ),
+        (
+            _with('name = "h"\nowner = "user"\nkind = "sequence"\nsize = 5\nrows = 9\nrole = "history"')
+            + '\n[[features]]\nname = "i"\nowner = "item"\nkind = "sparse"\nrows = 9\ndtype = "string"\n'
+            + 'role = "item_id"\n',
+            r"same table \(9 rows, map managed, evict lfu\), got i with 9 rows, .*string ids",
+        ),
+        (
+            _with('name = "h"\nowner = "user"\nkind = "sequence"\nsize = 5\nrows = 9\nrole = "history"')
+            + '\n[[features]]\nname = "i"\nowner = "item"\nkind = "sparse"\nrows = 10\nrole = "item_id"\n',
+            r"same table \(9 rows, map managed, evict lfu\), got i with 10 rows",
         ),
         (
             _with('name = "a"\nowner = "user"\nkind = "dense"')
@@ -111,7 +172,7 @@ def _with(feature: str) -> str:
         ),
         (_with('name = "a"\nowner = "user"\nkind = "dense"') + "\n[retired]\nb = 1\n", "maps each retired"),
         (
-            _with('name = "item_id"\nowner = "item"\nkind = "sparse"\nvocab = 9\nrole = "item_id"'),
+            _with('name = "item_id"\nowner = "item"\nkind = "sparse"\nrows = 9\nrole = "item_id"'),
             r"feature name\(s\) \['item_id'\] are warehouse columns",
         ),
         (_with('name = "click"\nowner = "item"\nkind = "dense"'), r"\['click'\] are warehouse columns"),
@@ -144,7 +205,8 @@ def test_featureset_check_prints_the_layout_and_refuses_a_bad_file_in_one_line(
     assert main(["featureset", "check", str(good)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "item_id: sku" in out and "history: bought" in out
-    assert "a ranked request of 100 items logs 916 bytes" in out  # 116 + 100 * 8
+    assert "a ranked request of 100 items logs 1,400 bytes" in out  # 200 + 100 * 12
+    assert "managed lru, strings" in out and "int64" in out  # how sku's ids map; the ids' width
     bad = tmp_path / "bad.toml"
     bad.write_text(_with('name = "a"\nowner = "shop"\nkind = "dense"'))
     assert main(["featureset", "check", str(bad)]) == 2

@@ -124,7 +124,8 @@ def make_rig(
 
 
 def rank(funnel: Funnel, users: Sequence[int], t_ms: int = T0) -> tuple[list[RequestRef], RankedBatch]:
-    users_arr = np.asarray(users, np.int64)
+    """Rank a request for each of the world's users of rows ``users`` (the refs carry raw user ids)."""
+    users_arr = funnel.world.user_ids[np.asarray(users, np.int64)]
     batch = funnel.rank(users_arr, np.full(len(users_arr), t_ms), np.arange(len(users_arr)) % 3)
     refs = [RequestRef(f"req{b:03d}", int(u), t_ms, batch.n_items) for b, u in enumerate(users_arr)]
     return refs, batch
@@ -140,7 +141,7 @@ def events(
     return EventBatch(
         ref.request_id,
         pos,
-        items[np.clip(pos, 0, len(items) - 1)].astype(np.int32),
+        items[np.clip(pos, 0, len(items) - 1)].astype(np.int64),
         np.array([int(r[1]) for r in rows], np.int8),
         np.array([ref.ts_ms + r[2] for r in rows], np.int64),
         np.array([r[3] for r in rows], np.float32),
@@ -164,7 +165,7 @@ def request_block(fs: FeatureSet, table: pa.Table) -> FeatureBlock:
 
 
 def u32(block: FeatureBlock) -> np.ndarray:
-    """The exact bits of a block, row by row."""
+    """The exact bits of a block, row by row (an int64 column as two 32-bit words)."""
     return np.hstack([block.floats.view(np.uint32), block.ints.view(np.uint32)])
 
 
@@ -564,6 +565,12 @@ TINY_FS = FeatureSet(
 )
 
 
+def _raw_ids(rng: np.random.Generator, shape: int | tuple[int, ...]) -> np.ndarray:
+    """Raw 64-bit ids over the whole int64 range (the padding id aside)."""
+    ids = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, shape, dtype=np.int64, endpoint=True)
+    return np.where(ids == -1, -2, ids)
+
+
 def random_records(seed: int, n_records: int, max_items: int) -> list[RequestRecord]:
     rng = np.random.default_rng(seed)
     req, item = TINY_FS.layout(Side.REQUEST), TINY_FS.layout(Side.ITEM)
@@ -576,19 +583,19 @@ def random_records(seed: int, n_records: int, max_items: int) -> list[RequestRec
         out.append(
             RequestRecord(
                 f"r{ids[i]:04d}",
-                int(rng.integers(0, 50)),
+                int(_raw_ids(rng, 1)[0]),
                 ts,
                 TINY_FS.version,
                 FeatureBlock(
                     rng.normal(size=(1, req.float_width)).astype(np.float32),
-                    rng.integers(-1, 50, size=(1, req.int_width)).astype(np.int32),
+                    np.where(rng.random((1, req.int_width)) < 0.2, -1, _raw_ids(rng, (1, req.int_width))),
                 ),
                 positions,
-                rng.integers(0, 1000, k).astype(np.int32),
+                _raw_ids(rng, k),
                 ts + rng.integers(0, 600_000, k).astype(np.int64),
                 FeatureBlock(
                     rng.normal(size=(k, item.float_width)).astype(np.float32),
-                    rng.integers(-1, 1000, size=(k, item.int_width)).astype(np.int32),
+                    np.where(rng.random((k, item.int_width)) < 0.2, -1, _raw_ids(rng, (k, item.int_width))),
                 ),
                 {
                     "click": rng.random(k) < 0.3,
@@ -841,8 +848,8 @@ def test_late_and_mismatched_events_are_counted_not_joined(
     rig.service.ranked(refs, batch)
     clock.set(T0 + 5_000)
     ev = events(ref, items, [*views([0, 1, 2]), (2, EventKind.CLICK, 2_000, 0.0), *views([30], 2_500)])
-    ev.item_id[3] = items[2] + 1  # a click naming an item that was not shown at position 2
-    ev.item_id[4] = items[30] + 1  # the only event at position 30 names the wrong item
+    ev.item_id[3] = items[2] ^ 1  # a click naming an item that was not shown at position 2
+    ev.item_id[4] = items[30] ^ 1  # the only event at position 30 names the wrong item
     assert rig.service.events(ref, ev).total == 0
     clock.set(JOIN_AT)
     rig.settle()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from leanrec.schema import (
     FeatureSet,
     Kind,
     Owner,
+    Role,
     Side,
 )
 from leanrec.world import WorldConfig, default_featureset
@@ -30,13 +33,13 @@ def _small_fs(version: int = 1) -> FeatureSet:
         (
             Feature("i_a", I, Kind.DENSE, 3),
             Feature("u_a", U, Kind.DENSE, 2),
-            Feature("c_hour", C, Kind.SPARSE, 1, 24),
-            Feature("u_id", U, Kind.SPARSE, 1, 100),
-            Feature("i_id", I, Kind.SPARSE, 1, 500),
+            Feature("c_hour", C, Kind.SPARSE, 1, 24, map="qr"),
+            Feature("u_id", U, Kind.SPARSE, 1, 100, evict="lru"),
+            Feature("i_id", I, Kind.SPARSE, 1, 500, string_ids=True),
             Feature("u_hist", U, Kind.SEQUENCE, 4, 500),
             Feature("c_x", C, Kind.DENSE, 1),
             Feature("u_b", U, Kind.DENSE, 5),
-            Feature("i_tags", I, Kind.MULTI_HOT, 3, 40),
+            Feature("i_tags", I, Kind.MULTI_HOT, 3, 40, map="hash"),
         ),
     )
 
@@ -55,17 +58,43 @@ def test_duplicate_names_are_refused() -> None:
         ({"name": "1x", "kind": Kind.DENSE}, "identifier"),
         ({"name": "x", "kind": Kind.DENSE, "size": 0}, "size"),
         ({"name": "x", "kind": Kind.DENSE, "size": -3}, "size"),
-        ({"name": "x", "kind": Kind.SEQUENCE, "size": 0, "vocab": 10}, "size"),
-        ({"name": "x", "kind": Kind.SPARSE, "size": 2, "vocab": 10}, "sparse"),
-        ({"name": "x", "kind": Kind.SPARSE, "vocab": 0}, "vocabulary"),
-        ({"name": "x", "kind": Kind.MULTI_HOT, "size": 4}, "vocabulary"),
-        ({"name": "x", "kind": Kind.SEQUENCE, "size": 4, "vocab": -1}, "vocabulary"),
-        ({"name": "x", "kind": Kind.SPARSE, "vocab": 5, "space": "two_tower"}, "embedding space"),
+        ({"name": "x", "kind": Kind.SEQUENCE, "size": 0, "rows": 10}, "size"),
+        ({"name": "x", "kind": Kind.SPARSE, "size": 2, "rows": 10}, "sparse"),
+        ({"name": "x", "kind": Kind.SPARSE, "rows": 0}, r"feature x: a managed map needs its embedding rows"),
+        ({"name": "x", "kind": Kind.MULTI_HOT, "size": 4}, r"feature x: a managed map needs .*got 0"),
+        ({"name": "x", "kind": Kind.SEQUENCE, "size": 4, "rows": -1}, r"feature x: a managed map .*got -1"),
+        ({"name": "x", "kind": Kind.SPARSE, "map": "managed"}, r"feature x: a managed map needs .*rows >= 1"),
+        ({"name": "x", "kind": Kind.SPARSE, "map": "managed", "rows": 0}, r"feature x: a managed map needs"),
+        ({"name": "x", "kind": Kind.SPARSE, "map": "hash"}, r"feature x: a hash map needs .*rows >= 1"),
+        (
+            {"name": "x", "kind": Kind.SPARSE, "map": "qr", "rows": 1},
+            r"feature x: a qr map needs .*rows >= 2",
+        ),
+        ({"name": "x", "kind": Kind.SPARSE, "map": "lsh", "rows": 9}, r"feature x: unknown map 'lsh'"),
+        ({"name": "x", "kind": Kind.SPARSE, "rows": 9, "evict": "fifo"}, r"feature x: evict is lfu or lru"),
+        ({"name": "x", "kind": Kind.SPARSE, "rows": 9, "map": "hash", "evict": "lru"}, "only for a managed"),
+        ({"name": "x", "kind": Kind.DENSE, "rows": 5}, r"feature x: rows, map, .* not dense"),
+        ({"name": "x", "kind": Kind.DENSE, "map": "hash"}, r"feature x: rows, map, .* not dense"),
+        ({"name": "x", "kind": Kind.DENSE, "string_ids": True}, r"feature x: .*string ids .* not dense"),
+        ({"name": "x", "kind": Kind.SPARSE, "rows": 5, "space": "two_tower"}, "embedding space"),
     ],
 )
 def test_invalid_features_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Feature(owner=U, **kwargs)
+
+
+def test_an_id_feature_resolves_its_map_and_eviction_defaults() -> None:
+    plain = Feature("x", U, Kind.SPARSE, 1, 9)
+    assert (plain.map, plain.id_map, plain.evict, plain.id_evict) == ("", "managed", "", "lfu")
+    assert Feature("x", U, Kind.SPARSE, 1, 9, evict="lru").id_evict == "lru"
+    hashed = Feature("x", U, Kind.SPARSE, 1, 9, map="hash")
+    assert (hashed.id_map, hashed.id_evict) == ("hash", "")
+    assert Feature("x", U, Kind.SPARSE, 1, 2, map="qr").id_map == "qr"
+    dense = Feature("x", U, Kind.DENSE, 3)
+    assert (dense.id_map, dense.id_evict, dense.rows, dense.string_ids) == ("", "", 0, False)
+    # ids are raw int64 whatever the rows: the rows size a model's table, not the values
+    assert plain.dtype == np.dtype("<i8") and dense.dtype == np.dtype("<f4")
 
 
 @pytest.mark.parametrize("version", [-1, 2**16])
@@ -103,7 +132,7 @@ def test_layouts_group_owners_and_pack_contiguously(fs: FeatureSet) -> None:
         feats = [f for f in fs.features if f.owner in owners]
         assert lay.float_width == sum(f.size for f in feats if f.kind is Kind.DENSE)
         assert lay.int_width == sum(f.size for f in feats if f.kind is not Kind.DENSE)
-        assert lay.row_bytes == 4 * (lay.float_width + lay.int_width)
+        assert lay.row_bytes == 4 * lay.float_width + 8 * lay.int_width  # float32 values, int64 ids
         _check_contiguous(lay.slots, True, lay.float_width)
         _check_contiguous(lay.slots, False, lay.int_width)
     assert len(req.slots) + len(item.slots) == len(fs)
@@ -116,7 +145,7 @@ def test_tiny_layout_offsets_by_hand() -> None:
     item = {s.feature.name: s.offset for s in fs.layout(Side.ITEM).slots}
     assert item == {"i_a": 0, "i_id": 0, "i_tags": 1}
     assert (fs.layout(Side.REQUEST).float_width, fs.layout(Side.REQUEST).int_width) == (8, 6)
-    assert fs.layout(Side.REQUEST).row_bytes == 56
+    assert fs.layout(Side.REQUEST).row_bytes == 8 * 4 + 6 * 8
 
 
 def test_owner_slots_are_offsets_inside_the_owner_block() -> None:
@@ -136,7 +165,7 @@ def test_request_layout_is_user_block_then_context_block() -> None:
     blocks = {
         o: FeatureBlock(
             rng.normal(size=(3, fs.widths(o)[0])).astype("<f4"),
-            rng.integers(0, 9, (3, fs.widths(o)[1])).astype("<i4"),
+            rng.integers(-(2**63), 2**63 - 1, (3, fs.widths(o)[1]), dtype=np.int64),
         )
         for o in (U, C)
     }
@@ -155,7 +184,7 @@ def test_zeros_has_the_layout_shape() -> None:
     assert z.floats.shape == (4, 3)
     assert z.ints.shape == (4, 4)
     assert z.floats.dtype == np.dtype("<f4")
-    assert z.ints.dtype == np.dtype("<i4")
+    assert z.ints.dtype == np.dtype("<i8")
     assert z.nbytes == 4 * lay.row_bytes
 
 
@@ -171,8 +200,10 @@ def _replace(fs: FeatureSet, target: str, **changes) -> FeatureSet:
         ("u_hist", {"size": 5}),
         ("u_b", {"size": 4}),
         ("c_x", {"owner": Owner.USER}),
-        ("i_a", {"kind": Kind.MULTI_HOT, "vocab": 10}),
+        ("i_a", {"kind": Kind.MULTI_HOT, "rows": 10}),
         ("i_id", {"name": "i_item"}),
+        ("i_id", {"string_ids": False}),
+        ("u_hist", {"string_ids": True}),
     ],
 )
 def test_fingerprint_changes_when_a_feature_changes_shape(name: str, changes: dict) -> None:
@@ -190,6 +221,9 @@ def test_fingerprint_is_stable_for_the_same_shape() -> None:
     fs = _small_fs()
     assert _small_fs().fingerprint == fs.fingerprint
     assert _replace(fs, "u_b", doc="reworded").fingerprint == fs.fingerprint
+    # how a model maps ids to rows does not change the bytes a FeatureSet's blobs hold
+    assert _replace(fs, "i_id", rows=7, map="hash").fingerprint == fs.fingerprint
+    assert _replace(fs, "u_id", evict="", map="qr", rows=3).fingerprint == fs.fingerprint
     assert 0 <= fs.fingerprint < 2**32
 
 
@@ -205,14 +239,31 @@ def test_json_round_trip(fs: FeatureSet) -> None:
     assert back.retired == {"old_feature": "noise, retired by audit"}
     assert [f.doc for f in back.features] == [f.doc for f in fs.features]
     assert all(isinstance(f.owner, Owner) and isinstance(f.kind, Kind) for f in back.features)
+    assert [(f.rows, f.map, f.evict, f.string_ids) for f in back.features] == [
+        (f.rows, f.map, f.evict, f.string_ids) for f in fs.features
+    ]
+
+
+def test_json_written_with_vocab_reads_it_as_rows() -> None:
+    fs = _small_fs()
+    d = json.loads(fs.to_json())
+    for f in d["features"]:
+        f["vocab"] = f.pop("rows")
+        for key in ("map", "evict", "string_ids"):
+            del f[key]
+    back = FeatureSet.from_json(json.dumps(d))
+    assert [f.rows for f in back.features] == [f.rows for f in fs.features]
+    assert back["i_id"].string_ids is False and back["c_hour"].id_map == "managed"
+    plain = tuple(dataclasses.replace(f, map="", evict="", string_ids=False) for f in fs.features)
+    assert back == FeatureSet(fs.name, fs.version, plain)
 
 
 # ----------------------------------------------------------------------------------- row fingerprints
 def _block(rows: int = 4) -> FeatureBlock:
     rng = np.random.default_rng(5)
-    return FeatureBlock(
-        rng.normal(size=(rows, 6)).astype("<f4"), rng.integers(-1, 1_000, (rows, 3)).astype("<i4")
-    )
+    ints = rng.integers(-(2**63), 2**63 - 1, (rows, 3), dtype=np.int64)
+    ints[:, 0] = PAD_ID
+    return FeatureBlock(rng.normal(size=(rows, 6)).astype("<f4"), ints)
 
 
 def test_row_fingerprints_are_equal_for_equal_rows() -> None:
@@ -245,7 +296,7 @@ def test_row_fingerprints_see_every_single_byte_change() -> None:
 
 
 def test_row_fingerprints_tell_negative_zero_and_nan_payloads_apart() -> None:
-    b = FeatureBlock(np.zeros((4, 2), "<f4"), np.full((4, 1), PAD_ID, "<i4"))
+    b = FeatureBlock(np.zeros((4, 2), "<f4"), np.full((4, 1), PAD_ID, "<i8"))
     b.floats[1, 0] = -0.0
     b.floats[2, 0] = np.nan
     b.floats.view(np.uint32)[3, 0] = 0x7FC00001  # another NaN
@@ -262,7 +313,7 @@ def test_default_featureset_is_a_late_stage_rankers() -> None:
     assert len(fs.of(C)) >= 1
     hist = fs["u_hist"]
     assert (hist.owner, hist.kind, hist.size) == (U, Kind.SEQUENCE, 50)
-    assert hist.vocab == WorldConfig().n_items
+    assert hist.rows == WorldConfig().n_items
     names = {f.name for f in fs.features}
     assert noise < names
     informative = names - noise
@@ -273,6 +324,62 @@ def test_default_featureset_is_a_late_stage_rankers() -> None:
     assert {"u_taste_00", "i_taste_00", "u_hist", "i_click_rate"} <= informative
     assert {"u_noise_00", "i_noise_00"} <= noise
     assert {Kind.DENSE, Kind.SPARSE, Kind.MULTI_HOT, Kind.SEQUENCE} == {f.kind for f in fs.features}
+
+
+# ----------------------------------------------------------------------------------- roles
+def _with_history(item: dict, history: dict) -> FeatureSet:
+    return FeatureSet(
+        "roles",
+        1,
+        (
+            Feature("item", I, Kind.SPARSE, 1, role=Role.ITEM_ID, **item),
+            Feature("seen", U, Kind.SEQUENCE, 5, role=Role.HISTORY, **history),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("item", "history"),
+    [
+        ({"rows": 100}, {"rows": 100}),
+        ({"rows": 100}, {"rows": 100, "map": "managed", "evict": "lfu"}),  # the defaults, spelt out
+        ({"rows": 100, "map": "hash", "string_ids": True}, {"rows": 100, "map": "hash", "string_ids": True}),
+        ({"rows": 64, "map": "qr"}, {"rows": 64, "map": "qr"}),
+    ],
+)
+def test_a_history_shares_the_item_ids_table(item: dict, history: dict) -> None:
+    fs = _with_history(item, history)
+    assert fs.role(Role.HISTORY).name == "seen" and fs.role(Role.ITEM_ID).name == "item"
+
+
+@pytest.mark.parametrize(
+    ("item", "history", "says"),
+    [
+        ({"rows": 100}, {"rows": 99}, r"\(99 rows, map managed, evict lfu\), got item with 100 rows"),
+        (
+            {"rows": 100},
+            {"rows": 100, "map": "hash"},
+            r"\(100 rows, map hash\), got item with 100 rows, map managed",
+        ),
+        ({"rows": 100}, {"rows": 100, "evict": "lru"}, r"evict lru\), got item with .*evict lfu$"),
+        (
+            {"rows": 100},
+            {"rows": 100, "string_ids": True},
+            r"string ids\), got item with 100 rows, map managed, evict lfu$",
+        ),
+    ],
+)
+def test_a_history_of_another_table_is_refused_naming_both(item: dict, history: dict, says: str) -> None:
+    with pytest.raises(
+        ValueError, match=r"history seen holds item ids, so it needs an item_id feature of the same table"
+    ) as err:
+        _with_history(item, history)
+    assert re.search(says, str(err.value)), str(err.value)
+
+
+def test_a_history_without_an_item_id_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"same table \(9 rows, map managed, evict lfu\)$"):
+        FeatureSet("roles", 1, (Feature("seen", U, Kind.SEQUENCE, 5, 9, role=Role.HISTORY),))
 
 
 # ----------------------------------------------------------------------------------- versions
@@ -324,13 +431,25 @@ def test_reads_refuses_another_lineage_another_shape_and_missing_features() -> N
     for name, changes in (
         ("u_hist", {"size": 5}),
         ("c_x", {"owner": Owner.USER}),
-        ("i_a", {"kind": Kind.MULTI_HOT, "vocab": 10}),
-        ("i_id", {"vocab": 501}),  # same bytes per value, other ids: not the same feature
+        ("i_a", {"kind": Kind.MULTI_HOT, "rows": 10}),
+        ("u_id", {"string_ids": True}),  # same bytes per value, hashes of strings: not the same ids
+        ("i_id", {"string_ids": False}),
     ):
         reshaped = _replace(v1, name, **changes)
         newer = FeatureSet(v1.name, 2, reshaped.features)
         assert not newer.reads(v1), name
         assert newer.read_conflicts(v1) == [f"features of another shape: ['{name}']"]
+    # how ids map to rows is a model's business: a FeatureSet that maps them otherwise reads the data
+    for name, changes in (
+        ("i_id", {"rows": 501}),
+        ("u_hist", {"rows": 7, "map": "hash"}),
+        ("c_hour", {"map": "managed", "rows": 1}),
+        ("u_id", {"evict": "lfu"}),
+        ("i_tags", {"map": "qr", "rows": 1_000_000}),
+    ):
+        remapped = FeatureSet(v1.name, 2, _replace(v1, name, **changes).features)
+        assert remapped.read_conflicts(v1) == [], name
+        assert remapped.columns_from(v1, Side.ITEM)[1].tolist() == list(range(v1.layout(Side.ITEM).int_width))
     # a version that adds a feature cannot read data written before it existed
     added = FeatureSet(v1.name, 2, (*v1.features, Feature("u_new", U, Kind.DENSE)))
     assert added.read_conflicts(v1) == ["features not in the written FeatureSet: ['u_new']"]
@@ -350,7 +469,7 @@ def test_projection_picks_the_surviving_columns_of_each_feature(side: Side) -> N
     rng = np.random.default_rng(1)
     block = FeatureBlock(
         rng.normal(size=(7, old.float_width)).astype("<f4"),
-        rng.integers(-1, 10_000, (7, old.int_width)).astype("<i4"),
+        rng.integers(-(2**63), 2**63 - 1, (7, old.int_width), dtype=np.int64),
     )
     fcols, icols = pruned.columns_from(full, side)
     assert fcols.shape == (new.float_width,) and icols.shape == (new.int_width,)
@@ -374,7 +493,9 @@ def test_projection_follows_the_readers_feature_order() -> None:
     fcols, icols = shuffled.columns_from(v1, Side.REQUEST)
     assert fcols.tolist() == [2, 3, 4, 5, 6, 0, 1, 7]
     assert icols.tolist() == [1, 2, 3, 4, 0, 5]
-    block = FeatureBlock(np.arange(16, dtype="<f4").reshape(2, 8), np.arange(12, dtype="<i4").reshape(2, 6))
+    block = FeatureBlock(
+        np.arange(16, dtype="<f4").reshape(2, 8), np.arange(12, dtype="<i8").reshape(2, 6) * 2**59
+    )
     got = shuffled.project(block, v1, Side.REQUEST)
     assert np.array_equal(got.floats, block.floats[:, fcols]) and np.array_equal(
         got.ints, block.ints[:, icols]

@@ -25,9 +25,11 @@ def test_same_config_gives_the_same_world(small_world: World, small_config: Worl
         assert again.store.blocks[owner].same_bytes(small_world.store.blocks[owner])
     assert np.array_equal(again.popularity, small_world.popularity)
     assert np.array_equal(again.item_category, small_world.item_category)
+    assert np.array_equal(again.user_ids, small_world.user_ids)
+    assert np.array_equal(again.item_ids, small_world.item_ids)
     rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
-    items = np.tile(np.arange(100), (5, 1))
-    users = np.arange(5)
+    items = np.tile(small_world.item_ids[:100], (5, 1))
+    users = small_world.user_ids[:5]
     ea, eb = small_world.engage(users, items, rng_a), again.engage(users, items, rng_b)
     assert np.array_equal(ea.click, eb.click)
     assert np.array_equal(ea.depth, eb.depth)
@@ -48,20 +50,78 @@ def test_store_blocks_have_the_featureset_widths(small_world: World, small_confi
         block = small_world.store.blocks[owner]
         assert (block.floats.shape, block.ints.shape) == ((n, fs.widths(owner)[0]), (n, fs.widths(owner)[1]))
         assert np.isfinite(block.floats).all()
-    assert np.array_equal(_col(small_world, Owner.ITEM, "i_id").ravel(), np.arange(small_config.n_items))
-    assert np.array_equal(_col(small_world, Owner.USER, "u_id").ravel(), np.arange(small_config.n_users))
+    # row k of a block is the entity of raw id ids[owner][k], and its id feature says so
+    assert np.array_equal(small_world.store.ids[Owner.ITEM], small_world.item_ids)
+    assert np.array_equal(small_world.store.ids[Owner.USER], small_world.user_ids)
+    assert np.array_equal(_col(small_world, Owner.ITEM, "i_id").ravel(), small_world.item_ids)
+    assert np.array_equal(_col(small_world, Owner.USER, "u_id").ravel(), small_world.user_ids)
 
 
-def test_id_features_stay_inside_their_vocabulary(small_world: World) -> None:
+def _spread_raw_ids(ids: np.ndarray, what: str) -> None:
+    """Distinct raw 64-bit ids, none the padding id, spread over int64 rather than numbering rows."""
+    assert ids.dtype == np.int64, what
+    assert len(np.unique(ids)) == len(ids), what
+    assert not (ids == PAD_ID).any(), what
+    assert not np.array_equal(np.sort(ids), np.arange(len(ids))), what
+    assert (ids < 0).any() and (ids > 0).any(), what  # both halves of int64
+    assert (np.abs(ids.astype(np.float64)) > 2.0**62).any(), what  # up to the top bits
+    assert (np.abs(ids.astype(np.float64)) > 2.0**32).mean() > 0.99, what  # not small numbers
+
+
+def test_user_item_and_creator_ids_are_raw_64_bit_ids(small_world: World, small_config: WorldConfig) -> None:
+    w = small_world
+    for ids, n, what in (
+        (w.user_ids, small_config.n_users, "user"),
+        (w.item_ids, small_config.n_items, "item"),
+        (w.creator_ids, small_config.n_creators, "creator"),
+    ):
+        assert ids.shape == (n,), what
+        _spread_raw_ids(ids, what)
+    assert not np.intersect1d(w.user_ids, w.item_ids).size  # users and items are told apart
+    assert not np.intersect1d(w.item_ids, w.creator_ids).size
+    assert np.array_equal(w.users.rows(w.user_ids[::-1]), np.arange(small_config.n_users)[::-1])
+    assert np.array_equal(w.items.rows(w.item_ids[[7, 3]]), [7, 3])
+    with pytest.raises(KeyError, match="no item"):
+        w.items.rows(np.arange(3))  # row numbers are not item ids
+    creators = _col(w, Owner.ITEM, "i_creator").ravel()
+    assert np.array_equal(creators, w.creator_ids[w.item_creator])
+
+
+# Features holding the world's raw ids (of which entity); the others are small categorical ids.
+RAW_ID_FEATURES = {
+    "u_id": "user_ids",
+    "i_id": "item_ids",
+    "u_hist": "item_ids",
+    "i_creator": "creator_ids",
+    "u_hist_creator": "creator_ids",
+}
+
+
+def test_id_features_hold_raw_ids_or_stay_inside_their_rows(small_world: World) -> None:
     fs = small_world.featureset
+    seen = set()
     for owner in (Owner.USER, Owner.ITEM):
         for name, slot in fs.owner_slots(owner).items():
             if slot.feature.is_float:
                 continue
             ids = _col(small_world, owner, name)
             real = ids[ids != PAD_ID]
-            assert real.min(initial=0) >= 0, name
-            assert real.max(initial=0) < slot.feature.vocab, name
+            assert real.size, name
+            if name in RAW_ID_FEATURES:
+                assert np.isin(real, getattr(small_world, RAW_ID_FEATURES[name])).all(), name
+                seen.add(name)
+            else:
+                assert real.min() >= 0, name
+                assert real.max() < slot.feature.rows, name
+    assert seen == set(RAW_ID_FEATURES)
+    # a history's categories and creators are those of its (raw) items
+    hist = _col(small_world, Owner.USER, "u_hist")
+    real = hist != PAD_ID
+    rows = small_world.items.rows(hist[real])
+    assert np.array_equal(_col(small_world, Owner.USER, "u_hist_cat")[real], small_world.item_category[rows])
+    creators = small_world.creator_ids[small_world.item_creator[rows]]
+    assert np.array_equal(_col(small_world, Owner.USER, "u_hist_creator")[real], creators)
+    assert (_col(small_world, Owner.USER, "u_hist_cat")[~real] == PAD_ID).all()
 
 
 # ----------------------------------------------------------------------------------- popularity
@@ -105,10 +165,11 @@ def test_scroll_depth_is_clipped_to_the_list(small_world: World) -> None:
 
 # ----------------------------------------------------------------------------------- engagement
 def _traffic(world: World, b: int = 200, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ids of ``b`` distinct users, each shown 100 random items (raw ids)."""
     rng = np.random.default_rng(seed)
     users = rng.choice(world.config.n_users, b, replace=False)
     items = np.stack([rng.choice(world.config.n_items, 100, replace=False) for _ in range(b)])
-    return users, items
+    return world.user_ids[users], world.item_ids[items]
 
 
 def _feed(world: World, repeats: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -117,9 +178,9 @@ def _feed(world: World, repeats: int = 2) -> tuple[np.ndarray, np.ndarray]:
     Engagement is calibrated on what a feed shows; on random items clicks are a few percent of
     views and a like or a share may not be drawn at all.
     """
-    users = np.tile(np.arange(world.config.n_users), repeats)
-    p = world.click_probability(users[: world.config.n_users], np.arange(world.config.n_items)[None, :])
-    return users, np.tile(np.argsort(-p, axis=1)[:, :100], (repeats, 1))
+    users = np.tile(world.user_ids, repeats)
+    p = world.click_probability(world.user_ids, world.item_ids[None, :])
+    return users, np.tile(world.item_ids[np.argsort(-p, axis=1)[:, :100]], (repeats, 1))
 
 
 def test_engagement_only_on_viewed_positions(small_world: World) -> None:
@@ -157,7 +218,7 @@ def test_apply_moves_counters_of_viewed_items_only(small_world: World) -> None:
     before = _col(small_world, Owner.ITEM, "i_views_log").ravel()
     small_world.apply(users, items, eng)
     after = _col(small_world, Owner.ITEM, "i_views_log").ravel()
-    viewed = np.unique(items[eng.viewed])
+    viewed = np.unique(small_world.items.rows(items[eng.viewed]))
     unviewed = np.setdiff1d(np.arange(small_world.config.n_items), viewed)
     assert len(viewed) > 0
     assert (after[viewed] > before[viewed]).all()
@@ -175,17 +236,19 @@ def test_apply_prepends_clicks_to_the_history_of_users_who_clicked(small_world: 
     clicked_any = eng.click.any(axis=1)
     assert clicked_any.sum() > 0
     assert (~clicked_any).sum() > 0
-    for r, u in enumerate(users):
+    rows = small_world.users.rows(users)
+    for r, u in enumerate(rows):
         if clicked_any[r]:
-            new = items[r][eng.click[r]][::-1]  # most recent click first
+            new = items[r][eng.click[r]][::-1]  # most recent click first, as raw item ids
             want = np.concatenate([new, hist_before[u]])[:HISTORY_LEN]
             assert np.array_equal(hist_after[u], want)
             real = hist_after[u] != PAD_ID
-            assert np.array_equal(cat_after[u][real], small_world.item_category[hist_after[u][real]])
+            item_rows = small_world.items.rows(hist_after[u][real])
+            assert np.array_equal(cat_after[u][real], small_world.item_category[item_rows])
         else:
             assert np.array_equal(hist_after[u], hist_before[u])
             assert np.array_equal(cat_after[u], cat_before[u])
-    untouched = np.setdiff1d(np.arange(small_world.config.n_users), users)
+    untouched = np.setdiff1d(np.arange(small_world.config.n_users), rows)
     assert np.array_equal(hist_after[untouched], hist_before[untouched])
 
 
@@ -228,14 +291,17 @@ def test_extra_noise_is_filled_and_redrawn_on_apply(small_config: WorldConfig) -
     for n, col in before.items():
         assert np.unique(col).size > 100, n  # noise, not a constant
     uid = world.featureset["x_uid_00000"]
-    assert before["x_uid_00000"].min() >= 0 and before["x_uid_00000"].max() < uid.vocab
+    assert before["x_uid_00000"].min() >= 0 and before["x_uid_00000"].max() < uid.rows
     world.apply(users, items, eng)
-    viewed = np.unique(items[eng.viewed])
+    viewed = np.unique(world.items.rows(items[eng.viewed]))
+    user_rows = world.users.rows(users)
     untouched = np.setdiff1d(np.arange(world.config.n_items), viewed)
     after = {n: _col(world, Owner.ITEM if n.startswith("x_item") else Owner.USER, n) for n in names}
     assert (after["x_item_00000"][viewed] != before["x_item_00000"][viewed]).all()
     assert np.array_equal(after["x_item_00000"][untouched], before["x_item_00000"][untouched])
-    assert (after["x_user_00000"][users] != before["x_user_00000"][users]).all()
-    assert (after["x_uid_00000"][users] != before["x_uid_00000"][users]).mean() > 0.9  # 1 in 1,000 repeats
-    others = np.setdiff1d(np.arange(world.config.n_users), users)
+    assert (after["x_user_00000"][user_rows] != before["x_user_00000"][user_rows]).all()
+    assert (
+        after["x_uid_00000"][user_rows] != before["x_uid_00000"][user_rows]
+    ).mean() > 0.9  # 1 in 1,000 repeats
+    others = np.setdiff1d(np.arange(world.config.n_users), user_rows)
     assert np.array_equal(after["x_user_00000"][others], before["x_user_00000"][others])

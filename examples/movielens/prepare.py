@@ -15,6 +15,10 @@ Reads the dataset in RecBole's atomic format and writes, into ``--out``:
   session is a user's ratings with less than 30 minutes between them; its items are what it
   engaged with, ratings of 4 and 5 are likes).
 
+Users and movies get raw 64-bit ids (:func:`leanrec.ids.scrambled_ids` of their rank in the
+dataset's own numbering), as a real catalog's ids are: nothing downstream works because ids happen to
+be small and dense. Only BPR's own tables are indexed by row, inside this script.
+
 Chunks 1 and 2 (60–80% of the sessions) are round 1: replayed and logged to train the late ranker.
 Chunks 3 and 4 (the last 20%) are held out: the ranker and retrieval alone are replayed on them.
 The dataset's terms forbid redistributing it: the files written stay on this machine.
@@ -30,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leanrec.featurefile import dump_featureset
+from leanrec.ids import scrambled_ids
 from leanrec.retrieval.atomic import read_atomic
 from leanrec.retrieval.index import embeddings_of, save_index
 from leanrec.retrieval.models import BPR
@@ -39,6 +44,7 @@ from leanrec.schema import Feature, FeatureSet, Kind, Owner
 GAP_S = 30 * 60  # ratings further apart than this start a new session
 HISTORY = 20
 RECENT_S = 7 * 86_400
+USER_SALT, ITEM_SALT = 11, 12  # the catalog's raw ids: scrambled_ids(n, salt)
 CHUNKS = ((0.60, 0.70), (0.70, 0.80), (0.80, 0.90), (0.90, 1.00))  # session shares of chunks 1..4
 
 
@@ -86,7 +92,10 @@ def column(values: np.ndarray) -> pa.Array:
 
 
 def snapshot(t: float, inter: dict, users: dict, items: dict, u_emb: np.ndarray, i_emb: np.ndarray) -> tuple:
-    """Users' and items' feature tables as they stood at time ``t`` (only ratings before it count)."""
+    """Users' and items' feature tables as they stood at time ``t`` (only ratings before it count).
+
+    ``users["raw"]`` and ``items["raw"]`` are the raw ids of the rows; the tables hold raw ids only.
+    """
     past = inter["ts"] < t
     u, i, r, ts = (inter[k][past] for k in ("user", "item", "rating", "ts"))
     n_users, n_items = len(users["age"]), len(items["decade"])
@@ -98,11 +107,11 @@ def snapshot(t: float, inter: dict, users: dict, items: dict, u_emb: np.ndarray,
     us = u[order]
     rank = np.arange(len(us)) - np.searchsorted(us, us)  # position within the user's ratings
     keep = rank < HISTORY
-    watched = np.full((n_users, HISTORY), -1, np.int32)
-    watched[us[keep], rank[keep]] = i[order][keep]
+    watched = np.full((n_users, HISTORY), -1, np.int64)
+    watched[us[keep], rank[keep]] = items["raw"][i[order][keep]]
     user_table = pa.table(
         {
-            "user_id": np.arange(n_users),
+            "user_id": users["raw"],
             "age_band": np.minimum(users["age"] // 10, 7),
             "gender": users["gender"],
             "occupation": users["occupation"],
@@ -117,7 +126,7 @@ def snapshot(t: float, inter: dict, users: dict, items: dict, u_emb: np.ndarray,
     liked = np.bincount(i[r >= 4], minlength=n_items)
     item_table = pa.table(
         {
-            "item_id": np.arange(n_items),
+            "item_id": items["raw"],
             "genres": column(items["genres"]),
             "decade": items["decade"],
             "popularity_log": np.log1p(count_i).astype(np.float32),
@@ -161,6 +170,7 @@ def main() -> None:
         "age": user_t.column("age").to_numpy(zero_copy_only=False).astype(np.int64)[u_row],
         "gender": (user_t.column("gender").to_numpy(zero_copy_only=False) == "F").astype(np.int64)[u_row],
         "occupation": occ[u_row],
+        "raw": scrambled_ids(len(user_tokens), USER_SALT),
     }
     i_tokens = item_t.column("item_id").to_numpy(zero_copy_only=False).astype(np.int64)
     i_row = np.searchsorted(i_tokens, item_tokens, sorter=np.argsort(i_tokens))
@@ -173,7 +183,11 @@ def main() -> None:
     genres = by_file_row[i_row]
     year_tokens = item_t.column("release_year").to_pylist()
     years = np.array([int(y) if y and str(y).isdigit() else 1990 for y in year_tokens])
-    items = {"genres": genres, "decade": np.clip((years[i_row] - 1900) // 10, 0, 11)}
+    items = {
+        "genres": genres,
+        "decade": np.clip((years[i_row] - 1900) // 10, 0, 11),
+        "raw": scrambled_ids(len(item_tokens), ITEM_SALT),
+    }
 
     # Sessions, in the order they started.
     order = np.lexsort((inter["ts"], inter["user"]))
@@ -195,7 +209,7 @@ def main() -> None:
     model = BPR()
     model.fit(split, epochs=args.epochs, seed=args.seed)
     u_emb, i_emb = embeddings_of(model)
-    save_index(out / "retrieval.npz", u_emb, i_emb, seen=(tu, ti))
+    save_index(out / "retrieval.npz", u_emb, i_emb, users["raw"], items["raw"], seen=(tu, ti))
     fs = featureset(n_users, n_items, len(genre_names), len(occupations), u_emb.shape[1])
     (out / "featureset.toml").write_text(
         "# MovieLens 100K as a catalog: written by examples/movielens/prepare.py\n" + dump_featureset(fs)
@@ -211,8 +225,9 @@ def main() -> None:
         s_of, i_of = sid[rows], inter["item"][order][rows]
         liked = inter["rating"][order][rows] >= 4
         pos = np.searchsorted(np.sort(chosen), s_of)
-        lists = [i_of[pos == j] for j in range(len(chosen))]
-        likes = [i_of[(pos == j) & liked] for j in range(len(chosen))]
+        raw = items["raw"][i_of]
+        lists = [raw[pos == j] for j in range(len(chosen))]
+        likes = [raw[(pos == j) & liked] for j in range(len(chosen))]
         back = np.argsort(np.argsort(chosen))  # sorted-id slot of each chosen session
         when = starts[chosen].astype("datetime64[s]")
         hour = (when.astype("datetime64[h]").astype(np.int64) % 24).astype(np.int64)
@@ -221,7 +236,7 @@ def main() -> None:
         pq.write_table(
             pa.table(
                 {
-                    "user_id": u_sorted[first_row],
+                    "user_id": users["raw"][u_sorted[first_row]],
                     "items": pa.array([lists[j].tolist() for j in back], pa.list_(pa.int64())),
                     "likes": pa.array([likes[j].tolist() for j in back], pa.list_(pa.int64())),
                     "hour": hour,

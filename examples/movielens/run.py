@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from leanrec.featurefile import load_featureset
+from leanrec.ids import IdIndex
 from leanrec.schema import Owner, Side
 from leanrec.warehouse.store import ParquetWarehouse, warehouse_bytes
 from leanrec.warehouse.tables import TableLayout
@@ -132,7 +133,7 @@ def skew(
         for k in (*chunks, "latest"):
             kk = latest if k == "latest" else k
             snap = pq.read_table(work / f"{'users' if owner is Owner.USER else 'items'}_{kk}.parquet")
-            row = np.searchsorted(snap.column(id_col).to_numpy(), ids)
+            row = IdIndex(snap.column(id_col).to_numpy(), owner.value).rows(ids)
             rows = chunk_of == kk if k != "latest" else np.ones(len(ids), bool)
             for f in fs.of(owner):
                 if f.name not in layout or f.name not in snap.column_names:
@@ -146,7 +147,9 @@ def skew(
                     if f.size > 1
                     else want_col.to_numpy()
                 )[row]
-                differs = ~np.isclose(got.reshape(len(ids), -1), want.reshape(len(ids), -1)).all(1)
+                got, want = got.reshape(len(ids), -1), want.reshape(len(ids), -1)
+                same = np.isclose(got, want) if f.is_float else got == want  # raw ids compare exactly
+                differs = ~same.all(1)
                 (fresh if k == "latest" else skewed)[rows] |= differs[rows]
     return int(skewed.sum()), int(fresh.sum())
 

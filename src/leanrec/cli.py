@@ -504,7 +504,8 @@ def _featureset(args: argparse.Namespace, console: Console) -> int:
             f.owner.value,
             f.kind.value,
             str(f.size),
-            f"{f.vocab:,}" if f.vocab else "",
+            f"{f.rows:,}" if f.rows else "",
+            f.id_map + (f" {f.id_evict}" if f.id_evict else "") + (", strings" if f.string_ids else ""),
             f.role or f.space,
         ]
         for f in fs.features
@@ -514,7 +515,8 @@ def _featureset(args: argparse.Namespace, console: Console) -> int:
         Col("owner", kind="name"),
         Col("kind", kind="name"),
         Col("size"),
-        Col("vocab"),
+        Col("rows"),
+        Col("id map", kind="name"),
         Col("role / space", kind="name"),
     )
     console.print(fitted(f"{args.file}: FeatureSet {fs.name} v{fs.version}", cols, rows, console.width))
@@ -523,7 +525,7 @@ def _featureset(args: argparse.Namespace, console: Console) -> int:
         [side, str(s["features"]), str(s["float_columns"]), str(s["int_columns"]), f"{s['bytes']:,}"]
         for side, s in (("request (once)", sides["request"]), ("item (per ranked item)", sides["item"]))
     ]
-    cols = (Col("side", kind="name"), Col("features"), Col("float32"), Col("int32"), Col("bytes"))
+    cols = (Col("side", kind="name"), Col("features"), Col("float32"), Col("int64"), Col("bytes"))
     console.print(fitted("logged layout", cols, rows, console.width))
     roles = ", ".join(f"{r.value}: {f.name}" for r in Role if (f := fs.role(r)) is not None) or "none"
     console.print(
@@ -556,11 +558,46 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     )
     wide = "" if result.wide_valid_auc is None else f"solved wide part {result.wide_valid_auc:.4f}, "
     kept = f"epoch {result.best_epoch}" if result.best_epoch else "the solved wide part"
+    console.print(_id_maps_table(result.id_maps, console.width))
     console.print(
         f"{result.examples_per_second:,.0f} examples/s; validation AUC: {wide}by epoch "
         f"{[round(a, 4) for a in result.valid_auc]}; kept {kept}; model: {out}"
     )
     return 0
+
+
+def _id_maps_table(maps: dict[str, dict], width: int):
+    """Each embedding table's map: memory, ids seen, rows in use, turnover and collisions."""
+    from leanrec.report.tables import Col, fitted
+
+    rows = [
+        [
+            name,
+            m["map"],
+            f"{m['rows']:,}",
+            f"{m['memory_bytes'] / 1024:,.0f}",
+            f"{m.get('ids_seen', 0):,}",
+            f"{m['rows_in_use']:,}",
+            f"{m['admissions']:,}",
+            f"{m['evictions']:,}",
+            f"{m.get('collision_rate_head', 0.0):.3f}",
+            f"{m.get('collision_rate_rest', 0.0):.3f}",
+        ]
+        for name, m in maps.items()
+    ]
+    cols = (
+        Col("table", kind="name"),
+        Col("map", kind="name"),
+        Col("rows"),
+        Col("KiB", "KiB", "memory, KiB"),
+        Col("ids seen", "ids"),
+        Col("rows used", "used", drop=2),
+        Col("admitted", "adm", drop=1),
+        Col("evicted", "evi", drop=1),
+        Col("collide: head 1%", "c.head", "share of the 1% most frequent ids that share a row"),
+        Col("rest", "c.rest", "share of the other ids that share a row"),
+    )
+    return fitted("id maps (collisions among the ids training saw)", cols, rows, width)
 
 
 def _metrics_table(title: str, metrics: dict[str, float], width: int):

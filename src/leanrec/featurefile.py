@@ -11,7 +11,10 @@ versions had::
     name = "item"            # an identifier; also the warehouse column
     owner = "item"           # user | item | context
     kind = "sparse"          # dense | sparse | multi_hot | sequence
-    vocab = 100000           # id kinds: ids lie in [0, vocab)
+    dtype = "string"         # id kinds: int64 (the default) or string (hashed to 64 bits)
+    rows = 100000            # id kinds: rows of the embedding table a model maps the ids into
+    map = "managed"          # id kinds: managed (the default) | hash | qr
+    evict = "lfu"            # managed maps: lfu (the default) | lru
     role = "item_id"         # item_id | user_id | history (what a model reads it as)
     doc = "the item's id"
 
@@ -20,7 +23,8 @@ versions had::
     owner = "user"
     kind = "sequence"
     size = 50                # values per entity (vector width, set or sequence length)
-    vocab = 100000
+    dtype = "string"
+    rows = 100000            # a history shares the item id's table: the same rows, map and dtype
     role = "history"
 
     [[features]]
@@ -30,9 +34,10 @@ versions had::
     size = 16
     space = "two_tower"      # dense vectors of one space (user and item side) meet in a dot product
 
-``size`` defaults to 1, ``vocab`` to 0 (dense), ``doc``, ``space`` and ``role`` to empty. ``dtype`` may
-be given and must then be the kind's: ``float32`` for dense, ``int32`` for ids. Every mistake is
-refused with one line naming the file, the feature and what was wrong.
+``size`` defaults to 1, ``doc``, ``space`` and ``role`` to empty. Every id feature needs ``rows``; its
+ids may be any 64-bit integers but -1 (padding), or strings with ``dtype = "string"``. ``dtype`` may
+be given for dense features and must then be ``float32``. Every mistake is refused with one line
+naming the file, the feature and what was wrong.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from typing import Any
 from leanrec.errors import InputError
 from leanrec.schema import Feature, FeatureSet, Kind, Owner, Side
 
-FEATURE_KEYS = ("name", "owner", "kind", "dtype", "size", "vocab", "doc", "space", "role")
+FEATURE_KEYS = ("name", "owner", "kind", "dtype", "size", "rows", "map", "evict", "doc", "space", "role")
 """Keys a ``[[features]]`` table may have."""
 
 
@@ -82,22 +87,17 @@ def _feature(where: str, table: Any) -> Feature:
     where = f"{where} ({name})"
     owner = _choice(where, "owner", table["owner"], Owner)
     kind = _choice(where, "kind", table["kind"], Kind)
-    want_dtype = "float32" if kind is Kind.DENSE else "int32"
-    if (dtype := table.get("dtype", want_dtype)) != want_dtype:
-        raise FeatureSetFileError(f"{where}: a {kind.value} feature's dtype is {want_dtype}, got {dtype!r}")
-    try:
-        return Feature(
-            name,
-            owner,
-            kind,
-            _typed(where, table, "size", int, 1),
-            _typed(where, table, "vocab", int, 0),
-            _typed(where, table, "doc", str, ""),
-            _typed(where, table, "space", str, ""),
-            _typed(where, table, "role", str, ""),
+    dtypes = ("float32",) if kind is Kind.DENSE else ("int64", "string")
+    if (dtype := table.get("dtype", dtypes[0])) not in dtypes:
+        raise FeatureSetFileError(
+            f"{where}: a {kind.value} feature's dtype is {' or '.join(dtypes)}, got {dtype!r}"
         )
-    except ValueError as exc:
-        raise FeatureSetFileError(f"{where}: {exc}") from None
+    ints = {key: _typed(where, table, key, int, default) for key, default in (("size", 1), ("rows", 0))}
+    strs = {key: _typed(where, table, key, str, "") for key in ("doc", "space", "role", "map", "evict")}
+    try:
+        return Feature(name, owner, kind, **ints, **strs, string_ids=dtype == "string")
+    except ValueError as exc:  # the feature's own rules; its message names it, as ``where`` does
+        raise FeatureSetFileError(f"{where}: {str(exc).removeprefix(f'feature {name}: ')}") from None
 
 
 def reserved_names() -> frozenset[str]:
@@ -118,7 +118,7 @@ def parse_featureset(text: str, source: str = "FeatureSet file") -> FeatureSet:
     Raises:
         FeatureSetFileError: Not TOML, a missing or mistyped key, an unknown owner, kind or role, a
             feature no layout can hold, or features that break a FeatureSet rule (names twice, a role
-            held twice, a history without an item id of its vocabulary).
+            held twice, a history without an item id of its table, an id map without its rows).
 
     """
     try:
@@ -182,8 +182,10 @@ def dump_featureset(fs: FeatureSet) -> str:
         lines += ["", "[[features]]", f"name = {_toml_str(f.name)}"]
         lines += [f"owner = {_toml_str(f.owner.value)}", f"kind = {_toml_str(f.kind.value)}"]
         lines += [f"size = {f.size}"] if f.size != 1 else []
-        lines += [f"vocab = {f.vocab}"] if f.vocab else []
-        lines += [f"{k} = {_toml_str(v)}" for k, v in (("space", f.space), ("role", f.role)) if v]
+        lines += ['dtype = "string"'] if f.string_ids else []
+        lines += [f"rows = {f.rows}"] if f.rows else []
+        pairs = (("map", f.map), ("evict", f.evict), ("space", f.space), ("role", f.role))
+        lines += [f"{k} = {_toml_str(v)}" for k, v in pairs if v]
         lines += [f"doc = {_toml_str(f.doc)}"] if f.doc else []
     if fs.retired:
         lines += ["", "[retired]"] + [f"{_toml_str(n)} = {_toml_str(why)}" for n, why in fs.retired.items()]

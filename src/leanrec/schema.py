@@ -1,11 +1,17 @@
 """The FeatureSet: the one registry every schema in leanrec is derived from.
 
 A feature has an owner (user, item or context), a kind (dense floats, one sparse id, a fixed-width
-multi-hot set of ids, an id sequence), a size (values per entity) and, for ids, a vocabulary size.
-Every feature is fixed-width, so the features of N entities pack into two contiguous blocks: one of
-float32 (dense kinds) and one of int32 (id kinds, padded with ``PAD_ID``). The codec writes those
-blocks as raw little-endian buffers, the warehouse turns their column slices into Arrow columns, and a
-model reads its inputs from the same slices: none of them is written by hand.
+multi-hot set of ids, an id sequence), a size (values per entity) and, for ids, the embedding rows a
+model maps them into and how (see :attr:`Feature.map`). Every feature is fixed-width, so the features
+of N entities pack into two contiguous blocks: one of float32 (dense kinds) and one of int64 (id
+kinds, padded with ``PAD_ID``). The codec writes those blocks as raw little-endian buffers, the
+warehouse turns their column slices into Arrow columns, and a model reads its inputs from the same
+slices: none of them is written by hand.
+
+Ids are the catalog's own, raw 64-bit integers of any value but ``PAD_ID`` (string ids are hashed to
+64 bits at the edge, see :func:`leanrec.ids.string_ids`); nothing stores a row number. Which row of an
+embedding table an id reads is the model's business, declared per feature (``map`` and ``rows``) and
+kept out of the data's shape: a FeatureSet that maps ids otherwise reads the same data.
 """
 
 from __future__ import annotations
@@ -20,7 +26,17 @@ from functools import cached_property
 import numpy as np
 
 PAD_ID = -1
-"""Padding value of multi-hot sets and id sequences shorter than their size."""
+"""Padding value of multi-hot sets and id sequences shorter than their size; no id may take it."""
+
+ID_MAPS = ("hash", "qr", "managed")
+"""How a model maps an id feature's raw ids to embedding rows (see :attr:`Feature.map`)."""
+
+EVICTIONS = ("lfu", "lru")
+"""How a managed map chooses the row a newly admitted id takes (see :attr:`Feature.evict`)."""
+
+DEFAULT_ID_MAP = "managed"
+"""The map of an id feature that declares none: collisionless while its rows hold every id, and
+beyond that a row for each id that earns one (the frequent ones, which carry most of the traffic)."""
 
 
 class Owner(StrEnum):
@@ -88,12 +104,20 @@ class Feature:
         owner: Who the feature describes.
         kind: Value shape.
         size: Values per entity (1 for a scalar or a single id; the width of a vector, set or sequence).
-        vocab: Number of distinct ids for id kinds (ids are in ``[0, vocab)``), 0 for dense.
+        rows: For id kinds, the rows of the embedding table a model maps the ids into (its memory),
+            0 for dense. The ids themselves may be any 64-bit value but ``PAD_ID``.
         doc: What the feature is, for reports and audits.
         space: For dense vectors: the name of the embedding space they live in (e.g. a pretrained
             two-tower's). A user-side and an item-side vector of one space can be compared by a dot
             product, and the late ranker does so.
         role: What a model reads it as (see :class:`Role`), or ``""`` for an ordinary input.
+        map: For id kinds, how a model maps an id to a row (one of ``ID_MAPS``; ``""`` is
+            ``DEFAULT_ID_MAP``): ``hash`` (modulo the rows), ``qr`` (the quotient-remainder trick, two
+            smaller tables whose product rarely collides) or ``managed`` (a row for each id that earns
+            one, a shared residual hash for the rest).
+        evict: For a managed map, the row a newcomer takes when every row is held: ``lfu`` (the
+            least frequent, counts decaying; the default) or ``lru`` (the least recently seen).
+        string_ids: The ids arrive as strings and are hashed to 64 bits at the edge.
 
     """
 
@@ -101,10 +125,13 @@ class Feature:
     owner: Owner
     kind: Kind
     size: int = 1
-    vocab: int = 0
+    rows: int = 0
     doc: str = ""
     space: str = ""
     role: str = ""
+    map: str = ""
+    evict: str = ""
+    string_ids: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -113,8 +140,26 @@ class Feature:
             raise ValueError(f"feature {self.name}: size must be >= 1, got {self.size}")
         if self.kind is Kind.SPARSE and self.size != 1:
             raise ValueError(f"feature {self.name}: a sparse id has size 1, got {self.size}")
-        if self.kind is not Kind.DENSE and self.vocab < 1:
-            raise ValueError(f"feature {self.name}: id kinds need a vocabulary size")
+        if self.kind is Kind.DENSE:
+            if self.rows or self.map or self.evict or self.string_ids:
+                raise ValueError(
+                    f"feature {self.name}: rows, map, evict and string ids are for id kinds, not dense"
+                )
+        else:
+            if self.map and self.map not in ID_MAPS:
+                raise ValueError(
+                    f"feature {self.name}: unknown map {self.map!r} (known: {', '.join(ID_MAPS)})"
+                )
+            if self.rows < (2 if self.id_map == "qr" else 1):
+                raise ValueError(
+                    f"feature {self.name}: a {self.id_map} map needs its embedding rows "
+                    f"(rows >= {2 if self.id_map == 'qr' else 1}), got {self.rows}"
+                )
+            if self.evict and (self.id_map != "managed" or self.evict not in EVICTIONS):
+                raise ValueError(
+                    f"feature {self.name}: evict is {' or '.join(EVICTIONS)} and only for a managed map, "
+                    f"got {self.evict!r} with a {self.id_map} map"
+                )
         if self.space and self.kind is not Kind.DENSE:
             raise ValueError(f"feature {self.name}: only dense vectors live in an embedding space")
         if self.role:
@@ -131,13 +176,23 @@ class Feature:
 
     @property
     def is_float(self) -> bool:
-        """Whether the feature lives in the float32 block (dense) or the int32 block (ids)."""
+        """Whether the feature lives in the float32 block (dense) or the int64 block (ids)."""
         return self.kind is Kind.DENSE
 
     @property
     def dtype(self) -> np.dtype:
         """Numpy dtype of one value, little-endian."""
-        return np.dtype("<f4") if self.is_float else np.dtype("<i4")
+        return np.dtype("<f4") if self.is_float else np.dtype("<i8")
+
+    @property
+    def id_map(self) -> str:
+        """The map of an id feature, its default resolved; ``""`` for dense."""
+        return "" if self.is_float else (self.map or DEFAULT_ID_MAP)
+
+    @property
+    def id_evict(self) -> str:
+        """The eviction of a managed map, its default resolved; ``""`` for other maps."""
+        return (self.evict or EVICTIONS[0]) if self.id_map == "managed" else ""
 
     @property
     def side(self) -> Side:
@@ -151,11 +206,31 @@ class Feature:
             "owner": self.owner.value,
             "kind": self.kind.value,
             "size": self.size,
-            "vocab": self.vocab,
+            "rows": self.rows,
             "doc": self.doc,
             "space": self.space,
             "role": self.role,
+            "map": self.map,
+            "evict": self.evict,
+            "string_ids": self.string_ids,
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> Feature:
+        """Inverse of :meth:`to_dict`; reads the ``vocab`` of FeatureSets written before ``rows``."""
+        return cls(
+            str(d["name"]),
+            Owner(d["owner"]),
+            Kind(d["kind"]),
+            int(d["size"]),
+            int(d.get("rows", d.get("vocab", 0))),
+            str(d.get("doc", "")),
+            str(d.get("space", "")),
+            str(d.get("role", "")),
+            str(d.get("map", "")),
+            str(d.get("evict", "")),
+            bool(d.get("string_ids", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -173,13 +248,13 @@ class Slot:
 
 @dataclass(frozen=True)
 class Layout:
-    """The packing of one side's features into a float32 block and an int32 block.
+    """The packing of one side's features into a float32 block and an int64 block.
 
     Attributes:
         side: Request side or item side.
         slots: One slot per feature, in FeatureSet order.
         float_width: Columns of the float32 block.
-        int_width: Columns of the int32 block.
+        int_width: Columns of the int64 block.
 
     """
 
@@ -190,8 +265,8 @@ class Layout:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes one entity's features take in the packed blocks."""
-        return 4 * (self.float_width + self.int_width)
+        """Bytes one entity's features take in the packed blocks (float32 and int64 values)."""
+        return 4 * self.float_width + 8 * self.int_width
 
     @property
     def names(self) -> list[str]:
@@ -200,7 +275,7 @@ class Layout:
 
     def zeros(self, n: int = 0) -> FeatureBlock:
         """A block of ``n`` zero rows of this layout."""
-        return FeatureBlock(np.zeros((n, self.float_width), "<f4"), np.zeros((n, self.int_width), "<i4"))
+        return FeatureBlock(np.zeros((n, self.float_width), "<f4"), np.zeros((n, self.int_width), "<i8"))
 
 
 @dataclass(frozen=True)
@@ -232,12 +307,12 @@ class FeatureSet:
             if len(held := [f.name for f in self.features if f.role == role]) > 1:
                 raise ValueError(f"FeatureSet {self.name}: one feature may have the {role} role, got {held}")
         history, item = self.role(Role.HISTORY), self.role(Role.ITEM_ID)
-        if history is not None and (item is None or item.vocab != history.vocab):
-            # The history's ids are items: it shares the item id's embedding table.
+        if history is not None and (item is None or _table(item) != _table(history)):
+            # The history's ids are items: it shares the item id's embedding table and map.
             raise ValueError(
                 f"FeatureSet {self.name}: the history {history.name} holds item ids, so it needs an "
-                f"item_id feature of the same vocabulary ({history.vocab})"
-                + ("" if item is None else f", got {item.name} of {item.vocab}")
+                f"item_id feature of the same table ({_describe_table(history)})"
+                + ("" if item is None else f", got {item.name} with {_describe_table(item)}")
             )
 
     def __len__(self) -> int:
@@ -341,7 +416,8 @@ class FeatureSet:
         Reading takes this FeatureSet's features from the written data by name, so it needs the same
         lineage, a version no older than the written one (a reader never guesses at a future
         version's features), and every feature of its own present in ``written`` with the same owner,
-        kind, size and vocabulary. Features ``written`` has beyond those (retired since) are skipped.
+        kind, size and id type (raw or string ids); the rows and maps of ids are a model's business and
+        may differ. Features ``written`` has beyond those (retired since) are skipped.
         """
         if written.name != self.name:
             return [f"another lineage ({written.name!r}, not {self.name!r})"]
@@ -404,8 +480,16 @@ class FeatureSet:
 
     @cached_property
     def fingerprint(self) -> int:
-        """32-bit hash of the shape of every feature: blobs carry it so a mismatch is caught."""
-        shape = [(f.name, f.owner.value, f.kind.value, f.size) for f in self.features]
+        """32-bit hash of the shape of every feature: blobs carry it so a mismatch is caught.
+
+        The shape is what :meth:`read_conflicts` compares: owner, kind, size and, for features of
+        string ids, that their ids are hashes of strings (raw ids add nothing, so their hash is
+        what it is without the mark). How ids map to rows is left out: it changes no byte.
+        """
+        shape = [
+            (f.name, f.owner.value, f.kind.value, f.size, *(["string"] if f.string_ids else []))
+            for f in self.features
+        ]
         digest = hashlib.blake2b(json.dumps([self.name, shape]).encode(), digest_size=4).digest()
         return int.from_bytes(digest, "little")
 
@@ -424,25 +508,27 @@ class FeatureSet:
     def from_json(cls, text: str) -> FeatureSet:
         """Inverse of :meth:`to_json`."""
         d = json.loads(text)
-        feats = tuple(
-            Feature(
-                f["name"],
-                Owner(f["owner"]),
-                Kind(f["kind"]),
-                f["size"],
-                f["vocab"],
-                f.get("doc", ""),
-                f.get("space", ""),
-                f.get("role", ""),
-            )
-            for f in d["features"]
-        )
+        feats = tuple(Feature.from_dict(f) for f in d["features"])
         return cls(d["name"], d["version"], feats, dict(d.get("retired", {})))
 
 
-def _shape(f: Feature) -> tuple[Owner, Kind, int, int]:
+def _shape(f: Feature) -> tuple[Owner, Kind, int, bool]:
     """What must match for values of one feature to be read as another's."""
-    return f.owner, f.kind, f.size, f.vocab
+    return f.owner, f.kind, f.size, f.string_ids
+
+
+def _table(f: Feature) -> tuple[int, str, str, bool]:
+    """What an id feature's embedding table is: its rows, its map, its eviction, its id type."""
+    return f.rows, f.id_map, f.id_evict, f.string_ids
+
+
+def _describe_table(f: Feature) -> str:
+    rows, id_map, evict, strings = _table(f)
+    return (
+        f"{rows} rows, map {id_map}"
+        + (f", evict {evict}" if evict else "")
+        + (", string ids" if strings else "")
+    )
 
 
 @dataclass
@@ -451,7 +537,7 @@ class FeatureBlock:
 
     Attributes:
         floats: ``(N, layout.float_width)`` float32.
-        ints: ``(N, layout.int_width)`` int32.
+        ints: ``(N, layout.int_width)`` int64.
 
     """
 

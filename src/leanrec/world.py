@@ -32,8 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leanrec.ids import IdIndex, scrambled_ids
 from leanrec.schema import PAD_ID, Feature, FeatureBlock, FeatureSet, Kind, Owner, Role
 from leanrec.stores.features import MemoryFeatureStore
+
+USER_SALT, ITEM_SALT, CREATOR_SALT = 1, 2, 3
+"""What ``scrambled_ids`` salts the world's users, items and creators with: their raw ids differ."""
 
 LATENT_DIM = 16
 N_CATEGORIES = 40
@@ -71,7 +75,7 @@ class WorldConfig:
         extra_noise: Additional pure-noise features registered after the demo's own, to make a
             FeatureSet of production scale (thousands of features) for audits to be measured on. They
             are a realistic mix: 85% user-side dense scalars (``x_user_00000`` …), 10% item-side dense
-            scalars (``x_item_…``) and 5% user-side ids of vocabulary 1,000 (``x_uid_…``). 0 keeps
+            scalars (``x_item_…``) and 5% user-side ids of 1,000 values (``x_uid_…``). 0 keeps
             the demo's FeatureSet and world exactly as they are.
         seed: Everything the world draws follows from it.
 
@@ -90,15 +94,15 @@ class WorldConfig:
 
 
 EXTRA_NOISE_VOCAB = 1_000
-"""Vocabulary of the extra user-side noise ids (``x_uid_…``)."""
+"""Distinct values of the extra user-side noise ids (``x_uid_…``), and the rows of their tables."""
 
 
 def _dense(owner: Owner, prefix: str, n: int, doc: str, size: int = 1) -> list[Feature]:
     return [Feature(f"{prefix}_{i:02d}", owner, Kind.DENSE, size, doc=doc) for i in range(n)]
 
 
-def _ids(owner: Owner, prefix: str, n: int, vocab: int, doc: str) -> list[Feature]:
-    return [Feature(f"{prefix}_{i:02d}", owner, Kind.SPARSE, 1, vocab, doc) for i in range(n)]
+def _ids(owner: Owner, prefix: str, n: int, rows: int, doc: str) -> list[Feature]:
+    return [Feature(f"{prefix}_{i:02d}", owner, Kind.SPARSE, 1, rows, doc) for i in range(n)]
 
 
 def extra_noise_features(n: int) -> list[Feature]:
@@ -129,6 +133,9 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
     actions and ages, as sequence models consume them), 3 context features and 53 item-side features,
     then ``config.extra_noise`` more pure-noise features (see :func:`extra_noise_features`).
     Noise features have no relation to engagement: an audit should retire them.
+
+    User, item and creator ids are raw 64-bit ids (see :func:`leanrec.ids.scrambled_ids`); each id
+    feature's table has a row per value it can take (its ``rows``), and maps ids by the default map.
     """
     U, C, I = Owner.USER, Owner.CONTEXT, Owner.ITEM
     nu, ni, hl = config.n_users, config.n_items, config.history_len
@@ -274,15 +281,26 @@ class World:
         self.creator_followers = rng.pareto(1.5, size=config.n_creators) * 100
         self.user_counts = np.zeros((nu, 4))  # sessions, views, clicks, likes
 
+        # Raw ids: what the world shows the plumbing. Inside, users and items are rows of its arrays.
+        self.user_ids = scrambled_ids(nu, USER_SALT)
+        self.item_ids = scrambled_ids(ni, ITEM_SALT)
+        self.creator_ids = scrambled_ids(config.n_creators, CREATOR_SALT)
+        self.users = IdIndex(self.user_ids, "user")
+        self.items = IdIndex(self.item_ids, "item")
+
         users, items = self._init_users(), self._init_items()
         self._draw_extra_noise(users, Owner.USER)
         self._draw_extra_noise(items, Owner.ITEM)
-        self.store = MemoryFeatureStore(self.featureset, {Owner.USER: users, Owner.ITEM: items})
+        self.store = MemoryFeatureStore(
+            self.featureset,
+            {Owner.USER: users, Owner.ITEM: items},
+            {Owner.USER: self.user_ids, Owner.ITEM: self.item_ids},
+        )
 
     # ----------------------------------------------------------------- observable features
     def _empty(self, owner: Owner, n: int) -> FeatureBlock:
         fw, iw = self.featureset.widths(owner)
-        return FeatureBlock(np.zeros((n, fw), np.float32), np.full((n, iw), PAD_ID, np.int32))
+        return FeatureBlock(np.zeros((n, fw), np.float32), np.full((n, iw), PAD_ID, np.int64))
 
     def _set(self, block: FeatureBlock, owner: Owner, name: str, values: np.ndarray) -> None:
         slot = self.featureset.owner_slots(owner)[name]
@@ -328,9 +346,7 @@ class World:
             f = slot.feature
             target = block.floats if f.is_float else block.ints
             values = (
-                self.rng.normal(size=(n, f.size))
-                if f.is_float
-                else self.rng.integers(0, f.vocab, (n, f.size))
+                self.rng.normal(size=(n, f.size)) if f.is_float else self.rng.integers(0, f.rows, (n, f.size))
             )
             target[:, slot.offset : slot.stop] = values
         self._draw_extra_noise(block, owner)
@@ -353,7 +369,7 @@ class World:
         )
         self._set(b, U, "u_emb_2", rng.normal(size=(nu, 64)))
         self._set(b, U, "u_emb_3", rng.normal(size=(nu, 64)))
-        self._set(b, U, "u_id", np.arange(nu))
+        self._set(b, U, "u_id", self.user_ids)
         self._set(b, U, "u_top_category", self.user_cats[:, 0])
         self._set(b, U, "u_age_bucket", np.clip((lat[:, 0] * 2 + 4).astype(int), 0, 7))
         for name, vocab in (("u_country", 50), ("u_lang", 20), ("u_gender", 3), ("u_device", 10)):
@@ -364,7 +380,7 @@ class World:
         topics[:, 2:5] = rng.integers(0, N_CATEGORIES, (nu, 3))
         self._set(b, U, "u_topics", topics)
         self._set(b, U, "u_noise_tags", rng.integers(0, 500, (nu, 8)))
-        hist = self._initial_history()
+        hist = self._raw_items(self._initial_history())
         self._set(b, U, "u_hist", hist)
         self._set(b, U, "u_hist_action", np.where(hist == PAD_ID, PAD_ID, rng.random(hist.shape) < 0.09))
         self._set(
@@ -391,12 +407,17 @@ class World:
         hist[np.arange(hl)[None, :] >= length[:, None]] = PAD_ID
         return hist
 
+    def _raw_items(self, rows: np.ndarray) -> np.ndarray:
+        """Raw ids of item rows, padding kept."""
+        return np.where(rows == PAD_ID, PAD_ID, self.item_ids[np.maximum(rows, 0)])
+
     def _write_history_side(self, b: FeatureBlock, hist: np.ndarray) -> None:
-        """Categories and creators of each history entry (padding stays padding)."""
+        """Categories and creators of each history entry (raw item ids; padding stays padding)."""
         pad = hist == PAD_ID
-        safe = np.where(pad, 0, hist)
+        safe, _ = self.items.find(hist)
         self._set(b, Owner.USER, "u_hist_cat", np.where(pad, PAD_ID, self.item_category[safe]))
-        self._set(b, Owner.USER, "u_hist_creator", np.where(pad, PAD_ID, self.item_creator[safe]))
+        creators = self.creator_ids[self.item_creator[safe]]
+        self._set(b, Owner.USER, "u_hist_creator", np.where(pad, PAD_ID, creators))
 
     def _write_user_activity(self, b: FeatureBlock, rows: np.ndarray) -> None:
         s, v, c, l = (self.user_counts[rows, j] for j in range(4))
@@ -427,9 +448,9 @@ class World:
             b, I, "i_emb", lat @ self.proj_embedding + self.config.embedding_noise * rng.normal(size=(ni, 16))
         )
         self._set(b, I, "i_noise_emb", rng.normal(size=(ni, 4)))
-        self._set(b, I, "i_id", np.arange(ni))
+        self._set(b, I, "i_id", self.item_ids)
         self._set(b, I, "i_category", self.item_category)
-        self._set(b, I, "i_creator", self.item_creator)
+        self._set(b, I, "i_creator", self.creator_ids[self.item_creator])
         self._set_many(b, I, "i_noise_id", rng.integers(0, 1000, (ni, 3)))
         tags = np.full((ni, 5), PAD_ID)
         tags[:, 0] = self.item_category
@@ -462,8 +483,8 @@ class World:
 
     # ----------------------------------------------------------------- traffic and behaviour
     def sample_users(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Users of ``n`` requests; heavy users make more requests (power law)."""
-        return rng.choice(self.config.n_users, size=n, p=self.user_activity)
+        """Raw ids of the users of ``n`` requests; heavy users make more requests (power law)."""
+        return self.user_ids[rng.choice(self.config.n_users, size=n, p=self.user_activity)]
 
     def sample_depth(self, n: int, rng: np.random.Generator, n_items: int) -> np.ndarray:
         """Items viewed per session: log-normal, median ``scroll_median``, clipped to the list."""
@@ -471,19 +492,26 @@ class World:
         return np.clip(np.round(raw), 1, n_items).astype(np.int32)
 
     def affinity(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """True user-item affinity, ``(B, n)`` for users ``(B,)`` and items ``(B, n)``."""
-        return np.einsum("bd,bnd->bn", self.user_latent[users], self.item_latent[items])
+        """True user-item affinity, ``(B, n)`` for raw user ids ``(B,)`` and raw item ids ``(B, n)``."""
+        return self._affinity(self.users.rows(users), self.items.rows(items))
+
+    def _affinity(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return np.einsum("bd,bnd->bn", self.user_latent[u], self.item_latent[i])
 
     def click_probability(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """The oracle: true click probability, ``(B, n)``."""
-        logit = CLICK_INTERCEPT + 1.6 * self.affinity(users, items) + 0.5 * self.pop_z[items]
-        return _sigmoid(logit + self.user_bias[users][:, None])
+        """The oracle: true click probability, ``(B, n)``, for raw ids as :meth:`affinity` takes them."""
+        return self._click_probability(self.users.rows(users), self.items.rows(items))
+
+    def _click_probability(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        logit = CLICK_INTERCEPT + 1.6 * self._affinity(u, i) + 0.5 * self.pop_z[i]
+        return _sigmoid(logit + self.user_bias[u][:, None])
 
     def engage(self, users: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> Engagement:
-        """Draw what B users do with their ranked lists ``items`` ``(B, n)``."""
+        """Draw what B users (raw ids ``(B,)``) do with their ranked lists ``items`` ``(B, n)`` (raw)."""
         b, n = items.shape
-        aff = self.affinity(users, items)
-        p_click = self.click_probability(users, items)
+        u, i = self.users.rows(users), self.items.rows(items)
+        aff = self._affinity(u, i)
+        p_click = self._click_probability(u, i)
         depth = self.sample_depth(b, rng, n)
         viewed = np.arange(n)[None, :] < depth[:, None]
         click = viewed & (rng.random((b, n)) < p_click)
@@ -494,34 +522,40 @@ class World:
         return Engagement(depth, viewed, click, like, share, hide, watch.astype(np.int32), p_click)
 
     def apply(self, users: np.ndarray, items: np.ndarray, eng: Engagement) -> None:
-        """Let engagement move the world: counters, rates, followers and histories drift."""
-        ni = self.config.n_items
-        flat_items = items.ravel()
+        """Let engagement move the world: counters, rates, followers and histories drift.
+
+        Args:
+            users: ``(B,)`` raw user ids of the requests.
+            items: ``(B, n)`` raw item ids they were shown.
+            eng: What they did (:meth:`engage`).
+
+        """
+        flat_items = self.items.rows(items.ravel())
         np.add.at(self.item_views, flat_items, eng.viewed.ravel())
         np.add.at(self.item_clicks, flat_items, eng.click.ravel())
         np.add.at(self.item_likes, flat_items, eng.like.ravel())
         np.add.at(self.creator_followers, self.item_creator[flat_items], eng.like.ravel() * 5.0)
         touched = np.unique(flat_items[eng.viewed.ravel()])
-        touched = touched[touched < ni]
-        block = self.store.get_many(Owner.ITEM, touched)
+        block = self.store.get_many(Owner.ITEM, self.item_ids[touched])
         self._write_item_counters(block, touched)
         self._redraw_noise(block, Owner.ITEM)
-        self.store.put_many(Owner.ITEM, touched, block)
+        self.store.put_many(Owner.ITEM, self.item_ids[touched], block)
 
-        np.add.at(self.user_counts[:, 0], users, 1)
-        np.add.at(self.user_counts[:, 1], users, eng.viewed.sum(axis=1))
-        np.add.at(self.user_counts[:, 2], users, eng.click.sum(axis=1))
-        np.add.at(self.user_counts[:, 3], users, eng.like.sum(axis=1))
-        uniq = np.unique(users)
-        ublock = self.store.get_many(Owner.USER, uniq)
+        rows = self.users.rows(users)
+        np.add.at(self.user_counts[:, 0], rows, 1)
+        np.add.at(self.user_counts[:, 1], rows, eng.viewed.sum(axis=1))
+        np.add.at(self.user_counts[:, 2], rows, eng.click.sum(axis=1))
+        np.add.at(self.user_counts[:, 3], rows, eng.like.sum(axis=1))
+        uniq = np.unique(rows)
+        ublock = self.store.get_many(Owner.USER, self.user_ids[uniq])
         self._write_user_activity(ublock, uniq)
         slots = self.featureset.owner_slots(Owner.USER)
         hist, action, age = slots["u_hist"], slots["u_hist_action"], slots["u_hist_age"]
         row_of = {u: i for i, u in enumerate(uniq.tolist())}
         for r in np.flatnonzero(eng.click.any(axis=1)):  # one history update per request that clicked
-            clicked = items[r][eng.click[r]][::-1].astype(np.int32)
-            liked = eng.like[r][eng.click[r]][::-1].astype(np.int32)
-            i = row_of[int(users[r])]
+            clicked = items[r][eng.click[r]][::-1].astype(np.int64)
+            liked = eng.like[r][eng.click[r]][::-1].astype(np.int64)
+            i = row_of[int(rows[r])]
             for slot, new in ((hist, clicked), (action, liked)):
                 row = ublock.ints[i, slot.offset : slot.stop]
                 row[:] = np.concatenate([new, row])[: self.config.history_len]
@@ -529,4 +563,4 @@ class World:
             ages[:] = np.concatenate([np.zeros(len(clicked), np.float32), ages])[: self.config.history_len]
         self._write_history_side(ublock, ublock.ints[:, hist.offset : hist.stop])
         self._redraw_noise(ublock, Owner.USER)
-        self.store.put_many(Owner.USER, uniq, ublock)
+        self.store.put_many(Owner.USER, self.user_ids[uniq], ublock)

@@ -17,8 +17,8 @@ from leanrec.audit import (
     permutation_importance,
 )
 from leanrec.audit.cost import FeatureCost, feature_costs
-from leanrec.audit.importance import _ci, concat_batches, family, weight_importance
-from leanrec.audit.related import _robust_spread, relatedness
+from leanrec.audit.importance import _ci, concat_batches, family, feature_columns, weight_importance
+from leanrec.audit.related import BUCKETS, _robust_spread, relatedness, representation
 from leanrec.audit.report import write_audit
 from leanrec.featurefile import load_featureset
 from leanrec.funnel import Funnel
@@ -47,7 +47,7 @@ def _known_model(world: World) -> LateRanker:
 def _known_data(world: World, model: LateRanker) -> Batch:
     """Requests ranked by the funnel, clicked where the model's own logit is high (plus label noise)."""
     b = 40
-    ranked = Funnel(world).rank(np.arange(b), np.zeros(b, np.int64), np.zeros(b, np.int64))
+    ranked = Funnel(world).rank(world.user_ids[:b], np.zeros(b, np.int64), np.zeros(b, np.int64))
     rows = np.arange(b * 100)
     req = (
         torch.from_numpy(ranked.request.floats.copy()),
@@ -195,6 +195,35 @@ def test_relatedness_tells_what_valuable_features_explain_from_noise_that_repeat
     assert found["noise"].null_mean > 4 / len(batch.item_floats)
     # The request side has no valuable feature: nothing there can be related to one.
     assert "u" not in found
+
+
+def test_ids_are_represented_by_their_values_whatever_their_range() -> None:
+    """Raw ids anywhere in int64: a small categorical keeps a column per value, a large one the head."""
+    fs, batch, _ = _repeated_entities(0)
+    cols = feature_columns(fs)
+    raw = np.array([2**63 - 1, -(2**63), -2, 10**18], np.int64)  # the 4 values of ``bucket``, renamed
+    ints = batch.item_ints.clone()
+    ints[:, cols["bucket"].start] = torch.from_numpy(raw[ints[:, cols["bucket"].start].numpy()])
+    renamed = Batch(**{**batch.__dict__, "item_ints": ints})
+    small, big = (representation(b, Side.ITEM, cols["bucket"]) for b in (batch, renamed))
+    assert small.shape == big.shape == (len(ints), 4)
+    assert (big.sum(1) == 1).all()  # each row counts its one id in one column
+    # the same partition of the rows whatever the ids' values
+    assert len({tuple(c) for c in np.unique(np.hstack([small, big]), axis=0)}) == 4
+    found = relatedness(fs, renamed, ["anchor"], ["copy", "noise", "bucket", "noise_id"], seed=0)
+    assert found["bucket"].related and not found["noise_id"].related
+    # More distinct ids than columns: the most frequent have their own, the rest share the last.
+    noise = representation(batch, Side.ITEM, cols["noise_id"])
+    ids = batch.item_ints[:, cols["noise_id"].start].numpy()
+    distinct, counts = np.unique(ids, return_counts=True)
+    assert len(distinct) > BUCKETS and noise.shape == (len(ids), BUCKETS)
+    head = distinct[np.lexsort((distinct, -counts))[: BUCKETS - 1]]
+    np.testing.assert_array_equal(noise[:, -1], ~np.isin(ids, head))
+    assert sorted(noise[:, :-1].sum(0).tolist()) == sorted(counts[np.isin(distinct, head)].tolist())
+    ints = batch.item_ints.clone()
+    ints[::2, cols["noise_id"].start] = -1
+    padded = representation(Batch(**{**batch.__dict__, "item_ints": ints}), Side.ITEM, cols["noise_id"])
+    assert (padded[::2] == 0).all() and (padded[1::2].sum(1) == 1).all()  # padding counts nowhere
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -413,7 +413,7 @@ def test_redis_only_refuses_what_it_cannot_carry_and_writes_nothing(
     import numpy as np
 
     bus = redis_bus()
-    batch = EventBatch("r1", *(np.zeros(1, dt) for dt in (np.int32, np.int32, np.int8, np.int64, np.float32)))
+    batch = EventBatch("r1", *(np.zeros(1, dt) for dt in (np.int32, np.int64, np.int8, np.int64, np.float32)))
     with pytest.raises(TypeError, match=r"message 1.*RequestOpened"):
         bus.append_many([_opened(0), batch])  # type: ignore[list-item]
     for bad in (

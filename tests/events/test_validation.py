@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from collections.abc import Sequence
 
@@ -21,7 +22,8 @@ from leanrec.events import (
     validate,
 )
 from leanrec.featurelog import ContextCache, LazyLogger, Paging, key
-from leanrec.funnel import Funnel
+from leanrec.funnel import Funnel, RankedBatch
+from leanrec.ids import string_ids
 from leanrec.serve import LoggingService, LoggingUnavailable
 from leanrec.stores import MemoryTransientStore, StoreFullError, TransientStore
 from leanrec.world import World
@@ -29,6 +31,8 @@ from leanrec.world import World
 T0 = 1_700_000_000_000
 REF = RequestRef("r1", user_id=5, ts_ms=T0, n_items=100)
 LIMITS = EventLimits(max_events=50, window_ms=600_000, max_watch_ms=3_600_000.0)
+EVENT_HEADER = "<2sBIH"
+"""An event blob's header: magic, version, events, request id bytes."""
 
 
 def _batch(rows: list[tuple[int, int, int, int, float]], request_id: str = "r1") -> EventBatch:
@@ -37,7 +41,7 @@ def _batch(rows: list[tuple[int, int, int, int, float]], request_id: str = "r1")
     return EventBatch(
         request_id,
         np.asarray(cols[0], np.int32),
-        np.asarray(cols[1], np.int32),
+        np.asarray(cols[1], np.int64),
         np.asarray(cols[2], np.int8),
         np.asarray(cols[3], np.int64),
         np.asarray(cols[4], np.float32),
@@ -51,6 +55,8 @@ GOOD = [
     (99, 199, EventKind.LIKE, T0 + LIMITS.window_ms, 0.0),  # last position, last moment: still fine
     (7, 107, EventKind.SHARE, T0, 0.0),  # at rank time: fine
     (8, 108, EventKind.WATCH, T0 + 5, LIMITS.max_watch_ms),  # the longest plausible watch
+    (9, 2**63 - 1, EventKind.CLICK, T0 + 6, 0.0),  # item ids are raw int64 values: any of them
+    (10, -(2**63), EventKind.VIEW, T0 + 7, 0.0),
 ]
 
 BAD = {
@@ -166,8 +172,30 @@ def test_from_records_builds_columns() -> None:
     assert batch.kind.tolist() == [EventKind.CLICK, EventKind.WATCH, EventKind.VIEW]
     assert batch.value.tolist() == [0.0, 1500.0, 0.5]
     assert batch.ts_ms.tolist() == [T0 + 10] * 3
-    assert (batch.position.dtype, batch.item_id.dtype, batch.kind.dtype) == (np.int32, np.int32, np.int8)
+    assert (batch.position.dtype, batch.item_id.dtype, batch.kind.dtype) == (np.int32, np.int64, np.int8)
     assert (batch.ts_ms.dtype, batch.value.dtype) == (np.int64, np.float32)
+
+
+@pytest.mark.parametrize("item_id", [2**63 - 1, -(2**63), 2**40, -7, 0])
+def test_from_records_keeps_any_64_bit_item_id(item_id: int) -> None:
+    batch, errors = EventBatch.from_records("r1", [_record(item_id=item_id), _record(item_id=5)])
+    assert errors == []
+    assert batch.item_id.dtype == np.int64 and batch.item_id.tolist() == [item_id, 5]
+    assert EventBatch.from_bytes(batch.to_bytes()).item_id.tolist() == [item_id, 5]
+
+
+def test_from_records_hashes_string_item_ids_where_the_items_are_strings() -> None:
+    records = [_record(item_id="sku-1"), _record(item_id=42), _record(item_id="a")]
+    batch, errors = EventBatch.from_records("r1", records, string_items=True)
+    assert errors == []
+    assert batch.item_id.tolist() == [string_ids(["sku-1"])[0], 42, 0xAF63DC4C8601EC8C - 2**64]
+    # without string items a string is no item id; with them, neither is anything but a string or int
+    batch, errors = EventBatch.from_records("r1", [_record(item_id="sku-1"), _record()])
+    assert len(batch) == 1 and errors == ["event 0: position, item_id and ts_ms must be integers"]
+    batch, errors = EventBatch.from_records("r1", [_record(item_id=1.5), _record()], string_items=True)
+    assert len(batch) == 1 and errors == [
+        "event 0: position, item_id and ts_ms must be integers (item_id may be a string)"
+    ]
 
 
 def _without(field: str) -> dict[str, object]:
@@ -192,11 +220,13 @@ MALFORMED = [
     (_record(kind="watch", value=True), "value must be a number"),
     (_record(kind="watch", value="12"), "value must be a number"),
     (["not", "an", "object"], "expected an object"),
-    (_record(position=2**31), "must fit in"),
-    (_record(position=2**32 + 3), "must fit in"),
-    (_record(item_id=-(2**31) - 1), "must fit in"),
-    (_record(ts_ms=2**63), "must fit in"),
-    (_record(ts_ms=2**70), "must fit in"),
+    (_record(position=2**31), "position must fit in 32 bits"),
+    (_record(position=2**32 + 3), "position must fit in 32 bits"),
+    (_record(item_id=2**63), "item_id and ts_ms must fit in 64 bits"),  # never wrapped onto -(2**63)
+    (_record(item_id=-(2**63) - 1), "item_id and ts_ms must fit in 64 bits"),
+    (_record(item_id="103"), "must be integers"),
+    (_record(ts_ms=2**63), "must fit in 64 bits"),
+    (_record(ts_ms=2**70), "must fit in 64 bits"),
 ]
 
 
@@ -229,6 +259,44 @@ def test_from_records_with_nothing_good_is_an_empty_batch() -> None:
     assert len(batch) == 0
     assert len(errors) == 1
     assert batch.ts_ms.dtype == np.int64
+
+
+# ----------------------------------------------------------------------------------- bytes
+def test_a_batch_is_written_as_version_2_with_int64_item_ids_and_reads_back_exactly() -> None:
+    batch = _batch(GOOD, request_id="r-ünï")
+    blob = batch.to_bytes()
+    magic, version, n, rid_len = struct.unpack_from(EVENT_HEADER, blob)
+    assert magic == b"LE"
+    assert (version, n, rid_len) == (2, len(GOOD), len("r-ünï".encode()))
+    assert len(blob) == struct.calcsize(EVENT_HEADER) + rid_len + n * (4 + 8 + 1 + 8 + 4)
+    back = EventBatch.from_bytes(blob)
+    assert back.request_id == "r-ünï" and back.item_id.dtype == np.int64
+    assert _rows_of(back) == _rows_of(batch)
+
+
+def test_a_version_1_batch_with_int32_item_ids_still_reads() -> None:
+    rows = [(0, 100, EventKind.VIEW, T0, 0.0), (3, -(2**31), EventKind.WATCH, T0 + 9, 1_500.0)]
+    batch = _batch(rows)
+    blob = batch.to_bytes()
+    head = struct.calcsize(EVENT_HEADER)
+    magic, _, n, rid_len = struct.unpack_from(EVENT_HEADER, blob)
+    off = head + rid_len
+    cols = (
+        batch.position.astype("<i4"),
+        batch.item_id.astype("<i4"),  # as version 1 wrote them
+        batch.kind.astype("i1"),
+        batch.ts_ms.astype("<i8"),
+        batch.value.astype("<f4"),
+    )
+    v1 = (
+        struct.pack(EVENT_HEADER, magic, 1, n, rid_len) + blob[head:off] + b"".join(c.tobytes() for c in cols)
+    )
+    back = EventBatch.from_bytes(v1)
+    assert back.item_id.dtype == np.int64 and _rows_of(back) == _rows_of(batch)
+    with pytest.raises(ValueError, match=r"expected \d+ B"):  # a version 1 header on a version 2 body
+        EventBatch.from_bytes(v1[:head] + blob[head:])
+    with pytest.raises(ValueError, match="version 3"):
+        EventBatch.from_bytes(struct.pack(EVENT_HEADER, magic, 3, n, rid_len) + blob[head:])
 
 
 # ----------------------------------------------------------------------------------- LoggingService
@@ -274,18 +342,30 @@ def _service_on(
     return LoggingService(logger, bus, LIMITS, clock), logger
 
 
+def _ref(world: World, request_id: str = "r1", row: int = 5) -> RequestRef:
+    """A request ranked at ``T0`` for the world's user of row ``row``, by its raw id."""
+    return RequestRef(request_id, int(world.user_ids[row]), T0, 100)
+
+
+def _rank(world: World, refs: Sequence[RequestRef]) -> RankedBatch:
+    """The world's ranking for the users of ``refs``, at their times."""
+    users = np.array([r.user_id for r in refs], np.int64)
+    return Funnel(world).rank(users, np.array([r.ts_ms for r in refs]), np.zeros(len(refs), np.int64))
+
+
 @pytest.fixture
 def service(small_world: World) -> tuple[LoggingService, MemoryEventBus, MemoryTransientStore, RequestRef]:
     clock = ManualClock(T0)
     store = MemoryTransientStore(clock=clock)
     bus = MemoryEventBus()
     svc, _ = _service_on(small_world, store, bus, clock)
-    batch = Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0]))
-    svc.ranked([REF], batch)
+    ref = _ref(small_world)
+    svc.ranked([ref], _rank(small_world, [ref]))
     [(_, opened)] = bus.consume(10)  # the RequestOpened record, the only thing the bus carries
     assert isinstance(opened, RequestOpened)
+    assert opened.user_id == ref.user_id == small_world.user_ids[5]  # the raw id, not the row
     bus.ack([mid for mid, _ in bus.claim_pending()])
-    return svc, bus, store, REF
+    return svc, bus, store, ref
 
 
 def _as_rows(rows: list[tuple]) -> list[tuple[int, int, int, int, float]]:
@@ -378,7 +458,7 @@ def test_a_replayed_batch_id_is_refused_and_appends_nothing(service) -> None:
     # a batch id is claimed only by a batch it accepted: the same events under another id are taken
     assert svc.events(ref, _batch([GOOD[2]]), batch_id="b2").total == 0
     # the guard is per request: another request may use the same batch id
-    other = RequestRef("r2", user_id=5, ts_ms=T0, n_items=100)
+    other = RequestRef("r2", user_id=ref.user_id, ts_ms=T0, n_items=100)
     assert svc.events(other, _batch([GOOD[0]], request_id="r2"), batch_id="b1").total == 0
     assert [len(b) for b in _stored(store, ref)] == [2, 1]
     assert [len(b) for b in _stored(store, other)] == [1]
@@ -402,9 +482,8 @@ def test_a_store_failure_at_rank_time_is_counted_not_raised(small_world: World, 
     bus = MemoryEventBus()
     svc, logger = _service_on(small_world, store, bus, clock)  # type: ignore[arg-type]
     store.failing["put_many"] = error
-    refs = [REF, RequestRef("r2", 6, T0, 100)]
-    batch = Funnel(small_world).rank(np.array([5, 6]), np.array([T0, T0]), np.array([0, 0]))
-    svc.ranked(refs, batch)  # does not raise
+    refs = [_ref(small_world), _ref(small_world, "r2", 6)]
+    svc.ranked(refs, _rank(small_world, refs))  # does not raise
     assert store.calls["put_many"] == 2
     assert logger.stats.write_failures == 2 * 2  # the request side and the head of each request
     assert logger.stats.entries_written == 0
@@ -415,10 +494,10 @@ def test_a_store_failure_at_rank_time_is_counted_not_raised(small_world: World, 
     assert logger.stats.bus_failures == 0
     # once the store answers again, logging goes on
     del store.failing["put_many"]
-    assert svc.paginate(REF, 10) == 2
+    assert svc.paginate(refs[0], 10) == 2
     # the request side that failed at rank time goes with the first pages logged afterwards
     assert logger.stats.entries_written == 3
-    assert store.inner.get_many([key(REF.request_id, "u")])[0] is not None
+    assert store.inner.get_many([key(refs[0].request_id, "u")])[0] is not None
     assert logger.stats.write_failures == 4
 
 
@@ -429,18 +508,16 @@ def test_a_bus_failure_at_rank_time_is_counted_not_raised(small_world: World, er
     bus = FaultyBus()
     svc, logger = _service_on(small_world, store, bus, clock)
     bus.failing = error
-    refs = [REF, RequestRef("r2", 6, T0, 100)]
-    batch = Funnel(small_world).rank(np.array([5, 6]), np.array([T0, T0]), np.array([0, 0]))
-    svc.ranked(refs, batch)  # does not raise
+    refs = [_ref(small_world), _ref(small_world, "r2", 6)]
+    svc.ranked(refs, _rank(small_world, refs))  # does not raise
     assert logger.stats.bus_failures == 2
     assert logger.stats.write_failures == 0
     assert logger.stats.entries_written == 4  # the features were logged; only the record is missing
     assert bus.appended == 0
     assert svc.stats.requests == 2
     bus.failing = None
-    svc.ranked(
-        [RequestRef("r3", 5, T0, 100)], Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0]))
-    )
+    again = [_ref(small_world, "r3")]
+    svc.ranked(again, _rank(small_world, again))
     assert [m.request_id for _, m in bus.consume(10)] == ["r3"]
     assert logger.stats.bus_failures == 2
 
@@ -452,19 +529,20 @@ def test_a_store_failure_on_events_raises_logging_unavailable_and_a_retry_is_acc
     clock = ManualClock(T0)
     store = FaultyStore(MemoryTransientStore(clock=clock))
     svc, _ = _service_on(small_world, store, MemoryEventBus(), clock)  # type: ignore[arg-type]
-    svc.ranked([REF], Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0])))
+    ref = _ref(small_world)
+    svc.ranked([ref], _rank(small_world, [ref]))
     store.failing["append_once"] = error
     with pytest.raises(LoggingUnavailable, match="event batch not stored"):
-        svc.events(REF, _batch([GOOD[0], GOOD[1]]), batch_id="b1")
+        svc.events(ref, _batch([GOOD[0], GOOD[1]]), batch_id="b1")
     assert svc.stats.events_accepted == 0
-    assert _stored(store.inner, REF) == []
+    assert _stored(store.inner, ref) == []
     # the guard and the append are one step: nothing marks b1 as seen, so the retry is taken
-    assert store.inner.get_lists_many([key(REF.request_id, "seen")]) == [[]]
+    assert store.inner.get_lists_many([key(ref.request_id, "seen")]) == [[]]
     del store.failing["append_once"]
-    assert svc.events(REF, _batch([GOOD[0], GOOD[1]]), batch_id="b1").total == 0
+    assert svc.events(ref, _batch([GOOD[0], GOOD[1]]), batch_id="b1").total == 0
     assert svc.stats.events_accepted == 2
-    assert [len(b) for b in _stored(store.inner, REF)] == [2]
-    assert svc.events(REF, _batch([GOOD[0], GOOD[1]]), batch_id="b1").refused == {"replayed": 2}
+    assert [len(b) for b in _stored(store.inner, ref)] == [2]
+    assert svc.events(ref, _batch([GOOD[0], GOOD[1]]), batch_id="b1").refused == {"replayed": 2}
 
 
 def test_a_failed_unguarded_append_raises_logging_unavailable_and_keeps_the_refusal_counts(
@@ -473,15 +551,16 @@ def test_a_failed_unguarded_append_raises_logging_unavailable_and_keeps_the_refu
     clock = ManualClock(T0)
     store = FaultyStore(MemoryTransientStore(clock=clock))
     svc, _ = _service_on(small_world, store, MemoryEventBus(), clock)  # type: ignore[arg-type]
-    svc.ranked([REF], Funnel(small_world).rank(np.array([5]), np.array([T0]), np.array([0])))
+    ref = _ref(small_world)
+    svc.ranked([ref], _rank(small_world, [ref]))
     store.failing["append_many"] = ConnectionError("refused")
-    bad = (200, int(REF.n_items), int(EventKind.VIEW), T0 + 10, 0.0)  # off the list
+    bad = (200, int(ref.n_items), int(EventKind.VIEW), T0 + 10, 0.0)  # off the list
     with pytest.raises(LoggingUnavailable):
-        svc.events(REF, _batch([GOOD[0], bad]))
+        svc.events(ref, _batch([GOOD[0], bad]))
     assert svc.stats.events_refused == {"bad_position": 1}
     del store.failing["append_many"]
-    assert svc.events(REF, _batch([GOOD[0]])).total == 0
-    assert [len(b) for b in _stored(store.inner, REF)] == [1]
+    assert svc.events(ref, _batch([GOOD[0]])).total == 0
+    assert [len(b) for b in _stored(store.inner, ref)] == [1]
 
 
 @pytest.mark.parametrize("seen_up_to", [-1, 100, 10_000])
@@ -502,6 +581,6 @@ def test_paginate_inside_the_list_logs_pages(service) -> None:
 
 def test_ranked_refuses_refs_that_do_not_match_the_batch(small_world: World, service) -> None:
     svc, *_ = service
-    batch = Funnel(small_world).rank(np.array([1, 2]), np.array([T0, T0]), np.array([0, 0]))
+    batch = _rank(small_world, [_ref(small_world, "x", 1), _ref(small_world, "y", 2)])
     with pytest.raises(ValueError, match="1 request refs for a batch of 2"):
-        svc.ranked([RequestRef("x", 1, T0, 100)], batch)
+        svc.ranked([_ref(small_world, "x", 1)], batch)

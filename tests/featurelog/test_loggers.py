@@ -44,7 +44,7 @@ def _copy(batch: RankedBatch) -> RankedBatch:
 
 def _rank(world: World, n_requests: int, now_ms: int = START_MS, seed: int = 0) -> Ranked:
     rng = np.random.default_rng(seed)
-    users = rng.choice(world.config.n_users, n_requests, replace=False)
+    users = world.user_ids[rng.choice(world.config.n_users, n_requests, replace=False)]  # raw ids
     batch = Funnel(world).rank(users, np.full(n_requests, now_ms), rng.integers(0, 3, n_requests))
     refs = [RequestRef(f"req-{seed}-{b}", int(users[b]), now_ms, batch.n_items) for b in range(n_requests)]
     return Ranked(world, refs, batch, _copy(batch))
@@ -108,7 +108,7 @@ def _click(rid: str, positions: list[int], item_ids: np.ndarray, ts_ms: int = ST
     return EventBatch(
         rid,
         np.array(positions, np.int32),
-        item_ids[positions].astype(np.int32),
+        item_ids[positions].astype(np.int64),
         np.full(n, EventKind.CLICK, np.int8),
         np.full(n, ts_ms, np.int64),
         np.zeros(n, np.float32),
@@ -165,6 +165,8 @@ def test_eager_logs_every_ranked_item_with_user_and_item_features(ranked: Ranked
         positions, ids, request, items, scores = codec.decode_impressions(fs, blobs)
         assert np.array_equal(positions, np.arange(N_ITEMS))
         assert np.array_equal(ids, ranked.saved.item_ids[b])
+        assert ids.dtype == np.int64 and np.isin(ids, ranked.world.item_ids).all()  # raw ids, as ranked
+        assert (np.abs(ids) >= 2**31).any()  # ids no int32 holds survive the log
         assert np.array_equal(scores, ranked.saved.scores[b])
         repeated = FeatureBlock.concat([ranked.saved.request.take(slice(b, b + 1))] * N_ITEMS)
         assert request.same_bytes(repeated)
@@ -282,6 +284,7 @@ def test_lazy_pages_hold_the_features_as_scored(ranked: Ranked) -> None:
     got = rig.logger.fetch(opened, positions)
     assert got.found.all()
     assert np.array_equal(got.item_ids, ranked.saved.item_ids[2, positions])
+    assert got.item_ids.dtype == np.int64 and (np.abs(got.item_ids) >= 2**31).any()
     assert got.items.same_bytes(_items_of(ranked.saved, 2, positions))
     assert got.request is not None
     assert got.request.same_bytes(ranked.saved.request.take(slice(2, 3)))
@@ -360,7 +363,7 @@ def _context(world: World, rid: str, ts_ms: int, n: int = N_ITEMS) -> RequestCon
     fs = world.featureset
     return RequestContext(
         RequestRef(rid, 0, ts_ms, n),
-        np.arange(n, dtype=np.int32),
+        world.item_ids[:n],
         np.linspace(1, 0, n, dtype=np.float32),
         fs.layout(Side.REQUEST).zeros(1),
         fs.layout(Side.ITEM).zeros(n),
@@ -372,7 +375,7 @@ def _context(world: World, rid: str, ts_ms: int, n: int = N_ITEMS) -> RequestCon
 def test_context_nbytes_counts_what_it_holds(small_world: World) -> None:
     fs = small_world.featureset
     ctx = _context(small_world, "a", START_MS)
-    item_bytes = 4 + 4 + fs.layout(Side.ITEM).row_bytes  # id, score, features
+    item_bytes = 8 + 4 + fs.layout(Side.ITEM).row_bytes  # int64 id, float32 score, features
     want = N_ITEMS * item_bytes + fs.layout(Side.REQUEST).row_bytes + 12
     assert ctx.nbytes == want
 

@@ -41,7 +41,7 @@ def _features(rng: np.random.Generator, form: str) -> dict[str, object]:
             if f.is_float:
                 a = rng.normal(size=(rows, f.size)).astype(rng.choice([np.float32, np.float64]))
             else:
-                a = rng.integers(0, f.vocab, (rows, f.size))
+                a = rng.integers(0, f.rows, (rows, f.size))
             a = a[0] if rows == 1 else a[:, 0] if f.size == 1 else a
             if form == "json":
                 out[f.name] = (
@@ -85,9 +85,14 @@ CHANGES: dict[str, Callable[[dict], None]] = {
     "all bools": lambda f: f.update({_R1F: [True]}),
     "a float id": lambda f: f.update({_R1I: 3.0}),
     "float ids": lambda f: f.update({_I1I: np.asarray(f[_I1I], float)}),
-    "an id out of range": lambda f: f.update({_I1I: np.full(N, 10**9)}),
+    "ids past int32": lambda f: f.update({_I1I: np.full(N, 2**40)}),
+    "the int64 extremes": lambda f: f.update({_I1I: np.full(N, 2**63 - 1), _R1I: -(2**63)}),
+    "the padding id": lambda f: f.update({_I1I: np.full(N, -1)}),
     "an id beyond 64 bits": lambda f: f.update({_R1I: 2**70}),
     "an id of 2**63": lambda f: f.update({_R1I: [2**63]}),
+    "a list with an id of 2**63": lambda f: f.update({_I1I: [*range(N - 1), 2**63]}),
+    "uint64 ids past 2**63": lambda f: f.update({_I1I: np.full(N, 2**63, np.uint64)}),
+    "a string id": lambda f: f.update({_R1I: "7"}),
     "too short": lambda f: f.update({_RVF: np.asarray(f[_RVF])[:-1]}),
     "rows short": lambda f: f.update({_I1F: np.asarray(f[_I1F])[:-1]}),
     "a string": lambda f: f.update({_R1F: "0.5"}),
@@ -96,6 +101,20 @@ CHANGES: dict[str, Callable[[dict], None]] = {
     "a column": lambda f: f.update({_I1F: np.asarray(f[_I1F]).reshape(N, 1)}),
     "uint64 ids": lambda f: f.update({_I1I: np.asarray(f[_I1I], np.uint64)}),
 }
+
+
+IDS: dict[str, tuple[str, str] | None] = {
+    "ids past int32": None,  # any int64 is an id, whatever the feature's rows
+    "the int64 extremes": None,
+    "the padding id": None,
+    "uint64 ids": None,
+    "an id beyond 64 bits": (_R1I, "ids are int64"),
+    "an id of 2**63": (_R1I, "ids are int64"),
+    "a list with an id of 2**63": (_I1I, "ids are int64, got 9223372036854775808"),
+    "uint64 ids past 2**63": (_I1I, "ids are int64, got 9223372036854775808"),
+    "a string id": (_R1I, "holds ids: expected integers"),
+}
+"""What each change to ids comes to: packed (None), or refused naming the feature and saying why."""
 
 
 @pytest.mark.parametrize("form", ["numpy", "json"])
@@ -107,5 +126,8 @@ def test_stacked_and_one_by_one_pack_and_refuse_alike(form: str, change: str) ->
         stacked = _pack(features)
         reference = _pack({k: _one_by_one(v) for k, v in features.items()})
         assert stacked == reference, (change, stacked if isinstance(stacked[0], str) else "packed")
-        if change == "none":
-            assert not isinstance(stacked[0], str)
+        if change == "none" or (change in IDS and IDS[change] is None):
+            assert not isinstance(stacked[0], str), stacked
+        elif change in IDS:
+            feature, says = IDS[change]  # type: ignore[misc]
+            assert stacked[0] == "refused" and stacked[2] == feature and says in stacked[1], stacked

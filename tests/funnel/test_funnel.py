@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from leanrec.funnel import Funnel, RankedBatch
-from leanrec.schema import Feature, FeatureBlock, FeatureSet, Kind, Owner, Side
+from leanrec.schema import PAD_ID, Feature, FeatureBlock, FeatureSet, Kind, Owner, Side
 from leanrec.world import World
 
 T_MS = 1_700_000_000_000
@@ -18,9 +18,14 @@ def _rank(world: World, users: np.ndarray, funnel: Funnel | None = None) -> Rank
     return funnel.rank(users, T_MS + np.arange(b) * 3_600_000, np.arange(b) % 3)
 
 
+def _users(world: World, rows: list[int] | np.ndarray) -> np.ndarray:
+    """Raw ids of the world's users of these rows."""
+    return world.user_ids[np.asarray(rows)]
+
+
 @pytest.fixture
-def users() -> np.ndarray:
-    return np.array([0, 17, 17, 399, 123, 250])  # a user twice: two requests, same features
+def users(small_world: World) -> np.ndarray:
+    return _users(small_world, [0, 17, 17, 399, 123, 250])  # a user twice: two requests, same features
 
 
 def test_rank_returns_100_distinct_items_per_request_in_score_order(small_world: World, users) -> None:
@@ -28,12 +33,11 @@ def test_rank_returns_100_distinct_items_per_request_in_score_order(small_world:
     assert len(batch) == len(users)
     assert batch.n_items == 100
     assert batch.item_ids.shape == batch.scores.shape == (len(users), 100)
-    assert batch.item_ids.dtype == np.int32
+    assert batch.item_ids.dtype == np.int64
     assert np.array_equal(batch.user_ids, users)
     for row in batch.item_ids:
         assert len(np.unique(row)) == 100
-        assert row.min() >= 0
-        assert row.max() < small_world.config.n_items
+        assert np.isin(row, small_world.item_ids).all()  # raw ids of the world's items
     assert (np.diff(batch.scores, axis=1) <= 0).all()
     assert np.isfinite(batch.scores).all()
 
@@ -53,6 +57,22 @@ def test_returned_blocks_equal_the_store_rows_at_rank_time(small_world: World, u
     # the item rows really are those items: their id feature says so
     i_id = fs.owner_slots(Owner.ITEM)["i_id"]
     assert np.array_equal(batch.items.ints[:, i_id.offset], batch.item_ids.ravel())
+
+
+def test_the_funnel_returns_raw_item_ids_the_store_knows(small_world: World, users) -> None:
+    batch = _rank(small_world, users)
+    ids = batch.item_ids.ravel()
+    assert ids.dtype == np.int64 and not (ids == PAD_ID).any()
+    # not row numbers: a world's raw ids spread over int64, and rows are never among them
+    assert (np.abs(ids.astype(np.float64)) > 2.0**32).all()
+    assert not np.isin(ids, np.arange(small_world.config.n_items)).any()
+    rows = small_world.store.rows(Owner.ITEM, ids)  # raises KeyError for an id the store lacks
+    assert np.array_equal(small_world.item_ids[rows], ids)
+    assert np.array_equal(small_world.items.rows(ids), rows)
+    # the oracle and engagement take them as they are
+    assert small_world.click_probability(batch.user_ids, batch.item_ids).shape == batch.item_ids.shape
+    with pytest.raises(KeyError, match="no item"):
+        small_world.store.get_many(Owner.ITEM, small_world.items.rows(ids[:3]))
 
 
 def test_scores_are_the_scorers_scores_of_the_returned_features(small_world: World, users) -> None:
@@ -96,17 +116,17 @@ def test_same_world_same_ranking(small_world: World, users) -> None:
 
 
 def test_ranking_is_personal(small_world: World) -> None:
-    batch = _rank(small_world, np.array([1, 2, 3, 4]))
+    batch = _rank(small_world, _users(small_world, [1, 2, 3, 4]))
     overlaps = [len(np.intersect1d(batch.item_ids[0], row)) for row in batch.item_ids[1:]]
     assert min(overlaps) < 100
 
 
 def test_ranking_favours_what_the_user_would_click(small_world: World) -> None:
     rng = np.random.default_rng(2)
-    users = rng.choice(small_world.config.n_users, 40, replace=False)
+    users = _users(small_world, rng.choice(small_world.config.n_users, 40, replace=False))
     batch = _rank(small_world, users)
     ranked_p = small_world.click_probability(users, batch.item_ids).mean()
-    random_items = np.stack([rng.choice(small_world.config.n_items, 100, replace=False) for _ in users])
+    random_items = np.stack([rng.choice(small_world.item_ids, 100, replace=False) for _ in users])
     random_p = small_world.click_probability(users, random_items).mean()
     assert ranked_p > 1.5 * random_p
 
@@ -119,7 +139,7 @@ def test_funnel_refuses_impossible_sizes(small_world: World, n_retrieve: int, n_
 
 def test_smaller_funnel(small_world: World) -> None:
     batch = Funnel(small_world, n_retrieve=200, n_rank=20).rank(
-        np.array([5, 6]), np.array([0, 0]), np.array([0, 1])
+        _users(small_world, [5, 6]), np.array([0, 0]), np.array([0, 1])
     )
     assert batch.item_ids.shape == (2, 20)
     assert len(batch.items) == 40
@@ -172,10 +192,10 @@ def test_a_pruned_funnel_returns_the_full_rankings_columns_of_its_featureset(
 def test_the_stand_in_still_ranks_well_without_some_of_its_inputs(small_world: World) -> None:
     pruned = small_world.featureset.retire(RETIRED)
     rng = np.random.default_rng(2)
-    users = rng.choice(small_world.config.n_users, 40, replace=False)
+    users = _users(small_world, rng.choice(small_world.config.n_users, 40, replace=False))
     batch = _rank(small_world, users, Funnel(small_world, featureset=pruned))
     ranked_p = small_world.click_probability(users, batch.item_ids).mean()
-    random_items = np.stack([rng.choice(small_world.config.n_items, 100, replace=False) for _ in users])
+    random_items = np.stack([rng.choice(small_world.item_ids, 100, replace=False) for _ in users])
     assert ranked_p > 1.5 * small_world.click_probability(users, random_items).mean()
 
 

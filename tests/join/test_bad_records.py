@@ -104,7 +104,7 @@ def events(ref: RequestRef, items: np.ndarray, rows: Sequence[tuple[int, EventKi
     return EventBatch(
         ref.request_id,
         pos,
-        items[pos].astype(np.int32),
+        items[pos].astype(np.int64),
         np.array([int(r[1]) for r in rows], np.int8),
         np.array([ref.ts_ms + r[2] for r in rows], np.int64),
         np.zeros(len(rows), np.float32),
@@ -124,10 +124,10 @@ class Traffic:
 
 
 def rank(world: World) -> tuple[list[RequestRef], RankedBatch]:
-    users = np.array([1, 2, 3, 4, 5, 6], np.int64)
+    users = world.user_ids[1:7]  # raw 64-bit ids
     batch = Funnel(world).rank(users, np.full(len(users), T0), np.zeros(len(users), np.int64))
     refs = [RequestRef(f"j{b}", int(u), T0, batch.n_items) for b, u in enumerate(users[:5])]
-    return [*refs, RequestRef("x0", 6, T0, batch.n_items)], batch
+    return [*refs, RequestRef("x0", int(users[5]), T0, batch.n_items)], batch
 
 
 def serve(rig: Rig, world: World) -> Traffic:
@@ -274,7 +274,9 @@ def test_bad_records_are_set_aside_and_every_good_one_joins_byte_for_byte(
     for rid in ("x0", "j3"):
         assert list(letters[DeadKind.FEATURESET, rid].raw) == raw[rid]
     assert list(letters[DeadKind.CORRUPT_BLOB, "j1"].raw) == raw["j1"]
-    assert letters[DeadKind.CORRUPT_BLOB, "j1"].opened == RequestOpened("j1", 2, T0, t.batch.n_items, 1)
+    assert letters[DeadKind.CORRUPT_BLOB, "j1"].opened == RequestOpened(
+        "j1", t.refs[1].user_id, T0, t.batch.n_items, 1
+    )
     assert letters[DeadKind.EVENT_BLOB, "j4"].raw == ((key("j4", "ev"), b"not an event batch"),)
     assert letters[DeadKind.BUS_MESSAGE, odd_id].raw == backend.expect_raw
     assert DeadLetterFolder.of_warehouse(str(tmp_path / "wh")).read() == rig.dead.read()  # it is on disk
@@ -288,7 +290,7 @@ def test_bad_records_are_set_aside_and_every_good_one_joins_byte_for_byte(
     for ref in [*t.refs, t.foreign]:
         assert stored(rig, ref) == []
     # A redelivered record of a set-aside request is not set aside twice.
-    rig.bus.append_many([RequestOpened("j1", 2, T0, t.batch.n_items, 1)])
+    rig.bus.append_many([RequestOpened("j1", t.refs[1].user_id, T0, t.batch.n_items, 1)])
     rig.joiner.poll()
     rig.joiner.join_due(force=True)
     rig.joiner.flush()

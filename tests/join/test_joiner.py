@@ -19,7 +19,7 @@ from leanrec.events.model import EventBatch, EventKind, EventLimits, RequestRef
 from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging, key
 from leanrec.funnel.ranker import Funnel, RankedBatch
 from leanrec.join.joiner import LabelJoiner
-from leanrec.schema import Side
+from leanrec.schema import Owner, Side
 from leanrec.serve.service import LoggingService
 from leanrec.stores.transient import MemoryTransientStore, TransientStore
 from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout
@@ -81,8 +81,9 @@ def make_rig(
 
 
 def rank(world: World, users: Sequence[int]) -> tuple[list[RequestRef], RankedBatch]:
+    """Rank for the world's users of rows ``users``: requests of their raw (64-bit) ids."""
     funnel = Funnel(world)
-    u = np.asarray(users, np.int64)
+    u = world.user_ids[np.asarray(users, np.int64)]
     batch = funnel.rank(u, np.full(len(u), T0), np.zeros(len(u), np.int64))
     return [RequestRef(f"j{b}", int(x), T0, batch.n_items) for b, x in enumerate(u)], batch
 
@@ -94,7 +95,7 @@ def events(
     return EventBatch(
         ref.request_id,
         pos,
-        items[pos].astype(np.int32),
+        items[pos].astype(np.int64),
         np.array([int(r[1]) for r in rows], np.int8),
         np.array([ref.ts_ms + r[2] for r in rows], np.int64),
         np.array([r[3] for r in rows], np.float32),
@@ -346,6 +347,45 @@ def test_joined_features_are_the_logged_ones(small_world: World, tmp_path: Path,
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def test_raw_ids_at_both_ends_of_int64_are_joined_unchanged(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    """Item ids, the user id and id features near 2**63 - 1 and -2**63 reach the warehouse as they were."""
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    _, ranked = rank(small_world, [13])
+    ends = np.array([2**63 - 1, -(2**63), 2**63 - 2, -2, -(2**63) + 1, 0], np.int64)
+    items = ranked.item_ids.copy()
+    items[0, : len(ends)] = ends
+    block = ranked.items.copy()
+    fs = small_world.featureset
+    i_id = fs.owner_slots(Owner.ITEM)["i_id"]
+    block.ints[:, i_id.offset] = items[0]  # the item id feature holds the same raw ids
+    request = ranked.request.copy()
+    hist = next(s for s in fs.layout(Side.REQUEST).slots if s.feature.name == "u_hist")
+    request.ints[0, hist.offset : hist.offset + len(ends)] = ends
+    user = 2**63 - 1
+    batch = RankedBatch(np.array([user], np.int64), items, ranked.scores, request, block)
+    ref = RequestRef("ends", user, T0, batch.n_items)
+    rig.service.ranked([ref], batch)
+    positions = [*range(len(ends)), 40]
+    rig.service.events(ref, events(ref, items[0], views(positions)))
+    # Clicks naming another item than the one logged at their position are refused, whatever the
+    # sign of the logged id: the item at 1 is -2**63, at 3 it is -2, at 0 it is 2**63 - 1.
+    wrong = items[0].copy()
+    wrong[[0, 1, 3]] = [-(2**63), 2**63 - 1, 7]
+    rig.service.events(ref, events(ref, wrong, [(p, EventKind.CLICK, 9_000, 0.0) for p in (0, 1, 3)]))
+    rig.service.events(ref, events(ref, items[0], [(2, EventKind.CLICK, 9_500, 0.0)]))
+    join(rig)
+    ex = rig.examples()
+    assert ex.column("item_id").to_pylist() == items[0, positions].tolist()
+    assert ex.column("i_id").to_pylist() == items[0, positions].tolist()
+    assert ex.column("user_id").to_pylist() == [user] * len(positions)
+    assert ex.column("u_hist").to_pylist()[0] == request.ints[0, hist.offset : hist.stop].tolist()
+    assert ex.column("click").to_pylist() == [p == 2 for p in positions]
+    assert rig.joiner.stats.mismatched_events == 3 and rig.joiner.stats.labels_lost == 0
+
+
 @pytest.mark.parametrize("layout", [TableLayout.REQUEST, TableLayout.IMPRESSION])
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_the_ranker_scores_come_out_of_the_warehouse_at_their_positions(
@@ -424,8 +464,9 @@ def test_recover_acks_what_was_committed_before_a_crash_and_joins_the_rest_once(
     # A third request, ranked a minute later: still open when the worker dies.
     t1 = T0 + 60_000
     clock.set(t1)
-    later = Funnel(small_world).rank(np.array([10]), np.array([t1]), np.zeros(1, np.int64))
-    k0 = RequestRef("k0", 10, t1, later.n_items)
+    user = int(small_world.user_ids[10])
+    later = Funnel(small_world).rank(np.array([user]), np.array([t1]), np.zeros(1, np.int64))
+    k0 = RequestRef("k0", user, t1, later.n_items)
     rig.service.ranked([k0], later)
     rig.service.events(k0, events(k0, later.item_ids[0], views(range(5), 2_000)))
 

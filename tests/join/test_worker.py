@@ -73,7 +73,7 @@ def serve_on_redis(url: str, world: World) -> Served:
     store, bus = RedisTransientStore(url), RedisEventBus(url)
     limits = EventLimits(window_ms=WINDOW, lateness_ms=0)
     ttl = 600_000
-    users = np.array([1, 2, 3, 4], np.int64)
+    users = world.user_ids[1:5]  # raw 64-bit ids
     batch = Funnel(world).rank(users, np.full(4, now), np.zeros(4, np.int64))
     n = batch.n_items
     refs = [RequestRef(rid, int(u), now, n) for rid, u in zip(["j0", "j1", "j2", "x0"], users, strict=True)]
@@ -96,7 +96,7 @@ def serve_on_redis(url: str, world: World) -> Served:
             ev = EventBatch(
                 refs[b].request_id,
                 pos,
-                batch.item_ids[b][pos].astype(np.int32),
+                batch.item_ids[b][pos],
                 np.where(pos == 2, int(EventKind.CLICK), int(EventKind.VIEW)).astype(np.int8),
                 now + 100 + pos.astype(np.int64),
                 np.zeros(len(pos), np.float32),

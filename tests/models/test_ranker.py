@@ -1,6 +1,8 @@
-"""The late ranker's two forward paths share parameters and agree, outputs and gradients."""
+"""The late ranker's two forward paths share parameters and agree, outputs and gradients, on raw ids."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -8,48 +10,92 @@ import torch
 
 from leanrec.funnel import Funnel
 from leanrec.models import LateRanker, RankerConfig
+from leanrec.models.idmap import MAP_KINDS
 from leanrec.models.ranker import wide_support
-from leanrec.schema import Side
+from leanrec.schema import FeatureSet, Side, Slot
 from leanrec.world import World
+
+EXTREME_IDS = (2**63 - 1, 2**63 - 2, -(2**63), -(2**63) + 1, -2)
+"""Raw ids at the ends of int64 and a negative one next to the padding id."""
+
+
+def _slot(fs: FeatureSet, name: str) -> Slot:
+    """Where a feature's columns are in its side's block."""
+    return next(s for s in fs.layout(fs[name].side).slots if s.feature.name == name)
 
 
 @pytest.fixture
 def inputs(small_world: World) -> tuple[torch.Tensor, ...]:
-    batch = Funnel(small_world).rank(np.arange(6), np.zeros(6, np.int64), np.zeros(6, np.int64))
+    batch = Funnel(small_world).rank(small_world.user_ids[:6], np.zeros(6, np.int64), np.zeros(6, np.int64))
     rng = np.random.default_rng(1)
     # 6 requests, a different number of viewed items each (as a request-level batch has them)
     counts = np.array([1, 3, 7, 2, 12, 5])
     rows = np.concatenate([b * 100 + rng.choice(100, c, replace=False) for b, c in enumerate(counts)])
+    req_ints = batch.request.ints.astype(np.int64)
+    item_ints = batch.items.ints[rows].astype(np.int64)
+    # Ids anywhere in int64: user, item and creator ids and the history at the extremes too.
+    fs = small_world.featureset
+    ext = np.array(EXTREME_IDS, np.int64)
+    item_ints[: len(ext), _slot(fs, "i_id").offset] = ext
+    item_ints[len(ext) : 2 * len(ext), _slot(fs, "i_creator").offset] = ext
+    req_ints[1:5, _slot(fs, "u_id").offset] = ext[:4]
+    hist = _slot(fs, "u_hist").offset
+    req_ints[4, hist : hist + 3] = ext[:3]  # request 4 clicked extreme items
     return (
         torch.from_numpy(batch.request.floats.copy()),
-        torch.from_numpy(batch.request.ints.astype(np.int64)),
+        torch.from_numpy(req_ints),
         torch.from_numpy(batch.items.floats[rows].copy()),
-        torch.from_numpy(batch.items.ints[rows].astype(np.int64)),
+        torch.from_numpy(item_ints),
         torch.from_numpy(np.repeat(np.arange(6), counts)),
     )
 
 
-def _model(small_world: World) -> LateRanker:
+def _mapped(fs: FeatureSet, kind: str) -> FeatureSet:
+    """``fs`` with every id feature mapped by ``kind`` (the data's shape is the same)."""
+    features = tuple(f if f.is_float else dataclasses.replace(f, map=kind) for f in fs.features)
+    return FeatureSet(fs.name, fs.version, features, fs.retired)
+
+
+def _item_ids(model: LateRanker, item_ints: torch.Tensor) -> np.ndarray:
+    return item_ints[:, _slot(model.fs, "i_id").offset].numpy()
+
+
+def _model(small_world: World, kind: str = "", inputs: tuple[torch.Tensor, ...] | None = None) -> LateRanker:
+    """A model of the world's FeatureSet, its ids mapped by ``kind`` (``""``: as the world declares).
+
+    Given ``inputs``, a managed model first observes part of them (the first half of the requests
+    and of the items), so that some ids read a slot of their own and the others a residual row.
+    """
     torch.manual_seed(0)
-    model = LateRanker(small_world.featureset, RankerConfig(dim=16, hidden=32))
+    fs = small_world.featureset if not kind else _mapped(small_world.featureset, kind)
+    model = LateRanker(fs, RankerConfig(dim=16, hidden=32))
     with torch.no_grad():  # the wide part starts at zero; give it weights so every path carries signal
         for p in model.wide_parameters():
             p.normal_(0.0, 0.05)
+    if inputs is not None and kind == "managed":
+        model.observe(inputs[1][:3], inputs[3][: len(inputs[3]) // 2])
+        table = model.tables["i_id"]
+        in_slot = table.rows_of(_item_ids(model, inputs[3])) < table.slots
+        assert in_slot.any() and not in_slot.all()  # both kinds of lookup are exercised
     return model
 
 
-def test_both_paths_give_the_same_outputs(small_world: World, inputs) -> None:
-    model = _model(small_world)
+@pytest.mark.parametrize("kind", MAP_KINDS)
+def test_both_paths_give_the_same_outputs(small_world: World, inputs, kind: str) -> None:
+    model = _model(small_world, kind, inputs)
+    assert {t.spec.kind for t in model.tables.values()} == {kind}
     model.fit_normalizer(inputs[0], inputs[2])
     request_level = model(*inputs, request_level=True)
     impression_level = model(*inputs, request_level=False)
     assert request_level.shape == (len(inputs[4]), 2)
+    assert bool(torch.isfinite(request_level).all())
     torch.testing.assert_close(request_level, impression_level, rtol=1e-5, atol=1e-6)
 
 
-def test_both_paths_give_the_same_gradients(small_world: World, inputs) -> None:
-    model = _model(small_world)
-    params = [p for p in model.parameters() if p.requires_grad]
+@pytest.mark.parametrize("kind", MAP_KINDS)
+def test_both_paths_give_the_same_gradients(small_world: World, inputs, kind: str) -> None:
+    model = _model(small_world, kind, inputs)
+    names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad), strict=True)
     grads = []
     for request_level in (True, False):
         out = model(*inputs, request_level=request_level)
@@ -63,6 +109,36 @@ def test_both_paths_give_the_same_gradients(small_world: World, inputs) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         compared += 1
     assert compared > 10
+    # The extreme ids are looked up like any other: the rows they read get gradient.
+    grad = dict(zip(names, grads[0], strict=True))
+    table = model.tables["i_id"]
+    rows = table.rows_of(np.array(EXTREME_IDS, np.int64))
+    for name, _ in table.named_parameters():
+        read = rows[:, 0 if name == "weight_q" else 1] if kind == "qr" else rows
+        assert (grad[f"tables.i_id.{name}"][torch.from_numpy(read)].abs().sum(1) > 0).all(), name
+
+
+def test_the_forward_leaves_a_managed_map_alone_and_observe_changes_it(small_world: World, inputs) -> None:
+    model = _model(small_world)  # the world's id features are managed by default
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in (model.train, model.eval):
+        mode()
+        model(*inputs)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, before[name]), name
+    with pytest.raises(RuntimeError, match="training mode"):
+        model.observe(inputs[1], inputs[3])  # serving never observes
+    model.train()
+    resets = model.observe(inputs[1], inputs[3])
+    assert set(resets) == set(model.tables)
+    # The item id table holds every item of the batch and every item of its histories.
+    table = model.tables["i_id"]
+    hist = inputs[1][:, _slot(model.fs, "u_hist").offset :][:, : model.fs["u_hist"].size].numpy()
+    expect = set(_item_ids(model, inputs[3]).tolist()) | set(hist[hist != -1].tolist())
+    assert set(table.slot_ids[table.slot_ids != -1].tolist()) == expect
+    assert set(EXTREME_IDS[:3]) <= expect
+    assert resets["i_id"].tolist() == sorted(table.rows_of(np.array(sorted(expect))).tolist())
+    assert int(table.step) == 1 and table.counters()["admissions"] == len(expect)
 
 
 def test_the_user_side_depends_on_the_request_only(small_world: World, inputs) -> None:
@@ -79,21 +155,31 @@ def test_the_user_side_depends_on_the_request_only(small_world: World, inputs) -
     torch.testing.assert_close(out[1:], out2[1:])
 
 
-def test_padding_rows_stay_zero_through_training(small_world: World, inputs) -> None:
-    model = _model(small_world)
+@pytest.mark.parametrize("kind", MAP_KINDS)
+def test_padding_adds_nothing_and_learns_nothing_through_training(
+    small_world: World, inputs, kind: str
+) -> None:
+    model = _model(small_world, kind, inputs)
     req_floats, req_ints, *rest = inputs
     ints = req_ints.clone()
-    slot = small_world.featureset.owner_slots(small_world.featureset["u_topics"].owner)["u_topics"]
+    slot = _slot(small_world.featureset, "u_topics")
     ints[:, slot.stop - 1] = -1  # pad the last topic of every user
+    table = model.tables["u_topics"]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     for _ in range(2):
         loss = model(req_floats, ints, *rest).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    table = model.tables["u_topics"]
-    assert torch.count_nonzero(table.weight[table.padding_idx]) == 0  # padding adds nothing, ever
-    assert torch.count_nonzero(table.weight.grad[: table.padding_idx]) > 0  # real rows did learn
+        # real rows did learn
+        assert any(torch.count_nonzero(p.grad) > 0 for p in table.parameters())
+    padded = torch.full((6, 3), -1, dtype=torch.int64)
+    assert torch.count_nonzero(table(padded)) == 0  # padding reads zeros, ever
+    # Every topic padded: the table gets no gradient at all.
+    ints[:, slot.offset : slot.stop] = -1
+    loss = model(req_floats, ints, *rest).square().mean()
+    for p, g in zip(table.parameters(), torch.autograd.grad(loss, list(table.parameters())), strict=True):
+        assert torch.count_nonzero(g) == 0, p.shape
 
 
 def test_vectors_of_one_embedding_space_meet_in_a_dot_product(small_world: World, inputs) -> None:

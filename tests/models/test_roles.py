@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from leanrec.featurefile import parse_featureset
+from leanrec.ids import scrambled_ids
 from leanrec.models import LateRanker, RankerConfig
+from leanrec.models.idmap import MAP_KINDS
 from leanrec.schema import FeatureSet, Role, Side, Slot
 
 ALL_IDS = ("buyer", "recent", "recent_aisle", "weekday", "product", "aisle", "badges")
@@ -25,8 +29,15 @@ VARIANTS = {
 }
 
 
+EXTREMES = torch.tensor([2**63 - 1, -(2**63), -2], dtype=torch.long)
+
+
 def _inputs(fs: FeatureSet, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """6 requests with 1 to 12 items each, random values of every feature (ids padded at random)."""
+    """6 requests with 1 to 12 items each, random values of every feature (ids padded at random).
+
+    Ids are raw 64-bit values: each feature's ``rows`` distinct ids spread over int64, its first
+    three at the extremes (the ends of int64 and -2).
+    """
     gen = torch.Generator().manual_seed(seed)
     counts = torch.tensor([1, 3, 7, 2, 12, 5])
 
@@ -35,9 +46,13 @@ def _inputs(fs: FeatureSet, seed: int = 0) -> tuple[torch.Tensor, ...]:
         ints = torch.zeros(n, layout.int_width, dtype=torch.long)
         for s in layout.slots:
             if not s.feature.is_float:
-                ints[:, s.offset : s.stop] = torch.randint(
-                    -1, s.feature.vocab, (n, s.feature.size), generator=gen
-                )
+                # The history and the item id draw from one catalog: the same raw ids.
+                salt = 7 if s.feature.role in (Role.HISTORY, Role.ITEM_ID) else s.offset
+                raw = torch.from_numpy(scrambled_ids(s.feature.rows, salt))
+                k = min(len(EXTREMES), s.feature.rows)
+                raw[:k] = EXTREMES[:k]
+                picked = torch.randint(-1, s.feature.rows, (n, s.feature.size), generator=gen)
+                ints[:, s.offset : s.stop] = torch.where(picked < 0, -1, raw[picked.clamp(min=0)])
         return torch.randn(n, layout.float_width, generator=gen), ints
 
     req_floats, req_ints = block(Side.REQUEST, len(counts))
@@ -59,11 +74,21 @@ def _model(fs: FeatureSet, inputs: tuple[torch.Tensor, ...]) -> LateRanker:
     return model
 
 
+def _mapped(fs: FeatureSet, kind: str) -> FeatureSet:
+    """``fs`` with every id feature mapped by ``kind``."""
+    features = tuple(f if f.is_float else dataclasses.replace(f, map=kind) for f in fs.features)
+    return FeatureSet(fs.name, fs.version, features, fs.retired)
+
+
+@pytest.mark.parametrize("kind", MAP_KINDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_both_paths_agree_on_every_shape_of_featureset(shop, variant: str) -> None:
-    fs = parse_featureset(shop.toml(VARIANTS[variant]))
+def test_both_paths_agree_on_every_shape_of_featureset(shop, variant: str, kind: str) -> None:
+    fs = _mapped(parse_featureset(shop.toml(VARIANTS[variant])), kind)
     inputs = _inputs(fs)
     model = _model(fs, inputs)
+    assert {t.spec.kind for t in model.tables.values()} <= {kind}
+    if kind == "managed":  # some ids in slots of their own, the others in residual rows
+        model.observe(inputs[1][:3], inputs[3][:10])
     request_level = model(*inputs, request_level=True)
     impression_level = model(*inputs, request_level=False)
     assert request_level.shape == (len(inputs[4]), 2)
@@ -129,7 +154,7 @@ def test_with_a_history_the_encoder_reads_it(shop) -> None:
 def test_an_item_sequence_of_the_historys_length_is_pooled_not_encoded(shop) -> None:
     text = (
         shop.toml()
-        + '\n[[features]]\nname = "bundle"\nowner = "item"\nkind = "sequence"\nsize = 6\nvocab = 120\n'
+        + '\n[[features]]\nname = "bundle"\nowner = "item"\nkind = "sequence"\nsize = 6\nrows = 120\n'
     )
     fs = parse_featureset(text)
     inputs = _inputs(fs)

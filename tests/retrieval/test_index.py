@@ -7,17 +7,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from leanrec.ids import scrambled_ids
 from leanrec.retrieval.index import RetrievalIndex, RetrievalIndexError, embeddings_of, save_index
 
 
 def test_top_is_the_brute_force_order_with_what_was_seen_masked(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     users, items = rng.normal(size=(20, 6)), rng.normal(size=(300, 6))
-    item_ids = rng.permutation(10_000)[:300]  # rows are not ids
+    # Raw 64-bit ids, not rows: anywhere in int64, the extremes included.
+    item_ids = scrambled_ids(300, 2)[rng.permutation(300)]
+    item_ids[:2] = 2**63 - 1, -(2**63)
+    user_ids = scrambled_ids(20, 1)
+    user_ids[4] = -(2**63)
     seen = (np.array([4, 4, 9]), np.array([10, 11, 12]))
-    save_index(tmp_path / "i.npz", users, items, user_ids=np.arange(100, 120), item_ids=item_ids, seen=seen)
+    save_index(tmp_path / "i.npz", users, items, user_ids=user_ids, item_ids=item_ids, seen=seen)
     index = RetrievalIndex.load(tmp_path / "i.npz")
-    got, scores = index.top(np.array([104, 100, 999]), 25)
+    assert index.item_ids.dtype == np.int64
+    unknown = int(scrambled_ids(21, 1)[20])
+    got, scores = index.top(np.array([user_ids[4], user_ids[0], unknown], np.int64), 25)
+    assert got.dtype == np.int64
     full = users.astype(np.float32) @ items.astype(np.float32).T
     full[4, [10, 11]] = -np.inf
     for b, row in enumerate((4, 0)):
@@ -27,6 +35,8 @@ def test_top_is_the_brute_force_order_with_what_was_seen_masked(tmp_path: Path) 
     assert not set(item_ids[[10, 11]]) & set(got[0].tolist())
     mean = users.astype(np.float32).mean(0) @ items.astype(np.float32).T  # an unknown user: the mean user
     np.testing.assert_array_equal(got[2], item_ids[np.argsort(-mean, kind="stable")[:25]])
+    everything, _ = index.top(user_ids[:1], 300)
+    assert sorted(everything[0].tolist()) == sorted(item_ids.tolist())  # the extremes come back whole
 
 
 def test_a_trained_model_exports_the_scores_it_gives() -> None:

@@ -24,9 +24,10 @@ import pyarrow as pa
 import pytest
 import redis
 
+from leanrec.ids import scrambled_ids
 from leanrec.warehouse.store import ParquetWarehouse, WarehouseError
 from leanrec.warehouse.tables import TableLayout
-from leanrec.world import WorldConfig, default_featureset
+from leanrec.world import USER_SALT, WorldConfig, default_featureset
 
 
 def _free_port() -> int:
@@ -212,10 +213,11 @@ class Traffic:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+        self.user_ids = scrambled_ids(self.n_users, USER_SALT)  # the synthetic world's raw user ids
 
     def rank(self) -> dict[str, Any]:
-        """One ranking; the response body."""
-        user = int(self.rng.integers(0, self.n_users))
+        """One ranking (for a user drawn among the world's, by raw id); the response body."""
+        user = int(self.user_ids[int(self.rng.integers(0, self.n_users))])
         r = self.client.post("/v1/rank", json={"user_id": user, "surface": int(self.rng.integers(0, 3))})
         assert r.status_code == 200, r.text
         return r.json()
@@ -330,7 +332,7 @@ version = 1
 name = "region"
 owner = "user"
 kind = "sparse"
-vocab = 30
+rows = 30
 
 [[features]]
 name = "taste"
@@ -344,20 +346,20 @@ name = "bought"
 owner = "user"
 kind = "sequence"
 size = 12
-vocab = 5000
+rows = 5000
 role = "history"
 
 [[features]]
 name = "hour"
 owner = "context"
 kind = "sparse"
-vocab = 24
+rows = 24
 
 [[features]]
 name = "sku"
 owner = "item"
 kind = "sparse"
-vocab = 5000
+rows = 5000
 role = "item_id"
 
 [[features]]

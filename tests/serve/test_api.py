@@ -19,15 +19,19 @@ from leanrec.clock import ManualClock, SystemClock
 from leanrec.energy.ledger import CostLedger
 from leanrec.events import RequestRef
 from leanrec.featurelog.loggers import ContextCache, LazyLogger, Paging, key
+from leanrec.ids import scrambled_ids
 from leanrec.join.joiner import JoinStats, LabelJoiner
 from leanrec.serve.app import ServiceState, create_app
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.tokens import TokenSigner
 from leanrec.warehouse.store import ParquetWarehouse
 from leanrec.warehouse.tables import TableLayout
-from leanrec.world import WorldConfig, default_featureset
+from leanrec.world import ITEM_SALT, USER_SALT, WorldConfig, default_featureset
 
 SMALL = {"n_users": 400, "n_items": 3_000}
+USERS = scrambled_ids(SMALL["n_users"], USER_SALT)
+"""The synthetic world's raw user ids: user ``k`` (a row of the world) is ``USERS[k]``."""
+ITEMS = scrambled_ids(SMALL["n_items"], ITEM_SALT)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -61,7 +65,8 @@ def settle(client: TestClient) -> None:
 
 
 def rank(client: TestClient, user: int = 3) -> dict[str, Any]:
-    r = client.post("/v1/rank", json={"user_id": user})
+    """Rank for the world's user ``user`` (a row; the request names its raw id)."""
+    r = client.post("/v1/rank", json={"user_id": int(USERS[user])})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -113,18 +118,21 @@ def test_rank_returns_100_distinct_items_and_a_token(client: TestClient) -> None
     body = rank(client)
     assert len(body["items"]) == 100
     assert len(set(body["items"])) == 100
-    assert all(0 <= i < SMALL["n_items"] for i in body["items"])
+    assert set(body["items"]) <= set(ITEMS.tolist())  # the catalog's raw ids
+    assert any(abs(i) >= 2**31 for i in body["items"])  # as they are, not narrowed to 32 bits
     ref = state(client).signer.check(body["token"], body["request_id"], SystemClock().now_ms())
-    assert (ref.request_id, ref.user_id, ref.n_items) == (body["request_id"], 3, 100)
+    assert (ref.request_id, ref.user_id, ref.n_items) == (body["request_id"], int(USERS[3]), 100)
     other = rank(client)
     assert other["request_id"] != body["request_id"]
 
 
 def test_rank_refuses_an_unknown_user(client: TestClient) -> None:
-    r = client.post("/v1/rank", json={"user_id": SMALL["n_users"]})
-    assert r.status_code == 422
-    assert "unknown user 400" in r.json()["error"]
-    r = client.post("/v1/rank", json={"user_id": -1})
+    for unknown in (400, 3, -1, 2**63 - 1, -(2**63), 2**64, "alice"):  # a row number is no user id either
+        assert unknown not in USERS.tolist()
+        r = client.post("/v1/rank", json={"user_id": unknown})
+        assert r.status_code == 422, (unknown, r.text)
+        assert f"unknown user {unknown!r}" in r.json()["error"]
+    r = client.post("/v1/rank", json={"user_id": [1]})
     assert r.status_code == 422
     assert "user_id" in r.json()["error"]
 
@@ -184,7 +192,7 @@ def test_forged_tokens_are_401(client: TestClient) -> None:
     assert r.status_code == 401
     assert "signature does not match" in r.json()["error"]
     # a token signed with another deployment's key, for a list of 1,000 items
-    ref = RequestRef(body["request_id"], 3, SystemClock().now_ms(), 1_000)
+    ref = RequestRef(body["request_id"], int(USERS[3]), SystemClock().now_ms(), 1_000)
     other = TokenSigner(b"another-deployment-secret", 60_000).sign(ref)
     r = post_events(client, body, views(body, range(2)), "f2", token=other)
     assert r.status_code == 401
@@ -199,7 +207,7 @@ def test_an_expired_token_is_401(client: TestClient) -> None:
     body = rank(client)
     st = state(client)
     old = SystemClock().now_ms() - st.signer.valid_ms - 5_000
-    token = st.signer.sign(RequestRef(body["request_id"], 3, old, 100))
+    token = st.signer.sign(RequestRef(body["request_id"], int(USERS[3]), old, 100))
     r = post_events(client, body, views(body, range(2)), "e1", token=token)
     assert r.status_code == 401
     assert "token expired" in r.json()["error"]
@@ -222,7 +230,7 @@ def test_a_replayed_batch_is_409(client: TestClient) -> None:
 def test_positions_beyond_the_list_are_refused(client: TestClient) -> None:
     body = rank(client)
     now = SystemClock().now_ms()
-    beyond = [{"position": 100, "item_id": 1, "kind": "view", "ts_ms": now}]
+    beyond = [{"position": 100, "item_id": int(ITEMS[1]), "kind": "view", "ts_ms": now}]
     r = post_events(client, body, beyond, "only-beyond")
     assert r.status_code == 422
     assert "position outside the ranked list of 100" in r.json()["error"]
@@ -290,12 +298,12 @@ def test_refusals_lose_nothing_accepted_before(client: TestClient, tmp_path: Pat
     assert post_events(client, target, first, "good-1").json()["accepted"] == 3
     other = rank(client, 10)
     old = SystemClock().now_ms() - state(client).signer.valid_ms - 1
-    expired = state(client).signer.sign(RequestRef(rid, 9, old, 100))
+    expired = state(client).signer.sign(RequestRef(rid, int(USERS[9]), old, 100))
     payload, mac = target["token"].split(".")
     forged = f"{payload}.{mac[::-1]}"
     json_type = {"content-type": "application/json"}
     now = SystemClock().now_ms()
-    beyond = [{"position": 250, "item_id": 0, "kind": "view", "ts_ms": now}]
+    beyond = [{"position": 250, "item_id": int(ITEMS[0]), "kind": "view", "ts_ms": now}]
     bad_calls = [
         (
             400,

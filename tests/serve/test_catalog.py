@@ -14,6 +14,7 @@ from tests.conftest import Shop
 
 from leanrec.cli import main
 from leanrec.featurefile import load_featureset, parse_featureset
+from leanrec.ids import string_ids
 from leanrec.retrieval.index import RetrievalIndex, save_index
 from leanrec.schema import FeatureSet, Owner
 from leanrec.serve.app import create_app
@@ -47,7 +48,7 @@ def write_catalog(folder: Path, fs: FeatureSet, seed: int = 0, extra: bool = Tru
             if f.is_float:
                 v = rng.normal(size=(n, f.size)).astype(np.float32)
             else:
-                v = rng.integers(0, f.vocab, (n, f.size)).astype(np.int32)
+                v = rng.integers(0, f.rows, (n, f.size)).astype(np.int32)
             v = v[:, 0] if f.size == 1 else v
             written[f.name] = v
             cols[f.name] = _column(v)
@@ -133,9 +134,27 @@ def test_rank_takes_the_callers_candidates_and_checks_the_request(catalog, redis
         for feature, body in cases.items():
             r = client.post("/v1/rank", json=body)
             assert r.status_code == 422 and r.json()["feature"] == feature, r.text
-        for bad in ([N_ITEMS + 3], [1, 1], []):
-            r = client.post("/v1/rank", json={"user_id": 4, "context": {"weekday": 1}, "candidates": bad})
-            assert r.status_code == 422 and "candidates" in r.json()["error"]
+        refusals = {
+            "[1, 1]": "candidates: an item is listed twice",
+            "[]": "candidates: expected a non-empty list of item ids",
+            "[3, -1]": "candidates: -1 is the padding id, not an item",
+            '["sku-3"]': 'string ids need an item_id feature declared with dtype = "string"',
+            f"[{2**63}, {2**63 + 1}]": "candidates: ids are int64, got 9223372036854775809",
+        }
+        for bad, message in refusals.items():
+            r = client.post(
+                "/v1/rank",
+                content=f'{{"user_id": 4, "context": {{"weekday": 1}}, "candidates": {bad}}}',
+                headers={"content-type": "application/json"},
+            )
+            assert r.status_code == 422 and r.json()["feature"] == "candidates", (bad, r.text)
+            assert message in r.json()["error"], (bad, r.text)
+        # Any int64 is an id; one the catalog's store does not hold is named.
+        for unknown in (N_ITEMS + 3, 2**63 - 1, -(2**63)):
+            body = {"user_id": 4, "context": {"weekday": 1}, "candidates": [3, unknown]}
+            r = client.post("/v1/rank", json=body)
+            assert r.status_code == 422, r.text
+            assert f"no item features for 1 id(s): [{unknown}]" in r.json()["error"], r.text
         r = client.post(
             "/v1/rank", json={"user_id": 4, "context": {"weekday": 1}, "candidates": list(range(51))}
         )
@@ -144,6 +163,49 @@ def test_rank_takes_the_callers_candidates_and_checks_the_request(catalog, redis
             "/v1/rank", json={"user_id": N_USERS + 5, "context": {"weekday": 1}, "candidates": [1]}
         )
         assert r.status_code == 422 and str(N_USERS + 5) in r.json()["error"]
+
+
+def test_a_catalog_of_string_ids_ranks_string_users_and_candidates(
+    tmp_path: Path, shop: Shop, redis_url: str
+) -> None:
+    """Users, items and histories named by strings: loaded, ranked and logged as their 64-bit hashes."""
+    text = shop.toml()
+    for role in ("user_id", "item_id", "history"):
+        text = text.replace(f'role = "{role}"', f'role = "{role}"\ndtype = "string"')
+    (tmp_path / "fs.toml").write_text(text)
+    fs = load_featureset(tmp_path / "fs.toml")
+    assert fs["buyer"].string_ids and fs["product"].string_ids and fs["recent"].string_ids
+    rng = np.random.default_rng(3)
+    skus = np.array([f"sku-{k:04d}" for k in range(N_ITEMS)])
+    names = np.array([f"shopper-{k}" for k in range(N_USERS)])
+    recent = skus[rng.integers(0, N_ITEMS, (N_USERS, 6))]
+    written = write_catalog(tmp_path, fs, extra=False)
+    for name, ids, extra in (("users", names, {"recent": recent}), ("items", skus, {})):
+        table = pq.read_table(tmp_path / f"{name}.parquet")
+        table = table.set_column(0, table.schema.field(0).name, pa.array(ids))
+        for col, values in extra.items():
+            table = table.set_column(table.column_names.index(col), col, _column(values))
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    assert load(tmp_path / "fs.toml", redis_url, tmp_path / "users.parquet", tmp_path / "items.parquet") == 0
+    store = open_catalog_store(redis_url, fs)
+    block = store.get_many(Owner.USER, string_ids(names[[4]]))
+    slots = fs.owner_slots(Owner.USER)
+    assert block.ints[0, slots["buyer"].offset] == string_ids(names[[4]])[0]  # the id is the hash
+    np.testing.assert_array_equal(
+        block.ints[0, slots["recent"].offset : slots["recent"].stop], string_ids(recent[4])
+    )
+    assert written["budget"][4] == block.floats[0, slots["budget"].offset]
+    with _client(tmp_path, redis_url, n_retrieve=50, n_rank=20) as client:
+        body = {"user_id": "shopper-4", "context": {"weekday": 1}, "candidates": ["sku-0009", "sku-0003"]}
+        r = client.post("/v1/rank", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["items"] == string_ids(["sku-0009", "sku-0003"]).tolist()
+        ref = client.app.state.leanrec.signer.check(r.json()["token"], r.json()["request_id"], 0)
+        assert ref.user_id == string_ids(["shopper-4"])[0]  # logged under the user's hash
+        r = client.post("/v1/rank", json={**body, "candidates": ["sku-0009", "nope"]})
+        assert r.status_code == 422 and str(string_ids(["nope"])[0]) in r.json()["error"], r.text
+        r = client.post("/v1/rank", json={**body, "user_id": "nobody"})
+        assert r.status_code == 422 and str(string_ids(["nobody"])[0]) in r.json()["error"], r.text
 
 
 def test_a_world_service_refuses_candidates_rather_than_ignore_them() -> None:

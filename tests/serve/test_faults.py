@@ -23,11 +23,15 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from leanrec.clock import ManualClock
+from leanrec.ids import scrambled_ids
 from leanrec.join.worker import build_joiner
 from leanrec.serve.app import create_app
 from leanrec.serve.config import ServeConfig
+from leanrec.world import USER_SALT
 
 WORLD = {"n_users": 400, "n_items": 3_000}
+USERS = scrambled_ids(WORLD["n_users"], USER_SALT)
+"""The synthetic world's raw user ids: user ``k`` (a row of the world) is ``USERS[k]``."""
 WINDOW_MS, LATENESS_MS = 1_500, 500
 SETTLE_MS = 2_000  # LabelJoiner's default settle: a request is joined window + lateness + settle after it
 JOIN_DELAY_S = (WINDOW_MS + LATENESS_MS + SETTLE_MS) / 1000
@@ -269,8 +273,9 @@ def settle(client: TestClient) -> None:
 
 
 def timed_rank(client: TestClient, user: int) -> tuple[dict[str, Any], float]:
+    """Rank for the world's user ``user`` (a row; the request names its raw id), timed."""
     t0 = time.perf_counter()
-    r = client.post("/v1/rank", json={"user_id": user})
+    r = client.post("/v1/rank", json={"user_id": int(USERS[user])})
     elapsed = time.perf_counter() - t0
     assert r.status_code == 200, r.text
     return r.json(), elapsed

@@ -61,7 +61,7 @@ version = 1
 name = "shopper"
 owner = "user"
 kind = "sparse"
-vocab = 300
+rows = 300
 role = "user_id"
 
 [[features]]
@@ -69,7 +69,7 @@ name = "basket"
 owner = "user"
 kind = "sequence"
 size = 8
-vocab = 1000
+rows = 1000
 role = "history"
 doc = "the last articles bought, -1 pads"
 
@@ -97,13 +97,13 @@ doc = "noise"
 name = "daypart"
 owner = "context"
 kind = "sparse"
-vocab = 4
+rows = 4
 
 [[features]]
 name = "article"
 owner = "item"
 kind = "sparse"
-vocab = 1000
+rows = 1000
 role = "item_id"
 
 [[features]]
@@ -130,7 +130,7 @@ doc = "noise"
 name = "lot"
 owner = "item"
 kind = "sparse"
-vocab = 40
+rows = 40
 doc = "noise"
 """
 
@@ -415,7 +415,7 @@ def _check_examples(table: pa.Table, fs: FeatureSet, sent: list[Sent]) -> None:
             want = np.repeat(
                 np.stack([np.asarray(s.features[f.name]).reshape(-1) for s in sent]), depth, axis=0
             )
-        want = want.reshape(len(col), f.size).astype(np.float32 if f.is_float else np.int32)
+        want = want.reshape(len(col), f.size).astype(np.float32 if f.is_float else np.int64)
         np.testing.assert_array_equal(got, want, err_msg=f.name)
 
 

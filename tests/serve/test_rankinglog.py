@@ -12,6 +12,7 @@ import leanrec
 from leanrec.clock import ManualClock
 from leanrec.featurefile import parse_featureset
 from leanrec.featurelog.inputs import FeatureInputError
+from leanrec.ids import scrambled_ids
 from leanrec.schema import Side
 from leanrec.serve.config import ConfigError
 from leanrec.serve.tokens import TokenError
@@ -40,14 +41,16 @@ def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back
     )
     joiner = log.joiner(tmp_path / "wh")
     rng = np.random.default_rng(4)
+    catalog = scrambled_ids(5000, 7)  # raw 64-bit item ids, spread over the whole int64 range
+    users = [2**63 - 1, -(2**63), -2, 0, 12_345_678_901_234, 7]  # raw user ids, both ends of int64
     sent, viewed = {}, {}
-    for user in range(6):
-        items = rng.choice(5000, size=40, replace=False)
+    for user, user_id in enumerate(users):
+        items = catalog[rng.choice(5000, size=40, replace=False)]
         feats, scores = shop_features(rng, items), np.sort(rng.random(40))[::-1]
         if user == 5:
             scores = None  # a ranker that gives no scores: null in the warehouse
-        logged = log.ranked(user, items, feats, scores)
-        sent[logged.request_id] = (feats, items, scores)
+        logged = log.ranked(user_id, items, feats, scores)
+        sent[logged.request_id] = (feats, items, scores, user_id)
         assert logged.n_items == 40
         # The head is seen; user 0..2 scroll to 14 with a signal; users 3..5 scroll fast: their first
         # signal comes after events on items of a page never signalled.
@@ -74,10 +77,11 @@ def test_a_ranker_of_its_own_logs_through_the_library_and_gets_its_features_back
     assert rows.num_rows == sum(len(v) for v in viewed.values())
     fs = log.featureset
     for rid, seen in viewed.items():
-        feats, items, scores = sent[rid]
+        feats, items, scores, user_id = sent[rid]
         mine = rows.filter(pc.equal(rows["request_id"], rid))
         assert mine["position"].to_pylist() == seen
-        assert mine["item_id"].to_pylist() == items[seen].tolist()
+        assert mine["item_id"].to_pylist() == items[seen].tolist()  # the raw ids, unchanged
+        assert mine["user_id"].to_pylist() == [user_id] * len(seen)
         if scores is None:
             assert mine["score"].null_count == len(seen)
         else:  # the ranker's score at each viewed position, as float32
@@ -111,17 +115,23 @@ def shop_log(shop_toml: str):
         (lambda f: f.update(taste=np.zeros(9)), "feature taste: expected 8 values, got 9", 422),
         (lambda f: f.update(region=np.array(2.5)), "feature region holds ids: expected integers", 422),
         (lambda f: f.update(price=np.array(["a"] * 40)), "feature price is dense: expected numbers", 422),
-        (lambda f: f.update(sku=f["sku"] + 5000), r"feature sku: ids must lie in \[0, 5000\)", 422),
         (lambda f: f.update(colour=np.zeros(40)), "feature colour is not in FeatureSet shop v1", 422),
-        # an id beyond 32 bits is refused, never wrapped into the vocabulary
+        # ids are raw int64: an unsigned id past 2**63 is refused, never wrapped into a negative one
         (
-            lambda f: f.update(bought=np.full(12, 2**40 + 3)),
-            r"feature bought: ids must lie in \[0, 5000\)",
+            lambda f: f.update(sku=np.full(40, 2**63 + 3, np.uint64)),
+            r"feature sku: ids are int64, got 9223372036854775811; give unsigned ids past 2\*\*63",
             422,
         ),
+        # ... and so is an id beyond 64 bits either way
         (
-            lambda f: f.update(region=np.array(-5)),
-            r"feature region: ids must lie in \[0, 30\).*got -5\.\.-5",
+            lambda f: f.update(region=np.asarray(-(2**63) - 1)),
+            r"feature region\W.*(int64|integers)",
+            422,
+        ),
+        # strings only where the feature declares string ids
+        (
+            lambda f: f.update(bought=np.array(["sku-1"] * 12)),
+            "feature bought holds ids: expected integers, got <U5",
             422,
         ),
     ],
@@ -144,6 +154,35 @@ def test_arrays_that_do_not_match_the_featureset_are_refused_naming_the_feature(
         good.request_id, good.token, [{"position": 3, "item_id": int(items[3]), "kind": "click", "ts_ms": T0}]
     )
     assert ok.accepted == 1
+
+
+@pytest.mark.parametrize(
+    ("user", "items", "message"),
+    [
+        (1, [5, -1, 7], "items: -1 is the padding id, not an item"),
+        (1, np.array([5, 2**63], np.uint64), "items: ids are int64, got 9223372036854775808"),
+        (1, [5, 2**63], r"items\W.*(int64|integer)"),  # beyond int64: refused, not wrapped
+        (1, [5, 2**64], r"items\W.*(int64|integer)"),
+        (1, ["sku-5", "sku-7"], 'string ids need an item_id feature declared with dtype = "string"'),
+        ("alice", [5, 7], "user_id: expected a 64-bit integer, got 'alice'"),
+        (2**63, [5, 7], "user_id: expected a 64-bit integer, got 9223372036854775808"),
+        (True, [5, 7], "user_id: expected a 64-bit integer, got True"),
+    ],
+)
+def test_ids_of_the_request_that_int64_cannot_hold_are_refused(
+    user: object, items: object, message: str, shop_log, shop_features
+) -> None:
+    log = shop_log()
+    rng = np.random.default_rng(2)
+    good = np.array([5, 7] if len(items) == 2 else [5, 6, 7], np.int64)
+    feats = shop_features(rng, good)
+    feats.pop("sku")  # the item id feature is the items themselves
+    with pytest.raises(FeatureInputError, match=message) as caught:
+        log.ranked(user, items, {**feats, "sku": good})
+    assert caught.value.status == 422
+    # The same request with ids int64 holds, at both ends of the range, is logged.
+    ends = np.array([2**63 - 1, -(2**63), -2][: len(good)], np.int64)
+    assert log.ranked(-(2**63), ends, {**feats, "sku": ends}).n_items == len(good)
 
 
 def test_a_list_over_the_limit_and_a_forged_token_are_refused(shop_log, shop_features) -> None:

@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from leanrec.clock import ManualClock, SystemClock
+from leanrec.ids import string_ids
 from leanrec.join.joiner import LabelJoiner
 from leanrec.schema import FeatureSet, Side
 from leanrec.serve.app import ARROW_STREAM, ServiceState, create_app
@@ -208,3 +209,140 @@ def test_leanrec_join_joins_what_the_sidecar_logged_under_the_featureset_file(
     assert report.requests_joined == 4 and report.labels_lost == 0
     rows = ParquetWarehouse(str(tmp_path / "wh"), fs).read_examples()
     assert sorted(rows["request_id"].to_pylist()) == sorted(logged) and all(rows["like"].to_pylist())
+
+
+# ------------------------------------------------------------------------------ raw and string ids
+INT64_ENDS = np.array([2**63 - 1, -(2**63), 2**63 - 2, -2, -(2**63) + 1, 0], np.int64)
+"""Ids at both ends of int64 (and 0): none of them is the padding id."""
+
+
+def _log_events(client: TestClient, out: dict, events: list[dict], batch_id: str) -> None:
+    auth = {"request_id": out["request_id"], "token": out["token"]}
+    r = client.post("/v1/events", json={**auth, "batch_id": batch_id, "events": events})
+    assert r.status_code == 200 and r.json()["accepted"] == len(events), r.text
+
+
+def test_raw_ids_at_both_ends_of_int64_come_out_of_the_warehouse_unchanged(
+    sidecar: TestClient, tmp_path: Path, shop_features
+) -> None:
+    fs = _state(sidecar).featureset
+    rng = np.random.default_rng(9)
+    users = [2**63 - 1, -(2**63), -2, 2**62 + 12_345]
+    sent = {}
+    for b, user in enumerate(users):
+        items = np.concatenate([INT64_ENDS, rng.integers(-(2**63), 2**63 - 1, 14)])
+        items = items[rng.permutation(len(items))]
+        feats = shop_features(rng, items)
+        feats["bought"] = np.array([*np.roll(INT64_ENDS, -b)[:5], *[-1] * 7], np.int64)  # raw history, padded
+        feats["region"] = np.array(INT64_ENDS[b])  # any id feature takes any int64
+        r = _log(sidecar, fs, user, items, feats, np.zeros(len(items)), binary=b % 2 == 1)
+        assert r.status_code == 200, r.text
+        seen = [int(p) for p in np.flatnonzero(np.isin(items, INT64_ENDS))] + [len(items) - 1]
+        now = SystemClock().now_ms()
+        events = [{"position": p, "item_id": int(items[p]), "kind": "click", "ts_ms": now} for p in seen]
+        _log_events(sidecar, r.json(), events, f"b{b}")
+        sent[r.json()["request_id"]] = (user, items, feats, sorted(seen))
+    rows, joiner = _join(sidecar, tmp_path / "wh")
+    assert joiner.stats.labels_lost == 0 and joiner.stats.mismatched_events == 0
+    assert rows.num_rows == sum(len(s[3]) for s in sent.values())
+    for rid, (user, items, feats, seen) in sent.items():
+        mine = rows.filter(pc.equal(rows["request_id"], rid))
+        assert mine["position"].to_pylist() == seen
+        assert mine["item_id"].type == pa.int64() and mine["sku"].type == pa.int64()
+        assert mine["item_id"].to_pylist() == items[seen].tolist()
+        assert mine["sku"].to_pylist() == items[seen].tolist()
+        assert mine["user_id"].to_pylist() == [user] * len(seen)
+        assert mine["bought"].to_pylist() == [feats["bought"].tolist()] * len(seen)
+        assert mine["region"].to_pylist() == [int(feats["region"])] * len(seen)
+        assert all(mine["click"].to_pylist())
+
+
+def _string_shop(shop_toml: str) -> str:
+    """The shop's FeatureSet with string ids: its item id and history, and a user id of its own."""
+    text = shop_toml.replace('role = "history"', 'role = "history"\ndtype = "string"')
+    text = text.replace('role = "item_id"', 'role = "item_id"\ndtype = "string"')
+    user = '\n[[features]]\nname = "shopper"\nowner = "user"\nkind = "sparse"\nrows = 1000\n'
+    return text + user + 'dtype = "string"\nrole = "user_id"\n'
+
+
+@pytest.fixture(params=["memory", "redis"])
+def string_sidecar(request: pytest.FixtureRequest, tmp_path: Path, shop_toml: str) -> Iterator[TestClient]:
+    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    (tmp_path / "strings.toml").write_text(_string_shop(shop_toml))
+    config = ServeConfig(store_url=url, bus_url=url, featureset=str(tmp_path / "strings.toml"), max_items=200)
+    with TestClient(create_app(config)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "arrow"])
+def test_string_ids_are_hashed_as_string_ids_hashes_them_and_joined_as_those_hashes(
+    string_sidecar: TestClient, tmp_path: Path, shop_features, binary: bool
+) -> None:
+    fs = _state(string_sidecar).featureset
+    assert all(fs[n].string_ids for n in ("sku", "bought", "shopper")) and not fs["region"].string_ids
+    rng = np.random.default_rng(10)
+    sent = {}
+    for b in range(3):
+        user = f"user-{b}@shop.example"
+        items = np.array([f"sku-{k:05d}" for k in rng.choice(5000, 30, replace=False)])
+        feats: dict = shop_features(rng, np.zeros(len(items)))
+        feats["sku"] = items
+        feats["shopper"] = np.array(user)
+        bought = [f"sku-{k:05d}" for k in rng.choice(5000, 4 + b, replace=False)]
+        feats["bought"] = np.array([*bought, *[-1] * (12 - len(bought))], object)  # -1 pads strings too
+        r = _log(string_sidecar, fs, user, items, feats, np.zeros(len(items)), binary)
+        assert r.status_code == 200, r.text
+        seen = [0, 2, 7]
+        now = SystemClock().now_ms()
+        events = [{"position": p, "item_id": str(items[p]), "kind": "click", "ts_ms": now} for p in seen]
+        events.append(
+            {"position": 9, "item_id": int(string_ids([items[9]])[0]), "kind": "view", "ts_ms": now}
+        )
+        _log_events(string_sidecar, r.json(), events, f"b{b}")  # a string, or the id it hashes to
+        sent[r.json()["request_id"]] = (user, items, bought, [*seen, 9])
+    rows, joiner = _join(string_sidecar, tmp_path / "wh")
+    assert joiner.stats.labels_lost == 0 and joiner.stats.mismatched_events == 0
+    assert rows.num_rows == 3 * 4
+    for rid, (user, items, bought, seen) in sent.items():
+        mine = rows.filter(pc.equal(rows["request_id"], rid))
+        hashes = string_ids(items[seen]).tolist()
+        assert mine["position"].to_pylist() == seen
+        assert mine["item_id"].to_pylist() == hashes
+        assert mine["sku"].to_pylist() == hashes
+        assert mine["click"].to_pylist() == [True, True, True, False]
+        [user_hash] = string_ids([user]).tolist()
+        assert mine["user_id"].to_pylist() == [user_hash] * len(seen)
+        assert mine["shopper"].to_pylist() == [user_hash] * len(seen)
+        history = [*string_ids(bought).tolist(), *[-1] * (12 - len(bought))]
+        assert mine["bought"].to_pylist() == [history] * len(seen)
+
+
+def test_string_ids_are_refused_where_no_feature_declares_them(
+    sidecar: TestClient, string_sidecar: TestClient, shop_features
+) -> None:
+    rng = np.random.default_rng(11)
+    items = rng.choice(5000, 10, replace=False)
+    feats = shop_features(rng, items)
+    body = _json_body(1, items, feats, np.zeros(10))
+    r = sidecar.post("/v1/log", json={**body, "items": [f"sku-{i}" for i in items]})
+    assert r.status_code == 422 and 'declared with dtype = "string"' in r.json()["error"], r.text
+    r = sidecar.post("/v1/log", json={**body, "user_id": "alice"})
+    assert r.status_code == 422 and "user_id: expected a 64-bit integer, got 'alice'" in r.json()["error"]
+    good = sidecar.post("/v1/log", json=body).json()
+    now = SystemClock().now_ms()
+    r = sidecar.post(
+        "/v1/events",
+        json={**{k: good[k] for k in ("request_id", "token")}, "batch_id": "s", "events": [
+            {"position": 1, "item_id": "sku-1", "kind": "click", "ts_ms": now}
+        ]},
+    )  # fmt: skip
+    assert r.status_code == 422 and "item_id" in r.json()["error"], r.text
+    # A FeatureSet of string ids still refuses what is neither a string nor a 64-bit integer.
+    feats = {**shop_features(rng, np.zeros(10)), "sku": [f"s{i}" for i in range(10)], "shopper": "bob"}
+    feats["bought"] = ["s1"] * 12
+    body = _json_body(1, np.array([f"s{i}" for i in range(10)]), feats, np.zeros(10))
+    assert string_sidecar.post("/v1/log", json={**body, "user_id": "bob"}).status_code == 200
+    r = string_sidecar.post("/v1/log", json={**body, "user_id": [1]})
+    assert r.status_code == 422 and "user_id" in r.json()["error"], r.text
+    r = string_sidecar.post("/v1/log", json={**body, "items": [1.5] * 10})
+    assert r.status_code == 422 and "items" in r.json()["error"], r.text

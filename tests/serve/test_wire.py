@@ -95,7 +95,7 @@ def _body(fs, rng: np.random.Generator, n: int, change=None) -> bytes:
         a = (
             rng.normal(size=(n, f.size)).astype(np.float32)
             if f.is_float
-            else rng.integers(0, f.vocab, (n, f.size))
+            else rng.integers(0, f.rows, (n, f.size))
         )
         cols[f.name] = (
             pa.array(a[:, 0]) if f.size == 1 else pa.FixedSizeListArray.from_arrays(a.ravel(), f.size)
@@ -103,7 +103,7 @@ def _body(fs, rng: np.random.Generator, n: int, change=None) -> bytes:
     request = {}
     for slot in fs.layout(Side.REQUEST).slots:
         f = slot.feature
-        a = rng.normal(size=f.size) if f.is_float else rng.integers(0, f.vocab, f.size)
+        a = rng.normal(size=f.size) if f.is_float else rng.integers(0, f.rows, f.size)
         request[f.name] = a.tolist()
     if change is not None:
         change(cols)
@@ -138,7 +138,9 @@ def _packed(fs, raw: bytes, with_fs: bool) -> object:
     [
         "none",
         "a null",
-        "an id out of range",
+        "an unsigned id past 2**63",
+        "unsigned ids",
+        "ids near both ends of int64",
         "float ids",
         "a vector of the wrong size",
         "int floats",
@@ -155,7 +157,13 @@ def test_the_item_block_taken_straight_from_arrow_is_what_the_full_checks_pack(c
     changes = {
         "none": None,
         "a null": lambda c: c.update({f1: pa.array([None, *c[f1].to_pylist()[1:]], pa.float32())}),
-        "an id out of range": lambda c: c.update({i1: pa.array(np.full(len(c[i1]), 10**9))}),
+        "an unsigned id past 2**63": lambda c: c.update(
+            {i1: pa.array(np.full(len(c[i1]), 2**63 + 5, np.uint64))}
+        ),
+        "unsigned ids": lambda c: c.update({i1: pa.array(np.asarray(c[i1], np.uint64))}),
+        "ids near both ends of int64": lambda c: c.update(
+            {i1: pa.array(np.resize(np.array([2**63 - 1, -(2**63), 2**63 - 2, -2], np.int64), len(c[i1])))}
+        ),
         "float ids": lambda c: c.update({i1: pa.array(np.asarray(c[i1], float))}),
         "a vector of the wrong size": lambda c: c.update({fv: c[fv].flatten().slice(0, len(c[fv]))}),
         "int floats": lambda c: c.update({f1: pa.array(np.arange(len(c[f1])))}),
@@ -167,7 +175,14 @@ def test_the_item_block_taken_straight_from_arrow_is_what_the_full_checks_pack(c
     straight, full = _packed(fs, raw, True), _packed(fs, raw, False)
     assert straight[0] == full[0], change
     took_straight = straight[1] if straight[0] != "refused" else False
-    assert took_straight == (change in ("none", "int floats", "int32 ids")), change
+    assert took_straight == (change in ("none", "int floats", "int32 ids", "ids near both ends of int64")), (
+        change
+    )
+    refused = straight[0] == "refused"
+    assert refused == (
+        change in ("an unsigned id past 2**63", "float ids", "a vector of the wrong size")
+        or change.startswith("a column")
+    ), (change, straight)
 
 
 def _records(n: int, rng: np.random.Generator) -> list[dict]:
@@ -175,7 +190,7 @@ def _records(n: int, rng: np.random.Generator) -> list[dict]:
     return [
         {
             "position": int(rng.integers(0, 100)),
-            "item_id": int(rng.integers(0, 2**31 - 1)),
+            "item_id": int(rng.integers(-(2**63), 2**63 - 1)),  # raw 64-bit ids
             "kind": kinds[int(rng.integers(0, len(kinds)))],
             "ts_ms": int(rng.integers(0, 2**62)),
             **({"value": float(rng.random() * 1e4)} if rng.random() < 0.5 else {}),
@@ -204,7 +219,9 @@ def test_plain_events_become_the_columns_the_full_checks_build(n: int) -> None:
         lambda e: e.update(kind=3),
         lambda e: e.pop("ts_ms"),
         lambda e: e.update(value=True),
-        lambda e: e.update(item_id=2**31),
+        lambda e: e.update(item_id=2**63),
+        lambda e: e.update(item_id=-(2**63) - 1),
+        lambda e: e.update(position=2**31),
         lambda e: e.update(ts_ms=2**64),
     ],
 )
@@ -245,7 +262,7 @@ def _ranked(client: TestClient) -> dict:
     for side, rows in ((Side.REQUEST, 1), (Side.ITEM, 20)):
         for slot in fs.layout(side).slots:
             f = slot.feature
-            a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.vocab, (rows, f.size))
+            a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.rows, (rows, f.size))
             feats[f.name] = (a[0] if rows == 1 else a[:, 0] if f.size == 1 else a).tolist()
     r = client.post("/v1/log", json={"user_id": 1, "items": list(range(20)), "features": feats})
     assert r.status_code == 200, r.text
@@ -354,7 +371,7 @@ def _ranked_features(fs: FeatureSet, n: int, seed: int) -> dict[str, np.ndarray]
     for side, rows in ((Side.REQUEST, 1), (Side.ITEM, n)):
         for slot in fs.layout(side).slots:
             f = slot.feature
-            a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.vocab, (rows, f.size))
+            a = rng.normal(size=(rows, f.size)) if f.is_float else rng.integers(0, f.rows, (rows, f.size))
             feats[f.name] = a[0] if rows == 1 else a[:, 0] if f.size == 1 else a
     return feats
 

@@ -21,7 +21,9 @@ WORLD = WorldConfig(n_users=400, n_items=3000, n_creators=200, seed=9)
 def test_a_model_scores_the_funnels_candidates_user_side_once(small_world: World) -> None:
     model = LateRanker(small_world.featureset)
     funnel = Funnel(small_world, scorer=ModelScorer(model))
-    batch = funnel.rank(np.arange(3), np.zeros(3, np.int64), np.zeros(3, np.int64))
+    users = small_world.user_ids[:3]
+    batch = funnel.rank(users, np.zeros(3, np.int64), np.zeros(3, np.int64))
+    assert np.array_equal(batch.user_ids, users)
     assert batch.item_ids.shape == (3, 100)
     assert np.all(np.diff(batch.scores, axis=1) <= 0)  # ordered by the model's scores
     assert len({tuple(r) for r in batch.item_ids.tolist()}) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -13,7 +14,7 @@ from leanrec.models.ranker import LateRanker, RankerConfig
 from leanrec.sim.demo import run_demo
 from leanrec.train.distributed import train_distributed
 from leanrec.train.reader import shard, warehouse_files
-from leanrec.train.trainer import TrainConfig, train
+from leanrec.train.trainer import TrainConfig, split_batches, train
 from leanrec.warehouse.store import featureset_of
 from leanrec.world import WorldConfig
 
@@ -68,3 +69,21 @@ def test_two_ranks_train_their_shards_into_the_same_model(split_warehouse: Path,
     init = LateRanker(fs, RankerConfig())
     trained = dict(model.named_parameters())
     assert any(not torch.equal(p, trained[n]) for n, p in init.named_parameters())
+
+    # The managed maps were filled once, before training, from every rank's ids merged: the maps a
+    # model gets from observing all the training ids at once.
+    parts: dict[str, list[np.ndarray]] = {}
+    for b in split_batches(uri, fs, CFG, 0):  # request-level: one request row per request
+        for name, ids in init.table_ids(b.req_ints, b.item_ints).items():
+            parts.setdefault(name, []).append(ids.numpy())
+    assert {t.spec.kind for t in init.tables.values()} == {"managed"}
+    for name, table in init.tables.items():
+        ids = np.concatenate(parts[name])
+        distinct, counts = np.unique(ids[ids != -1], return_counts=True)
+        table.observe(torch.from_numpy(distinct), counts)
+        for buffer, value in table.named_buffers():
+            assert torch.equal(s0[f"tables.{name}.{buffer}"], value), (name, buffer)
+        assert int(table.admissions) > 0
+        # Both ranks report the maps of all the data: the ids one process trained on.
+        assert results[0].id_maps[name] == results[1].id_maps[name]
+        assert results[0].id_maps[name]["ids_seen"] == single.id_maps[name]["ids_seen"] == len(distinct)

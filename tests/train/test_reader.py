@@ -18,7 +18,7 @@ from leanrec.sim.demo import run_demo
 from leanrec.train.reader import Batch, ReadStats, iter_batches, shard, warehouse_files
 from leanrec.warehouse.store import ParquetWarehouse, WarehouseError, read_table
 from leanrec.warehouse.tables import FEATURESET_KEY, TableLayout
-from leanrec.world import WorldConfig, default_featureset
+from leanrec.world import World, WorldConfig, default_featureset
 
 CONFIG = WorldConfig(n_users=400, n_items=3_000, n_creators=200, seed=3)
 
@@ -112,6 +112,12 @@ def test_both_layouts_yield_the_same_examples(demo: Demo) -> None:
     assert 0 < a["click"].sum() < demo.examples  # both labels present
     assert set(np.unique(a["click"])) <= {0.0, 1.0} and set(np.unique(a["like"])) <= {0.0, 1.0}
     assert (a["req_ints"] == -1).any()  # PAD_ID kept as is (short user histories)
+    # Ids arrive raw, 64 bits whole: the world's own item and user ids, not rows.
+    world = World(CONFIG)
+    slots = {s.feature.name: s.offset for side in Side for s in demo.fs.layout(side).slots}
+    items, users = a["item_ints"][:, slots["i_id"]], a["req_ints"][:, slots["u_id"]]
+    assert np.isin(items, world.item_ids).all() and np.isin(users, world.user_ids).all()
+    assert (np.abs(items) >= 2**40).any() and (items < 0).any()
 
 
 def test_request_level_batches(demo: Demo) -> None:

@@ -129,9 +129,14 @@ def test_a_checkpoint_refuses_data_it_cannot_read_in_one_line(
     other = parse_featureset(shop.toml(name="bakery"))
     with pytest.raises(CheckpointError, match="another lineage"):
         load_checkpoint(shops.v2_model, other)
-    reshaped = parse_featureset(shop.toml().replace("vocab = 7", "vocab = 8"))
+    reshaped = parse_featureset(shop.toml().replace("rows = 7", 'rows = 7\ndtype = "string"'))
     with pytest.raises(CheckpointError, match=r"features of another shape: \['weekday'\]"):
         load_checkpoint(shops.v2_model, reshaped)
+    # Rows and maps are the model's business: data written under other ones reads the same.
+    remapped = parse_featureset(shop.toml().replace("rows = 7", 'rows = 8\nmap = "hash"'))
+    assert remapped["weekday"].id_map == "hash" and remapped != shops.fs
+    model = load_checkpoint(shops.v2_model, remapped)
+    assert model.fs == shops.pruned and model.tables["weekday"].spec.rows == 7
     # Data of the checkpoint's version that lacks features it reads.
     with pytest.raises(CheckpointError, match=r"not in the written FeatureSet: \['recent', 'recent_aisle'"):
         load_checkpoint(shops.v1_model, FeatureSet("shop", 1, shops.pruned.features))

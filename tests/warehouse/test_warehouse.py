@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from leanrec.featurefile import reserved_names
-from leanrec.schema import FeatureBlock, FeatureSet, Side
+from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Side
 from leanrec.warehouse import (
     ParquetWarehouse,
     RequestRecord,
@@ -42,10 +42,22 @@ def fs(small_config: WorldConfig) -> FeatureSet:
     return default_featureset(small_config)[0]
 
 
+def raw_ids(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw 64-bit ids of ``shape``: small ones, padding, and ones near both ends of int64."""
+    small = rng.integers(-1, 20, shape)
+    extreme = np.where(
+        rng.random(shape) < 0.5,
+        rng.integers(2**63 - 50, 2**63 - 1, shape),
+        rng.integers(-(2**63), -(2**63) + 50, shape),
+    )
+    return np.where(rng.random(shape) < 0.5, small, extreme).astype(np.int64)
+
+
 def make_records(fs: FeatureSet, times: list[int], seed: int = 0) -> list[RequestRecord]:
     """One record per time, with 1..7 viewed items each, random exact features, labels and scores.
 
-    A fifth of the scores are NaN (the ranker gave none there), and every fourth record has none at all.
+    Ids (item ids and id features) are raw int64, small or near either end of the range. A fifth of
+    the scores are NaN (the ranker gave none there), and every fourth record has none at all.
     """
     rng = np.random.default_rng(seed)
     req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
@@ -56,19 +68,19 @@ def make_records(fs: FeatureSet, times: list[int], seed: int = 0) -> list[Reques
         out.append(
             RequestRecord(
                 f"w{seed:02d}-{i:04d}",
-                int(rng.integers(0, 400)),
+                int(rng.integers(-(2**63), 2**63 - 1)),
                 ts,
                 fs.version,
                 FeatureBlock(
                     rng.normal(size=(1, req.float_width)).astype(np.float32),
-                    rng.integers(-1, 20, (1, req.int_width)).astype(np.int32),
+                    raw_ids(rng, (1, req.int_width)),
                 ),
                 positions,
-                rng.integers(0, 3_000, k).astype(np.int32),
+                np.where((ids := raw_ids(rng, (k,))) == PAD_ID, -2, ids),  # no item is the padding id
                 ts + np.sort(rng.integers(100, 500_000, k)).astype(np.int64),
                 FeatureBlock(
                     rng.normal(size=(k, item.float_width)).astype(np.float32),
-                    rng.integers(-1, 20, (k, item.int_width)).astype(np.int32),
+                    raw_ids(rng, (k, item.int_width)),
                 ),
                 {
                     "click": rng.random(k) < 0.4,
@@ -125,6 +137,7 @@ def cols(table: pa.Table) -> dict[str, pa.ChunkedArray]:
 
 
 def bits(block: FeatureBlock) -> np.ndarray:
+    assert block.ints.dtype == np.int64, block.ints.dtype
     return np.hstack([block.floats.view(np.uint32), block.ints.view(np.uint32)])
 
 
@@ -525,3 +538,59 @@ def test_read_table_refuses_a_parquet_file_not_from_leanrec(fs: FeatureSet, tmp_
         read_table(str(tmp_path), fs)
     with pytest.raises(WarehouseError, match="not a leanrec warehouse file"):
         featureset_of(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- raw 64-bit ids
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ids_are_int64_columns_that_hold_raw_ids_near_both_ends_of_int64(
+    fs: FeatureSet, tmp_path: Path, layout: TableLayout
+) -> None:
+    records = make_records(fs, [T0 + i for i in range(12)], seed=16)
+    items = np.concatenate([r.item_ids for r in records])
+    assert items.max() > 2**62 and items.min() < -(2**62)  # the data reaches beyond 32 bits both ways
+    wh = write(tmp_path / "wh", fs, layout, records)
+    table = wh.read()
+    item_type = table.schema.field("items").type.value_type if layout is TableLayout.REQUEST else table.schema
+    assert item_type.field("item_id").type == pa.int64()
+    assert item_type.field("i_id").type == pa.int64()
+    assert table.schema.field("user_id").type == pa.int64()
+    assert table.schema.field("u_hist").type == pa.list_(pa.int64(), fs["u_hist"].size)
+    rows = wh.read_examples()
+    order = np.argsort([r.request_id for r in records], kind="stable")
+    want = np.concatenate([records[i].item_ids for i in order])
+    assert rows.column("item_id").to_numpy().tolist() == want.tolist()
+    assert rows.column("user_id").to_numpy().tolist() == [
+        records[i].user_id for i in order for _ in range(len(records[i]))
+    ]
+    src = f"read_parquet('{tmp_path / 'wh'}/**/*.parquet', hive_partitioning=true)"
+    col = "it.item_id" if layout is TableLayout.REQUEST else "item_id"
+    frm = f"(SELECT unnest(items) AS it FROM {src})" if layout is TableLayout.REQUEST else src
+    got = duckdb.sql(f"SELECT min({col}), max({col}) FROM {frm}").fetchall()
+    assert got == [(int(items.min()), int(items.max()))]  # exact in SQL too, no float on the way
+
+
+def test_a_feature_of_other_rows_or_map_reads_and_one_of_string_ids_does_not(
+    fs: FeatureSet, tmp_path: Path
+) -> None:
+    root = tmp_path / "wh"
+    records = make_records(fs, [T0 + i for i in range(3)], seed=17)
+    write(root, fs, TableLayout.REQUEST, records)
+    u_id = fs["u_id"]
+    remapped = FeatureSet(
+        fs.name,
+        2,
+        tuple(dataclasses.replace(f, rows=7, map="hash") if f.name == "u_id" else f for f in fs.features),
+    )
+    table = read_table(str(root), remapped)  # a model's table of the ids, not the data's shape
+    got = arrays_block(remapped.layout(Side.REQUEST), cols(table), table.num_rows)
+    slot = remapped.layout(Side.REQUEST).slots[remapped.layout(Side.REQUEST).names.index("u_id")]
+    want = np.concatenate([r.request.ints for r in sorted(records, key=lambda r: r.request_id)])
+    old_slot = fs.layout(Side.REQUEST).slots[fs.layout(Side.REQUEST).names.index("u_id")]
+    assert np.array_equal(got.ints[:, slot.offset : slot.stop], want[:, old_slot.offset : old_slot.stop])
+    strings = FeatureSet(
+        fs.name,
+        2,
+        tuple(dataclasses.replace(f, string_ids=True) if f.name == u_id.name else f for f in fs.features),
+    )
+    with pytest.raises(WarehouseError, match=r"features of another shape: \['u_id'\]"):
+        read_table(str(root), strings)

@@ -311,8 +311,7 @@ def weight_importance(model: LateRanker, data: Batch) -> dict[str, float]:
                     continue
                 # The history has no table of its own: it reads the item id's.
                 name = f.name if f.name in model.tables else getattr(model.item_id, "name", f.name)
-                table = model.tables[name]
-                ids = ints[:, slot.offset : slot.stop]
-                pooled = table(torch.where(ids < 0, table.padding_idx, ids)).sum(1)
+                # Raw ids go through the table's map; padding reads zeros.
+                pooled = model.tables[name](ints[:, slot.offset : slot.stop]).sum(1)
                 out[f.name] = float(pooled.norm(dim=1).mean())
     return out

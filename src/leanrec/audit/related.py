@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from leanrec.audit.importance import Columns, feature_columns
-from leanrec.schema import FeatureSet, Side
+from leanrec.schema import PAD_ID, FeatureSet, Side
 from leanrec.train.reader import Batch
 
 BUCKETS = 64
-"""Most columns an id feature is represented by (its ids counted per bucket, ``id % BUCKETS``)."""
+"""Most columns an id feature is represented by (see :func:`representation`)."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,13 @@ class Related:
     related: bool
 
 
-def representation(batch: Batch, side: Side, cols: Columns, vocab: int) -> np.ndarray:
-    """A feature as numbers, ``(rows, width)``: dense values, or its ids counted per bucket.
+def representation(batch: Batch, side: Side, cols: Columns) -> np.ndarray:
+    """A feature as numbers, ``(rows, width)``: dense values, or its ids counted per column.
 
-    Ids are counted in ``min(vocab, BUCKETS)`` buckets; a padded slot counts nowhere.
+    Ids are raw 64-bit values, so their columns come from the values the rows hold, not from the
+    values' range: with at most ``BUCKETS`` distinct ids each has a column of its own; with more,
+    the ``BUCKETS - 1`` most frequent (ties: the lowest id) have one each and the rest share the
+    last. A padded slot counts nowhere.
     """
     floats, ints = (
         (batch.req_floats, batch.req_ints) if side is Side.REQUEST else (batch.item_floats, batch.item_ints)
@@ -64,11 +67,13 @@ def representation(batch: Batch, side: Side, cols: Columns, vocab: int) -> np.nd
     if cols.is_float:
         return floats[:, cols.start : cols.stop].double().numpy()
     ids = ints[:, cols.start : cols.stop].numpy().astype(np.int64)
-    width = min(vocab, BUCKETS)
-    rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
-    ok = ids >= 0
-    out = np.zeros((len(ids), width))
-    np.add.at(out, (rows[ok], ids[ok] % width), 1.0)
+    row = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
+    ok = ids != PAD_ID
+    distinct, inverse, counts = np.unique(ids[ok], return_inverse=True, return_counts=True)
+    column = np.empty(len(distinct), np.int64)
+    column[np.lexsort((distinct, -counts))] = np.minimum(np.arange(len(distinct)), BUCKETS - 1)
+    out = np.zeros((len(ids), min(len(distinct), BUCKETS)))
+    np.add.at(out, (row[ok], column[inverse.ravel()]), 1.0)
     return out
 
 
@@ -139,11 +144,11 @@ def relatedness(
         ]
         if not mine or not anchors:
             continue
-        a = np.hstack([representation(data, side, columns[n], 0) for n in anchors])
+        a = np.hstack([representation(data, side, columns[n]) for n in anchors])
         a = (a - a.mean(0)) / np.where(a.std(0) > 0, a.std(0), 1.0)
         u, s, _ = np.linalg.svd(a, full_matrices=False)
         basis = u[:, : min(components, int((s > 1e-8 * s[0]).sum()))]  # orthonormal and centred
-        reps = {n: representation(data, side, columns[n], fs[n].vocab) for n in mine}
+        reps = {n: representation(data, side, columns[n]) for n in mine}
         r2 = {n: _explained(basis, x) for n, x in reps.items()}
         # The reference: dense values permuted among their distinct values keep the rows' repetition.
         # Permuting the values of an id only renames them, so a side of ids alone shuffles rows,

@@ -15,6 +15,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from leanrec.ids import string_ids
+
 
 class EventKind(IntEnum):
     """What the user did with a ranked item."""
@@ -59,7 +61,7 @@ class EventBatch:
     Attributes:
         request_id: The request the events are about.
         position: ``(n,)`` int32 rank position (0-based).
-        item_id: ``(n,)`` int32 item shown at that position.
+        item_id: ``(n,)`` int64 item shown at that position (the catalog's raw id).
         kind: ``(n,)`` int8 :class:`EventKind`.
         ts_ms: ``(n,)`` int64 client time of the event.
         value: ``(n,)`` float32 (watch milliseconds for WATCH, else 0).
@@ -88,12 +90,15 @@ class EventBatch:
         )
 
     def to_bytes(self) -> bytes:
-        """Compact encoding: a header, the request id, then each column as a raw little-endian buffer."""
+        """Compact encoding: a header, the request id, then each column as a raw little-endian buffer.
+
+        Version 2 (written) holds item ids as int64; version 1 (still read) held them as int32.
+        """
         rid = self.request_id.encode()
-        head = _EVENTS_HEADER.pack(_EVENTS_MAGIC, 1, len(self), len(rid))
+        head = _EVENTS_HEADER.pack(_EVENTS_MAGIC, 2, len(self), len(rid))
         cols = (
             self.position.astype("<i4"),
-            self.item_id.astype("<i4"),
+            self.item_id.astype("<i8"),
             self.kind.astype("i1"),
             self.ts_ms.astype("<i8"),
             self.value.astype("<f4"),
@@ -111,25 +116,28 @@ class EventBatch:
         if len(blob) < _EVENTS_HEADER.size:
             raise ValueError(f"event blob of {len(blob)} B is shorter than its header")
         magic, version, n, rid_len = _EVENTS_HEADER.unpack_from(blob)
-        if magic != _EVENTS_MAGIC or version != 1:
+        if magic != _EVENTS_MAGIC or version not in (1, 2):
             raise ValueError(f"not an event batch blob (magic {magic!r}, version {version})")
-        expect = _EVENTS_HEADER.size + rid_len + n * (4 + 4 + 1 + 8 + 4)
+        item = np.dtype("<i8" if version >= 2 else "<i4")
+        dtypes = (np.dtype("<i4"), item, np.dtype("i1"), np.dtype("<i8"), np.dtype("<f4"))
+        expect = _EVENTS_HEADER.size + rid_len + n * sum(d.itemsize for d in dtypes)
         if len(blob) != expect:
             raise ValueError(f"event blob of {n} events is {len(blob)} B, expected {expect} B")
         off = _EVENTS_HEADER.size
         rid = blob[off : off + rid_len].decode()
         off += rid_len
         cols = []
-        for dtype, width in (("<i4", 4), ("<i4", 4), ("i1", 1), ("<i8", 8), ("<f4", 4)):
+        for dtype in dtypes:
             cols.append(np.frombuffer(blob, dtype, n, off))
-            off += n * width
+            off += n * dtype.itemsize
+        cols[1] = cols[1].astype("<i8", copy=False)
         return cls(rid, *cols)
 
     @staticmethod
     def concat(request_id: str, batches: Sequence[EventBatch]) -> EventBatch:
         """All events of several batches of one request."""
         cols = ("position", "item_id", "kind", "ts_ms", "value")
-        dtypes = (np.int32, np.int32, np.int8, np.int64, np.float32)
+        dtypes = (np.int32, np.int64, np.int8, np.int64, np.float32)
         return EventBatch(
             request_id,
             *(
@@ -140,11 +148,12 @@ class EventBatch:
 
     @classmethod
     def from_records(
-        cls, request_id: str, records: Sequence[Mapping[str, object]]
+        cls, request_id: str, records: Sequence[Mapping[str, object]], string_items: bool = False
     ) -> tuple[EventBatch, list[str]]:
         """Build a batch from JSON-like records, refusing the malformed ones with a reason each.
 
-        A record needs ``position`` (int), ``item_id`` (int), ``kind`` (a name of :class:`EventKind`,
+        A record needs ``position`` (int), ``item_id`` (a 64-bit int; or, with ``string_items``, a
+        string, hashed by :func:`leanrec.ids.string_ids`), ``kind`` (a name of :class:`EventKind`,
         case-insensitive), ``ts_ms`` (int) and, for ``watch``, ``value`` (milliseconds).
 
         Returns:
@@ -162,20 +171,26 @@ class EventBatch:
                     raise ValueError(
                         f"unknown kind {rec['kind']!r}; known: {[k.name.lower() for k in EventKind]}"
                     )
-                fields_ = (rec["position"], rec["item_id"], rec["ts_ms"])
+                item = rec["item_id"]
+                if string_items and isinstance(item, str):
+                    item = int(string_ids([item])[0])
+                fields_ = (rec["position"], item, rec["ts_ms"])
                 if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields_):
-                    raise ValueError("position, item_id and ts_ms must be integers")
-                if not (-(2**31) <= fields_[0] < 2**31 and -(2**31) <= fields_[1] < 2**31):
-                    raise ValueError("position and item_id must fit in 32 bits")  # never wrap around
-                if not -(2**63) <= fields_[2] < 2**63:
-                    raise ValueError("ts_ms must fit in 64 bits")
+                    raise ValueError(
+                        "position, item_id and ts_ms must be integers"
+                        + (" (item_id may be a string)" if string_items else "")
+                    )
+                if not -(2**31) <= fields_[0] < 2**31:
+                    raise ValueError("position must fit in 32 bits")  # never wrap around
+                if not (-(2**63) <= fields_[1] < 2**63 and -(2**63) <= fields_[2] < 2**63):
+                    raise ValueError("item_id and ts_ms must fit in 64 bits")
                 value = rec.get("value", 0.0)
                 if not isinstance(value, int | float) or isinstance(value, bool):
                     raise ValueError("value must be a number")
                 keep.append(
                     (
                         int(rec["position"]),
-                        int(rec["item_id"]),
+                        int(item),
                         EventKind[kind_name],
                         int(rec["ts_ms"]),
                         float(value),
@@ -190,7 +205,7 @@ class EventBatch:
             batch = cls(
                 request_id,
                 np.asarray(cols[0], np.int64).astype(np.int32),
-                np.asarray(cols[1], np.int64).astype(np.int32),
+                np.asarray(cols[1], np.int64),
                 np.asarray(cols[2], np.int8),
                 np.asarray(cols[3], np.int64),
                 np.asarray(cols[4], np.float32),

@@ -5,15 +5,17 @@ A blob is a 16-byte header followed by raw little-endian buffers, with no per-va
     magic "LR" | codec version u8 | blob kind u8 | FeatureSet fingerprint u32 | FeatureSet version u16
     | first position u16 | rows u16 | reserved u16
 
-- ``REQUEST``: the request side (user and context features) of one request, once.
-- ``PAGE``: ``rows`` consecutive ranked items from ``first position``: item ids (int32), the scores the
-  ranker gave them (float32), then the item side's float block, then its int block.
-- ``IMPRESSION``: the naive layout, one item with the whole vector the model scored: item id, its
-  score, request side floats and ints, item side floats and ints.
+- ``REQUEST``: the request side (user and context features) of one request, once: its int block,
+  then its float block.
+- ``PAGE``: ``rows`` consecutive ranked items from ``first position``: item ids (int64), the item
+  side's int block, the scores the ranker gave them (float32), then the item side's float block.
+- ``IMPRESSION``: the naive layout, one item with the whole vector the model scored: item id, request
+  and item side ints, its score, request and item side floats.
 
-A score is NaN where the ranker gave none. Codec version 1 had no scores; its PAGE and IMPRESSION
-blobs still decode, with NaN scores, so a joiner reads what was logged before an upgrade until the
-TTL takes it.
+Ids are raw int64 and go first, after the 16-byte header, so they sit 8-byte aligned. A score is NaN
+where the ranker gave none. Older blobs still decode, so a joiner reads what was logged before an
+upgrade until the TTL takes it: version 2 held ids as int32 and the floats before the ints, version 1
+held no scores either (NaN on decoding).
 
 Decoding returns views over the blob (no copy) and refuses a blob of another FeatureSet
 (:class:`ForeignBlobError`) or one that is not a whole blob of its kind (:class:`CodecError`).
@@ -30,10 +32,10 @@ import numpy as np
 from leanrec.schema import FeatureBlock, FeatureSet, Side
 
 MAGIC = b"LR"
-CODEC_VERSION = 2
+CODEC_VERSION = 3
 """The version this codec writes."""
-READS_VERSIONS = (1, 2)
-"""Versions it decodes: 1 is 2 without the scores."""
+READS_VERSIONS = (1, 2, 3)
+"""Versions it decodes: 2 is 3 with int32 ids after the floats, 1 is 2 without the scores."""
 _HEADER = struct.Struct("<2sBBIHHHH")
 HEADER_BYTES = _HEADER.size
 
@@ -60,7 +62,7 @@ class Page:
 
     Attributes:
         first_position: Rank position (0-based) of the first row.
-        item_ids: ``(rows,)`` int32.
+        item_ids: ``(rows,)`` int64.
         block: Item-side features, ``rows`` rows.
         scores: ``(rows,)`` float32 the ranker's score of each item, NaN where it gave none.
 
@@ -101,8 +103,13 @@ def _f4(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype="<f4")
 
 
-def _i4(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype="<i4")
+def _i8(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype="<i8")
+
+
+def _id_dtype(version: int) -> np.dtype:
+    """The dtype ids were written with in a blob of codec ``version``."""
+    return np.dtype("<i8") if version >= 3 else np.dtype("<i4")
 
 
 def _scores(scores: np.ndarray | None, n: int) -> np.ndarray:
@@ -118,19 +125,24 @@ def encode_request(fs: FeatureSet, block: FeatureBlock) -> bytes:
     """Encode one request's request-side features (a block of one row)."""
     if len(block) != 1:
         raise CodecError(f"a REQUEST blob holds one row, got {len(block)}")
-    return b"".join((_header(fs, BlobKind.REQUEST, 0, 1), _f4(block.floats).data, _i4(block.ints).data))
+    return b"".join((_header(fs, BlobKind.REQUEST, 0, 1), _i8(block.ints).data, _f4(block.floats).data))
 
 
 def decode_request(fs: FeatureSet, blob: bytes) -> FeatureBlock:
-    """Decode a REQUEST blob into a one-row block (views over ``blob``)."""
-    _check(fs, blob, BlobKind.REQUEST)
+    """Decode a REQUEST blob into a one-row block (views over ``blob``; a copy for older versions)."""
+    version, _, _ = _check(fs, blob, BlobKind.REQUEST)
     lay = fs.layout(Side.REQUEST)
-    expect = HEADER_BYTES + lay.row_bytes
+    ids = _id_dtype(version)
+    expect = HEADER_BYTES + 4 * lay.float_width + ids.itemsize * lay.int_width
     if len(blob) != expect:
         raise CodecError(f"REQUEST blob is {len(blob)} B, layout needs {expect} B")
+    if version >= 3:
+        ints = np.frombuffer(blob, ids, lay.int_width, HEADER_BYTES).reshape(1, -1)
+        floats = np.frombuffer(blob, "<f4", lay.float_width, HEADER_BYTES + 8 * lay.int_width)
+        return FeatureBlock(floats.reshape(1, -1), ints)
     floats = np.frombuffer(blob, "<f4", lay.float_width, HEADER_BYTES).reshape(1, -1)
-    ints = np.frombuffer(blob, "<i4", lay.int_width, HEADER_BYTES + 4 * lay.float_width).reshape(1, -1)
-    return FeatureBlock(floats, ints)
+    ints = np.frombuffer(blob, ids, lay.int_width, HEADER_BYTES + 4 * lay.float_width).reshape(1, -1)
+    return FeatureBlock(floats, ints.astype("<i8"))
 
 
 def encode_page(
@@ -155,48 +167,66 @@ def encode_page(
     return b"".join(
         (
             _header(fs, BlobKind.PAGE, first_position, len(item_ids)),
-            _i4(item_ids).data,
+            _i8(item_ids).data,
+            _i8(block.ints).data,
             _scores(scores, len(item_ids)).data,
             _f4(block.floats).data,
-            _i4(block.ints).data,
         )
     )
 
 
 def decode_page(fs: FeatureSet, blob: bytes) -> Page:
-    """Decode a PAGE blob (views over ``blob``; a version 1 blob's scores are NaN)."""
+    """Decode a PAGE blob (views over ``blob``; a copy for older versions, NaN scores for version 1)."""
     version, first, rows = _check(fs, blob, BlobKind.PAGE)
     lay = fs.layout(Side.ITEM)
-    per_row = 4 + (4 if version >= 2 else 0)  # item id, and the score since version 2
-    expect = HEADER_BYTES + rows * (per_row + lay.row_bytes)
+    idt = _id_dtype(version)
+    per_row = idt.itemsize * (1 + lay.int_width) + 4 * lay.float_width + (4 if version >= 2 else 0)
+    expect = HEADER_BYTES + rows * per_row
     if len(blob) != expect:
         raise CodecError(f"PAGE blob of {rows} rows is {len(blob)} B, layout needs {expect} B")
     off = HEADER_BYTES
-    ids = np.frombuffer(blob, "<i4", rows, off)
-    off += 4 * rows
+    ids = np.frombuffer(blob, idt, rows, off)
+    off += idt.itemsize * rows
+    if version >= 3:
+        ints = np.frombuffer(blob, idt, rows * lay.int_width, off).reshape(rows, lay.int_width)
+        off += idt.itemsize * rows * lay.int_width
+    scores = np.full(rows, np.nan, "<f4")
     if version >= 2:
         scores = np.frombuffer(blob, "<f4", rows, off)
         off += 4 * rows
-    else:
-        scores = np.full(rows, np.nan, "<f4")
     floats = np.frombuffer(blob, "<f4", rows * lay.float_width, off).reshape(rows, lay.float_width)
     off += 4 * rows * lay.float_width
-    ints = np.frombuffer(blob, "<i4", rows * lay.int_width, off).reshape(rows, lay.int_width)
+    if version < 3:
+        ints = np.frombuffer(blob, idt, rows * lay.int_width, off).reshape(rows, lay.int_width)
+        ids, ints = ids.astype("<i8"), ints.astype("<i8")
     return Page(first, ids, FeatureBlock(floats, ints), scores)
 
 
 def _impression_dtype(fs: FeatureSet, version: int = CODEC_VERSION) -> np.dtype:
     req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
     score = [("score", "<f4")] if version >= 2 else []
+    idt = _id_dtype(version)
+    if version >= 3:
+        return np.dtype(
+            [
+                ("header", f"V{HEADER_BYTES}"),
+                ("item_id", idt),
+                ("req_i", idt, (req.int_width,)),
+                ("item_i", idt, (item.int_width,)),
+                *score,
+                ("req_f", "<f4", (req.float_width,)),
+                ("item_f", "<f4", (item.float_width,)),
+            ]
+        )
     return np.dtype(
         [
             ("header", f"V{HEADER_BYTES}"),
-            ("item_id", "<i4"),
+            ("item_id", idt),
             *score,
             ("req_f", "<f4", (req.float_width,)),
-            ("req_i", "<i4", (req.int_width,)),
+            ("req_i", idt, (req.int_width,)),
             ("item_f", "<f4", (item.float_width,)),
-            ("item_i", "<i4", (item.int_width,)),
+            ("item_i", idt, (item.int_width,)),
         ]
     )
 
@@ -247,9 +277,14 @@ def decode_impressions(
 
     """
     if not blobs:
-        empty = np.empty(0, np.int32)
         none = np.empty(0, np.float32)
-        return empty, empty, fs.layout(Side.REQUEST).zeros(), fs.layout(Side.ITEM).zeros(), none
+        return (
+            np.empty(0, np.int32),
+            np.empty(0, np.int64),
+            fs.layout(Side.REQUEST).zeros(),
+            fs.layout(Side.ITEM).zeros(),
+            none,
+        )
     version = CODEC_VERSION
     if len(blobs[0]) >= HEADER_BYTES and blobs[0][2] in READS_VERSIONS:
         version = blobs[0][2]  # the layout the first blob says; others of another version are refused below
@@ -271,7 +306,9 @@ def decode_impressions(
                 f"IMPRESSION blobs of different FeatureSets or codec versions in one batch: {err}"
             ) from None
     positions = head[:, fixed : fixed + 2].copy().view("<u2").ravel().astype(np.int32)
-    request = FeatureBlock(rec["req_f"], rec["req_i"])
-    items = FeatureBlock(rec["item_f"], rec["item_i"])
+    wide = version < 3  # int32 ids of older versions: widen (a copy)
+    request = FeatureBlock(rec["req_f"], rec["req_i"].astype("<i8") if wide else rec["req_i"])
+    items = FeatureBlock(rec["item_f"], rec["item_i"].astype("<i8") if wide else rec["item_i"])
     scores = rec["score"] if version >= 2 else np.full(len(rec), np.nan, "<f4")
-    return positions, rec["item_id"], request, items, scores
+    item_ids = rec["item_id"].astype("<i8") if wide else rec["item_id"]
+    return positions, item_ids, request, items, scores

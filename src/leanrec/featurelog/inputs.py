@@ -3,8 +3,9 @@
 A ranking service outside leanrec holds the features it scored as arrays by name: the request side
 once (user and context features), the item side one row per ranked item. :func:`pack_ranked` checks
 every array against its feature (present, known, the right width, numbers of the right kind, ids
-inside the vocabulary) and packs them into a :class:`~leanrec.featurelog.ranked.RankedBatch`: one
-vectorised copy per feature, no loop over values. A mistake raises :class:`FeatureInputError`
+that fit in 64 bits, strings where the feature declares string ids, hashed here by
+:func:`leanrec.ids.string_ids`) and packs them into a :class:`~leanrec.featurelog.ranked.RankedBatch`:
+one vectorised copy per feature, no loop over values. A mistake raises :class:`FeatureInputError`
 naming the feature, so the library and the HTTP sidecar refuse it before anything is logged.
 """
 
@@ -19,7 +20,8 @@ import numpy as np
 
 from leanrec.errors import InputError
 from leanrec.featurelog.ranked import RankedBatch
-from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Layout, Owner, Side, Slot
+from leanrec.ids import string_ids
+from leanrec.schema import PAD_ID, Feature, FeatureBlock, FeatureSet, Layout, Owner, Role, Side, Slot
 
 
 class FeatureInputError(InputError, ValueError):
@@ -63,9 +65,6 @@ class _Plan:
     groups: tuple[_Group, ...]
     index: dict[str, int]  # each feature's index in the layout, to check features in layout order
     names: frozenset[str]
-    id_slots: tuple[Slot, ...]  # the id features, in int-block order
-    id_ends: np.ndarray  # (len(id_slots),) one past each one's last column
-    vocab: np.ndarray  # (int_width,) the vocabulary of each int column
 
 
 _PLANS: dict[int, tuple[Layout, _Plan]] = {}
@@ -90,10 +89,7 @@ def _plan(layout: Layout) -> _Plan:
         for (is_float, size), slots in by_kind.items()
     )
     index = {s.feature.name: i for i, s in enumerate(layout.slots)}
-    ids = tuple(s for s in layout.slots if not s.feature.is_float)
-    sizes = [s.feature.size for s in ids]
-    vocab = np.repeat(np.array([s.feature.vocab for s in ids], np.int64), sizes)
-    plan = _Plan(groups, index, frozenset(index), ids, np.cumsum(sizes), vocab)
+    plan = _Plan(groups, index, frozenset(index))
     if len(_PLANS) >= 64:  # FeatureSets built on the fly (e.g. one owner's) must not pile up
         _PLANS.clear()
     _PLANS[id(layout)] = (layout, plan)
@@ -109,8 +105,8 @@ def _stacked(values: Mapping[str, object], group: _Group, side: Side, rows: int)
     Only the plain cases are stacked: Python numbers (a bare one for a size-1 request feature, else
     a list: of ``size`` numbers on the request side, of one number per row on the item side), or
     numpy arrays of one dtype of the right kind, each of the feature's shape. Anything else (a
-    missing feature, mixed dtypes, a bool, a nested list) is left to the one-by-one checks, which
-    accept or refuse it naming the feature.
+    missing feature, mixed dtypes, a bool, a nested list, strings) is left to the one-by-one checks,
+    which accept or refuse it naming the feature.
     """
     try:
         vals = [values[name] for name in group.names]
@@ -140,7 +136,7 @@ def _stacked(values: Mapping[str, object], group: _Group, side: Side, rows: int)
         fits = shapes in ({()}, {(1,)}) if size == 1 else shapes == {(size,)}
     else:
         fits = shapes == ({(rows,)} if size == 1 else {(rows, size)})
-    kinds = "fiu" if group.is_float else "iu"
+    kinds = "fiu" if group.is_float else "i"  # uint64 may not fit in int64: checked one by one
     if not fits or len(dtypes) != 1 or next(iter(dtypes)).kind not in kinds:
         return None
     a = np.array(vals)  # (k, ...): one copy
@@ -156,9 +152,8 @@ def _block(
 
     The features of one block and size are stacked and copied at once (a FeatureSet has many
     features of few shapes: one copy per feature is what an HTTP request could not afford); a
-    group that is not plain is checked and copied feature by feature, in layout order, so the
-    first one at fault is the one named. The ids' range is checked once for the whole block
-    (as int64, so an id that does not fit in 32 bits is refused rather than wrapped).
+    group that is not plain (strings among them) is checked and copied feature by feature, in
+    layout order, so the first one at fault is the one named.
     """
     layout = fs.layout(side)
     plan = _plan(layout)
@@ -176,7 +171,9 @@ def _block(
         if f.name not in values:
             raise FeatureInputError(f"feature {f.name} ({f.owner.value}, {where}) is missing", f.name)
         try:
-            a = np.asarray(values[f.name])
+            a = _values_of(f, values[f.name])
+        except FeatureInputError:
+            raise
         except (TypeError, ValueError):
             raise FeatureInputError(f"feature {f.name}: not an array of numbers", f.name) from None
         if side is Side.REQUEST and a.size == f.size and a.ndim <= 2 and a.shape[:1] in ((), (1,), (f.size,)):
@@ -193,28 +190,142 @@ def _block(
                 raise FeatureInputError(f"feature {f.name} is dense: expected numbers, got {a.dtype}", f.name)
             floats[:, slot.offset : slot.stop] = a
         else:
-            if kind not in "iu":
-                raise FeatureInputError(
-                    f"feature {f.name} holds ids: expected integers, got {a.dtype}", f.name
-                )
-            ints[:, slot.offset : slot.stop] = a
-    if plan.id_slots and rows:
-        bad = ((ints < PAD_ID) | (ints >= plan.vocab)).any(0)
-        if bad.any():
-            slot = plan.id_slots[int(np.searchsorted(plan.id_ends, int(np.argmax(bad)), side="right"))]
-            f, col = slot.feature, ints[:, slot.offset : slot.stop]
+            ints[:, slot.offset : slot.stop] = _int64(f"feature {f.name}", f.string_ids, a)
+    return FeatureBlock(floats, ints), plan.names
+
+
+def _values_of(f: Feature, v: object) -> np.ndarray:
+    """A feature's values as an array: string ids hashed, integers past int64 refused as such.
+
+    Python integers past int64 turn a list into floats or objects for numpy; they are found here,
+    while they are still integers, so the refusal says what they are.
+    """
+    if f.string_ids:
+        return _string_ids_of(f"feature {f.name}", v)
+    a = np.asarray(v)
+    if not f.is_float and (a.dtype.kind == "O" or (a.dtype.kind == "f" and not isinstance(v, np.ndarray))):
+        _string_ids_of(f"feature {f.name}", v)  # raises for an integer past int64, else the checks refuse
+    return a
+
+
+def _string_ids_of(name: str, v: object) -> np.ndarray:
+    """The values of a feature or field ``name`` that declares string ids: strings hashed, ints kept.
+
+    Integers among the strings are ids already (the padding id of a short sequence among them), so
+    a list such as ``["sku-1", "sku-2", -1]`` keeps its padding: a list is taken as objects, never as
+    the strings numpy would make of its integers. Values of no string come back as numbers, for the
+    integer checks to take or refuse (an integer past int64 refused here, where it still is one).
+
+    Raises:
+        FeatureInputError: A value among the strings that is neither a string nor an integer, or an
+            integer that is no int64.
+        TypeError, ValueError: ``v`` is no array at all (a ragged list).
+
+    """
+    a = v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)
+    if a.dtype.kind in "US" and a.size:
+        return _hashed(name, a)
+    if a.dtype.kind != "O" or not a.size:
+        return a
+    flat = a.ravel()
+    is_str = np.fromiter((isinstance(x, str) for x in flat), bool, len(flat))
+    if is_str.all():
+        return _hashed(name, a)
+    field = name.split()[-1]
+    others = flat[~is_str].tolist()
+    for x in others:
+        if isinstance(x, bool | np.bool_) or not isinstance(x, int | np.integer):
+            if not is_str.any() and not isinstance(x, bool | np.bool_):  # floats: for the integer checks
+                return np.asarray(others).reshape(a.shape)
             raise FeatureInputError(
-                f"feature {f.name}: ids must lie in [0, {f.vocab}) (or {PAD_ID} for padding), "
-                f"got {int(col.min())}..{int(col.max())}",
-                f.name,
+                f"{name} holds string ids: expected strings or integer ids, got {type(x).__name__} {x!r}",
+                field,
             )
-    return FeatureBlock(floats, ints.astype("<i4")), plan.names
+        if not -(2**63) <= x < 2**63:
+            raise FeatureInputError(f"{name}: ids are int64, got {x}", field)
+    out = np.empty(len(flat), np.int64)
+    out[~is_str] = others
+    if is_str.any():
+        out[is_str] = _hashed(name, flat[is_str])
+    return out.reshape(a.shape)
 
 
-def ids_fit(fs: FeatureSet, side: Side, ints: np.ndarray) -> bool:
-    """Whether every id of ``(rows, int_width)`` int64 ``ints`` of one side lies in its vocabulary."""
-    plan = _plan(fs.layout(side))
-    return not plan.id_slots or not len(ints) or not ((ints < PAD_ID) | (ints >= plan.vocab)).any()
+def _hashed(name: str, a: np.ndarray) -> np.ndarray:
+    """String ids (of feature or field ``name``) as their 64-bit ids, same shape."""
+    try:
+        return string_ids(a.ravel()).reshape(a.shape)
+    except (ValueError, TypeError, OverflowError) as exc:  # pyarrow's errors are ValueErrors too
+        raise FeatureInputError(f"{name} holds string ids: {exc}", name.split()[-1]) from None
+
+
+def _int64(name: str, strings: bool, a: np.ndarray) -> np.ndarray:
+    """Integer ids (of feature or field ``name``), refusing what int64 cannot hold.
+
+    Unsigned ids past 2**63 are refused rather than wrapped: the caller says whether they are the
+    two's-complement int64 of its ids.
+    """
+    field = name.split()[-1]
+    if a.dtype.kind == "u" and a.size and int(a.max()) >= 2**63:
+        raise FeatureInputError(
+            f"{name}: ids are int64, got {int(a.max())}; give unsigned ids past 2**63 as their "
+            "two's-complement int64 (numpy: ids.view(np.int64))",
+            field,
+        )
+    if a.dtype.kind not in "iu":
+        raise FeatureInputError(
+            f"{name} holds ids: expected {'integers or strings' if strings else 'integers'}, got {a.dtype}",
+            field,
+        )
+    return a
+
+
+def ranked_ids(fs: FeatureSet, item_ids: object) -> np.ndarray:
+    """The ranked items' ids as ``(n,)`` int64: strings hashed where the item id declares string ids.
+
+    Raises:
+        FeatureInputError: Not a non-empty list of ids, or one of them the padding id.
+
+    """
+    item = fs.role(Role.ITEM_ID)
+    strings = item is not None and item.string_ids
+    try:
+        items = _string_ids_of("items", item_ids) if strings else np.asarray(item_ids)
+    except FeatureInputError:
+        raise
+    except (TypeError, ValueError):
+        raise FeatureInputError("items: expected a non-empty list of item ids", "items") from None
+    if items.ndim != 1 or not len(items):
+        raise FeatureInputError("items: expected a non-empty list of item ids", "items")
+    if items.dtype.kind in "USO" and not strings:
+        raise FeatureInputError(
+            f"items: expected integer ids, got {items.dtype} (string ids need an item_id "
+            'feature declared with dtype = "string")',
+            "items",
+        )
+    items = _int64("items", strings, items).astype(np.int64)
+    if (items == PAD_ID).any():
+        raise FeatureInputError(f"items: {PAD_ID} is the padding id, not an item", "items")
+    return items
+
+
+def user_key(fs: FeatureSet, user_id: object) -> int:
+    """A request's user id as an int64: a string hashed where the user id declares string ids.
+
+    Raises:
+        FeatureInputError: Neither an integer of 64 bits nor (for string user ids) a string.
+
+    """
+    user = fs.role(Role.USER_ID)
+    if isinstance(user_id, str) and user is not None and user.string_ids:
+        return int(string_ids([user_id])[0])
+    if (
+        isinstance(user_id, bool)
+        or not isinstance(user_id, int | np.integer)
+        or not -(2**63) <= user_id < 2**63
+    ):
+        kind = "an integer or a string" if user is not None and user.string_ids else "a 64-bit integer"
+        raise FeatureInputError(f"user_id: expected {kind}, got {user_id!r}", "user_id")
+    return int(user_id)
 
 
 def pack_ranked(
@@ -230,8 +341,9 @@ def pack_ranked(
 
     Args:
         fs: The FeatureSet the ranker scored under.
-        user_id: Who the request was ranked for.
-        item_ids: ``(n,)`` integer ids of the ranked items, best first.
+        user_id: Who the request was ranked for (a string where the user id declares string ids).
+        item_ids: ``(n,)`` ids of the ranked items, best first: int64, or strings where the item
+            id declares string ids.
         features: Every feature of ``fs`` by name: request-side ones as ``(size,)`` (or a scalar
             for size 1), item-side ones as ``(n, size)`` (or ``(n,)`` for size 1).
         scores: ``(n,)`` scores the ranker gave, logged with each item (as float32) and kept in the
@@ -244,19 +356,14 @@ def pack_ranked(
 
     Raises:
         FeatureInputError: A feature missing, unknown, of the wrong width or kind of number, an id
-            outside its vocabulary, or more than ``max_items`` items (status 413).
+            that does not fit in 64 bits, or more than ``max_items`` items (status 413).
 
     """
-    items = np.asarray(item_ids)
-    if items.ndim != 1 or not len(items):
-        raise FeatureInputError("items: expected a non-empty list of item ids", "items")
-    if not np.issubdtype(items.dtype, np.integer):
-        raise FeatureInputError(f"items: expected integer ids, got {items.dtype}", "items")
-    n = len(items)
+    n = len(item_ids) if hasattr(item_ids, "__len__") else 0
     if n > max_items:
         raise FeatureInputError(f"items: {n} ranked items, limit {max_items}", "items", status=413)
-    if int(items.min()) < 0 or int(items.max()) >= 2**31:
-        raise FeatureInputError("items: ids must lie in [0, 2**31)", "items")
+    items = ranked_ids(fs, item_ids)
+    user = user_key(fs, user_id)
     request, used_r = _block(fs, Side.REQUEST, features, 1, "once per request")
     if item_block is None:
         item_block, used_i = _block(fs, Side.ITEM, features, n, "one row per item")
@@ -280,8 +387,8 @@ def pack_ranked(
         if s.shape != (n,) or s.dtype.kind not in "fiu":
             raise FeatureInputError(f"scores: expected {n} numbers, one per item", "scores")
     return RankedBatch(
-        np.array([user_id], np.int64),
-        items.astype(np.int32).reshape(1, n),
+        np.array([user], np.int64),
+        items.reshape(1, n),
         s.astype(np.float32).reshape(1, n),
         request,
         item_block,
@@ -304,7 +411,7 @@ def pack_owner(
         where: Where the values came from, for messages.
 
     Raises:
-        FeatureInputError: A feature missing, of the wrong width or kind, or an id out of range.
+        FeatureInputError: A feature missing, of the wrong width or kind, or an id that does not fit.
 
     """
     # The owner's features alone as a FeatureSet (roles dropped: they pair features across owners):

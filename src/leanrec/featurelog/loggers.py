@@ -73,7 +73,7 @@ class Fetched:
 
     Attributes:
         found: ``(k,)`` bool, whether each asked position's features were found.
-        item_ids: ``(k,)`` int32 logged item id (-1 where not found).
+        item_ids: ``(k,)`` int64 logged item id (-1 where not found).
         request: Request side, one row (``None`` if not found).
         items: Item side, one row per asked position (zeros where not found).
         scores: ``(k,)`` float32 the ranker's score at each asked position (NaN where not found or
@@ -272,12 +272,12 @@ def _scatter(
 ) -> Fetched:
     """Place rows read for the found positions into arrays over all asked positions."""
     k = len(found)
-    out_ids = np.full(k, -1, np.int32)
+    out_ids = np.full(k, -1, np.int64)
     out_ids[found] = ids
     out_scores = np.full(k, np.nan, np.float32)
     out_scores[found] = scores
     block = FeatureBlock(
-        np.zeros((k, items.floats.shape[1]), np.float32), np.zeros((k, items.ints.shape[1]), np.int32)
+        np.zeros((k, items.floats.shape[1]), np.float32), np.zeros((k, items.ints.shape[1]), np.int64)
     )
     block.floats[found] = items.floats
     block.ints[found] = items.ints
@@ -602,7 +602,7 @@ class LazyLogger(_Base):
         empty = self.fs.layout(Side.ITEM).zeros()
         none = np.empty(0, np.float32)
         if values[0] is None:
-            return _scatter(np.zeros(len(positions), bool), np.empty(0, np.int32), None, empty, none)
+            return _scatter(np.zeros(len(positions), bool), np.empty(0, np.int64), None, empty, none)
         with self.ledger.cpu("deserialize"):
             request = codec.decode_request(self.fs, values[0])
             decoded = [codec.decode_page(self.fs, v) for v in values[1:] if v is not None]
@@ -616,7 +616,7 @@ class LazyLogger(_Base):
         rows = row_of[positions]
         found = rows >= 0
         if not decoded:
-            return _scatter(found, np.empty(0, np.int32), request, empty, none)
+            return _scatter(found, np.empty(0, np.int64), request, empty, none)
         ids = np.concatenate([p.item_ids for p in decoded])
         scores = np.concatenate([p.scores for p in decoded])
         items = FeatureBlock.concat([p.block for p in decoded])

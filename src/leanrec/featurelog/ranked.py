@@ -20,7 +20,7 @@ class RankedBatch:
 
     Attributes:
         user_ids: ``(B,)`` int64.
-        item_ids: ``(B, n)`` int32, in ranked order.
+        item_ids: ``(B, n)`` int64 raw ids, in ranked order.
         scores: ``(B, n)`` float32 late-ranker scores, in ranked order (leanrec's funnel: descending
             along axis 1). Each is logged with its item and lands in the warehouse's ``score``
             column; NaN where the ranker gave none (stored as null there).

@@ -16,11 +16,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from leanrec.featurelog.inputs import FeatureInputError, pack_owner
+from leanrec.featurelog.inputs import FeatureInputError, pack_owner, ranked_ids, user_key
 from leanrec.featurelog.ranked import RankedBatch
 from leanrec.funnel.ranker import LateScorer
 from leanrec.retrieval.index import RetrievalIndex
-from leanrec.schema import FeatureBlock, FeatureSet, Owner, Role, Side
+from leanrec.schema import FeatureBlock, FeatureSet, Owner, Side
 from leanrec.stores.features import FeatureStore
 
 
@@ -67,8 +67,6 @@ class CatalogFunnel:
             if model_fs is None or model_fs.fingerprint == featureset.fingerprint
             else {side: model_fs.columns_from(featureset, side) for side in Side}
         )
-        item = featureset.role(Role.ITEM_ID)
-        self._n_items = item.vocab if item is not None else 2**31
 
     def candidates(self, user_id: int, given: object | None) -> tuple[np.ndarray, np.ndarray]:
         """``(K,)`` candidate items and ``(K,)`` prior scores: the caller's, else retrieval's.
@@ -78,20 +76,18 @@ class CatalogFunnel:
 
         """
         if given is not None:
-            cand = np.asarray(given)
-            if cand.ndim != 1 or not len(cand) or cand.dtype.kind not in "iu":
-                raise FeatureInputError("candidates: expected a non-empty list of item ids", "candidates")
-            if len(cand) > self.n_retrieve:
+            n = len(given) if hasattr(given, "__len__") else 0
+            if n > self.n_retrieve:
                 raise FeatureInputError(
-                    f"candidates: {len(cand)} items, limit {self.n_retrieve}", "candidates", status=413
+                    f"candidates: {n} items, limit {self.n_retrieve}", "candidates", status=413
                 )
-            if int(cand.min()) < 0 or int(cand.max()) >= self._n_items:
-                raise FeatureInputError(
-                    f"candidates: item ids must lie in [0, {self._n_items})", "candidates"
-                )
+            try:
+                cand = ranked_ids(self.fs, given)
+            except FeatureInputError as exc:
+                raise FeatureInputError(str(exc).replace("items", "candidates", 1), "candidates") from None
             if len(np.unique(cand)) != len(cand):
                 raise FeatureInputError("candidates: an item is listed twice", "candidates")
-            return cand.astype(np.int64), np.arange(len(cand), 0, -1, dtype=np.float32)
+            return cand, np.arange(len(cand), 0, -1, dtype=np.float32)
         if self.index is None:
             raise FeatureInputError(
                 "candidates: this service has no retrieval model; send the request's candidates",
@@ -101,12 +97,16 @@ class CatalogFunnel:
         return items[0], scores[0]
 
     def rank(
-        self, user_id: int, context: Mapping[str, object] | None = None, candidates: object | None = None
+        self,
+        user_id: int | str,
+        context: Mapping[str, object] | None = None,
+        candidates: object | None = None,
     ) -> RankedBatch:
         """Rank one request.
 
         Args:
-            user_id: Whose request; their features are read from the store.
+            user_id: Whose request (a 64-bit id, or a string for string user ids); their features
+                are read from the store.
             context: The FeatureSet's context features by name (each a number or ``size`` values).
             candidates: ``(K,)`` item ids to rank, or None for retrieval's.
 
@@ -115,6 +115,7 @@ class CatalogFunnel:
             KeyError: The store holds no features for the user or a candidate.
 
         """
+        user_id = user_key(self.fs, user_id)
         cand, prior = self.candidates(user_id, candidates)
         users = self.store.get_many(Owner.USER, np.array([user_id]))
         ctx = pack_owner(self.fs, Owner.CONTEXT, context or {}, 1, "the request's context")
@@ -125,7 +126,7 @@ class CatalogFunnel:
             items = self.store.get_many(Owner.ITEM, cand[keep])
             return RankedBatch(
                 np.array([user_id], np.int64),
-                cand[keep].astype(np.int32)[None, :],
+                cand[keep][None, :],
                 prior[keep][None, :],
                 request,
                 items,
@@ -142,7 +143,7 @@ class CatalogFunnel:
         keep = np.argsort(-scores, kind="stable")[:n]
         return RankedBatch(
             np.array([user_id], np.int64),
-            cand[keep].astype(np.int32)[None, :],
+            cand[keep][None, :],
             scores[keep].astype(np.float32)[None, :],
             request,
             items.take(keep),

@@ -130,7 +130,8 @@ class Funnel:
         # Retrieval reads the store's rows, so it uses the world's slots.
         islots = full.owner_slots(Owner.ITEM)
         uslots = full.owner_slots(Owner.USER)
-        all_items = self.store.get_many(Owner.ITEM, np.arange(world.config.n_items))
+        self.item_ids = world.item_ids  # raw id of each retrieval row
+        all_items = self.store.get_many(Owner.ITEM, self.item_ids)
         emb = islots["i_emb"]
         self.index = np.ascontiguousarray(all_items.floats[:, emb.offset : emb.stop].T)  # (16, N_items)
         self._q0, self._q1 = uslots["u_emb_0"], uslots["u_emb_1"]
@@ -144,7 +145,7 @@ class Funnel:
         """Rank the corpus for B requests.
 
         Args:
-            user_ids: ``(B,)`` users.
+            user_ids: ``(B,)`` raw user ids.
             t_ms: ``(B,)`` request times (context features).
             surface: ``(B,)`` feed surface ids.
 
@@ -155,13 +156,14 @@ class Funnel:
         # Retrieval: two-tower dot product over the whole corpus, vectorised top-k.
         q0 = users.floats[:, self._q0.offset : self._q0.stop]
         retr = q0 @ self.index  # (B, N_items)
-        cand = np.argpartition(-retr, self.n_retrieve - 1, axis=1)[:, : self.n_retrieve]
+        cand = np.argpartition(-retr, self.n_retrieve - 1, axis=1)[:, : self.n_retrieve]  # rows
         # Early ranker: a second embedding plus popularity, on the candidates only.
         q1 = users.floats[:, self._q1.offset : self._q1.stop]
         cand_emb = self.index.T[cand]  # (B, 1000, 16)
-        pop = self.store.get_feature(Owner.ITEM, "i_views_log", cand.ravel()).reshape(b, -1)
+        pop = self.store.get_feature(Owner.ITEM, "i_views_log", self.item_ids[cand.ravel()]).reshape(b, -1)
         early = np.einsum("bd,bkd->bk", q1, cand_emb) + 0.05 * pop
         top = np.take_along_axis(cand, np.argpartition(-early, self.n_rank - 1, axis=1)[:, : self.n_rank], 1)
+        top = self.item_ids[top]  # raw ids from here on
         # Late ranker on self.fs: the store's (and the world's context) blocks cut to its layout.
         request = FeatureBlock.hstack([users, self.world.context_block(t_ms, surface)])
         request = self._project(request, Side.REQUEST)
@@ -171,7 +173,7 @@ class Funnel:
         flat = (order + np.arange(b)[:, None] * self.n_rank).ravel()
         return RankedBatch(
             user_ids=user_ids,
-            item_ids=np.take_along_axis(top, order, 1).astype(np.int32),
+            item_ids=np.take_along_axis(top, order, 1),
             scores=np.take_along_axis(scores, order, 1),
             request=request,
             items=items.take(flat),

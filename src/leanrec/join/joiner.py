@@ -315,10 +315,13 @@ class LabelJoiner:
         ev = ev.take(~off_list)
         with self.ledger.cpu("join") as cost:
             viewed = np.unique(ev.position)
-            # Events naming another item than the one logged at their position are refused.
-            logged_id = np.full(ref.n_items, -1, np.int64)
+            # Events naming another item than the one logged at their position are refused. Ids are
+            # raw int64 of any sign, so where an item was logged is a mask of its own.
+            logged_id = np.zeros(ref.n_items, np.int64)
+            logged = np.zeros(ref.n_items, bool)
             logged_id[viewed[fetched.found]] = fetched.item_ids[fetched.found]
-            mismatch = (logged_id[ev.position] >= 0) & (logged_id[ev.position] != ev.item_id)
+            logged[viewed[fetched.found]] = True
+            mismatch = logged[ev.position] & (logged_id[ev.position] != ev.item_id)
             self.stats.mismatched_events += int(mismatch.sum())
             ev = ev.take(~mismatch)
             keep = np.isin(viewed, ev.position)

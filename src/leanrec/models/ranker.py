@@ -3,8 +3,11 @@
 The model finds its inputs by role, never by name (see :class:`~leanrec.schema.Role`): the user's
 history (``Role.HISTORY``, an id sequence of items) and the item id (``Role.ITEM_ID``) whose embedding
 table the history shares. Every other id feature is sum-pooled through a table of its own, every dense
-feature enters its side's dense tower. Without a history there is no encoder and no target attention:
-the user side's history parts are zero-width and every shape stays consistent. A side without dense
+feature enters its side's dense tower. Ids arrive raw (64-bit); each table maps them to its rows as
+its feature declares (:mod:`leanrec.models.idmap`), and a managed table learns which ids earn a row
+from the batches the trainer shows it (:meth:`LateRanker.observe`). Without a history there is no
+encoder and no target attention: the user side's history parts are zero-width and every shape stays
+consistent. A side without dense
 inputs has zero-width input layers, whose outputs are their biases (learnt constants); a side without
 ids pools nothing.
 
@@ -34,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanrec.schema import Feature, FeatureSet, Kind, Role, Side
+from leanrec.models.idmap import IdEmbedding, MapSpec
+from leanrec.schema import PAD_ID, Feature, FeatureSet, Kind, Role, Side
 
 
 @dataclass(frozen=True)
@@ -157,12 +161,15 @@ class LateRanker(nn.Module):
     Attributes:
         history: The FeatureSet's history feature, or None (no encoder, no target attention).
         item_id: The FeatureSet's item id feature, or None.
+        trained_id_maps: What training reported of each table's map (``TrainResult.id_maps``: ids
+            seen, collisions), when the model came from a checkpoint; empty otherwise.
 
     """
 
     def __init__(self, fs: FeatureSet, config: RankerConfig = RankerConfig()) -> None:
         super().__init__()
         self.fs, self.config = fs, config
+        self.trained_id_maps: dict[str, dict] = {}
         self.history: Feature | None = fs.role(Role.HISTORY)
         self.item_id: Feature | None = fs.role(Role.ITEM_ID)
         req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
@@ -174,8 +181,10 @@ class LateRanker(nn.Module):
         self.user_dense = _mlp([req.float_width, 2 * h, h])
         self.item_dense = _mlp([item.float_width, h, h])
         # One table per id feature; the history shares the item-id table so attention compares like
-        # with like. Padding (-1) maps to a zero row that is never trained.
+        # with like. Padding (-1) reads zeros that are never trained.
         self.tables = nn.ModuleDict()
+        # Every block of ids each table reads: (table, side, offset, size), for observe().
+        self._reads: list[tuple[str, Side, int, int]] = []
         self._req_ids: list[tuple[str, int, int]] = []  # (name, offset, size) of pooled request ids
         self._item_ids: list[tuple[str, int, int]] = []
         # Request-side id sequences of the history's length, added to its tokens: they describe the
@@ -189,8 +198,11 @@ class LateRanker(nn.Module):
                     continue
                 if f.role == Role.HISTORY:
                     self._hist = (slot.offset, f.size)
+                    if self.item_id is not None:
+                        self._reads.append((self.item_id.name, side.side, slot.offset, f.size))
                     continue
-                self.tables[f.name] = nn.Embedding(f.vocab + 1, d, padding_idx=f.vocab)
+                self.tables[f.name] = IdEmbedding(MapSpec.of(f), d)
+                self._reads.append((f.name, side.side, slot.offset, f.size))
                 if self.aligned(f):
                     self._side_seqs.append((f.name, slot.offset, f.size))
                 else:
@@ -293,9 +305,65 @@ class LateRanker(nn.Module):
         return (floats - self.item_mean) / self.item_std
 
     def _ids(self, name: str, ints: torch.Tensor, offset: int, size: int) -> torch.Tensor:
-        table = self.tables[name]
-        ids = ints[:, offset : offset + size]
-        return table(torch.where(ids < 0, table.padding_idx, ids))  # (B, size, d)
+        return self.tables[name](ints[:, offset : offset + size])  # (B, size, d)
+
+    # ------------------------------------------------------------------ id maps
+    def table_ids(self, req_ints: torch.Tensor, item_ints: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every raw id each embedding table reads in a batch, flattened (padding included).
+
+        Args:
+            req_ints: ``(R, I_req)`` request-side ids, one row per request (not per item, so a
+                request's ids count once whichever warehouse layout the batch came from).
+            item_ints: ``(N, I_item)`` item-side ids.
+
+        """
+        parts: dict[str, list[torch.Tensor]] = {}
+        for name, side, offset, size in self._reads:
+            ints = req_ints if side is Side.REQUEST else item_ints
+            parts.setdefault(name, []).append(ints[:, offset : offset + size].reshape(-1))
+        return {name: torch.cat(p) for name, p in parts.items()}
+
+    def observe(self, req_ints: torch.Tensor, item_ints: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Show every managed table a training batch's ids (see :meth:`IdEmbedding.observe`).
+
+        Call before the batch's forward, with one request row per request (see :meth:`table_ids`).
+
+        Returns:
+            The rows each table reset, by table name; pass them to :meth:`reset_optimizer_rows`.
+
+        """
+        out = {}
+        for name, ids in self.table_ids(req_ints, item_ints).items():
+            table = self.tables[name]
+            if table.spec.kind == "managed":
+                out[name] = table.observe(ids)
+        return out
+
+    def reset_optimizer_rows(self, optimizer: torch.optim.Optimizer, resets: dict[str, torch.Tensor]) -> None:
+        """Zero the optimizer state of the rows :meth:`observe` reset."""
+        for name, rows in resets.items():
+            self.tables[name].reset_optimizer_rows(optimizer, rows)
+
+    def id_map_report(self, seen: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, dict]:
+        """Each table's map: its kind, memory, counters and (given the ids it saw) its collisions.
+
+        Args:
+            seen: Per table, the distinct ids it read in training and how often (``(n,)`` each).
+
+        Returns:
+            Per table name: ``map``, ``rows``, ``memory_bytes``, ``rows_in_use``, ``admissions``,
+            ``evictions`` and, with ``seen``, ``ids_seen``, ``collided``, ``collision_rate_head``
+            (among the 1% most frequent ids) and ``collision_rate_rest``.
+
+        """
+        out = {}
+        for name, table in self.tables.items():
+            row: dict = {"map": table.spec.kind, "memory_bytes": table.memory_bytes, **table.counters()}
+            if seen is not None and name in seen:
+                collided = table.collisions(*seen[name])
+                row |= {k: v for k, v in collided.items() if k != "rows_in_use"}
+            out[name] = row
+        return out
 
     # ------------------------------------------------------------------ the two halves
     def side_parts(self, side: Side, floats: torch.Tensor, ints: torch.Tensor) -> SideParts:
@@ -351,9 +419,8 @@ class LateRanker(nn.Module):
             return empty, torch.zeros(b, 0, dtype=torch.bool, device=ints.device), empty[:, :, 0]
         off, size = self._hist
         hist = ints[:, off : off + size]
-        mask = hist >= 0
-        table = self.tables[self.item_id.name]
-        tokens = table(torch.where(mask, hist, table.padding_idx))
+        mask = hist != PAD_ID
+        tokens = self.tables[self.item_id.name](hist)
         for n, o, s in self._side_seqs:
             tokens = tokens + self._ids(n, ints, o, s)
         # An empty history attends to nothing; keep one slot open so softmax stays defined.
@@ -512,7 +579,7 @@ class LateRanker(nn.Module):
 
         Args:
             req_floats: ``(R, F_req)`` request-side dense inputs.
-            req_ints: ``(R, I_req)`` request-side ids (-1 = padding).
+            req_ints: ``(R, I_req)`` request-side raw ids (-1 = padding).
             item_floats: ``(N, F_item)``.
             item_ints: ``(N, I_item)``.
             item_request: ``(N,)`` the request row of each item.

@@ -52,7 +52,7 @@ from leanrec.featurelog.loggers import FeatureLogger, LazyLogger
 from leanrec.featurelog.ranked import RankedBatch
 from leanrec.funnel.catalog import CatalogFunnel
 from leanrec.funnel.ranker import Funnel
-from leanrec.schema import FeatureSet, Owner
+from leanrec.schema import FeatureSet, Owner, Role
 from leanrec.serve.catalog import catalog_funnel
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
@@ -65,12 +65,14 @@ from leanrec.world import World, WorldConfig
 class RankIn(BaseModel):
     """A ranking request."""
 
-    user_id: int = Field(ge=0, description="the user to rank for")
+    user_id: int | str = Field(description="the user to rank for: a 64-bit id (a string for string ids)")
     surface: int = Field(
         0, ge=0, le=2, description="synthetic world: feed surface (0 home, 1 explore, 2 following)"
     )
-    candidates: list[int] | None = Field(
-        None, description="a catalog service: the items to rank (default: its retrieval model's)"
+    candidates: list[int | str] | None = Field(
+        None,
+        description="a catalog service: the items to rank (default: its retrieval model's): 64-bit ids, "
+        "or strings where the item id declares string ids",
     )
     context: dict[str, Any] | None = Field(
         None, description="a catalog service: the FeatureSet's context features by name (number or list)"
@@ -80,8 +82,11 @@ class RankIn(BaseModel):
 class LogIn(BaseModel):
     """A ranking made by the caller's ranker, with the features it scored (the JSON body of /v1/log)."""
 
-    user_id: int = Field(ge=0, description="who the list was ranked for")
-    items: list[int] = Field(description="ranked item ids, best first")
+    user_id: int | str = Field(description="who the list was ranked for: a 64-bit id (or a string)")
+    items: list[int | str] = Field(
+        description="ranked item ids, best first: 64-bit integers, or strings where the item id "
+        "declares string ids"
+    )
     scores: list[float] | None = Field(None, description="the ranker's score of each item")
     features: dict[str, Any] = Field(
         description="every feature of the FeatureSet by name: request-side ones as a number or a list "
@@ -121,7 +126,7 @@ class EventIn(BaseModel):
     """One event."""
 
     position: int
-    item_id: int
+    item_id: int | str = Field(description="a 64-bit id, or a string where the item id declares string ids")
     kind: str = Field(max_length=16)
     ts_ms: int
     value: float = 0.0
@@ -566,6 +571,38 @@ class _Collector:
         g = GaugeMetricFamily("leanrec_logging_degraded", "1 while logging has failed in the last 30 s")
         g.add_metric([], float(st.health.degraded))
         yield g
+        yield from _id_map_metrics(st)
+
+
+_ID_MAP_METRICS = (
+    ("rows", "Rows of each embedding table of the served model (slots, for a managed map)"),
+    ("rows_in_use", "Rows of each table that ids read (a managed map: held slots and residual rows)"),
+    ("memory_bytes", "Bytes of each table and its map's state"),
+    ("admissions", "Ids a managed table admitted to a slot while training"),
+    ("evictions", "Ids a managed table evicted from a slot while training"),
+    ("ids_seen", "Distinct ids each table read while training"),
+    ("collided", "Ids seen in training that share their embedding with another of them"),
+    ("collision_rate_head", "Share of the 1% most frequent training ids that share their embedding"),
+    ("collision_rate_rest", "Share of the other training ids that share their embedding"),
+)
+
+
+def _id_map_metrics(st: ServiceState) -> Iterator[GaugeMetricFamily]:
+    """Each embedding table's map, when the service ranks with a trained model (read-only at serving)."""
+    model = getattr(getattr(st.funnel, "scorer", None), "model", None)
+    report = getattr(model, "id_map_report", None)
+    if report is None:
+        return
+    tables = report()  # the maps as served; what training saw comes with the checkpoint
+    for name, trained in (getattr(model, "trained_id_maps", None) or {}).items():
+        if name in tables:
+            tables[name] = {**trained, **tables[name]}
+    for key, doc in _ID_MAP_METRICS:
+        g = GaugeMetricFamily(f"leanrec_id_map_{key}", doc, labels=["table", "map"])
+        for name, row in tables.items():
+            if key in row:
+                g.add_metric([name, row["map"]], float(row[key]))
+        yield g
 
 
 @dataclass
@@ -656,6 +693,8 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             return 401, {"error": str(exc)}
 
     featureset: FeatureSet = st.featureset or st.world.featureset  # type: ignore[union-attr]
+    item_role = featureset.role(Role.ITEM_ID)
+    string_items = item_role is not None and item_role.string_ids  # events may name items by string
 
     def _logged(batch: RankedBatch, user_id: int, now: int) -> RequestRef:
         """Hand a ranked request to the logging lane (after the answer, in order); returns its ref."""
@@ -704,7 +743,7 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             }
         except FeatureInputError as exc:
             return exc.status, {"error": str(exc), "feature": exc.feature}
-        ref = _logged(batch, user_id, clock.now_ms())
+        ref = _logged(batch, int(batch.user_ids[0]), clock.now_ms())
         took["log"].observe(time.perf_counter() - t0)
         return 200, {"request_id": ref.request_id, "token": st.signer.sign(ref), "n_items": ref.n_items}
 
@@ -734,10 +773,15 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
                     "candidates and context are for a catalog service (leanrec serve --featureset F "
                     "--features-url URL); this one ranks the synthetic world with its own retrieval",
                 )
-            if body.user_id >= config.n_users:
-                return _error(422, f"unknown user {body.user_id}: users are 0..{config.n_users - 1}")
+            known = isinstance(body.user_id, int) and -(2**63) <= body.user_id < 2**63
+            if not known or not st.world.users.find(np.array([body.user_id]))[1][0]:  # type: ignore[union-attr]
+                return _error(
+                    422,
+                    f"unknown user {body.user_id!r}: not one of the synthetic world's {config.n_users:,} "
+                    "users (their raw ids are World(WorldConfig(...)).user_ids; leanrec simulate draws them)",
+                )
             batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
-        ref = _logged(batch, body.user_id, now)
+        ref = _logged(batch, int(batch.user_ids[0]), now)  # the int64 id (a string user id hashed)
         out = RankOut(request_id=ref.request_id, items=batch.item_ids[0].tolist(), token=st.signer.sign(ref))
         latency.labels("rank").observe(time.perf_counter() - t0)
         return out
@@ -765,7 +809,9 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
     @app.post("/v1/events", response_model=EventsOut, responses=_ERRORS)
     async def events(body: EventsIn) -> Any:
         def records() -> tuple[EventBatch, list[str]]:
-            return EventBatch.from_records(body.request_id, [e.model_dump() for e in body.events])
+            return EventBatch.from_records(
+                body.request_id, [e.model_dump() for e in body.events], string_items
+            )
 
         return _response(await _events(body.request_id, body.token, body.batch_id, len(body.events), records))
 

@@ -35,7 +35,7 @@ from leanrec.events import EventBatch, EventLimits, RequestRef, open_event_bus
 from leanrec.featurelog.inputs import FeatureInputError, pack_ranked
 from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger, LazyLogger, Paging
 from leanrec.featurelog.ranked import RankedBatch
-from leanrec.schema import FeatureSet
+from leanrec.schema import FeatureSet, Role
 from leanrec.serve.config import ConfigError, ServeConfig
 from leanrec.serve.service import EventsResult, LoggingService
 from leanrec.serve.tokens import TokenSigner
@@ -112,7 +112,7 @@ class RankingLog:
 
     def ranked(
         self,
-        user_id: int,
+        user_id: int | str,
         item_ids: object,
         features: Mapping[str, object],
         scores: object | None = None,
@@ -120,8 +120,10 @@ class RankingLog:
         """Freeze and log one ranked request: the features the ranker scored, as it scored them.
 
         Args:
-            user_id: Who the request was ranked for.
-            item_ids: ``(n,)`` ranked item ids, best first.
+            user_id: Who the request was ranked for: a 64-bit id, or a string where the
+                FeatureSet's user id declares string ids.
+            item_ids: ``(n,)`` ranked item ids, best first: int64, or strings where the item id
+                declares string ids (hashed by :func:`leanrec.ids.string_ids`).
             features: Every feature of the FeatureSet by name (see
                 :func:`~leanrec.featurelog.inputs.pack_ranked` for the shapes).
             scores: ``(n,)`` the ranker's scores, logged with the items and written to the
@@ -178,7 +180,10 @@ class RankingLog:
 
         """
         ref = self._ref(request_id, token)
-        batch, errors = EventBatch.from_records(request_id, list(events))
+        item = self.featureset.role(Role.ITEM_ID)
+        batch, errors = EventBatch.from_records(
+            request_id, list(events), item is not None and item.string_ids
+        )
         return EventsResult.of(len(batch), errors, self._service.events(ref, batch, batch_id))
 
     def joiner(self, warehouse: str | Path, impression_level: bool | None = None) -> Any:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from leanrec.events.model import EventBatch, EventKind
-from leanrec.featurelog.inputs import FeatureInputError, ids_fit
+from leanrec.featurelog.inputs import FeatureInputError
 from leanrec.schema import FeatureBlock, FeatureSet, Side
 
 try:
@@ -103,10 +103,10 @@ class _ItemPlan:
 
     Built only when every column is plain: ``item_id``, maybe ``score``, and exactly the item-side
     features, each a numeric column (a fixed-size list of its size for a vector) of a kind the
-    feature takes (integers for ids). Then a body's item block is copied straight from the record
-    batch: one tensor per Arrow type and block, one view per vector, and the ids' range checked
-    over the block; anything else (nulls, an id out of range, another shape) goes the full way,
-    whose checks name what is wrong.
+    feature takes (signed integers for ids). Then a body's item block is copied straight from the
+    record batch: one tensor per Arrow type and block, one view per vector; anything else (nulls,
+    string or unsigned ids, another shape) goes the full way, whose checks hash string ids and name
+    what is wrong.
 
     Attributes:
         item_id: Column of the item ids; ``score``: of the scores, or None.
@@ -138,7 +138,7 @@ class _ItemPlan:
                 continue
             f = slots[field.name].feature
             offset = slots[field.name].offset
-            if f.size == 1 and _numeric(t) and (f.is_float or pa.types.is_integer(t)):
+            if f.size == 1 and _numeric(t) and (f.is_float or pa.types.is_signed_integer(t)):
                 idx, dest = by_kind.setdefault((t, f.is_float), ([], []))
                 idx.append(i)
                 dest.append(offset)
@@ -147,7 +147,7 @@ class _ItemPlan:
                 and pa.types.is_fixed_size_list(t)
                 and t.list_size == f.size
                 and _numeric(t.value_type)
-                and (f.is_float or pa.types.is_integer(t.value_type))
+                and (f.is_float or pa.types.is_signed_integer(t.value_type))
             ):
                 plan.vectors.append((i, f.is_float, offset, f.size))
             else:
@@ -156,7 +156,7 @@ class _ItemPlan:
         return plan
 
     def block(self, fs: FeatureSet, batch: pa.RecordBatch) -> FeatureBlock | None:
-        """The item block of one record batch, or None if a value is not plain (a null, an id)."""
+        """The item block of one record batch, or None if a value is not plain (a null)."""
         layout, n = fs.layout(Side.ITEM), batch.num_rows
         floats = np.empty((n, layout.float_width), "<f4")
         ints = np.empty((n, layout.int_width), np.int64)
@@ -174,9 +174,7 @@ class _ItemPlan:
             start = col.offset * size
             view = values.to_numpy()[start : start + n * size].reshape(n, size)
             (floats if is_float else ints)[:, offset : offset + size] = view
-        if not ids_fit(fs, Side.ITEM, ints):
-            return None
-        return FeatureBlock(floats, ints.astype("<i4"))
+        return FeatureBlock(floats, ints)
 
 
 _PLANS: list[tuple[pa.Schema, _ArrowPlan]] = []
@@ -235,7 +233,7 @@ def _columns(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
 
 def arrow_body(
     raw: bytes, fs: FeatureSet | None = None
-) -> tuple[int, np.ndarray, np.ndarray | None, dict[str, Any], FeatureBlock | None]:
+) -> tuple[Any, np.ndarray, np.ndarray | None, dict[str, Any], FeatureBlock | None]:
     """The user, items, scores and features of an Arrow IPC body of /v1/log.
 
     The stream's rows are the ranked items: an ``item_id`` column, an optional ``score`` column, and
@@ -244,7 +242,8 @@ def arrow_body(
     features as in the JSON body.
 
     Returns:
-        The user id, ``(n,)`` item ids, ``(n,)`` scores or None, the features by name (request side
+        The user id (as the metadata gives it: checked, and hashed if a string, where it is packed),
+        ``(n,)`` item ids, ``(n,)`` scores or None, the features by name (request side
         as parsed from JSON, item side ``(n,)`` or ``(n, size)`` arrays), and None. With ``fs``,
         when every column is plain (see :class:`_ItemPlan`), the item side comes instead as the
         packed and checked item block of ``fs`` (the features then hold the request side only).
@@ -261,7 +260,7 @@ def arrow_body(
     schema = reader.schema
     try:
         head = loads((schema.metadata or {})[b"leanrec"])
-        user_id, request_features = int(head["user_id"]), dict(head.get("features", {}))
+        user_id, request_features = head["user_id"], dict(head.get("features", {}))
     except (KeyError, TypeError, ValueError):
         raise FeatureInputError(
             'the stream\'s schema metadata needs "leanrec": {"user_id": ..., "features": {...}} as JSON',
@@ -296,8 +295,8 @@ _INT32 = (-(2**31), 2**31)
 def event_columns(request_id: str, events: object, max_events: int) -> EventBatch | None:
     """The events of a ``/v1/events`` body as one EventBatch, or None if any is not plain.
 
-    Plain: a list of at most ``max_events`` objects, each with integer ``position`` and ``item_id``
-    (32 bits), a known ``kind`` (lower or upper case), an integer ``ts_ms`` (64 bits) and, if
+    Plain: a list of at most ``max_events`` objects, each with an integer ``position`` (32 bits) and
+    ``item_id`` (64 bits), a known ``kind`` (lower or upper case), an integer ``ts_ms`` (64 bits) and, if
     present, a numeric ``value``. Each field is gathered for all events at once; a body that is not
     plain is left to the full, per-event checks, which say what is wrong with which event.
     """
@@ -320,12 +319,12 @@ def event_columns(request_id: str, events: object, max_events: int) -> EventBatc
     except (KeyError, TypeError, OverflowError):
         return None  # an unknown kind, a kind that is not a string, an integer beyond 64 bits
     lo, hi = _INT32
-    if len(events) and (min(pos.min(), item.min()) < lo or max(pos.max(), item.max()) >= hi):
+    if len(events) and (pos.min() < lo or pos.max() >= hi):
         return None  # the full checks refuse these events one by one
     return EventBatch(
         request_id,
         pos.astype(np.int32),
-        item.astype(np.int32),
+        item,
         kinds,
         ts,
         np.array(value, np.float32),

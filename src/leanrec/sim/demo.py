@@ -96,13 +96,13 @@ def plan_holding(
     store_open = min(requests, math.ceil(rate * (store_hold_ms + traffic.tick_ms) / 1000))
     context_open = min(requests, math.ceil(rate * (context_hold_ms + traffic.tick_ms) / 1000))
     req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
-    impression = len(codec.encode_impressions(fs, np.zeros(1, np.int32), req.zeros(1), item.zeros(1))[0])
+    impression = len(codec.encode_impressions(fs, np.zeros(1, np.int64), req.zeros(1), item.zeros(1))[0])
     key_bytes = 24  # lr:{<12 hex digits>}:i<position>
     events = 4_096  # a session's event batches and replay guards, the same on both paths
     naive = n_rank * (impression + key_bytes) + events
-    # Each ranked item is its features, its id and its score (4 B each), in a page or a context.
-    lean = codec.HEADER_BYTES * (2 + n_rank) + req.row_bytes + n_rank * (item.row_bytes + 8) + events
-    context = n_rank * (item.row_bytes + 8) + req.row_bytes + 64
+    # Each ranked item is its features, its id (8 B) and its score (4 B), in a page or a context.
+    lean = codec.HEADER_BYTES * (2 + n_rank) + req.row_bytes + n_rank * (item.row_bytes + 12) + events
+    context = n_rank * (item.row_bytes + 12) + req.row_bytes + 64
     return Holding(
         store_open,
         store_open * (n_rank + 2),

@@ -358,7 +358,7 @@ class TrafficSim:
             ev = EventBatch(
                 ref.request_id,
                 position[sel],
-                items[position[sel]].astype(np.int32),
+                items[position[sel]].astype(np.int64),
                 kinds[sel],
                 ts[sel],
                 value[sel],
@@ -400,11 +400,11 @@ class TrafficSim:
         elif what == 2:
             kind, value = int(EventKind.WATCH), float("nan")
         else:
-            item = int(items[p]) + 1  # an item that was not shown there
+            item = int(items[p]) ^ 1  # an item that was not shown there
         extra = EventBatch(
             ref.request_id,
             np.array([pos], np.int32),
-            np.array([item], np.int32),
+            np.array([item], np.int64),
             np.array([kind], np.int8),
             ev.ts_ms[:1].copy(),
             np.array([value], np.float32),

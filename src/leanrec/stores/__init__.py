@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlencode, urlparse
 
+import numpy as np
+
 from leanrec.clock import Clock
 from leanrec.schema import FeatureBlock, FeatureSet, Owner
 from leanrec.stores.features import FeatureStore, MemoryFeatureStore
@@ -29,14 +31,18 @@ __all__ = [
 
 
 def open_feature_store(
-    url: str, featureset: FeatureSet, blocks: dict[Owner, FeatureBlock] | None = None
+    url: str,
+    featureset: FeatureSet,
+    blocks: dict[Owner, FeatureBlock] | None = None,
+    ids: dict[Owner, np.ndarray] | None = None,
 ) -> FeatureStore:
     """Open a FeatureStore from a URL.
 
     ``memory://`` is :class:`MemoryFeatureStore` over ``blocks``, which it needs (it holds nothing
     else). ``redis://[user:password@]host:port/db`` is
     :class:`~leanrec.stores.redis_features.RedisFeatureStore` on that server; ``blocks``, if given,
-    are written into it first (entity ``k`` of a block as id ``k``), overwriting those entities.
+    are written into it first (row ``k`` of a block as ``ids[owner][k]``, or as ``k`` without
+    ``ids``), overwriting those entities.
 
     Raises:
         ValueError: For a scheme leanrec has no backend for, or ``memory://`` without blocks.
@@ -47,13 +53,13 @@ def open_feature_store(
     if scheme == "memory":
         if blocks is None:
             raise ValueError(f"{url}: the in-process feature store needs its blocks")
-        return MemoryFeatureStore(featureset, blocks)
+        return MemoryFeatureStore(featureset, blocks, ids)
     if scheme == "redis":
         from leanrec.stores.redis_features import RedisFeatureStore  # imports redis only when used
 
         store = RedisFeatureStore(url, featureset)
         if blocks is not None:
-            store.load_from(MemoryFeatureStore(featureset, blocks))
+            store.load_from(MemoryFeatureStore(featureset, blocks, ids))
         return store
     raise ValueError(f"no FeatureStore backend for {url!r}; known schemes: memory://, redis://")
 

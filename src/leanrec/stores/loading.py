@@ -1,6 +1,7 @@
 """Loading a catalog's features into a FeatureStore from Parquet: ``leanrec features load``.
 
-A users file and an items file hold one row per entity: its id (column ``user_id`` or ``item_id``)
+A users file and an items file hold one row per entity: its id (column ``user_id`` or ``item_id``,
+a 64-bit integer, or a string where the FeatureSet's id feature declares string ids)
 and a column per feature of that owner, named as the FeatureSet names it: a number for a feature of
 size 1, a list (or fixed-size list) of ``size`` values otherwise. A feature with the user-id or
 item-id role may be left out: it is the entity's id. Columns the FeatureSet does not name are not
@@ -20,7 +21,8 @@ import pyarrow.parquet as pq
 
 from leanrec.errors import InputError
 from leanrec.featurelog.inputs import FeatureInputError, pack_owner
-from leanrec.schema import FeatureSet, Owner, Role
+from leanrec.ids import string_ids
+from leanrec.schema import PAD_ID, FeatureSet, Owner, Role
 from leanrec.stores.features import FeatureStore
 
 ID_COLUMNS = {Owner.USER: "user_id", Owner.ITEM: "item_id"}
@@ -101,8 +103,19 @@ def load_entities(
     for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
         table = pa.Table.from_batches([rb])
         ids = _values(table.column(id_col), id_col, where)
-        if ids.dtype.kind not in "iu" or (len(ids) and int(ids.min()) < 0):
-            raise FeatureFileError(f"{where}: {id_col} must hold ids >= 0, got {ids.dtype}")
+        strings = id_feature is not None and id_feature.string_ids
+        if strings and ids.dtype.kind in "OUS":
+            try:
+                ids = string_ids(ids)
+            except ValueError as exc:
+                raise FeatureFileError(f"{where}: {id_col}: {exc}") from None
+        if ids.dtype.kind not in "iu" or (ids.dtype.kind == "u" and len(ids) and int(ids.max()) >= 2**63):
+            want = "64-bit integer or string ids" if strings else "64-bit integer ids"
+            raise FeatureFileError(f"{where}: {id_col} must hold {want}, got {ids.dtype}")
+        if (ids == PAD_ID).any():
+            raise FeatureFileError(
+                f"{where}: {id_col} holds {PAD_ID}, the padding id, which no entity may have"
+            )
         values = {n: _values(table.column(n), n, where) for n in columns[1:]}
         if id_feature is not None and id_feature.name not in values:
             values[id_feature.name] = ids

@@ -2,7 +2,7 @@
 
 An entity's features are its row of the owner's block (``FeatureSet.widths(owner)`` columns, laid out
 as ``FeatureSet.owner_slots(owner)`` says), kept as two raw little-endian buffers: the hash
-``{prefix}:{owner}:{id}`` has the field ``f`` (the float32 row) and the field ``i`` (the int32 row).
+``{prefix}:{owner}:{id}`` has the field ``f`` (the float32 row) and the field ``i`` (the int64 row).
 Storing the row as bytes rather than one field per feature keeps a read of N entities at one pipeline
 of N ``HMGET`` and one ``np.frombuffer`` over the joined replies, with no Python work per value, and
 keeps the bytes exactly those of the in-process store (NaN payloads and ``-0.0`` included).
@@ -25,7 +25,7 @@ from leanrec.stores.features import MemoryFeatureStore
 from leanrec.stores.redis_common import answering, connect, redact
 
 _F32 = np.dtype("<f4")
-_I32 = np.dtype("<i4")
+_I64 = np.dtype("<i8")
 
 
 class RedisFeatureStore:
@@ -58,12 +58,14 @@ class RedisFeatureStore:
     # ------------------------------------------------------------------------------- helpers
     @staticmethod
     def _ids(ids: np.ndarray) -> np.ndarray:
-        """``ids`` as a 1-D int64 array; refuses anything that is not integer ids."""
+        """``ids`` as a 1-D int64 array; refuses anything that is not integer ids, or past int64."""
         arr = np.asarray(ids)
         if arr.size == 0:
             return np.zeros(0, np.int64)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise TypeError(f"ids must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and int(arr.max()) >= 2**63:
+            raise ValueError(f"ids are int64, got {int(arr.max())} (past 2**63)")  # never wrap around
         return arr.astype(np.int64, copy=False)
 
     def key(self, owner: Owner, entity_id: int) -> str:
@@ -120,7 +122,7 @@ class RedisFeatureStore:
         ids = self._ids(ids)
         fw, iw = self.featureset.widths(owner)
         if len(ids) == 0:
-            return FeatureBlock(np.zeros((0, fw), _F32), np.zeros((0, iw), _I32))
+            return FeatureBlock(np.zeros((0, fw), _F32), np.zeros((0, iw), _I64))
         uniq, inverse = np.unique(ids, return_inverse=True)
         with self._errors():
             pipe = self._client.pipeline(transaction=False)
@@ -128,13 +130,13 @@ class RedisFeatureStore:
                 pipe.hmget(key, "f", "i")
             replies = pipe.execute()
         floats = self._rows(owner, uniq, [r[0] for r in replies], fw, _F32)
-        ints = self._rows(owner, uniq, [r[1] for r in replies], iw, _I32)
+        ints = self._rows(owner, uniq, [r[1] for r in replies], iw, _I64)
         return FeatureBlock(floats[inverse], ints[inverse])  # back to the asked order, duplicates too
 
     def put_many(self, owner: Owner, ids: np.ndarray, block: FeatureBlock) -> None:
         """Overwrite (or create) the hashes of ``ids`` with the rows of ``block``: one pipeline of HSET.
 
-        Values are cast to float32 and int32 as the in-process store casts them.
+        Values are cast to float32 and int64 as the in-process store casts them.
 
         Raises:
             ValueError: If ``block`` does not have one row per id, or not the owner's widths.
@@ -150,8 +152,8 @@ class RedisFeatureStore:
         if len(ids) == 0:
             return
         fbytes = np.ascontiguousarray(block.floats, _F32).tobytes()
-        ibytes = np.ascontiguousarray(block.ints, _I32).tobytes()
-        fstep, istep = 4 * fw, 4 * iw
+        ibytes = np.ascontiguousarray(block.ints, _I64).tobytes()
+        fstep, istep = _F32.itemsize * fw, _I64.itemsize * iw
         with self._errors():
             pipe = self._client.pipeline(transaction=False)
             for k, key in enumerate(self._keys(owner, ids)):
@@ -169,7 +171,7 @@ class RedisFeatureStore:
         slot = self.featureset.owner_slots(owner)[name]
         is_float = slot.feature.is_float
         fw, iw = self.featureset.widths(owner)
-        width, dtype, field = (fw, _F32, "f") if is_float else (iw, _I32, "i")
+        width, dtype, field = (fw, _F32, "f") if is_float else (iw, _I64, "i")
         ids = self._ids(ids)
         if len(ids) == 0:
             return np.zeros((0, slot.feature.size), dtype)
@@ -186,7 +188,7 @@ class RedisFeatureStore:
     def load_from(self, store: MemoryFeatureStore, batch_size: int = 5_000) -> int:
         """Copy every entity of an in-process store into Redis, ``batch_size`` entities per pipeline.
 
-        Entity ``k`` of an owner's block becomes id ``k``, as the in-process store indexes it.
+        Each row keeps its raw id (``store.ids``).
 
         Returns:
             Entities copied, all owners together.
@@ -206,7 +208,7 @@ class RedisFeatureStore:
         for owner, block in store.blocks.items():
             for lo in range(0, len(block), batch_size):
                 hi = min(lo + batch_size, len(block))
-                self.put_many(owner, np.arange(lo, hi), block.take(slice(lo, hi)))
+                self.put_many(owner, store.ids[owner][lo:hi], block.take(slice(lo, hi)))
                 copied += hi - lo
         return copied
 

@@ -8,6 +8,9 @@ agree on, and how:
 * Initial weights: the same seed on every rank (and DDP broadcasts rank 0's at construction).
 * Normalizer statistics and the solved wide part (its weights and the inputs it may read): fitted
   on rank 0's first training examples and broadcast.
+* Managed id maps: every rank counts the ids of its shard before training, the counts are merged,
+  and every rank fills its maps from the merged counts at once; they are not updated batch by batch
+  (a rank alone would see its shard's ids only).
 * Uneven inputs: ranks may hold different numbers of batches; each epoch's steps run under DDP's
   ``join()``, so a rank that runs out shadows the others' all-reduces instead of hanging. A rank
   that joined early does not step its optimizer, so after each epoch the parameters (DDP does this)
@@ -39,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from leanrec.models.ranker import LateRanker, RankerConfig
 from leanrec.schema import FeatureSet
 from leanrec.train.reader import shard, warehouse_files
-from leanrec.train.trainer import Replicas, TrainConfig, TrainResult, _train
+from leanrec.train.trainer import IdCounts, Replicas, TrainConfig, TrainResult, _train
 
 _NORMALIZER = ("req_mean", "req_std", "item_mean", "item_std")
 _WIDE_SUPPORT = ("user_wide_support", "item_wide_support")
@@ -57,6 +60,25 @@ class _Ranks(Replicas):
 
     def __init__(self) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    observes_batches = False
+
+    def prefill(self, model: LateRanker, seen: IdCounts) -> IdCounts:
+        # Every rank's ids, merged, observed once by every rank: the maps' slots, their rows' resets
+        # and so the parameters stay the same everywhere (batch by batch, each rank would see only
+        # its shard's ids, and the uneven batches of DDP's join leave no step for a collective).
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, seen.tables())
+        merged = IdCounts()
+        for part in parts:
+            for name, (ids, counts) in part.items():
+                merged.add_counts(name, ids, counts)
+        model.train()
+        for name, (ids, counts) in merged.tables().items():
+            table = model.tables[name]
+            if table.spec.kind == "managed":
+                table.observe(torch.from_numpy(ids), counts)
+        return merged
 
     def wrap(self, model: LateRanker) -> nn.Module:
         # The buffers (normalizer statistics) are shared by share_fitted and never change: no need to

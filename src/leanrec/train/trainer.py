@@ -23,7 +23,7 @@ from torch import nn
 
 from leanrec.errors import InputError
 from leanrec.models.ranker import LateRanker, RankerConfig
-from leanrec.schema import ROLE_SHAPES, FeatureSet, Role, Side
+from leanrec.schema import PAD_ID, ROLE_SHAPES, FeatureSet, Role, Side
 from leanrec.train.metrics import auc, log_loss, per_request
 from leanrec.train.reader import Batch, ReadStats, iter_batches
 from leanrec.warehouse.store import WarehouseError
@@ -104,6 +104,8 @@ class TrainResult:
     setup_cpu_seconds: float = 0.0
     validation_seconds: float = 0.0
     bytes_read: int = 0
+    id_maps: dict[str, dict] = field(default_factory=dict)
+    """Per embedding table: its map, memory, counters and collisions (``LateRanker.id_map_report``)."""
 
     @property
     def examples_per_second(self) -> float:
@@ -150,6 +152,17 @@ class Replicas:
     """
 
     rank = 0
+    observes_batches = True
+    """Managed id maps learn batch by batch (a process alone); replicas fill them once instead."""
+
+    def prefill(self, model: LateRanker, seen: IdCounts) -> IdCounts:
+        """Before training, with every id this replica will train on: make the maps the same everywhere.
+
+        Returns:
+            The ids every replica trains on, counted (what the maps' report is about).
+
+        """
+        return seen
 
     def wrap(self, model: LateRanker) -> nn.Module:
         """The module the training steps call (e.g. a ``DistributedDataParallel``)."""
@@ -168,6 +181,48 @@ class Replicas:
     def gather(self, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         """Predictions of every replica (see :func:`predict`), so metrics cover the whole split."""
         return arrays
+
+
+class IdCounts:
+    """The distinct ids each embedding table read over some batches, and how often."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def add(self, model: LateRanker, batch: Batch) -> None:
+        """Count one batch's ids (a request's ids once, whichever warehouse layout it came from)."""
+        for name, ids in model.table_ids(request_rows(batch), batch.item_ints).items():
+            flat = ids.numpy()
+            self.add_counts(name, *np.unique(flat[flat != PAD_ID], return_counts=True))
+
+    def add_counts(self, name: str, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Count distinct ``ids`` of table ``name``, each ``counts`` times."""
+        self._parts.setdefault(name, []).append((ids, counts))
+        if len(self._parts[name]) >= 64:  # merge as it goes: memory grows with distinct ids only
+            self._parts[name] = [self.of(name)]
+
+    def of(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(n,)`` distinct ids of table ``name`` and ``(n,)`` their counts."""
+        parts = self._parts.get(name, [])
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ids, inverse = np.unique(np.concatenate([i for i, _ in parts]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([c for _, c in parts]), minlength=len(ids))
+        return ids, counts.astype(np.int64)
+
+    def tables(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Every table's distinct ids and counts."""
+        return {name: self.of(name) for name in self._parts}
+
+
+def request_rows(batch: Batch) -> torch.Tensor:
+    """The request-side ids of a batch, one row per request: an impression-level batch repeats them."""
+    if len(batch.request_ids) == len(batch.req_ints) and len(set(batch.request_ids)) == len(
+        batch.request_ids
+    ):
+        return batch.req_ints
+    _, first = np.unique(np.asarray(batch.request_ids), return_index=True)
+    return batch.req_ints[torch.from_numpy(np.sort(first))]
 
 
 def _batches(
@@ -314,6 +369,11 @@ def _train(
                 progress("solve the wide part", lead.n_items)
         del lead
     rep.share_fitted(model)
+    seen = IdCounts()
+    if not rep.observes_batches:
+        for b in _batches(uri, fs, cfg, 0, ReadStats(), None, files):
+            seen.add(model, b)
+        seen = rep.prefill(model, seen)
     result.setup_seconds = time.perf_counter() - t0
     result.setup_cpu_seconds = time.process_time() - c0
     wrapped = rep.wrap(model)
@@ -330,6 +390,10 @@ def _train(
         steps = 0
         with rep.join(wrapped):
             for b in _batches(uri, fs, cfg, 0, stats, cfg.seed + epoch, files):
+                if rep.observes_batches:
+                    model.reset_optimizer_rows(opt, model.observe(request_rows(b), b.item_ints))
+                    if epoch == 0:
+                        seen.add(model, b)
                 logits = wrapped(
                     b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, cfg.request_level
                 )
@@ -361,6 +425,7 @@ def _train(
         *rep.gather(predict(model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level))
     )
     result.bytes_read = stats.bytes_read
+    result.id_maps = model.id_map_report({name: seen.of(name) for name in model.tables})
     return model, result
 
 
@@ -478,6 +543,7 @@ def load_checkpoint(path: str | Path, fs: FeatureSet | None = None) -> LateRanke
             "retired features from, or train a model on this one"
         )
     model = LateRanker(saved, _model_config(saved_config))
+    model.trained_id_maps = dict((data.get("result") or {}).get("id_maps") or {})
     try:
         model.load_state_dict(data["state"])
     except RuntimeError as exc:

@@ -20,7 +20,7 @@ class RequestRecord:
         fs_version: FeatureSet version the features were logged with.
         request: Request side (user and context), one row.
         positions: ``(k,)`` int32 rank positions of the viewed items, ascending.
-        item_ids: ``(k,)`` int32.
+        item_ids: ``(k,)`` int64, the catalog's raw ids.
         view_ms: ``(k,)`` int64 time of the first event on each item.
         items: Item side, k rows.
         labels: Label name → ``(k,)`` array (``click``, ``like``, ``share``, ``hide``: bool;

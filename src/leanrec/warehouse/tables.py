@@ -46,7 +46,7 @@ META_FIELDS = (
 )
 ITEM_META_FIELDS = (
     pa.field("position", pa.int16(), nullable=False),
-    pa.field("item_id", pa.int32(), nullable=False),
+    pa.field("item_id", pa.int64(), nullable=False),
     pa.field("view_ms", pa.int64(), nullable=False),
 )
 SCORE_FIELD = pa.field("score", pa.float32(), nullable=True)
@@ -58,7 +58,7 @@ LABEL_FIELDS = tuple(
 
 def feature_field(f: Feature) -> pa.Field:
     """Arrow field of one feature."""
-    value = pa.float32() if f.is_float else pa.int32()
+    value = pa.float32() if f.is_float else pa.int64()
     return pa.field(f.name, value if f.size == 1 else pa.list_(value, f.size), nullable=False)
 
 
@@ -137,7 +137,7 @@ def records_table(fs: FeatureSet, records: Sequence[RequestRecord], layout: Tabl
     ]
     item_meta = [
         pa.array(np.concatenate([r.positions for r in records]).astype(np.int16)),
-        pa.array(np.concatenate([r.item_ids for r in records]).astype(np.int32)),
+        pa.array(np.concatenate([r.item_ids for r in records]).astype(np.int64)),
         pa.array(np.concatenate([r.view_ms for r in records]).astype(np.int64)),
     ]
     labels = [pa.array(np.concatenate([r.labels[name] for r in records])) for name in LABELS]
