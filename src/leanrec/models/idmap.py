@@ -121,6 +121,10 @@ class IdEmbedding(nn.Module):
             raise ValueError(f"an id embedding needs dim >= 1, got {dim}")
         self.spec = spec
         self.dim = dim
+        # The table draws from a generator of its own, seeded by one draw of the global one: how
+        # large the table is then moves no other parameter's initial values, so models that differ
+        # in their maps alone start alike everywhere else.
+        gen = torch.Generator().manual_seed(int(torch.randint(2**62, (), dtype=torch.int64)))
         if spec.kind == "qr":
             self.q_rows = math.ceil(spec.rows / 2)
             self.r_rows = spec.rows - self.q_rows
@@ -128,11 +132,11 @@ class IdEmbedding(nn.Module):
             # both parts carry signal from the start (with E_q near 1, ids sharing a remainder row
             # would start almost equal, and only training would tell them apart).
             std = math.sqrt(HASH_STD)
-            self.weight_q = nn.Parameter(torch.empty(self.q_rows, dim).normal_(0.0, std))
-            self.weight_r = nn.Parameter(torch.empty(self.r_rows, dim).normal_(0.0, std))
+            self.weight_q = nn.Parameter(torch.empty(self.q_rows, dim).normal_(0.0, std, generator=gen))
+            self.weight_r = nn.Parameter(torch.empty(self.r_rows, dim).normal_(0.0, std, generator=gen))
             return
         extra = max(1, spec.rows // 8) if spec.kind == "managed" else 0
-        self.weight = nn.Parameter(torch.empty(spec.rows + extra, dim).normal_(0.0, HASH_STD))
+        self.weight = nn.Parameter(torch.empty(spec.rows + extra, dim).normal_(0.0, HASH_STD, generator=gen))
         if spec.kind == "managed":
             self.residual = extra
             self.slots = n = spec.rows
