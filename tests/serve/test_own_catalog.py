@@ -592,6 +592,15 @@ def test_a_featureset_of_ones_own_goes_from_logging_to_a_pruned_model(
         st = _state(http)
         st.lane.drain()
         assert st.logger.stats.entries_written > 0  # what it ranked is logged under the pruned version
+        # The served model's id maps, as served and as training saw them, in /metrics.
+        metrics = http.get("/metrics").text
+        model = st.funnel.scorer.model
+        for name, table in model.tables.items():
+            labels = f'map="{table.spec.kind}",table="{name}"'
+            assert f"leanrec_id_map_rows{{{labels}}} {float(table.spec.rows)}" in metrics, name
+            seen = model.trained_id_maps[name]["ids_seen"]
+            assert f"leanrec_id_map_ids_seen{{{labels}}} {float(seen)}" in metrics, name
+        assert "leanrec_id_map_collision_rate_head{" in metrics
     # Seeds 0-2: 3.14, 2.70 and 3.33 above the candidates' mean taste (whose sd is about 2).
     assert np.mean(lifts) > 1.5, lifts
 
