@@ -11,12 +11,12 @@ managed map's residual rows (an eighth of its slots) count in its size: at each 
 residual together take as many rows as the hash map's one table. Every other id feature keeps its
 table. Each run trains the late ranker's deep part (the wide part, a linear model of the dense
 inputs that no id enters, is left out: when it wins, every map scores its AUC) from the same seed
-on the same batches and prints, side by side: held-out click AUC (and NDCG@10 over each request's viewed items on MovieLens), the share of
-ids that share their embedding with another id, among the 1% most frequent ids of the item table and
-among the rest, the two tables' memory, and training examples per second (wall clock: a machine
-others share moves it). Exits non-zero unless, on the synthetic world, the managed map at 1/16 of
-the ids is within 0.002 AUC of the exact table and the hash map at 1/16 collides on more of the head
-ids than the managed one.
+on the same batches and prints, side by side: held-out click AUC (and NDCG@10 over each request's
+viewed items on MovieLens), the share of ids that share their embedding with another id, among the
+1% most frequent ids of the item table and among the rest, the two tables' memory, and training
+examples per second (wall clock: a machine others share moves it). Exits non-zero unless, on the
+synthetic world, the managed map at 1/16 of the ids is within 0.002 AUC of the exact table and the
+hash map at 1/16 collides on more of the head ids than the managed one.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leanrec.audit.importance import Columns, feature_columns
+from leanrec.ids import mix64
 from leanrec.schema import PAD_ID, FeatureSet, Side
 from leanrec.train.reader import Batch
 
@@ -58,8 +59,8 @@ def representation(batch: Batch, side: Side, cols: Columns) -> np.ndarray:
 
     Ids are raw 64-bit values, so their columns come from the values the rows hold, not from the
     values' range: with at most ``BUCKETS`` distinct ids each has a column of its own; with more,
-    the ``BUCKETS - 1`` most frequent (ties: the lowest id) have one each and the rest share the
-    last. A padded slot counts nowhere.
+    each id counts in one of ``BUCKETS`` columns by a hash of its value (``mix64``), so that every
+    column holds a spread of ids, frequent and rare alike. A padded slot counts nowhere.
     """
     floats, ints = (
         (batch.req_floats, batch.req_ints) if side is Side.REQUEST else (batch.item_floats, batch.item_ints)
@@ -69,9 +70,11 @@ def representation(batch: Batch, side: Side, cols: Columns) -> np.ndarray:
     ids = ints[:, cols.start : cols.stop].numpy().astype(np.int64)
     row = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
     ok = ids != PAD_ID
-    distinct, inverse, counts = np.unique(ids[ok], return_inverse=True, return_counts=True)
-    column = np.empty(len(distinct), np.int64)
-    column[np.lexsort((distinct, -counts))] = np.minimum(np.arange(len(distinct)), BUCKETS - 1)
+    distinct, inverse = np.unique(ids[ok], return_inverse=True)
+    if len(distinct) <= BUCKETS:
+        column = np.arange(len(distinct))
+    else:
+        column = (mix64(distinct) % np.uint64(BUCKETS)).astype(np.int64)
     out = np.zeros((len(ids), min(len(distinct), BUCKETS)))
     np.add.at(out, (row[ok], column[inverse.ravel()]), 1.0)
     return out
