@@ -1,9 +1,12 @@
 """Id maps at shrinking table sizes: hash against qr against managed, on the same training data.
 
-    python benchmarks/id_maps.py [--requests 5000] [--movielens ml-work] [--epochs 3] [--seed 0]
+    python benchmarks/id_maps.py [--requests 5000] [--id-effect 1.0] [--movielens ml-work] [--epochs 3]
+        [--seeds 0,1,2]
 
 For each catalog (the synthetic world's traffic, as ``leanrec demo`` logs it: power-law popularity,
-raw 64-bit ids; and, with ``--movielens``, MovieLens 100K's replay warehouse that
+raw 64-bit ids, and a per-item click effect that only the item's id can learn (``WorldConfig.id_effect``):
+without it an id's row has nothing to learn that the features do not already say, and every map
+scores alike; and, with ``--movielens``, MovieLens 100K's replay warehouse that
 ``examples/movielens/run.py --work DIR`` wrote), the tables of the user id and of the item id (the
 history shares the item's) get each map at 1, 1/4, 1/16 and 1/64 of the distinct ids their data
 holds, beside an exact table (a managed map with a slot for every id: no id shares a row). A
@@ -14,7 +17,8 @@ inputs that no id enters, is left out: when it wins, every map scores its AUC) f
 on the same batches and prints, side by side: held-out click AUC (and NDCG@10 over each request's
 viewed items on MovieLens), the share of ids that share their embedding with another id, among the
 1% most frequent ids of the item table and among the rest, the two tables' memory, and training
-examples per second (wall clock: a machine others share moves it). Exits non-zero unless, on the
+examples per second (wall clock: a machine others share moves it), each the mean over the training
+seeds (one training's AUC moves by about 0.005 with its seed alone). Exits non-zero unless, on the
 synthetic world, the managed map at 1/16 of the ids is within 0.002 AUC of the exact table and the
 hash map at 1/16 collides on more of the head ids than the managed one.
 """
@@ -83,14 +87,13 @@ def table_rows(kind: str, rows: int) -> int:
 
 
 def run_catalog(
-    console: Console, title: str, uri: str, epochs: int, seed: int, ndcg: bool
+    console: Console, title: str, uri: str, epochs: int, seeds: list[int], ndcg: bool
 ) -> tuple[list[dict], dict[str, int]]:
-    """Every (map, size) on one warehouse; returns one row of figures per run and the distinct ids."""
+    """Every (map, size) on one warehouse; returns one row of figures (means over seeds) per map and size."""
     fs = featureset_of(uri)
     distinct = distinct_ids(uri, fs)
     item = fs.role(Role.ITEM_ID)
     item_table = item.name if item is not None else next(iter(distinct))
-    cfg = TrainConfig(epochs=epochs, patience=epochs, seed=seed, full_metrics=ndcg, wide_iters=0)
     runs = [("exact", "managed", 1.0, dict(distinct))]  # a slot for every id
     for kind in MAPS:
         for frac in FRACTIONS:
@@ -98,9 +101,16 @@ def run_catalog(
             runs.append((kind, kind, frac, rows))
     out = []
     for label, kind, frac, rows in runs:
-        console.print(f"[dim]{title}: {label} {_size(frac) if label != 'exact' else ''} rows {rows}[/dim]")
-        _, result = train(uri, with_tables(fs, kind, rows), cfg)
-        out.append(_figures(label, frac, result, item_table, set(rows)))
+        each = []
+        for seed in seeds:
+            size = _size(frac) if label != "exact" else ""
+            console.print(f"[dim]{title}: {label} {size} rows {rows} seed {seed}[/dim]")
+            cfg = TrainConfig(epochs=epochs, patience=epochs, seed=seed, full_metrics=ndcg, wide_iters=0)
+            _, result = train(uri, with_tables(fs, kind, rows), cfg)
+            each.append(_figures(label, frac, result, item_table, set(rows)))
+        out.append(
+            {k: v if isinstance(v, str) else float(np.mean([e[k] for e in each])) for k, v in each[0].items()}
+        )
     return out, distinct
 
 
@@ -148,15 +158,17 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5_000, help="synthetic traffic (default 5000)")
     ap.add_argument("--movielens", help="the --work folder of examples/movielens/run.py (its lean warehouse)")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (figures are means)")
+    ap.add_argument("--id-effect", type=float, default=1.0, help="the world's per-item effect (logits)")
     args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     console = Console()
     failures = []
     with tempfile.TemporaryDirectory(prefix="leanrec-idmaps-") as tmp:
         console.print(f"[dim]logging {args.requests:,} requests of the synthetic world...[/dim]")
-        run_demo(args.requests, 7, Path(tmp), world_config=WorldConfig(seed=7))
+        run_demo(args.requests, 7, Path(tmp), world_config=WorldConfig(seed=7, id_effect=args.id_effect))
         rows, distinct = run_catalog(
-            console, "synthetic world", str(Path(tmp) / "warehouse" / "lean"), args.epochs, args.seed, False
+            console, "synthetic world", str(Path(tmp) / "warehouse" / "lean"), args.epochs, seeds, False
         )
         show(console, f"synthetic world, {args.requests:,} requests", rows, distinct, False)
         exact = next(r for r in rows if r["map"] == "exact")
@@ -174,7 +186,7 @@ def main() -> int:
             )
     if args.movielens:
         uri = str(Path(args.movielens) / "warehouse" / "lean")
-        rows, distinct = run_catalog(console, "MovieLens 100K", uri, args.epochs, args.seed, True)
+        rows, distinct = run_catalog(console, "MovieLens 100K", uri, args.epochs, seeds, True)
         show(console, "MovieLens 100K, round-1 replay warehouse", rows, distinct, True)
     for f in failures:
         console.print(f"[red]FAIL[/red] {f}")
@@ -182,7 +194,10 @@ def main() -> int:
         console.print(
             f"PASS managed at 1/16 within {AUC_MARGIN} AUC of the exact table; hash collides on more head ids"
         )
-    cmd = f"python benchmarks/id_maps.py --requests {args.requests} --epochs {args.epochs} --seed {args.seed}"
+    cmd = (
+        f"python benchmarks/id_maps.py --requests {args.requests} --id-effect {args.id_effect} "
+        f"--epochs {args.epochs} --seeds {args.seeds}"
+    )
     print(f"\n`{cmd}{' --movielens ' + args.movielens if args.movielens else ''}`")
     return 1 if failures else 0
 

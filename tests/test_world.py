@@ -257,6 +257,26 @@ def test_world_refuses_a_corpus_too_small_to_retrieve_from() -> None:
         World(WorldConfig(n_users=10, n_items=999, n_creators=40))
 
 
+def test_id_effect_moves_only_each_items_click_logit(small_world: World, small_config: WorldConfig) -> None:
+    """An id effect changes the click logit by a per-item constant and nothing the features show."""
+    effect = World(dataclasses.replace(small_config, id_effect=1.0))
+    for owner in (Owner.USER, Owner.ITEM):
+        assert effect.store.blocks[owner].same_bytes(small_world.store.blocks[owner])
+    assert np.array_equal(effect.popularity, small_world.popularity)
+    items = np.tile(small_world.item_ids[:200], (4, 1))
+    users = small_world.user_ids[:4]
+    p0, p1 = small_world.click_probability(users, items), effect.click_probability(users, items)
+    shift = np.log(p1 / (1 - p1)) - np.log(p0 / (1 - p0))  # (4, 200): the same per item for every user
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-6)
+    assert 0.8 < shift[0].std() < 1.2  # about the declared spread, one draw per item
+    assert not small_world.item_effect.any()  # the default world has none
+
+
+def test_world_refuses_a_negative_id_effect(small_config: WorldConfig) -> None:
+    with pytest.raises(ValueError, match="id_effect must be at least 0"):
+        World(dataclasses.replace(small_config, id_effect=-0.5))
+
+
 # ----------------------------------------------------------------------------------- scale fillers
 def test_extra_noise_adds_that_many_noise_features_after_the_demo_ones(small_config: WorldConfig) -> None:
     base_fs, base_noise = default_featureset(small_config)

@@ -77,6 +77,11 @@ class WorldConfig:
             are a realistic mix: 85% user-side dense scalars (``x_user_00000`` …), 10% item-side dense
             scalars (``x_item_…``) and 5% user-side ids of 1,000 values (``x_uid_…``). 0 keeps
             the demo's FeatureSet and world exactly as they are.
+        id_effect: Spread (standard deviation, in logits) of a per-item click effect that no feature
+            shows at the start (the click-rate counters learn it only as clicks accrue): an item's id
+            (its embedding row) learns it, as a real catalog's items carry appeal no feature describes.
+            It is what makes an id's table worth its memory, and so what id maps are measured on.
+            Drawn from its own stream: 0 keeps the world exactly as it is.
         seed: Everything the world draws follows from it.
 
     """
@@ -90,6 +95,7 @@ class WorldConfig:
     history_len: int = HISTORY_LEN
     embedding_noise: float = 0.1
     extra_noise: int = 0
+    id_effect: float = 0.0
     seed: int = 7
 
 
@@ -222,6 +228,8 @@ class World:
     def __init__(self, config: WorldConfig = WorldConfig()) -> None:
         if config.n_users < 1 or config.n_items < 1000:
             raise ValueError("a world needs at least one user and 1,000 items (retrieval takes 1,000)")
+        if not config.id_effect >= 0:
+            raise ValueError(f"id_effect must be at least 0, got {config.id_effect}")
         self.config = config
         self.featureset, self.noise_features = default_featureset(config)
         extra = {f.name for f in extra_noise_features(config.extra_noise)}
@@ -262,6 +270,8 @@ class World:
         self.popularity = np.exp(log_pop) / np.exp(log_pop).sum()
         self.pop_z = (log_pop - log_pop.mean()) / log_pop.std()
         self.user_bias = 0.3 * rng.normal(size=nu)
+        # Its own stream, so a world with an id effect draws the same truth and traffic otherwise.
+        self.item_effect = config.id_effect * np.random.default_rng([config.seed, 0x1D]).normal(size=ni)
         activity = 1.0 / np.arange(1, nu + 1) ** 0.8
         self.user_activity = rng.permutation(activity / activity.sum())
         self.item_creator = (self.item_category * (config.n_creators // N_CATEGORIES)) + rng.integers(
@@ -503,7 +513,7 @@ class World:
         return self._click_probability(self.users.rows(users), self.items.rows(items))
 
     def _click_probability(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
-        logit = CLICK_INTERCEPT + 1.6 * self._affinity(u, i) + 0.5 * self.pop_z[i]
+        logit = CLICK_INTERCEPT + 1.6 * self._affinity(u, i) + 0.5 * self.pop_z[i] + self.item_effect[i]
         return _sigmoid(logit + self.user_bias[u][:, None])
 
     def engage(self, users: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> Engagement:
