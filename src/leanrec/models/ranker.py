@@ -332,12 +332,16 @@ class LateRanker(nn.Module):
             The rows each table reset, by table name; pass them to :meth:`reset_optimizer_rows`.
 
         """
-        out = {}
-        for name, ids in self.table_ids(req_ints, item_ints).items():
-            table = self.tables[name]
-            if table.spec.kind == "managed":
-                out[name] = table.observe(ids)
-        return out
+        managed = self.managed_tables()
+        return {
+            n: managed[n].observe(ids)
+            for n, ids in self.table_ids(req_ints, item_ints).items()
+            if n in managed
+        }
+
+    def managed_tables(self) -> dict[str, IdEmbedding]:
+        """The tables whose map is ``managed`` (the ones training must show its ids), by name."""
+        return {n: t for n, t in self.tables.items() if t.spec.kind == "managed"}
 
     def reset_optimizer_rows(self, optimizer: torch.optim.Optimizer, resets: dict[str, torch.Tensor]) -> None:
         """Zero the optimizer state of the rows :meth:`observe` reset."""

@@ -74,10 +74,10 @@ class _Ranks(Replicas):
             for name, (ids, counts) in part.items():
                 merged.add_counts(name, ids, counts)
         model.train()
+        managed = model.managed_tables()
         for name, (ids, counts) in merged.tables().items():
-            table = model.tables[name]
-            if table.spec.kind == "managed":
-                table.observe(torch.from_numpy(ids), counts)
+            if name in managed:
+                managed[name].observe(torch.from_numpy(ids), counts)
         return merged
 
     def wrap(self, model: LateRanker) -> nn.Module:
