@@ -1,26 +1,34 @@
 """Id maps at shrinking table sizes: hash against qr against managed, on the same training data.
 
-    python benchmarks/id_maps.py [--requests 5000] [--id-effect 1.0] [--movielens ml-work] [--epochs 3]
-        [--seeds 0,1,2]
+    python benchmarks/id_maps.py [--requests 5000] [--id-effect 1.0] [--exposure-popularity 1.0]
+        [--movielens ml-work] [--epochs 3] [--seeds 0,1,2]
 
-For each catalog (the synthetic world's traffic, as ``leanrec demo`` logs it: power-law popularity,
-raw 64-bit ids, and a per-item click effect that only the item's id can learn (``WorldConfig.id_effect``):
-without it an id's row has nothing to learn that the features do not already say, and every map
-scores alike; and, with ``--movielens``, MovieLens 100K's replay warehouse that
-``examples/movielens/run.py --work DIR`` wrote), the tables of the user id and of the item id (the
-history shares the item's) get each map at 1, 1/4, 1/16 and 1/64 of the distinct ids their data
-holds, beside an exact table (a managed map with a slot for every id: no id shares a row). A
-managed map's residual rows (an eighth of its slots) count in its size: at each size its slots and
-residual together take as many rows as the hash map's one table. Every other id feature keeps its
-table. Each run trains the late ranker's deep part (the wide part, a linear model of the dense
-inputs that no id enters, is left out: when it wins, every map scores its AUC) from the same seed
-on the same batches and prints, side by side: held-out click AUC (and NDCG@10 over each request's
+For each catalog, the tables of the user id and of the item id (the history shares the item's) get
+each map at 1, 1/4, 1/16 and 1/64 of the distinct ids their data holds, beside an exact table (a
+managed map with a slot for every id: no id shares a row). The catalogs: the synthetic world's
+traffic as ``leanrec demo`` logs it (power-law popularity, raw 64-bit ids, a per-item click effect
+that only the item's id can learn, ``WorldConfig.id_effect``, without which an id's row has nothing
+to learn that the features do not already say and every map scores alike; and a funnel that
+retrieves with a popularity term, ``WorldConfig.exposure_popularity``, as a feed's candidate
+sources do, so views pile up on a head of items); and, with ``--movielens``, MovieLens 100K's
+replay warehouse that ``examples/movielens/run.py --work DIR`` wrote.
+
+A managed map's residual rows (an eighth of its slots) count in its size: at each size its slots
+and residual together take as many rows as the hash map's one table. Every other id feature keeps
+its table. Each run trains the late ranker's deep part (the wide part, a linear model of the dense
+inputs that no id enters, is left out: when it wins, every map scores its AUC) from the same seed on
+the same batches and prints, side by side: held-out click AUC (and NDCG@10 over each request's
 viewed items on MovieLens), the share of ids that share their embedding with another id, among the
 1% most frequent ids of the item table and among the rest, the two tables' memory, and training
 examples per second (wall clock: a machine others share moves it), each the mean over the training
-seeds (one training's AUC moves by about 0.005 with its seed alone). Exits non-zero unless, on the
-synthetic world, the managed map at 1/16 of the ids is within 0.002 AUC of the exact table and the
-hash map at 1/16 collides on more of the head ids than the managed one.
+seeds (one training's AUC moves by about 0.005 with its seed alone). Below each table: the share of
+the item table's impressions (the examples' item ids) on its most frequent ids, as many as a
+managed map of each size has slots. That is the most its slots can hold, and so the condition under
+which a managed map can match the exact table: the tail's ids, a table of that size can only hash.
+
+Exits non-zero unless, on the synthetic world, the managed map at 1/16 of the ids is within 0.002
+AUC of the exact table and the hash map at 1/16 collides on more of the head ids than the managed
+one.
 """
 
 from __future__ import annotations
@@ -65,6 +73,17 @@ def distinct_ids(uri: str, fs: FeatureSet) -> dict[str, int]:
     return out
 
 
+def head_share(uri: str, fs: FeatureSet, slots: dict[float, int]) -> dict[float, float]:
+    """Share of the item id's impressions on its ``slots[frac]`` most frequent ids, per table size."""
+    item = fs.role(Role.ITEM_ID)
+    if item is None:
+        return {}
+    examples = ParquetWarehouse(uri, fs, TableLayout.REQUEST).read_examples()
+    _, counts = np.unique(examples.column(item.name).to_numpy(), return_counts=True)
+    ranked = np.cumsum(np.sort(counts)[::-1])
+    return {frac: float(ranked[min(k, len(ranked)) - 1] / ranked[-1]) for frac, k in slots.items()}
+
+
 def with_tables(fs: FeatureSet, kind: str, rows: dict[str, int]) -> FeatureSet:
     """``fs`` with the map ``kind`` and the given rows for the named tables (a history follows its item)."""
     item = fs.role(Role.ITEM_ID)
@@ -94,6 +113,8 @@ def run_catalog(
     distinct = distinct_ids(uri, fs)
     item = fs.role(Role.ITEM_ID)
     item_table = item.name if item is not None else next(iter(distinct))
+    item_rows = distinct.get(item_table, 0)
+    covered = head_share(uri, fs, {f: table_rows("managed", round(item_rows * f)) for f in FRACTIONS})
     runs = [("exact", "managed", 1.0, dict(distinct))]  # a slot for every id
     for kind in MAPS:
         for frac in FRACTIONS:
@@ -111,7 +132,7 @@ def run_catalog(
         out.append(
             {k: v if isinstance(v, str) else float(np.mean([e[k] for e in each])) for k, v in each[0].items()}
         )
-    return out, distinct
+    return out, distinct, covered
 
 
 def _figures(label: str, frac: float, result: TrainResult, item_table: str, tables: set[str]) -> dict:
@@ -134,7 +155,14 @@ def _size(frac: float) -> str:
     return "1" if frac == 1 else f"1/{round(1 / frac)}"
 
 
-def show(console: Console, title: str, rows: list[dict], distinct: dict[str, int], ndcg: bool) -> None:
+def show(
+    console: Console,
+    title: str,
+    rows: list[dict],
+    distinct: dict[str, int],
+    covered: dict[float, float],
+    ndcg: bool,
+) -> None:
     """The table of one catalog, and the same as Markdown for the README."""
     ids = ", ".join(f"{n} {d:,}" for n, d in distinct.items())
     t = Table(title=f"{title}: distinct ids {ids}")
@@ -151,6 +179,9 @@ def show(console: Console, title: str, rows: list[dict], distinct: dict[str, int
         md.append("| " + " | ".join(cells) + " |")
     console.print(t)
     print("\n".join(md))
+    if covered:
+        shares = ", ".join(f"{_size(f)}: {s:.3f}" for f, s in covered.items())
+        print(f"\nshare of the item table's impressions its managed slots could hold at each size: {shares}")
 
 
 def main() -> int:
@@ -160,17 +191,24 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (figures are means)")
     ap.add_argument("--id-effect", type=float, default=1.0, help="the world's per-item effect (logits)")
+    ap.add_argument(
+        "--exposure-popularity",
+        type=float,
+        default=1.0,
+        help="weight of popularity in the world's retrieval (0: by taste alone)",
+    )
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     console = Console()
     failures = []
     with tempfile.TemporaryDirectory(prefix="leanrec-idmaps-") as tmp:
         console.print(f"[dim]logging {args.requests:,} requests of the synthetic world...[/dim]")
-        run_demo(args.requests, 7, Path(tmp), world_config=WorldConfig(seed=7, id_effect=args.id_effect))
-        rows, distinct = run_catalog(
+        world = WorldConfig(seed=7, id_effect=args.id_effect, exposure_popularity=args.exposure_popularity)
+        run_demo(args.requests, 7, Path(tmp), world_config=world)
+        rows, distinct, covered = run_catalog(
             console, "synthetic world", str(Path(tmp) / "warehouse" / "lean"), args.epochs, seeds, False
         )
-        show(console, f"synthetic world, {args.requests:,} requests", rows, distinct, False)
+        show(console, f"synthetic world, {args.requests:,} requests", rows, distinct, covered, False)
         exact = next(r for r in rows if r["map"] == "exact")
         managed = next(r for r in rows if r["map"] == "managed" and r["size"] == 1 / 16)
         hashed = next(r for r in rows if r["map"] == "hash" and r["size"] == 1 / 16)
@@ -186,8 +224,8 @@ def main() -> int:
             )
     if args.movielens:
         uri = str(Path(args.movielens) / "warehouse" / "lean")
-        rows, distinct = run_catalog(console, "MovieLens 100K", uri, args.epochs, seeds, True)
-        show(console, "MovieLens 100K, round-1 replay warehouse", rows, distinct, True)
+        rows, distinct, covered = run_catalog(console, "MovieLens 100K", uri, args.epochs, seeds, True)
+        show(console, "MovieLens 100K, round-1 replay warehouse", rows, distinct, covered, True)
     for f in failures:
         console.print(f"[red]FAIL[/red] {f}")
     if not failures:
@@ -196,7 +234,7 @@ def main() -> int:
         )
     cmd = (
         f"python benchmarks/id_maps.py --requests {args.requests} --id-effect {args.id_effect} "
-        f"--epochs {args.epochs} --seeds {args.seeds}"
+        f"--exposure-popularity {args.exposure_popularity} --epochs {args.epochs} --seeds {args.seeds}"
     )
     print(f"\n`{cmd}{' --movielens ' + args.movielens if args.movielens else ''}`")
     return 1 if failures else 0

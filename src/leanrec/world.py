@@ -82,6 +82,11 @@ class WorldConfig:
             (its embedding row) learns it, as a real catalog's items carry appeal no feature describes.
             It is what makes an id's table worth its memory, and so what id maps are measured on.
             Drawn from its own stream: 0 keeps the world exactly as it is.
+        exposure_popularity: Weight of an item's popularity in the funnel's retrieval score: its
+            view counter (log, standardised over the corpus at the funnel's start) times this is
+            added to the taste score (whose spread across a user's candidates is about 1). A real
+            feed's candidate sources favour what is popular, so its views pile up on a head of
+            items; 0 (the default) retrieves by taste alone, and views spread over the tail.
         seed: Everything the world draws follows from it.
 
     """
@@ -96,6 +101,7 @@ class WorldConfig:
     embedding_noise: float = 0.1
     extra_noise: int = 0
     id_effect: float = 0.0
+    exposure_popularity: float = 0.0
     seed: int = 7
 
 
@@ -230,6 +236,8 @@ class World:
             raise ValueError("a world needs at least one user and 1,000 items (retrieval takes 1,000)")
         if not config.id_effect >= 0:
             raise ValueError(f"id_effect must be at least 0, got {config.id_effect}")
+        if not config.exposure_popularity >= 0:
+            raise ValueError(f"exposure_popularity must be at least 0, got {config.exposure_popularity}")
         self.config = config
         self.featureset, self.noise_features = default_featureset(config)
         extra = {f.name for f in extra_noise_features(config.extra_noise)}

@@ -389,17 +389,19 @@ def test_managed_rows_equal_to_distinct_ids_is_collisionless() -> None:
     assert got["collision_rate_head"] == 0.0 and got["collision_rate_rest"] == 0.0
 
 
-def test_init_std_is_nn_embeddings_and_qr_parts_share_it() -> None:
-    assert HASH_STD == 1.0
+def test_init_std_is_small_and_qr_parts_share_it() -> None:
+    # Small, as TorchRec's tables start: with nn.Embedding's 1.0, Adam's steps of about lr move a
+    # row by a few percent in an epoch, so ids learn next to nothing.
+    assert HASH_STD == 0.05
     torch.manual_seed(0)
     for kind in ("hash", "managed"):
         w = IdEmbedding(MapSpec(kind, 4_000), dim=64).weight.detach()
-        assert abs(w.std().item() - HASH_STD) < 0.01 and abs(w.mean().item()) < 0.01
+        assert abs(w.std().item() - HASH_STD) < 0.001 and abs(w.mean().item()) < 0.001
     qr = IdEmbedding(MapSpec("qr", 8_000), dim=64)
     for w in (qr.weight_q.detach(), qr.weight_r.detach()):
-        assert abs(w.std().item() - HASH_STD**0.5) < 0.01
+        assert abs(w.std().item() - HASH_STD**0.5) < 0.005
     ids = torch.from_numpy(np.random.default_rng(4).integers(0, 2**62, size=20_000, dtype=np.int64))
-    assert abs(qr(ids).std().item() - HASH_STD) < 0.03  # the product has the others' std
+    assert abs(qr(ids).std().item() - HASH_STD) < 0.0015  # the product has the others' std
 
 
 def test_collisions_refuses_repeated_ids() -> None:

@@ -134,6 +134,13 @@ class Funnel:
         all_items = self.store.get_many(Owner.ITEM, self.item_ids)
         emb = islots["i_emb"]
         self.index = np.ascontiguousarray(all_items.floats[:, emb.offset : emb.stop].T)  # (16, N_items)
+        # Retrieval's popularity term (WorldConfig.exposure_popularity): the view counters as they
+        # stand now, like the index, rebuilt with the funnel.
+        self._popular: np.ndarray | None = None
+        if world.config.exposure_popularity:
+            views = all_items.floats[:, islots["i_views_log"].offset]
+            z = (views - views.mean()) / max(float(views.std()), 1e-12)
+            self._popular = (world.config.exposure_popularity * z).astype(np.float32)  # (N_items,)
         self._q0, self._q1 = uslots["u_emb_0"], uslots["u_emb_1"]
 
     def _project(self, block: FeatureBlock, side: Side) -> FeatureBlock:
@@ -156,6 +163,8 @@ class Funnel:
         # Retrieval: two-tower dot product over the whole corpus, vectorised top-k.
         q0 = users.floats[:, self._q0.offset : self._q0.stop]
         retr = q0 @ self.index  # (B, N_items)
+        if self._popular is not None:
+            retr += self._popular
         cand = np.argpartition(-retr, self.n_retrieve - 1, axis=1)[:, : self.n_retrieve]  # rows
         # Early ranker: a second embedding plus popularity, on the candidates only.
         q1 = users.floats[:, self._q1.offset : self._q1.stop]

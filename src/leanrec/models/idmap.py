@@ -43,8 +43,12 @@ MAP_KINDS = ID_MAPS
 EMPTY = PAD_ID
 """Id of a free slot or candidate entry: the padding id, which no real id may take."""
 
-HASH_STD = 1.0
-"""Init std of a hash or managed table (``nn.Embedding``'s), and of the product of a qr map's two."""
+HASH_STD = 0.05
+"""Init std of a hash or managed table, and of the product of a qr map's two.
+
+Small, as TorchRec's tables start, not ``nn.Embedding``'s 1.0: Adam moves a row by about its learning
+rate per step, so rows drawn at 1.0 barely change in an epoch and an id's row learns next to nothing.
+"""
 
 
 def _mod(ids: np.ndarray, n: int) -> np.ndarray:
