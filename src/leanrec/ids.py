@@ -73,6 +73,18 @@ def string_ids(values: Sequence[str] | np.ndarray | pa.Array) -> np.ndarray:
     return out
 
 
+def beyond_int64(ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` no int64 can hold: unsigned values of 2**63 and more, ``(*S)`` bool.
+
+    Such an id is refused, or unknown, everywhere; it is never wrapped onto a negative int64, since
+    only the caller knows whether its unsigned ids mean their two's complement.
+    """
+    a = np.asarray(ids)
+    if a.dtype.kind != "u":
+        return np.zeros(a.shape, bool)
+    return a >= np.uint64(2**63)
+
+
 def mix64(ids: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer of ``ids``' 64 bits: a bijection of uint64 that scatters every bit.
 
@@ -144,7 +156,7 @@ class IdIndex:
         An unsigned id past 2**63 is no int64, so it is unknown (never wrapped onto a negative id).
         """
         given = np.asarray(ids)
-        beyond = given >= 2**63 if given.dtype.kind == "u" else np.zeros(given.shape, bool)
+        beyond = beyond_int64(given)
         ids = given.astype(np.int64)
         if not len(self._sorted):
             return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from leanrec.featurelog.inputs import FeatureInputError, pack_ranked
-from leanrec.ids import string_ids
+from leanrec.ids import beyond_int64, string_ids
 from leanrec.schema import PAD_ID, Feature, FeatureSet, Kind, Owner, Role, Side
 from leanrec.world import WorldConfig, default_featureset
 
@@ -219,6 +219,13 @@ def test_the_padding_id_among_string_items_is_refused_not_hashed() -> None:
     # the string "-1" is an id like any other: its hash
     got = pack_ranked(_string_shop(), "user-7", ["sku-1", "-1"], _shop_features(sku=["sku-1", "-1"]))
     assert got.item_ids.tolist() == [string_ids(["sku-1", "-1"]).tolist()]
+
+
+def test_beyond_int64_marks_only_unsigned_ids_no_int64_holds() -> None:
+    got = beyond_int64(np.array([0, 2**63 - 1, 2**63, 2**64 - 1], dtype=np.uint64))
+    assert got.tolist() == [False, False, True, True]
+    assert not beyond_int64(np.array([-(2**63), -1, 2**63 - 1], dtype=np.int64)).any()
+    assert beyond_int64(np.zeros((2, 0), np.uint64)).shape == (2, 0)
 
 
 def test_unsigned_ids_past_2_63_are_refused_naming_the_feature_not_wrapped(fs: FeatureSet) -> None:

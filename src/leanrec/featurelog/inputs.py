@@ -20,7 +20,7 @@ import numpy as np
 
 from leanrec.errors import InputError
 from leanrec.featurelog.ranked import RankedBatch
-from leanrec.ids import string_ids
+from leanrec.ids import beyond_int64, string_ids
 from leanrec.schema import PAD_ID, Feature, FeatureBlock, FeatureSet, Layout, Owner, Role, Side, Slot
 
 
@@ -265,7 +265,7 @@ def _int64(name: str, strings: bool, a: np.ndarray) -> np.ndarray:
     two's-complement int64 of its ids.
     """
     field = name.split()[-1]
-    if a.dtype.kind == "u" and a.size and int(a.max()) >= 2**63:
+    if beyond_int64(a).any():
         raise FeatureInputError(
             f"{name}: ids are int64, got {int(a.max())}; give unsigned ids past 2**63 as their "
             "two's-complement int64 (numpy: ids.view(np.int64))",

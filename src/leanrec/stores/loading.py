@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from leanrec.errors import InputError
 from leanrec.featurelog.inputs import FeatureInputError, pack_owner
-from leanrec.ids import string_ids
+from leanrec.ids import beyond_int64, string_ids
 from leanrec.schema import PAD_ID, FeatureSet, Owner, Role
 from leanrec.stores.features import FeatureStore
 
@@ -109,7 +109,7 @@ def load_entities(
                 ids = string_ids(ids)
             except ValueError as exc:
                 raise FeatureFileError(f"{where}: {id_col}: {exc}") from None
-        if ids.dtype.kind not in "iu" or (ids.dtype.kind == "u" and len(ids) and int(ids.max()) >= 2**63):
+        if ids.dtype.kind not in "iu" or beyond_int64(ids).any():
             want = "64-bit integer or string ids" if strings else "64-bit integer ids"
             raise FeatureFileError(f"{where}: {id_col} must hold {want}, got {ids.dtype}")
         if (ids == PAD_ID).any():

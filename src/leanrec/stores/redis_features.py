@@ -20,6 +20,7 @@ import numpy as np
 import redis
 import redis.exceptions
 
+from leanrec.ids import beyond_int64
 from leanrec.schema import FeatureBlock, FeatureSet, Owner
 from leanrec.stores.features import MemoryFeatureStore
 from leanrec.stores.redis_common import answering, connect, redact
@@ -64,7 +65,7 @@ class RedisFeatureStore:
             return np.zeros(0, np.int64)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise TypeError(f"ids must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
-        if arr.dtype.kind == "u" and int(arr.max()) >= 2**63:
+        if beyond_int64(arr).any():
             raise ValueError(f"ids are int64, got {int(arr.max())} (past 2**63)")  # never wrap around
         return arr.astype(np.int64, copy=False)
 
