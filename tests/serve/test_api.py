@@ -203,17 +203,26 @@ def test_forged_tokens_are_401(client: TestClient) -> None:
     assert stored_batches(client, body["request_id"]) == []
 
 
-def test_an_expired_token_is_401(client: TestClient) -> None:
+def test_a_call_with_an_expired_token_is_410_like_any_call_after_the_window(client: TestClient) -> None:
     body = rank(client)
     st = state(client)
     old = SystemClock().now_ms() - st.signer.valid_ms - 5_000
     token = st.signer.sign(RequestRef(body["request_id"], int(USERS[3]), old, 100))
     r = post_events(client, body, views(body, range(2)), "e1", token=token)
-    assert r.status_code == 401
+    assert r.status_code == 410
     assert "token expired" in r.json()["error"]
     r = client.post("/v1/paginate", json={"request_id": body["request_id"], "token": token, "seen_up_to": 4})
-    assert r.status_code == 401
+    assert r.status_code == 410
     assert "token expired" in r.json()["error"]
+    assert stored_batches(client, body["request_id"]) == []
+
+
+def test_unknown_paths_and_methods_are_refused_in_the_same_body_as_any_refusal(client: TestClient) -> None:
+    r = client.get("/v1/nowhere")
+    assert r.status_code == 404 and r.json() == {"error": "no such path: /v1/nowhere"}
+    r = client.get("/v1/events")
+    assert r.status_code == 405 and r.json() == {"error": "GET is not allowed on /v1/events"}
+    assert "POST" in r.headers["allow"]
 
 
 def test_a_replayed_batch_is_409(client: TestClient) -> None:
@@ -310,7 +319,7 @@ def test_refusals_lose_nothing_accepted_before(client: TestClient, tmp_path: Pat
             lambda: client.post("/v1/events", content=b'{"request_id": "' + rid.encode(), headers=json_type),
         ),
         (401, lambda: post_events(client, target, views(target, range(3, 5)), "x1", token=forged)),
-        (401, lambda: post_events(client, target, views(target, range(3, 5)), "x2", token=expired)),
+        (410, lambda: post_events(client, target, views(target, range(3, 5)), "x2", token=expired)),
         (401, lambda: post_events(client, target, views(target, range(3, 5)), "x3", token=other["token"])),
         (409, lambda: post_events(client, target, first, "good-1")),
         (422, lambda: post_events(client, target, beyond, "x4")),

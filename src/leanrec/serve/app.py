@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from leanrec.clock import SystemClock
 from leanrec.energy.ledger import CostLedger
@@ -57,7 +58,7 @@ from leanrec.serve.catalog import catalog_funnel
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
 from leanrec.serve.service import EventsResult, LoggingService, LoggingUnavailable
-from leanrec.serve.tokens import TokenError, TokenSigner
+from leanrec.serve.tokens import TokenError, TokenExpired, TokenSigner
 from leanrec.serve.wire import arrow_body, dumps, event_columns, is_plain_ref, loads
 from leanrec.world import World, WorldConfig
 
@@ -669,6 +670,17 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
     took = {endpoint: latency.labels(endpoint) for endpoint in ("log", "paginate", "events")}
     clock = SystemClock()
 
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        # Routing's refusals (404, 405) in the body every other refusal has, not FastAPI's "detail".
+        if exc.status_code == 404:
+            message = f"no such path: {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
@@ -689,8 +701,8 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
     def _ref(request_id: str, token: str) -> RequestRef | _Answer:
         try:
             return st.signer.check(token, request_id, clock.now_ms())
-        except TokenError as exc:
-            return 401, {"error": str(exc)}
+        except TokenError as exc:  # a genuine token past its window is a late call: 410, as documented
+            return 410 if isinstance(exc, TokenExpired) else 401, {"error": str(exc)}
 
     featureset: FeatureSet = st.featureset or st.world.featureset  # type: ignore[union-attr]
     item_role = featureset.role(Role.ITEM_ID)

@@ -18,6 +18,10 @@ class TokenError(ValueError):
     """A token that is malformed, forged or expired, with the reason."""
 
 
+class TokenExpired(TokenError):
+    """A genuine token for the request, presented after its window closed (the service answers 410)."""
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -52,7 +56,8 @@ class TokenSigner:
         """The request a token stands for.
 
         Raises:
-            TokenError: Malformed, signed with another key, for another request, or expired.
+            TokenError: Malformed, signed with another key, or for another request.
+            TokenExpired: Genuine, but past its window.
 
         """
         try:
@@ -70,5 +75,5 @@ class TokenSigner:
         if ref.request_id != request_id:
             raise TokenError(f"token is for request {ref.request_id}, not {request_id}")
         if now_ms > ref.ts_ms + self.valid_ms:
-            raise TokenError(f"token expired {now_ms - ref.ts_ms - self.valid_ms} ms ago")
+            raise TokenExpired(f"token expired {now_ms - ref.ts_ms - self.valid_ms} ms ago")
         return ref
