@@ -509,6 +509,26 @@ def test_recover_acks_what_was_committed_before_a_crash_and_joins_the_rest_once(
     assert rig.store.stats().keys_held == 0
 
 
+def test_a_live_worker_counts_as_taken_over_only_records_it_did_not_hold(
+    small_world: World, tmp_path: Path, lazy: bool
+) -> None:
+    clock = ManualClock(T0)
+    rig = make_rig(small_world, lazy, tmp_path / "wh", clock)
+    refs, batch = rank(small_world, [8, 9])
+    rig.service.ranked(refs, batch)
+    for b, ref in enumerate(refs):
+        rig.service.events(ref, events(ref, batch.item_ids[b], views(range(3 + b))))
+    assert rig.joiner.poll() == 2  # both open, waiting for their window, pending on the bus
+    for _ in range(3):  # the worker's periodic claim finds its own pending records again
+        assert rig.joiner.recover() == 0
+    assert rig.bus.pending() == 2 and rig.joiner.open_requests == 2
+    clock.set(JOIN_AT)
+    assert rig.joiner.join_due() == 2
+    rig.joiner.flush()
+    assert request_counts(rig.warehouse) == {"j0": 3, "j1": 4}
+    assert rig.bus.pending() == 0
+
+
 def test_recover_rejoins_what_was_joined_but_not_committed_before_a_crash(
     small_world: World, tmp_path: Path, lazy: bool
 ) -> None:

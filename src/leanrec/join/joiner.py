@@ -191,8 +191,11 @@ class LabelJoiner:
 
         A request the warehouse already holds was committed before the crash and only its
         acknowledgement was lost: it is acknowledged, not joined again, so no record is written twice.
-        Returns how many records were taken over.
+        Returns how many records were taken over: records this worker already holds (open requests
+        waiting for their window, acknowledgements waiting for a commit) come back from the bus too,
+        since they are pending until acknowledged, and are not counted again.
         """
+        held = {mid for state in self._open.values() for mid in state.message_ids} | set(self._ack)
         pending = self.bus.claim_pending()
         opened = [(mid, m) for mid, m in pending if isinstance(m, RequestOpened)]
         done = self.sink.committed([m.request_id for _, m in opened]) if opened else set()
@@ -207,7 +210,7 @@ class LabelJoiner:
         if committed_ids:  # safe now: their records are in the warehouse
             self.bus.ack(committed_ids)
             self.logger.store.delete_many(committed_keys)
-        return len(pending)
+        return sum(mid not in held for mid, _ in pending)
 
     def join_due(self, force: bool = False, progress: Callable[[int], None] | None = None) -> int:
         """Join every request whose window has closed (all open requests if ``force``).
