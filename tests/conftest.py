@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from leanrec.schema import FeatureBlock, FeatureSet, Kind, Layout, Side
+from leanrec.stores.local_cluster import ClusterStartError, LocalRedisCluster
+from leanrec.stores.redis_common import connect
 from leanrec.train.metrics import auc
 from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout
 from leanrec.world import World, WorldConfig
@@ -168,3 +172,31 @@ def _block(layout: Layout, n: int, known: dict[str, np.ndarray], rng: np.random.
 def shop() -> Shop:
     """A shop's FeatureSet files and warehouses (see :class:`Shop`)."""
     return Shop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A local Redis Cluster (3 masters with a replica each), started once for the session.
+
+    Skips where redis-server is missing; fails instead when the environment variable CI is set.
+    Tests that kill a node start a cluster of their own.
+    """
+    try:
+        cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    except ClusterStartError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"a Redis Cluster is required for the cluster tests: {err}")
+        pytest.skip(f"a Redis Cluster is required for the cluster tests: {err}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    """URL of the session's cluster, emptied for this test."""
+    client = connect(redis_cluster.url)
+    try:
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    finally:
+        client.close()
+    return redis_cluster.url

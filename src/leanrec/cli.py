@@ -308,7 +308,8 @@ def _join(args: argparse.Namespace, console: Console) -> int:
         f"stopped: took over {report.recovered} pending, joined {report.requests_joined} requests, "
         f"{report.examples} examples, {report.labels_lost} labels lost, {report.files} files, "
         f"{set_aside_text(report.dead_letters, report.dead_letters_by_kind)}"
-        + (f" in {report.dead_letter_uri}" if report.dead_letters else ""),
+        + (f" in {report.dead_letter_uri}" if report.dead_letters else "")
+        + (f", rode out {report.outages} Redis outages" if report.outages else ""),
         markup=False,
         soft_wrap=True,
     )

@@ -7,6 +7,8 @@ import os
 import pytest
 import redis
 
+from leanrec.stores.redis_common import connect
+
 REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
 """Database 15 of the local server: the suites flush it, so nothing else should live there."""
 
@@ -26,12 +28,29 @@ def require_redis(url: str) -> None:
 
 
 def flush_redis(url: str) -> None:
-    """Empty the test database, so each test starts from nothing."""
-    client = redis.Redis.from_url(url)
+    """Empty the test database (every master of a cluster), so each test starts from nothing."""
+    client = connect(url)
     try:
-        client.flushdb()
+        if isinstance(client, redis.RedisCluster):
+            client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+        else:
+            client.flushdb()
     finally:
         client.close()
+
+
+CLUSTER = "redis+cluster://"
+"""A parameter standing for the session's local cluster, whose port is known once it has started."""
+
+
+def backend_url(request: pytest.FixtureRequest, url: str) -> str:
+    """``url``, or the session cluster's URL for :data:`CLUSTER` (starting it); ready and empty."""
+    if url == CLUSTER:
+        return request.getfixturevalue("cluster_url")
+    if url.startswith("redis://"):
+        require_redis(url)
+        flush_redis(url)
+    return url
 
 
 @pytest.fixture

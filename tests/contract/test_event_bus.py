@@ -23,11 +23,12 @@ import redis
 from leanrec.events import EventBatch, EventBus, MemoryEventBus, RequestOpened, Undecodable, open_event_bus
 from leanrec.events.redis_bus import MalformedEntryError, RedisEventBus, decode_opened, encode_opened
 
-from .conftest import REDIS_TEST_URL, flush_redis, require_redis
+from .conftest import CLUSTER, REDIS_TEST_URL, backend_url
 
 BUS_URLS = [
     pytest.param("memory://", id="memory"),
     pytest.param(REDIS_TEST_URL, id="redis"),
+    pytest.param(CLUSTER, id="redis-cluster"),  # sharded: 16 streams over the cluster's masters
 ]
 
 BusFactory = Callable[..., EventBus]
@@ -41,11 +42,8 @@ def _stream_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=BUS_URLS)
 def bus_factory(request: pytest.FixtureRequest) -> Iterator[BusFactory]:
     """Builds buses of one backend sharing one stream; Redis options are passed through."""
-    url: str = request.param
-    is_redis = url.startswith("redis://")
-    if is_redis:
-        require_redis(url)
-        flush_redis(url)
+    url = backend_url(request, request.param)
+    is_redis = url.startswith("redis")
     made: list[EventBus] = []
 
     def make(**options: Any) -> EventBus:
@@ -95,9 +93,19 @@ def _messages(n: int, start: int = 0) -> list[RequestOpened]:
     return [_opened(i) for i in range(start, start + n)]
 
 
+def _stream_of(mid: str) -> str:
+    """The stream a message id is on: a sharded bus's ids are ``k/entry``; others have one stream."""
+    return mid.partition("/")[0] if "/" in mid else ""
+
+
 def _assert_delivered(got: Delivered, ids: list[str], msgs: list[RequestOpened]) -> None:
-    assert [mid for mid, _ in got] == ids
-    assert [m for _, m in got] == msgs
+    """Exactly these messages, in append order on each stream (a sharded bus orders each stream only)."""
+    assert sorted(mid for mid, _ in got) == sorted(ids)
+    assert dict(got) == dict(zip(ids, msgs, strict=True))
+    for stream in {_stream_of(mid) for mid in ids}:
+        assert [mid for mid, _ in got if _stream_of(mid) == stream] == [
+            mid for mid in ids if _stream_of(mid) == stream
+        ]
 
 
 # =================================================================================== every backend

@@ -24,11 +24,12 @@ from leanrec.stores import FeatureStore, MemoryFeatureStore, open_feature_store
 from leanrec.stores.redis_features import RedisFeatureStore
 from leanrec.world import World, WorldConfig
 
-from .conftest import REDIS_TEST_URL, flush_redis, require_redis
+from .conftest import CLUSTER, REDIS_TEST_URL, backend_url
 
 STORE_URLS = [
     pytest.param("memory://", id="memory"),
     pytest.param(REDIS_TEST_URL, id="redis"),
+    pytest.param(CLUSTER, id="redis-cluster"),
 ]
 
 OWNERS = [pytest.param(Owner.USER, id="user"), pytest.param(Owner.ITEM, id="item")]
@@ -48,10 +49,7 @@ def reference(world: World) -> dict[Owner, FeatureBlock]:
 
 @pytest.fixture(params=STORE_URLS)
 def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param.startswith("redis://"):
-        require_redis(request.param)
-        flush_redis(request.param)
-    return request.param
+    return backend_url(request, request.param)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-import redis
 
 from leanrec.clock import ManualClock
 from leanrec.stores import (
@@ -32,13 +31,14 @@ from leanrec.stores import (
     open_transient_store,
 )
 
-from .conftest import require_redis
+from .conftest import CLUSTER, backend_url, flush_redis
 
 STORE_URLS = [
     pytest.param("memory://", id="memory"),
     # Every value spills to disk: the embedded store as a simulation at a server's scale runs it.
     pytest.param("memory://?memory_bytes=0&spill_dir={tmp}", id="memory-spill"),
     pytest.param("redis://127.0.0.1:6379/15", id="redis"),
+    pytest.param(CLUSTER, id="redis-cluster"),
 ]
 
 TTL_MS = 300
@@ -66,9 +66,7 @@ def _exact(store: TransientStore) -> bool:
 
 @pytest.fixture(params=STORE_URLS)
 def store_url(request: pytest.FixtureRequest) -> str:
-    if request.param.startswith("redis://"):
-        require_redis(request.param)
-    return request.param
+    return backend_url(request, request.param)
 
 
 @pytest.fixture
@@ -88,11 +86,7 @@ def store_factory(store_url: str, tmp_path) -> Iterator[StoreFactory]:
             store = open_transient_store(url, clock=clock)
             advance = clock.advance
         else:
-            client = redis.Redis.from_url(store_url)  # each test starts on an empty database
-            try:
-                client.flushdb()
-            finally:
-                client.close()
+            flush_redis(store_url)  # each test starts on an empty database
             store = open_transient_store(url)
 
             def advance(ms: int) -> None:

@@ -104,6 +104,8 @@ def joiners(tmp_path: Path) -> Iterator[Callable[[ServeConfig], Joiner]]:
 def group_state(client: redis.Redis) -> dict[str, int]:
     """``pending`` (delivered, not acked) and ``lag`` (not delivered yet) of the joiners' group."""
     groups = client.xinfo_groups("lr:opened")
+    if not groups:  # the stream was recreated (Redis came back empty) and no joiner has read it yet
+        return {"pending": -1, "lag": -1}
     g = {(k.decode() if isinstance(k, bytes) else k): v for k, v in groups[0].items()}
     return {"pending": int(g["pending"]), "lag": int(g.get("lag") or 0)}
 
@@ -250,6 +252,52 @@ def test_crash_between_commit_and_ack_is_not_joined_twice(
     rep = joiner.report()
     assert rep["recovered"] == len(first) + len(second)
     assert rep["requests_joined"] == len(second)  # the committed ones were acknowledged, not joined again
+    compare(read_examples(warehouse, **WORLD), t.expected)
+    r.close()
+
+
+def test_the_joiner_rides_out_redis_hanging_and_restarting(
+    redis_server, tmp_path: Path, traffic, examples, joiners
+) -> None:
+    """Redis hangs, then dies and comes back empty, under a running ``leanrec join``: it never exits.
+
+    It says Redis is not answering, waits, and joins what is ranked after Redis is back; what it had
+    joined before is committed once, and what comes after is joined whole.
+    """
+    read_examples, compare = examples
+    warehouse = tmp_path / "wh"
+    config = serve_config(redis_server.url(0), warehouse)
+    r = redis_server.client()
+    with TestClient(create_app(config)) as client:
+        t = traffic(client, seed=24)
+        joiner = joiners(config)
+        first = t.run(8)
+        wait_for(
+            all_joined(r, warehouse, len(t.expected_for(first)), read_examples),
+            JOIN_DELAY_S + 15,
+            "the first wave to be joined",
+            every=0.1,
+        )
+        redis_server.pause()  # hangs: the worker's calls time out
+        time.sleep(1.5)
+        redis_server.resume()
+        redis_server.stop(kill=True)  # gone: connections refused
+        time.sleep(1.0)
+        redis_server.start()  # back, empty
+        assert joiner.proc.poll() is None, joiner.output()
+        t.run(8)
+        r = redis_server.client()
+        wait_for(
+            all_joined(r, warehouse, len(t.expected), read_examples),
+            JOIN_DELAY_S + 20,
+            "the requests ranked after the outage to be joined",
+            every=0.1,
+        )
+        assert joiner.term() == 0, joiner.output()
+    out = joiner.output()
+    assert "is not answering" in out and "trying again in" in out
+    assert re.search(r"rode out \d+ Redis outages", out), out
+    assert joiner.report()["labels_lost"] == 0
     compare(read_examples(warehouse, **WORLD), t.expected)
     r.close()
 

@@ -22,11 +22,11 @@ from leanrec.warehouse.tables import TableLayout
 T0 = 1_700_000_000_000
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def urls(request: pytest.FixtureRequest) -> tuple[str, str]:
     if request.param == "memory":
         return "memory://", "memory://"
-    url = request.getfixturevalue("redis_url")
+    url = request.getfixturevalue("cluster_url" if request.param == "redis-cluster" else "redis_url")
     return url, url
 
 

@@ -39,7 +39,9 @@ def open_event_bus(url: str, **kwargs: Any) -> EventBus:
     ``memory://`` is the in-process :class:`MemoryEventBus` (it takes no options).
     ``redis://[user:password@]host:port/db`` is :class:`~leanrec.events.redis_bus.RedisEventBus` on
     that server; ``kwargs`` go to it (``stream``, ``group``, ``consumer``, ``maxlen``,
-    ``claim_idle_ms``, ``deliver_malformed``).
+    ``claim_idle_ms``, ``deliver_malformed``, ``shards``).
+    ``redis+cluster://[user:password@]host:port[,host:port...]`` is the same bus on a Redis Cluster,
+    sharded over :data:`CLUSTER_SHARDS` streams unless ``shards`` says otherwise.
 
     Raises:
         ValueError: For a scheme leanrec has no backend for.
@@ -52,8 +54,14 @@ def open_event_bus(url: str, **kwargs: Any) -> EventBus:
         if kwargs:
             raise TypeError(f"MemoryEventBus takes no options, got {sorted(kwargs)}")
         return MemoryEventBus()
-    if scheme == "redis":
+    if scheme in ("redis", "redis+cluster"):
         from leanrec.events.redis_bus import RedisEventBus  # imports redis only when used
 
+        if scheme == "redis+cluster":
+            kwargs.setdefault("shards", CLUSTER_SHARDS)
         return RedisEventBus(url, **kwargs)
-    raise ValueError(f"no EventBus backend for {url!r}; known schemes: memory://, redis://")
+    raise ValueError(f"no EventBus backend for {url!r}; known schemes: memory://, redis://, redis+cluster://")
+
+
+CLUSTER_SHARDS = 16
+"""Streams of a bus on a Redis Cluster: enough that a cluster's masters (3 to a dozen) share them."""

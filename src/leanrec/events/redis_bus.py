@@ -21,6 +21,13 @@ How the EventBus operations map onto Redis:
   for at least ``claim_idle_ms`` without acknowledging it, taken over with ``XAUTOCLAIM``.
 * ``pending``: the group's pending count (``XPENDING``), every consumer included.
 
+With ``shards`` N > 1 the bus is N streams, ``{stream}:{k}`` for k < N (the braces are each stream's
+Redis Cluster hash tag, so on a cluster the streams spread over its shards and no single shard carries
+every record). A record goes on the stream :func:`shard_of` its request id names; its id is
+``k/entry-id``. Every stream has the group; a worker reads all of them, starting each read at the
+next stream in turn, so the workers of a group split every stream's records between them. Each
+operation sends one command per stream in one pipeline (on a cluster, one per shard at once).
+
 An entry that cannot be parsed back into a RequestOpened (written by another client, or by hand) does
 not stop consumption: it is counted in ``malformed`` and logged with its id. By default it is skipped
 and acknowledged so that it is never delivered again; with ``deliver_malformed`` it is delivered as an
@@ -39,9 +46,10 @@ from typing import Any, TypeVar
 
 import redis
 import redis.exceptions
+from redis.crc import key_slot
 
 from leanrec.events.bus import RequestOpened, Undecodable
-from leanrec.stores.redis_common import RoundTrips, answering, connect
+from leanrec.stores.redis_common import Client, answering, connect, round_trips
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +163,17 @@ def _valid_id(entry_id: object) -> bool:
     return m is not None and int(m[1]) < _U64 and int(m[2] or 0) < _U64
 
 
+def shard_of(request_id: str, shards: int) -> int:
+    """The stream of a request's records: its Redis Cluster key slot, modulo the number of streams."""
+    return key_slot(request_id.encode()) % shards
+
+
 def _str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 class RedisEventBus:
-    """EventBus on a Redis Stream, read through one consumer group; RequestOpened records only.
+    """EventBus on Redis Streams read through one consumer group; RequestOpened records only.
 
     Several workers share the work by opening the bus with the same ``group`` and distinct
     ``consumer`` names: each entry is delivered to one of them. A worker restarted under its old name
@@ -175,20 +188,23 @@ class RedisEventBus:
     ``last_malformed`` is the last such error.
 
     Args:
-        url: ``redis://[user:password@]host:port/db``, as ``redis.Redis.from_url`` takes it.
-        stream: Key of the stream.
+        url: ``redis://[user:password@]host:port/db``, as ``redis.Redis.from_url`` takes it, or
+            ``redis+cluster://[user:password@]host:port[,host:port...]`` for a Redis Cluster.
+        stream: Key of the stream (with ``shards`` > 1, the stem of the streams' keys).
         group: Consumer group; the joiners sharing the work use the same one.
         consumer: Name of this worker inside the group; a restarted worker should reuse its name.
-        maxlen: Approximate bound on the stream's length (``XADD MAXLEN ~``).
+        maxlen: Approximate bound on each stream's length (``XADD MAXLEN ~``).
         claim_idle_ms: How long another consumer's entry must have been pending and untouched before
             :meth:`claim_pending` takes it over. Longer than the slowest batch a worker processes, or
             live workers' entries are taken from them and processed twice.
         deliver_malformed: Deliver entries that are not RequestOpened records as
             :class:`~leanrec.events.bus.Undecodable` messages, pending until acknowledged, instead of
             acknowledging them here; for a consumer that keeps what it cannot read.
+        shards: Streams the records are split over, by request (see the module's docstring). Every
+            client of one bus must use the same number.
 
     Raises:
-        ValueError: If ``maxlen`` is not positive or ``claim_idle_ms`` is negative.
+        ValueError: If ``maxlen`` or ``shards`` is not positive or ``claim_idle_ms`` is negative.
         ConnectionError: If the server at ``url`` does not answer (the URL's password is redacted).
 
     """
@@ -202,11 +218,14 @@ class RedisEventBus:
         maxlen: int = 1_000_000,
         claim_idle_ms: int = 30_000,
         deliver_malformed: bool = False,
+        shards: int = 1,
     ) -> None:
         if maxlen <= 0:
             raise ValueError(f"maxlen must be positive, got {maxlen}")
         if claim_idle_ms < 0:
             raise ValueError(f"claim_idle_ms must be >= 0, got {claim_idle_ms}")
+        if shards <= 0:
+            raise ValueError(f"shards must be positive, got {shards}")
         self.url = url
         self.stream = stream
         self.group = group
@@ -214,83 +233,114 @@ class RedisEventBus:
         self.maxlen = maxlen
         self.claim_idle_ms = claim_idle_ms
         self.deliver_malformed = deliver_malformed
+        self.shards = shards
+        self.streams: list[str] = [stream] if shards == 1 else [f"{stream}:{{{k}}}" for k in range(shards)]
+        """Keys of the streams, in shard order."""
+        self._shard_of_stream = {name: k for k, name in enumerate(self.streams)}
+        self._next_read = 0
         self.appended = 0
         self.malformed = 0
         self.trimmed = 0
         self.last_malformed: str | None = None
-        self._client: redis.Redis = connect(url)
-        self._roundtrip = RoundTrips(self._client)
+        self._client: Client = connect(url)
+        self._roundtrip = round_trips(self._client)
         with self._errors():
-            self._ensure_group()
+            self._ensure_groups()
 
     # ------------------------------------------------------------------------------- plumbing
     def _errors(self) -> AbstractContextManager[None]:
         return answering("Redis event bus", self.url)
 
-    def _ensure_group(self) -> None:
-        """Create the stream and the group (at the stream's start) unless they exist."""
-        try:
-            self._client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as err:
-            if not str(err).startswith("BUSYGROUP"):
-                raise
+    def _id(self, shard: int, entry_id: str) -> str:
+        """The bus's id of a stream entry: the entry id, prefixed with its stream when sharded."""
+        return entry_id if self.shards == 1 else f"{shard}/{entry_id}"
+
+    def _split_id(self, bus_id: object) -> tuple[int, str] | None:
+        """``(shard, entry id)`` of a bus id, or None if it is not one of this bus's ids."""
+        if not isinstance(bus_id, str):
+            return None
+        if self.shards == 1:
+            return (0, bus_id) if _valid_id(bus_id) else None
+        shard, sep, entry_id = bus_id.partition("/")
+        if not sep or not shard.isdigit() or int(shard) >= self.shards or not _valid_id(entry_id):
+            return None
+        return int(shard), entry_id
+
+    def _ensure_groups(self) -> None:
+        """Create each stream and the group (at the stream's start) unless they exist."""
+        replies = self._roundtrip(
+            [("XGROUP", "CREATE", s, self.group, "0", "MKSTREAM") for s in self.streams]
+        )
+        for reply in replies:
+            if isinstance(reply, Exception) and not str(reply).startswith("BUSYGROUP"):
+                raise reply
 
     def _grouped(self, call: Any) -> Any:
-        """Run ``call()``; if the stream or group is gone (deleted, flushed), recreate it and retry once."""
+        """Run ``call()``; if a stream or the group is gone (deleted, flushed), recreate it and retry once."""
         with self._errors():
             try:
                 return call()
             except redis.exceptions.ResponseError as err:
                 if not str(err).startswith("NOGROUP"):
                     raise
-                self._ensure_group()
+                self._ensure_groups()
                 return call()
 
-    def _read(self, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
-        """One XREADGROUP page from ``start`` (``>``: new entries; an id: own pending after it)."""
+    def _each(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """One command per stream in one round trip; recreate missing groups once; raise the first error."""
+
+        def run() -> list[Any]:
+            replies = self._roundtrip(commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+
+        return self._grouped(run)
+
+    def _read(self, shard: int, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        """One XREADGROUP page of a stream from ``start`` (``>``: new entries; an id: own pending after)."""
+        stream = self.streams[shard]
         resp = self._grouped(
-            lambda: self._client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count)
+            lambda: self._client.xreadgroup(self.group, self.consumer, {stream: start}, count=count)
         )
-        if isinstance(resp, dict):  # RESP3 replies map stream -> entries
-            resp = list(resp.items())
-        return [(_str(eid), fields or {}) for _, entries in resp or () for eid, fields in entries]
+        return _entries(resp)
 
     def _decode_all(
-        self, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]
+        self, shard: int, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]
     ) -> list[tuple[str, RequestOpened | Undecodable]]:
-        """Parse entries; count the malformed ones and acknowledge them (or deliver them, as asked).
+        """Parse one stream's entries; count the malformed ones and acknowledge them (or deliver them).
 
         Trimmed ones are acknowledged as lost: nothing of them is left to deliver.
         """
+        stream = self.streams[shard]
         out: list[tuple[str, RequestOpened | Undecodable]] = []
         dropped: list[str] = []
         for entry_id, fields in entries:
             if not fields:  # XADD needs a field: an empty entry is one trimmed away while pending
                 self.trimmed += 1
                 dropped.append(entry_id)
-                log.warning(
-                    "stream %r: pending entry %s was trimmed before it was acked", self.stream, entry_id
-                )
+                log.warning("stream %r: pending entry %s was trimmed before it was acked", stream, entry_id)
                 continue
             try:
-                out.append((entry_id, decode_opened(fields, entry_id, self.stream)))
+                out.append((self._id(shard, entry_id), decode_opened(fields, entry_id, stream)))
             except MalformedEntryError as err:
                 self.malformed += 1
                 self.last_malformed = str(err)
                 if self.deliver_malformed:
-                    out.append((entry_id, Undecodable(tuple(fields.items()), err.reason)))
+                    out.append((self._id(shard, entry_id), Undecodable(tuple(fields.items()), err.reason)))
                     log.warning("%s; delivered to be set aside", err)
                     continue
                 dropped.append(entry_id)
                 log.warning("%s; skipped and acknowledged", err)
         if dropped:
             with self._errors():
-                self._client.xack(self.stream, self.group, *dropped)
+                self._client.xack(stream, self.group, *dropped)
         return out
 
     # ------------------------------------------------------------------------------- protocol
     def append_many(self, messages: Sequence[RequestOpened]) -> list[str]:
-        """Append records in order with one pipeline of ``XADD MAXLEN ~``; returns their stream ids.
+        """Append records in order with one pipeline of ``XADD MAXLEN ~``; returns their ids.
 
         Every record is checked before anything is sent, so a bad one refuses the whole batch.
 
@@ -304,7 +354,7 @@ class RedisEventBus:
             return []
         with self._errors():
             replies = self._roundtrip(commands)
-        return self.appended_by(replies)
+        return self.appended_by(commands, replies)
 
     def append_commands(self, messages: Sequence[RequestOpened]) -> list[tuple[Any, ...]]:
         """The ``XADD`` commands that append ``messages``, for a round trip sent with others.
@@ -321,20 +371,32 @@ class RedisEventBus:
             except (TypeError, ValueError) as err:
                 raise type(err)(f"message {i}: {err}") from None
         trim = ("MAXLEN", "~", str(self.maxlen))
-        return [("XADD", self.stream, *trim, "*", *chain.from_iterable(f.items())) for f in encoded]
+        return [
+            (
+                "XADD",
+                self.streams[shard_of(m.request_id, self.shards)],
+                *trim,
+                "*",
+                *chain.from_iterable(f.items()),
+            )
+            for m, f in zip(messages, encoded, strict=True)
+        ]
 
-    def appended_by(self, replies: Sequence[Any]) -> list[str]:
-        """The stream ids the replies to :meth:`append_commands` give; raises the first error."""
+    def appended_by(self, commands: Sequence[tuple[Any, ...]], replies: Sequence[Any]) -> list[str]:
+        """The ids the replies to :meth:`append_commands`'s ``commands`` give; raises the first error."""
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             raise errors[0]
-        ids = [_str(eid) for eid in replies]
+        ids = [
+            self._id(self._shard_of_stream[_str(c[1])], _str(eid))
+            for c, eid in zip(commands, replies, strict=True)
+        ]
         self.appended += len(ids)
         return ids
 
     @property
-    def client(self) -> redis.Redis:
-        """The client of the server the stream is on."""
+    def client(self) -> Client:
+        """The client of the server (or cluster) the streams are on."""
         return self._client
 
     def consume(self, max_count: int) -> list[tuple[str, RequestOpened | Undecodable]]:
@@ -342,27 +404,46 @@ class RedisEventBus:
 
         They stay pending (to this consumer) until acknowledged. Malformed entries are skipped (unless
         delivered, ``deliver_malformed``), so reading goes on until ``max_count`` records are found or
-        the stream has no new entries.
+        no stream has new entries. Streams are read in turn, from a different one at each call, so a
+        busy stream does not starve the others.
         """
         out: list[tuple[str, RequestOpened | Undecodable]] = []
-        while len(out) < max_count:
-            want = max_count - len(out)
-            entries = self._read(">", want)
-            out += self._decode_all(entries)
-            if len(entries) < want:
-                break
+        first = self._next_read
+        self._next_read = (first + 1) % self.shards
+        live = [(first + k) % self.shards for k in range(self.shards)]
+        while live and len(out) < max_count:
+            drained = []
+            for shard in live:
+                want = max_count - len(out)
+                if want <= 0:
+                    break
+                entries = self._read(shard, ">", want)
+                out += self._decode_all(shard, entries)
+                if len(entries) < want:
+                    drained.append(shard)
+            live = [s for s in live if s not in drained]
         return out
 
     def ack(self, ids: Sequence[str]) -> int:
         """Acknowledge records (whichever consumer holds them); returns how many were pending.
 
-        Ids that are not stream ids count as not pending, as in the in-memory bus.
+        Ids that are not this bus's ids count as not pending, as in the in-memory bus.
         """
-        valid = [i for i in ids if _valid_id(i)]
-        if not valid:
+        by_shard: dict[int, list[str]] = {}
+        for bus_id in ids:
+            split = self._split_id(bus_id)
+            if split is not None:
+                by_shard.setdefault(split[0], []).append(split[1])
+        if not by_shard:
             return 0
         with self._errors():
-            return int(self._client.xack(self.stream, self.group, *valid))
+            replies = self._roundtrip(
+                [("XACK", self.streams[k], self.group, *entries) for k, entries in by_shard.items()]
+            )
+        errors = [r for r in replies if isinstance(r, Exception) and not str(r).startswith("NOGROUP")]
+        if errors:
+            raise errors[0]
+        return sum(int(r) for r in replies if not isinstance(r, Exception))
 
     def claim_pending(self) -> list[tuple[str, RequestOpened | Undecodable]]:
         """Records delivered and not acknowledged that this consumer should now process, oldest first.
@@ -370,11 +451,19 @@ class RedisEventBus:
         These are this consumer's own pending records (whatever their idle time: a restarted worker
         gets back what it held) and those of other consumers idle at least ``claim_idle_ms``, which
         become this consumer's. Each stays pending until acknowledged; a later call returns it again.
+        With several streams, each stream's records are in order; the streams follow each other.
         """
+        out: list[tuple[str, RequestOpened | Undecodable]] = []
+        for shard in range(self.shards):
+            out += self._claim_stream(shard)
+        return out
+
+    def _claim_stream(self, shard: int) -> list[tuple[str, RequestOpened | Undecodable]]:
+        stream = self.streams[shard]
         found: dict[str, Mapping[bytes, bytes]] = {}
         start = "0"
         while True:
-            page = self._read(start, _PAGE)
+            page = self._read(shard, start, _PAGE)
             found.update(page)
             if len(page) < _PAGE:
                 break
@@ -383,7 +472,7 @@ class RedisEventBus:
         while True:
             resp = self._grouped(
                 lambda c=cursor: self._client.xautoclaim(
-                    self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=c, count=_PAGE
+                    stream, self.group, self.consumer, self.claim_idle_ms, start_id=c, count=_PAGE
                 )
             )
             cursor, entries = resp[0], resp[1]
@@ -393,29 +482,55 @@ class RedisEventBus:
                 found.setdefault(_str(entry_id), {})
             if _str(cursor) == "0-0":
                 break
-        return self._decode_all(sorted(found.items(), key=lambda kv: _id_key(kv[0])))
+        return self._decode_all(shard, sorted(found.items(), key=lambda kv: _id_key(kv[0])))
+
+    def _summaries(self) -> list[Any]:
+        return self._each([("XPENDING", s, self.group) for s in self.streams])
 
     def pending(self) -> int:
-        """Records delivered and not yet acknowledged, in the whole group (every consumer).
+        """Records delivered and not yet acknowledged, in the whole group (every consumer, every stream).
 
         Per group rather than per consumer because that is the work not yet done: it must reach 0
         when the joiners have drained the bus, whichever of them took what. One consumer's share is
         :meth:`pending_mine`.
         """
-        return int(self._grouped(lambda: self._client.xpending(self.stream, self.group))["pending"])
+        return sum(int(_pending_count(r)) for r in self._summaries())
 
     def pending_mine(self) -> int:
         """Records delivered to this consumer and not yet acknowledged."""
-        summary = self._grouped(lambda: self._client.xpending(self.stream, self.group))
-        return sum(c["pending"] for c in summary["consumers"] if _str(c["name"]) == self.consumer)
+        return sum(
+            int(count)
+            for r in self._summaries()
+            for name, count in _consumers(r)
+            if _str(name) == self.consumer
+        )
 
     # ------------------------------------------------------------------------------- extras
     def length(self) -> int:
-        """Entries the stream holds (``XLEN``), acknowledged or not, until MAXLEN trims them."""
+        """Entries the streams hold (``XLEN``), acknowledged or not, until MAXLEN trims them."""
         with self._errors():
-            return int(self._client.xlen(self.stream))
+            return sum(int(n) for n in self._roundtrip([("XLEN", s) for s in self.streams]))
 
     def close(self) -> None:
         """Close the connections to the server; pending records stay pending for a claim."""
         self._roundtrip.close()
         self._client.close()
+
+
+def _entries(resp: Any) -> list[tuple[str, dict[bytes, bytes]]]:
+    """The entries of an XREADGROUP reply of one stream."""
+    if isinstance(resp, dict):  # RESP3 replies map stream -> entries
+        resp = list(resp.items())
+    return [(_str(eid), fields or {}) for _, entries in resp or () for eid, fields in entries]
+
+
+def _pending_count(summary: Any) -> int:
+    """The count of an ``XPENDING stream group`` reply, parsed (a dict) or raw (a list)."""
+    return int(summary["pending"] if isinstance(summary, dict) else summary[0])
+
+
+def _consumers(summary: Any) -> list[tuple[Any, int]]:
+    """``(consumer, pending)`` pairs of an ``XPENDING stream group`` reply, parsed or raw."""
+    if isinstance(summary, dict):
+        return [(c["name"], int(c["pending"])) for c in summary["consumers"]]
+    return [(name, int(n)) for name, n in summary[3] or ()]

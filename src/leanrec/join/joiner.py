@@ -77,6 +77,7 @@ class JoinStats:
     malformed_messages: int = 0  # bus entries that are not RequestOpened records
     malformed_event_blobs: int = 0  # stored event batches that do not decode
     recovered_committed: int = 0  # taken over after a crash, found already in the warehouse
+    outages: int = 0  # times Redis stopped answering mid-work (the worker waited and went on)
     dead_letters: int = 0  # records set aside because they cannot be read
     dead_letters_by_kind: dict[str, int] = field(default_factory=dict)  # DeadKind value -> count
 
@@ -225,9 +226,17 @@ class LabelJoiner:
         records: list[RequestRecord] = []
         joined = reported = 0
         while self._due and (force or self._due[0][0] <= now):
-            _, rid = heapq.heappop(self._due)
+            due, rid = heapq.heappop(self._due)
+            state = self._open.pop(rid)
+            try:
+                record = self._join(state)
+            except ConnectionError:  # the store went away: keep the request open, and what was joined
+                self._open[rid] = state
+                heapq.heappush(self._due, (due, rid))
+                if records:
+                    self.sink.append(records)
+                raise
             joined += 1
-            record = self._join(self._open.pop(rid))
             if record is not None:
                 records.append(record)
             if progress and joined - reported >= PROGRESS_EVERY:

@@ -30,6 +30,7 @@ class JoinCollector:
             ("leanrec_join_examples", js.examples, "Examples written to the warehouse"),
             ("leanrec_join_labels_lost", js.labels_lost, "Viewed items whose frozen features were gone"),
             ("leanrec_join_recovered_committed", js.recovered_committed, "Taken over, already committed"),
+            ("leanrec_join_outages", js.outages, "Times Redis stopped answering; the worker waited"),
         ):
             m = CounterMetricFamily(name, doc)
             m.add_metric([], value)

@@ -11,10 +11,16 @@ A record the worker cannot read (another FeatureSet, a corrupt blob, a bus entry
 RequestOpened) goes to the dead-letter folder inside the warehouse (``<warehouse>/_dead_letter/``),
 counted, and the worker goes on. While it waits for windows to close it says so, at most every
 ``STATUS_EVERY_S``: how many requests are open and when the next window closes.
+
+A Redis that stops answering (restarted, failing over, unreachable) does not stop the worker: it says
+so, counts the outage, waits (0.1 s, doubling up to ``MAX_BACKOFF_S``) and goes on where it was. What
+it had taken stays open or pending, so nothing is lost; requests whose windows closed meanwhile are
+joined once Redis answers again, as long as their entries have not expired.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -33,8 +39,11 @@ from leanrec.stores import open_transient_store
 from leanrec.warehouse.store import ParquetWarehouse
 from leanrec.warehouse.tables import TableLayout
 
+log = logging.getLogger(__name__)
+
 CLAIM_EVERY_MS = 60_000  # how often a worker looks for records a dead worker left pending
 STATUS_EVERY_S = 30.0  # at most how often a worker says what it is waiting for
+MAX_BACKOFF_S = 5.0  # longest wait between two tries while Redis does not answer
 
 
 @dataclass
@@ -49,6 +58,7 @@ class WorkerReport:
     dead_letters: int = 0
     dead_letters_by_kind: dict[str, int] = field(default_factory=dict)
     dead_letter_uri: str = ""
+    outages: int = 0
 
 
 def _duration(ms: int) -> str:
@@ -92,8 +102,11 @@ def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
     """
     if config.logging == "off":
         raise ConfigError("logging is off: there is nothing to join")
-    if not config.bus_url.startswith("redis://"):
-        raise ConfigError(f"a joiner process needs a shared bus (redis://host:port/db), got {config.bus_url}")
+    if not config.bus_url.startswith(("redis://", "redis+cluster://")):
+        raise ConfigError(
+            f"a joiner process needs a shared bus (redis://host:port/db or redis+cluster://host:port), "
+            f"got {config.bus_url}"
+        )
     clock = SystemClock()
     fs = config.catalog_featureset()
     ledger = CostLedger()
@@ -168,19 +181,31 @@ def run_worker(
                 f"cannot serve metrics on {config.host}:{metrics_port}: {exc.strerror or exc}; "
                 "give another --metrics-port"
             ) from None
+    say = status or (lambda line: log.warning("%s", line))
+    recovered = 0
     try:
-        recovered = joiner.recover()
         clock = SystemClock()
         deadline = None if max_seconds is None else clock.now_ms() + int(max_seconds * 1000)
-        next_claim = clock.now_ms() + CLAIM_EVERY_MS
+        next_claim = clock.now_ms()  # first, take over what this worker (or a dead one) left pending
         last_status: int | None = None
+        backoff = 0.0
         while not stop.is_set():
-            if clock.now_ms() >= next_claim:  # take over what a dead worker left pending
-                recovered += joiner.recover()
-                next_claim = clock.now_ms() + CLAIM_EVERY_MS
-            joiner.poll()
-            if joiner.join_due() or joiner.unflushed:  # records joined, or set aside
-                joiner.flush()
+            try:
+                if clock.now_ms() >= next_claim:  # take over what a dead worker left pending
+                    recovered += joiner.recover()
+                    next_claim = clock.now_ms() + CLAIM_EVERY_MS
+                joiner.poll()
+                if joiner.join_due() or joiner.unflushed:  # records joined, or set aside
+                    joiner.flush()
+            except ConnectionError as exc:
+                backoff = min(max(2 * backoff, 0.1), MAX_BACKOFF_S)
+                joiner.stats.outages += 1
+                say(f"{exc}; trying again in {backoff:.1f}s")
+                stop.wait(backoff)
+                continue
+            if backoff:
+                say("Redis answers again; going on")
+                backoff = 0.0
             now = clock.now_ms()
             if status is not None and (last_status is None or now - last_status >= status_every_s * 1000):
                 status(status_line(joiner, now))
@@ -188,7 +213,10 @@ def run_worker(
             if deadline is not None and now >= deadline:
                 break
             stop.wait(config.poll_ms / 1000)
-        joiner.flush()
+        try:
+            joiner.flush()
+        except ConnectionError as exc:  # committed, not acknowledged: the next worker finds them committed
+            say(f"{exc}; what was joined is committed and stays pending until a worker takes it over")
     finally:
         if server is not None:
             server.shutdown()
@@ -203,4 +231,5 @@ def run_worker(
         js.dead_letters,
         dict(js.dead_letters_by_kind),
         DeadLetterFolder.of_warehouse(config.warehouse).uri,
+        js.outages,
     )

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from leanrec.errors import InputError
 from leanrec.schema import FeatureSet
+from leanrec.stores.redis_common import CLUSTER_SCHEME, cluster_seeds, redact
 
 
 class ConfigError(InputError, ValueError):
@@ -25,8 +26,10 @@ class ServeConfig:
     Attributes:
         host: Interface to listen on.
         port: TCP port.
-        store_url: TransientStore (``memory://`` or ``redis://host:port/db``).
-        bus_url: EventBus (``memory://`` or ``redis://host:port/db``); joiners must share it.
+        store_url: TransientStore (``memory://``, ``redis://host:port/db`` or
+            ``redis+cluster://host:port[,host:port...]``).
+        bus_url: EventBus (``memory://``, ``redis://host:port/db`` or ``redis+cluster://…``, sharded
+            over 16 streams); joiners must share it.
         logging: ``lazy`` (the lean way), ``eager`` (the naive baseline) or ``off``.
         featureset: The FeatureSet file the service logs under (its ranker's features); empty for
             the synthetic world's, which ``n_users``, ``n_items`` and ``seed`` describe.
@@ -180,15 +183,22 @@ def _check_url(name: str, url: str) -> None:
     """Refuse a backend URL no backend opens, before anything connects.
 
     Raises:
-        ConfigError: A scheme other than ``memory://`` and ``redis://``, a Redis URL whose port or
-            database is not a number, or a ``max_bytes`` option that is not a positive number.
+        ConfigError: A scheme other than ``memory://``, ``redis://`` and ``redis+cluster://``, a
+            Redis URL whose port or database is not a number, a cluster URL whose seeds are not
+            ``host:port``, or a ``max_bytes`` option that is not a positive number.
 
     """
     parsed = urlsplit(url)
-    if parsed.password:  # never print a password
-        url = url.replace(f":{parsed.password}@", ":***@")
-    if parsed.scheme not in ("memory", "redis"):
-        raise ConfigError(f"{name} must be memory:// or redis://host:port/db, got {url!r}")
+    url = redact(url)  # never print a password
+    if parsed.scheme not in ("memory", "redis", CLUSTER_SCHEME):
+        raise ConfigError(
+            f"{name} must be memory://, redis://host:port/db or redis+cluster://host:port, got {url!r}"
+        )
+    if parsed.scheme == CLUSTER_SCHEME:
+        try:
+            cluster_seeds(url)
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}") from None
     if parsed.scheme == "redis":
         try:
             parsed.port  # noqa: B018 (parsing the port is the check)

@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+CLUSTER_SCHEME = "redis+cluster"
+_KNOWN = "known schemes: memory://, redis://, redis+cluster://"
+
+
 def open_feature_store(
     url: str,
     featureset: FeatureSet,
@@ -42,7 +46,8 @@ def open_feature_store(
     else). ``redis://[user:password@]host:port/db`` is
     :class:`~leanrec.stores.redis_features.RedisFeatureStore` on that server; ``blocks``, if given,
     are written into it first (row ``k`` of a block as ``ids[owner][k]``, or as ``k`` without
-    ``ids``), overwriting those entities.
+    ``ids``), overwriting those entities. ``redis+cluster://host:port[,host:port...]`` is the same
+    store on a Redis Cluster.
 
     Raises:
         ValueError: For a scheme leanrec has no backend for, or ``memory://`` without blocks.
@@ -54,14 +59,14 @@ def open_feature_store(
         if blocks is None:
             raise ValueError(f"{url}: the in-process feature store needs its blocks")
         return MemoryFeatureStore(featureset, blocks, ids)
-    if scheme == "redis":
+    if scheme in ("redis", CLUSTER_SCHEME):
         from leanrec.stores.redis_features import RedisFeatureStore  # imports redis only when used
 
         store = RedisFeatureStore(url, featureset)
         if blocks is not None:
             store.load_from(MemoryFeatureStore(featureset, blocks, ids))
         return store
-    raise ValueError(f"no FeatureStore backend for {url!r}; known schemes: memory://, redis://")
+    raise ValueError(f"no FeatureStore backend for {url!r}; {_KNOWN}")
 
 
 def _int_option(url: str, opts: dict[str, list[str]], name: str) -> int | None:
@@ -80,7 +85,8 @@ def open_transient_store(url: str, clock: Clock | None = None) -> TransientStore
     ``memory://?max_bytes=N&memory_bytes=M&spill_dir=PATH`` keeps at most M bytes in memory and
     spills further values to files under PATH. ``redis://host:port/db`` (optionally
     ``?max_bytes=N``) is :class:`RedisTransientStore` on that server; it runs on the server's time,
-    so ``clock`` does not apply to it.
+    so ``clock`` does not apply to it. ``redis+cluster://host:port[,host:port...]`` (optionally
+    ``?max_bytes=N``) is the same store on a Redis Cluster.
 
     Raises:
         ValueError: For a scheme leanrec has no backend for, or a malformed option.
@@ -103,7 +109,7 @@ def open_transient_store(url: str, clock: Clock | None = None) -> TransientStore
             memory_bytes=_int_option(url, opts, "memory_bytes"),
             spill_dir=spill_dir,
         )
-    if parsed.scheme == "redis":
+    if parsed.scheme in ("redis", CLUSTER_SCHEME):
         from leanrec.stores.redis_transient import RedisTransientStore  # imports redis only when used
 
         if max_bytes is not None and max_bytes <= 0:
@@ -111,4 +117,4 @@ def open_transient_store(url: str, clock: Clock | None = None) -> TransientStore
         rest = {k: v for k, v in opts.items() if k != "max_bytes"}
         server_url = parsed._replace(query=urlencode(rest, doseq=True)).geturl()
         return RedisTransientStore(server_url, max_bytes=max_bytes)
-    raise ValueError(f"no TransientStore backend for {url!r}; known schemes: memory://, redis://")
+    raise ValueError(f"no TransientStore backend for {url!r}; {_KNOWN}")

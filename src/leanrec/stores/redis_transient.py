@@ -3,6 +3,10 @@
 Each batch is one round trip: ``put_many`` sends ``SET key value PX ttl_ms`` for every entry at
 once, ``get_many`` is one ``MGET``, ``delete_many`` one ``DEL``. Redis expires keys itself (on
 access and by its active expiry cycle), so ``purge_expired`` has nothing to do.
+
+On a Redis Cluster (``redis+cluster://``) a batch is one pipeline that the cluster client splits by
+shard and sends to every shard before it reads a reply; ``MGET`` and ``DEL`` are split by slot. The
+server-side figures (expiries, keys, memory) are sums over the cluster's masters.
 """
 
 from __future__ import annotations
@@ -15,7 +19,16 @@ from typing import Any
 import redis
 import redis.exceptions
 
-from leanrec.stores.redis_common import RoundTrips, answering, connect, redact, same_server
+from leanrec.stores.redis_common import (
+    Client,
+    answering,
+    connect,
+    key_count,
+    redact,
+    round_trips,
+    same_server,
+    server_totals,
+)
 from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStats, checked_batch
 
 
@@ -40,8 +53,10 @@ class RedisTransientStore:
     StoreFullError too.
 
     Args:
-        url: ``redis://[user:password@]host:port/db``, as ``redis.Redis.from_url`` takes it.
-        max_bytes: Bound on the memory this store may add to the server; ``None`` for no bound.
+        url: ``redis://[user:password@]host:port/db``, as ``redis.Redis.from_url`` takes it, or
+            ``redis+cluster://[user:password@]host:port[,host:port...]`` for a Redis Cluster.
+        max_bytes: Bound on the memory this store may add to the server (the cluster); ``None`` for
+            no bound.
 
     Raises:
         ValueError: If ``max_bytes`` is not positive.
@@ -54,8 +69,9 @@ class RedisTransientStore:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.url = url
         self.max_bytes = max_bytes
-        self._client: redis.Redis = connect(url)
-        self._roundtrip = RoundTrips(self._client)
+        self._client: Client = connect(url)
+        self._cluster = isinstance(self._client, redis.RedisCluster)
+        self._roundtrip = round_trips(self._client)
         self._append_sha: str | None = None
         self._stats = TransientStats()
         with self._errors():
@@ -66,11 +82,14 @@ class RedisTransientStore:
         return answering("Redis transient store", self.url)
 
     def _expired_keys(self) -> int:
-        return int(self._client.info("stats")["expired_keys"])
+        return server_totals(self._client, "stats")["expired_keys"]
 
     def _used_memory(self) -> int:
-        """The server's ``used_memory_dataset``: memory of keys and values, without client buffers."""
-        return int(self._client.info("memory")["used_memory_dataset"])
+        """The server's ``used_memory_dataset``: memory of keys and values, without client buffers.
+
+        On a cluster, the sum over its masters.
+        """
+        return server_totals(self._client, "memory")["used_memory_dataset"]
 
     def _bytes_held(self, used_memory: int) -> int:
         held = max(0, used_memory - self._used_at_open)
@@ -78,16 +97,17 @@ class RedisTransientStore:
         return held
 
     def _check_bound(self, items: Mapping[str, bytes], replaces: bool = True) -> None:
-        """Refuse the batch if it would take the server past its bound; needs one round trip."""
+        """Refuse the batch if it would take the server past its bound; needs one or two round trips."""
         if self.max_bytes is None:
             return
-        keys = list(items)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.info("memory")
-        for key in keys if replaces else ():
-            pipe.strlen(key)
-        info, *old_lengths = pipe.execute()
-        used = int(info["used_memory_dataset"])
+        keys = list(items) if replaces else []
+        old_lengths: list[int] = []
+        if keys:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.strlen(key)
+            old_lengths = pipe.execute()
+        used = self._used_memory()
         self._bytes_held(used)
         incoming = sum(len(k.encode()) + len(v) for k, v in items.items())
         replaced = (
@@ -140,7 +160,6 @@ class RedisTransientStore:
         if (
             self.max_bytes is not None  # the bound needs its own round trip first: keep them apart
             or not hasattr(bus, "append_commands")
-            or not isinstance(client, redis.Redis)
             or not same_server(client, self._client)
         ):
             return None
@@ -159,7 +178,7 @@ class RedisTransientStore:
         except (StoreFullError, ConnectionError, OSError) as exc:
             put_error = exc
         try:
-            bus.appended_by(replies[len(items) :])
+            bus.appended_by(appends, replies[len(items) :])
         except (ConnectionError, OSError, redis.exceptions.RedisError) as exc:
             return put_error, exc
         return put_error, None
@@ -255,7 +274,10 @@ class RedisTransientStore:
         if not keys:
             return []
         with self._errors():
-            out: list[bytes | None] = self._client.mget(list(keys))
+            if self._cluster:  # one MGET per slot, sent to each shard
+                out: list[bytes | None] = self._client.mget_nonatomic(list(keys))
+            else:
+                out = self._client.mget(list(keys))
         hits = [v for v in out if v is not None]
         self._stats.reads += len(keys)
         self._stats.hits += len(hits)
@@ -364,14 +386,10 @@ class RedisTransientStore:
     def stats(self) -> TransientStats:
         """A snapshot of the counters; the server-side ones take one round trip."""
         with self._errors():
-            pipe = self._client.pipeline(transaction=False)
-            pipe.info("stats")
-            pipe.info("memory")
-            pipe.dbsize()
-            info_stats, info_memory, dbsize = pipe.execute()
-        self._stats.expiries = max(0, int(info_stats["expired_keys"]) - self._expired_at_open)
-        self._stats.keys_held = int(dbsize)
-        self._stats.bytes_held = self._bytes_held(int(info_memory["used_memory_dataset"]))
+            expired, used, keys = self._expired_keys(), self._used_memory(), key_count(self._client)
+        self._stats.expiries = max(0, expired - self._expired_at_open)
+        self._stats.keys_held = keys
+        self._stats.bytes_held = self._bytes_held(used)
         return TransientStats(**asdict(self._stats))
 
     def close(self) -> None:
