@@ -404,7 +404,8 @@ def _simulate(args: argparse.Namespace, console: Console) -> int:
     console.print(fitted(title, cols, rows, console.width))
     console.print(
         f"throughput: {report.requests / max(report.seconds, 1e-9):,.1f} ranked requests/s; "
-        f"failed sessions: {report.sessions_failed}; responses: {dict(sorted(report.status.items()))}"
+        f"failed sessions: {report.sessions_failed}; calls sent again after a 503: {report.resent}; "
+        f"responses: {dict(sorted(report.status.items()))}"
     )
     rows = [[name, f"{value:,.0f}"] for name, value in sorted(report.server.items())]
     cols = (Col("metric", kind="name"), Col("value"))

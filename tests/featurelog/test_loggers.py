@@ -551,3 +551,70 @@ def test_a_ranking_logged_without_scores_reads_back_nan(ranked: Ranked, lazy: bo
     some = rig.logger.fetch(opened[ranked.refs[1].request_id], np.arange(6))
     assert none.found.all() and np.isnan(none.scores).all()
     assert np.array_equal(some.scores, ranked.saved.scores[1, :6])
+
+
+class DownBus(MemoryEventBus):
+    """The in-process bus, made to refuse appends while ``down`` (a failing-over Redis)."""
+
+    down = False
+
+    def append_many(self, messages):  # type: ignore[no-untyped-def]
+        if self.down:
+            raise ConnectionError("Redis event bus at redis+cluster://127.0.0.1:7000 is not answering")
+        return super().append_many(messages)
+
+
+@pytest.mark.parametrize("one_by_one", [True, False])
+def test_a_record_the_bus_refused_is_sent_again_with_the_requests_next_call(
+    ranked: Ranked, one_by_one: bool
+) -> None:
+    rig = _lazy(ranked.world)
+    bus = DownBus()
+    rig.logger.bus = bus
+    bus.down = True
+    if one_by_one:  # a sidecar's rankings: the first write and the record go together
+        batch, n = ranked.batch, ranked.batch.n_items
+        for b, ref in enumerate(ranked.refs):
+            one = RankedBatch(
+                batch.user_ids[b : b + 1],
+                batch.item_ids[b : b + 1],
+                batch.scores[b : b + 1],
+                batch.request.take(slice(b, b + 1)),
+                batch.items.take(slice(b * n, (b + 1) * n)),
+            )
+            rig.logger.log_ranked([ref], one)
+    else:
+        rig.logger.log_ranked(ranked.refs, ranked.batch)
+    stats = rig.logger.stats
+    assert stats.bus_failures == 3 and stats.bus_resent == 0 and bus.appended == 0
+    assert stats.write_failures == 0  # the store took the head: only the bus was down
+    rig.logger.paginate(ranked.refs[0], 0)  # still down: the record stays held with the context
+    assert (stats.bus_resent, bus.appended) == (0, 0)
+    bus.down = False
+    rig.logger.paginate(ranked.refs[0], 8)
+    rig.logger.touch(ranked.refs[1], _click(ranked.refs[1].request_id, [2], ranked.saved.item_ids[1]))
+    assert (stats.bus_resent, bus.appended) == (2, 2)
+    assert [m.request_id for _, m in bus.consume(10)] == [
+        ranked.refs[0].request_id,
+        ranked.refs[1].request_id,
+    ]
+    rig.logger.paginate(ranked.refs[0], 20)  # sent once: not again
+    assert bus.appended == 2
+    rig.logger.tick()  # the third, never called again, goes with the next tick
+    assert (stats.bus_resent, bus.appended) == (3, 3)
+    rig.logger.tick()
+    assert bus.appended == 3
+
+
+def test_a_record_the_bus_never_took_is_counted_when_its_context_goes(ranked: Ranked) -> None:
+    rig = _lazy(ranked.world)
+    bus = DownBus()
+    rig.logger.bus = bus
+    bus.down = True
+    rig.logger.log_ranked(ranked.refs, ranked.batch)
+    rig.logger.tick()  # still down
+    assert rig.logger.stats.bus_resent == 0
+    rig.clock.advance(600_000)
+    rig.logger.tick()  # expired without their records: these requests will not be joined
+    assert rig.contexts is not None and rig.contexts.stats.unopened == 3
+    assert bus.appended == 0

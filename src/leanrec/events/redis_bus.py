@@ -301,8 +301,18 @@ class RedisEventBus:
     def _read(self, shard: int, start: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
         """One XREADGROUP page of a stream from ``start`` (``>``: new entries; an id: own pending after)."""
         stream = self.streams[shard]
+        if not isinstance(self._client, redis.RedisCluster):
+            resp = self._grouped(
+                lambda: self._client.xreadgroup(self.group, self.consumer, {stream: start}, count=count)
+            )
+            return _entries(resp)
+        # On a cluster, XREADGROUP goes to its stream's master by name: the client would otherwise
+        # ask its default node which key the command names, and that node may be the one that died.
+        command = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "STREAMS", stream, start)
         resp = self._grouped(
-            lambda: self._client.xreadgroup(self.group, self.consumer, {stream: start}, count=count)
+            lambda: self._client.execute_command(
+                *command, target_nodes=self._client.get_node_from_key(stream)
+            )
         )
         return _entries(resp)
 

@@ -97,7 +97,8 @@ class LoggerStats:
     pages_on_signal: int = 0
     pages_on_touch: int = 0
     write_failures: int = 0  # entries the transient store did not take
-    bus_failures: int = 0  # RequestOpened records the bus did not take
+    bus_failures: int = 0  # RequestOpened records the bus did not take (at their first try)
+    bus_resent: int = 0  # of those, taken on a later try (lazy logging: the request's next call)
     touch_after_release: int = 0  # events on a released context: only pages logged by then can join
     signals_after_release: int = 0  # context completed, expired or never known: nothing left to log
     logged_by_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -176,8 +177,13 @@ class _Base:
             cost.bytes_read += sum(len(v) for v in values if v is not None)
         return values
 
-    def _put_opened(self, entries: dict[str, bytes], ref: RequestRef) -> bool:
-        """``_put(entries)`` then ``_opened([ref])``, in one round trip where the store can send both."""
+    def _put_opened(self, entries: dict[str, bytes], ref: RequestRef) -> tuple[bool, bool]:
+        """``_put(entries)`` then ``_opened([ref])``, in one round trip where the store can send both.
+
+        Returns:
+            Whether the entries were written, and whether the record was appended.
+
+        """
         joint = getattr(self.store, "put_many_and_append", None)
         record = RequestOpened(ref.request_id, ref.user_id, ref.ts_ms, ref.n_items, self.fs.version)
         errors = None
@@ -189,26 +195,28 @@ class _Base:
                     cost.bytes_written += sum(len(v) for v in entries.values())
         if errors is None:  # apart
             written = self._put(entries)
-            self._opened([ref])
-            return written
+            return written, self._opened([ref])
         put_error, bus_error = errors
         self.stats.requests += 1
         if bus_error is not None:
-            self.stats.bus_failures += 1  # this request will not be joined: counted
+            self.stats.bus_failures += 1  # counted; unless sent again, this request will not be joined
         if put_error is not None:
             self.stats.write_failures += len(entries)
-            return False
+            return False, bus_error is None
         self.stats.entries_written += len(entries)
-        return True
+        return True, bus_error is None
 
-    def _opened(self, refs: list[RequestRef]) -> None:
+    def _opened(self, refs: list[RequestRef]) -> bool:
+        """Append the requests' records; False (counted) if the bus did not take them."""
         self.stats.requests += len(refs)
         try:
             self.bus.append_many(
                 [RequestOpened(r.request_id, r.user_id, r.ts_ms, r.n_items, self.fs.version) for r in refs]
             )
         except (ConnectionError, OSError):
-            self.stats.bus_failures += len(refs)  # these requests will not be joined: counted
+            self.stats.bus_failures += len(refs)  # counted; unless sent again, they will not be joined
+            return False
+        return True
 
     def tick(self) -> None:
         """Nothing held by default."""
@@ -233,7 +241,7 @@ class EagerLogger(_Base):
                 cost.bytes_serialized += sum(map(len, blobs))
             entries = {key(ref.request_id, f"i{p}"): blob for p, blob in enumerate(blobs)}
             if len(refs) == 1:  # one request (a sidecar's): its entries and its record at once
-                if self._put_opened(entries, ref):
+                if self._put_opened(entries, ref)[0]:
                     self.stats.count_logged(0, n)
                 return
             if self._put(entries):
@@ -296,6 +304,8 @@ class RequestContext:
         items: Item side, n rows (owned copy).
         logged: ``(pages,)`` bool, pages already in the store.
         touched_ms: Last time the client did anything with the request.
+        request_logged: The request side is in the store.
+        opened: Its RequestOpened record is on the bus (without it the request is not joined).
 
     """
 
@@ -307,6 +317,7 @@ class RequestContext:
     logged: np.ndarray
     touched_ms: int
     request_logged: bool = False
+    opened: bool = True
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -330,6 +341,7 @@ class ContextStats:
     expired: int = 0  # idle or past their age limit
     evicted: int = 0  # pushed out by the byte bound
     replaced: int = 0  # the same request id was logged again
+    unopened: int = 0  # of those released, requests whose record never reached the bus: not joined
 
 
 class ContextCache:
@@ -370,6 +382,10 @@ class ContextCache:
             self.release(rid, "evicted")
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.bytes_held)
 
+    def peek(self, request_id: str) -> RequestContext | None:
+        """The context, or ``None`` if it is gone; not marked as touched."""
+        return self._ctx.get(request_id)
+
     def get(self, request_id: str) -> RequestContext | None:
         """The context, marked as touched now, or ``None`` if it is gone."""
         ctx = self._ctx.get(request_id)
@@ -387,6 +403,7 @@ class ContextCache:
         self.ledger.add("context", ops=1, byte_seconds_held=ctx.nbytes * held_s)
         self.stats.held -= 1
         self.stats.bytes_held -= ctx.nbytes
+        self.stats.unopened += not ctx.opened
         setattr(self.stats, why, getattr(self.stats, why) + 1)
 
     def expire(self) -> int:
@@ -432,6 +449,7 @@ class LazyLogger(_Base):
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         self.contexts, self.paging, self.lookahead = contexts, paging, lookahead
+        self._unopened: set[str] = set()  # requests whose record the bus has not taken yet
 
     def _encode_pages(self, ctx: RequestContext, pages: list[int]) -> dict[str, bytes]:
         out = {}
@@ -471,14 +489,41 @@ class LazyLogger(_Base):
                 now,
             )
             entries = {**self._encode_request(ctx), **self._encode_pages(ctx, [0])}
-            # one request (a sidecar's): its first entries and its record in one round trip
-            written = self._put_opened(entries, ref) if len(refs) == 1 else self._put(entries)
+            if len(refs) == 1:  # one request (a sidecar's): its first entries and its record at once
+                written, ctx.opened = self._put_opened(entries, ref)
+            else:
+                written = self._put(entries)
             if written:
                 ctx.logged[0] = ctx.request_logged = True
                 self.stats.count_logged(*self.paging.bounds(0, n))
             self.contexts.add(ctx)
-        if len(refs) != 1:
-            self._opened(refs)
+            if not ctx.opened:
+                self._unopened.add(ref.request_id)
+        if len(refs) != 1 and not self._opened(refs):
+            for ref in refs:  # each is sent again, at its request's next call or the next tick
+                ctx = self.contexts.peek(ref.request_id)
+                if ctx is not None:
+                    ctx.opened = False
+                    self._unopened.add(ref.request_id)
+
+    def _reopen(self, contexts: list[RequestContext]) -> None:
+        """Append the records of requests whose record the bus did not take at rank time.
+
+        A bus that failed over or came back takes them at the request's next call or the logger's
+        next tick; until it does, each context is kept (it is the only copy of the record), and one
+        released without it is counted unopened.
+        """
+        refs = [c.ref for c in contexts]
+        try:
+            self.bus.append_many(
+                [RequestOpened(r.request_id, r.user_id, r.ts_ms, r.n_items, self.fs.version) for r in refs]
+            )
+        except (ConnectionError, OSError):
+            return
+        for ctx in contexts:
+            ctx.opened = True
+            self._unopened.discard(ctx.ref.request_id)
+        self.stats.bus_resent += len(contexts)
 
     def _pages_todo(
         self, ref: RequestRef, pages: np.ndarray
@@ -487,6 +532,8 @@ class LazyLogger(_Base):
         ctx = self.contexts.get(ref.request_id)
         if ctx is None:
             return None
+        if not ctx.opened:
+            self._reopen([ctx])
         logged = ctx.logged
         pages = pages[pages < len(logged)]
         if logged[pages].all():  # the usual call: every page it names is logged already
@@ -514,7 +561,7 @@ class LazyLogger(_Base):
             for page in todo:
                 self.stats.count_logged(*self.paging.bounds(page, ref.n_items))
             setattr(self.stats, counter, getattr(self.stats, counter) + len(todo))
-        if ctx.logged.all() and ctx.request_logged:
+        if ctx.logged.all() and ctx.request_logged and ctx.opened:
             self.contexts.release(ref.request_id, "completed")
         return len(todo) if written else 0
 
@@ -585,7 +632,14 @@ class LazyLogger(_Base):
         return appended[0]
 
     def tick(self) -> None:
-        """Release contexts that went idle."""
+        """Send again the records the bus did not take, then release contexts that went idle."""
+        if self._unopened:
+            held = [self.contexts.peek(rid) for rid in self._unopened]
+            self._unopened = {c.ref.request_id for c in held if c is not None and not c.opened}
+            self._reopen([c for c in held if c is not None and not c.opened])
+            for ctx in held:
+                if ctx is not None and ctx.opened and ctx.logged.all() and ctx.request_logged:
+                    self.contexts.release(ctx.ref.request_id, "completed")
         self.contexts.expire()
 
     def keys(self, ref: RequestOpened) -> list[str]:

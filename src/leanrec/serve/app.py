@@ -530,6 +530,7 @@ class _Collector:
                 ),
                 ("leanrec_log_write_failures", ls.write_failures, "Entries the transient store did not take"),
                 ("leanrec_log_bus_failures", ls.bus_failures, "RequestOpened records the bus did not take"),
+                ("leanrec_log_bus_resent", ls.bus_resent, "Of those, records taken when sent again later"),
                 ("leanrec_pages_on_signal", ls.pages_on_signal, "Pages logged on a pagination signal"),
                 ("leanrec_pages_on_touch", ls.pages_on_touch, "Pages logged because an event touched them"),
             ):
@@ -910,6 +911,7 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             "lost_logging": {
                 "entries": ls.write_failures if ls else 0,
                 "opened_records": ls.bus_failures if ls else 0,
+                "opened_records_resent": ls.bus_resent if ls else 0,
                 "rankings_dropped": st.lane.dropped,
             },
             "logging_queue": st.lane.pending,

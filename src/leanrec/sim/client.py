@@ -2,7 +2,9 @@
 
 Each simulated session ranks, scrolls (sending pagination signals), and reports its events in
 batches, with engagement drawn from the world's truth, as fast as the service answers. The run is
-bounded in requests and in time, and it aims only at loopback addresses.
+bounded in requests and in time, and it aims only at loopback addresses. A pagination signal or an
+event batch answered 503 (the service could not log it: its store is failing over, say) is sent again
+after a backoff, as a client must, for up to ``RESEND_FOR_S``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from leanrec.errors import InputError
 from leanrec.events.model import EventKind
 from leanrec.featurelog.loggers import Paging
 from leanrec.world import World, WorldConfig
+
+RESEND_FOR_S = 30.0
+"""How long a client keeps sending again a call answered 503 (0.05 s between tries, doubling to 1 s)."""
 
 
 class TargetError(InputError, ValueError):
@@ -60,6 +65,11 @@ class SimReport:
     status: dict[str, int] = field(default_factory=dict)
     events_sent: int = 0
     viewed: int = 0
+    resent: int = 0
+    views_refused: int = 0
+    """Views in event batches the service did not take, even when sent again (410: the window closed)."""
+    sessions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Request id -> (client's time of the ranking's answer in ms, positions viewed)."""
     server: dict[str, float] = field(default_factory=dict)
 
     def percentiles(self, endpoint: str) -> tuple[float, float, float]:
@@ -94,12 +104,18 @@ async def _session(
     user = int(world.sample_users(1, rng)[0])
 
     async def call(endpoint: str, body: dict) -> httpx.Response:
-        t0 = time.perf_counter()
-        response = await http.post(f"/v1/{endpoint}", json=body)
-        report.latency_ms.setdefault(endpoint, []).append((time.perf_counter() - t0) * 1000)
-        key = f"{endpoint} {response.status_code}"
-        report.status[key] = report.status.get(key, 0) + 1
-        return response
+        give_up, wait = time.perf_counter() + RESEND_FOR_S, 0.05
+        while True:
+            t0 = time.perf_counter()
+            response = await http.post(f"/v1/{endpoint}", json=body)
+            report.latency_ms.setdefault(endpoint, []).append((time.perf_counter() - t0) * 1000)
+            key = f"{endpoint} {response.status_code}"
+            report.status[key] = report.status.get(key, 0) + 1
+            if response.status_code != 503 or endpoint == "rank" or time.perf_counter() > give_up:
+                return response
+            report.resent += 1  # the same batch id: a batch that did land is not taken twice
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 1.0)
 
     ranked = await call("rank", {"user_id": user, "surface": int(rng.integers(0, 3))})
     if ranked.status_code != 200:
@@ -111,6 +127,7 @@ async def _session(
     depth = int(eng.depth[0])
     report.requests += 1
     report.viewed += depth
+    report.sessions[body["request_id"]] = (int(time.time() * 1000), depth)
     auth = {"request_id": body["request_id"], "token": body["token"]}
     now = int(time.time() * 1000)
     next_page = 1
@@ -147,7 +164,9 @@ async def _session(
                     }
                 )
         report.events_sent += len(events)
-        await call("events", {**auth, "batch_id": uuid.uuid4().hex[:12], "events": events})
+        answer = await call("events", {**auth, "batch_id": uuid.uuid4().hex[:12], "events": events})
+        if answer.status_code != 200:
+            report.views_refused += stop - start
 
 
 async def _run(

@@ -72,9 +72,8 @@ class LocalRedisCluster:
 
     @property
     def url(self) -> str:
-        """``redis+cluster://127.0.0.1:PORT`` of a live node (the client discovers the others)."""
-        port = next(p for p in self.ports if self._procs[p].poll() is None)
-        return f"redis+cluster://127.0.0.1:{port}"
+        """``redis+cluster://127.0.0.1:PORT,...``: every node a seed, so a client starts whichever is down."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def start(self, timeout_s: float = 30.0) -> LocalRedisCluster:
         """Start the nodes, join them into a cluster and wait until every slot is served.

@@ -69,20 +69,28 @@ def connect(url: str) -> Client:
 
     A cluster client retries a command once after refreshing its view of the cluster (a moved slot, a
     promoted replica); a master that is down answers an error at once rather than after a backoff, and
-    the caller counts it.
+    the caller counts it. Give a cluster several seed nodes: the client needs one of them to answer
+    when it starts.
+
+    Raises:
+        ConnectionError: No seed node of a cluster answers.
+
     """
     if not is_cluster(url):
         return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     parts = urlsplit(url)
-    return redis.RedisCluster(
-        startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in cluster_seeds(url)],
-        username=parts.username,
-        password=parts.password,
-        socket_connect_timeout=0.5,
-        socket_timeout=0.5,
-        retry=Retry(NoBackoff(), 1),
-        reinitialize_steps=1,  # a MOVED reply refreshes the slot map at once (after a failover)
-    )
+    try:
+        return redis.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in cluster_seeds(url)],
+            username=parts.username,
+            password=parts.password,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 1),
+            reinitialize_steps=1,  # a MOVED reply refreshes the slot map at once (after a failover)
+        )
+    except redis.exceptions.RedisClusterUnreachableError as err:  # raised before any command
+        raise ConnectionError(f"no seed node of the Redis Cluster at {redact(url)} answers: {err}") from None
 
 
 def server_totals(client: Client, section: str) -> dict[str, int]:
@@ -120,6 +128,7 @@ _LOST = (
     redis.exceptions.TryAgainError,  # a slot is moving
     redis.exceptions.SlotNotCoveredError,
     redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterUnreachableError,  # no seed node answers
 )
 
 _SERVER = ("host", "port", "db", "path", "username", "password")
