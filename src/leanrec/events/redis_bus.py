@@ -308,13 +308,19 @@ class RedisEventBus:
             return _entries(resp)
         # On a cluster, XREADGROUP goes to its stream's master by name: the client would otherwise
         # ask its default node which key the command names, and that node may be the one that died.
+        # Named that way, the client does not refresh its slot map when the node is gone: refresh it
+        # here and try the stream's master once more (a replica promoted since the last refresh).
         command = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "STREAMS", stream, start)
-        resp = self._grouped(
-            lambda: self._client.execute_command(
-                *command, target_nodes=self._client.get_node_from_key(stream)
-            )
-        )
-        return _entries(resp)
+        client = self._client
+
+        def read() -> Any:
+            try:
+                return client.execute_command(*command, target_nodes=client.get_node_from_key(stream))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                client.nodes_manager.initialize()
+                return client.execute_command(*command, target_nodes=client.get_node_from_key(stream))
+
+        return _entries(self._grouped(read))
 
     def _decode_all(
         self, shard: int, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]
