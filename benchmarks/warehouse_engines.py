@@ -185,6 +185,11 @@ def main() -> int:
         except ImportError:
             print(f"{module} is not installed; {INSTALL}", file=sys.stderr)
             return 2
+    import pyspark
+
+    if int(pyspark.__version__.split(".")[0]) < 4:  # Spark 3 parses no SELECT * EXCEPT
+        print(f"pyspark {pyspark.__version__} is older than 4.0; {INSTALL}", file=sys.stderr)
+        return 2
     console = Console()
     try:
         warehouse = build(args, console)
