@@ -1,0 +1,68 @@
+"""SQL that flattens a request-level warehouse into impression rows, in DuckDB and in Spark SQL.
+
+A request-level row holds the request side once and its viewed items as a list of structs
+(``items``: position, item id, first-view time, the ranker's score, item features, labels). Data teams
+read a warehouse with a query engine rather than with leanrec's reader; these queries turn each
+request row into one row per viewed item, the request's columns beside each: the impression layout's
+columns (and the engine's Hive partition columns ``dt`` and ``hour``), one row per example that
+leanrec's reader yields. The counting queries count those examples and their labels.
+
+Each query reads a table or view named ``requests`` over the warehouse's Parquet files, which the
+engine registers first:
+
+- DuckDB: the statement :func:`duckdb_requests_view` returns;
+- Spark: ``spark.read.parquet(warehouse).createOrReplaceTempView("requests")``.
+
+The counting queries read the flattened rows as a view named ``impressions`` (DuckDB:
+``CREATE VIEW impressions AS`` and the query; Spark: ``CREATE OR REPLACE TEMPORARY VIEW impressions
+AS`` and the query). The queries are plain strings, so leanrec imports neither engine;
+``benchmarks/warehouse_engines.py`` runs them in both and the README quotes them.
+"""
+
+from __future__ import annotations
+
+DUCKDB_IMPRESSIONS = """\
+SELECT r.* EXCLUDE (items), item.*
+FROM requests AS r, UNNEST(r.items) AS u(item)"""
+"""DuckDB: one row per viewed item, the request's columns and then the item's fields.
+
+The lateral ``UNNEST`` gives each element of ``items`` as a struct, and ``item.*`` spreads its
+fields into columns; vector features stay lists.
+"""
+
+SPARK_IMPRESSIONS = """\
+SELECT * EXCEPT (items), inline(items)
+FROM requests"""
+"""Spark SQL (3.5 has no ``* EXCEPT``, hence Spark 4): one row per viewed item, as in DuckDB.
+
+``inline`` explodes an array of structs into one row per element and one column per field, so the
+items need no ``arrays_zip``: they are structs already, not parallel arrays.
+"""
+
+DUCKDB_COUNTS = """\
+SELECT count(DISTINCT request_id) AS requests, count(*) AS examples,
+       count_if(click) AS click, count_if("like") AS "like", count_if(share) AS share,
+       count_if(hide) AS hide, sum(watch_ms) AS watch_ms
+FROM impressions"""
+"""DuckDB: requests, examples, and each label's count (``watch_ms`` summed) over ``impressions``."""
+
+SPARK_COUNTS = """\
+SELECT count(DISTINCT request_id) AS requests, count(*) AS examples,
+       count_if(click) AS click, count_if(`like`) AS `like`, count_if(share) AS share,
+       count_if(hide) AS hide, sum(watch_ms) AS watch_ms
+FROM impressions"""
+"""Spark SQL: the same counts as :data:`DUCKDB_COUNTS` (``like`` is quoted as Spark quotes names)."""
+
+COUNTED = ("requests", "examples", "click", "like", "share", "hide", "watch_ms")
+"""The columns of the counting queries, in order."""
+
+
+def duckdb_requests_view(warehouse: str) -> str:
+    """The DuckDB statement that registers a warehouse's Parquet files as the view ``requests``.
+
+    Hive partitioning gives the ``dt`` and ``hour`` columns the folders name, as Spark does.
+    """
+    path = str(warehouse).rstrip("/").replace("'", "''")  # a quote in the path, doubled as SQL wants
+    return (
+        f"CREATE VIEW requests AS SELECT * FROM read_parquet('{path}/**/*.parquet', hive_partitioning = true)"
+    )
