@@ -189,8 +189,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 _SERVE_FLAGS = (
     ("--host", str, "interface to listen on (default 127.0.0.1)"),
     ("--port", int, "TCP port (default 8000)"),
-    ("--store-url", str, "transient store: memory:// or redis://host:port/db"),
-    ("--bus-url", str, "event bus: memory:// or redis://host:port/db (joiners must share it)"),
+    ("--store-url", str, "transient store: memory://, redis://host:port/db or redis+cluster://host:port,…"),
+    ("--bus-url", str, "event bus: memory://, redis://… or redis+cluster://… (joiners must share it)"),
     ("--logging", str, "lazy (default), eager or off"),
     ("--n-users", int, "users of the synthetic world (default 10000)"),
     ("--n-items", int, "items of the corpus (default 50000)"),
