@@ -635,7 +635,12 @@ def build_state(config: ServeConfig) -> ServiceState:
     With ``config.featureset`` set, the process logs under that file's FeatureSet for a ranker of
     the user's own (``/v1/log``) and builds no world; with ``config.features_url`` too, it also ranks
     that catalog (``/v1/rank``, see :func:`~leanrec.serve.catalog.catalog_funnel`).
+
+    Raises:
+        ConfigError: The token key is the built-in development secret and this is no development run.
+
     """
+    config.check_secret()  # before anything is built: a service that hands out tokens anyone can forge
     funnel: Funnel | CatalogFunnel | None
     if config.featureset:
         fs = load_featureset(config.featureset)
