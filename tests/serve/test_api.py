@@ -254,6 +254,61 @@ def test_positions_beyond_the_list_are_refused(client: TestClient) -> None:
     assert "seen_up_to=100 is beyond the ranked list of 100" in r.json()["error"]
 
 
+def _metric(client: TestClient, name: str, **labels: str) -> float:
+    text = client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise AssertionError(f"no sample {name}{labels} in /metrics")
+
+
+def test_an_event_naming_another_item_than_the_one_ranked_there_is_refused(client: TestClient) -> None:
+    body = rank(client)
+    assert _metric(client, "leanrec_events_refused_total", reason="wrong_item") == 0  # there before any
+    wrong = views(body, range(3, 4))
+    wrong[0]["item_id"] = body["items"][4]  # an item of the list, at another position
+    r = post_events(client, body, wrong, "only-wrong")
+    assert r.status_code == 422
+    assert "item_id is not the item ranked at its position" in r.json()["error"]
+    assert r.json()["refused"] == {"wrong_item": 1}
+    assert stored_batches(client, body["request_id"]) == []
+    # In a batch, the others go on; the wrong one is refused and said why.
+    stranger = {**views(body, range(5, 6))[0], "item_id": int(ITEMS[0]) ^ 12345}
+    r = post_events(client, body, [*views(body, range(2)), stranger], "mixed")
+    assert r.status_code == 200
+    assert r.json()["accepted"] == 2 and r.json()["refused"] == {"wrong_item": 1}
+    assert any("item_id is not the item ranked" in m for m in r.json()["messages"])
+    # Through FastAPI's route too (a body the lean way in leaves to it: a position written as 6.0).
+    other = {**views(body, range(6, 7))[0], "item_id": body["items"][0], "position": 6.0}
+    r = post_events(client, body, [other], "routed")
+    assert r.status_code == 422 and r.json()["refused"] == {"wrong_item": 1}
+    assert _metric(client, "leanrec_events_refused_total", reason="wrong_item") == 3
+    assert client.get("/healthz").json()["events"] == {"accepted": 2, "refused": {"wrong_item": 3}}
+
+
+def test_an_eager_service_leaves_the_item_check_to_the_join(tmp_path: Path, traffic, examples) -> None:
+    # Eager logging holds no ranked list in the process: a wrong item is accepted, and the join drops it.
+    with make_client(logging="eager") as client:
+        body = rank(client)
+        wrong = {**views(body, range(1))[0], "item_id": body["items"][1]}
+        r = post_events(client, body, [*views(body, range(1, 3)), wrong], "b1")
+        assert r.status_code == 200 and r.json()["accepted"] == 3
+        assert client.get("/healthz").json()["events"]["refused"] == {"wrong_item": 0}
+        settle(client)
+        st = state(client)
+        cfg = st.config
+        fs, _ = default_featureset(WorldConfig(n_users=cfg.n_users, n_items=cfg.n_items, seed=cfg.seed))
+        clock = ManualClock(SystemClock().now_ms() + cfg.window_ms + cfg.lateness_ms + 10_000)
+        wh = ParquetWarehouse(str(tmp_path / "wh"), fs, TableLayout.IMPRESSION, CostLedger())
+        joiner = LabelJoiner(st.logger, st.bus, wh, CostLedger(), clock, cfg.window_ms, cfg.lateness_ms)
+        joiner.poll()
+        joiner.join_due()
+        joiner.flush()
+        assert joiner.stats.mismatched_events == 1
+        assert sorted(wh.read_examples().column("position").to_pylist()) == [1, 2]
+
+
 def test_an_oversized_body_is_413_by_content_length() -> None:
     with make_client(max_body_bytes=4_096) as client:
         body = rank(client)

@@ -560,7 +560,7 @@ class _Collector:
             m.add_metric([], svc.events_accepted)
             yield m
             r = CounterMetricFamily("leanrec_events_refused", "Events refused, by reason", labels=["reason"])
-            for reason, n in sorted(svc.events_refused.items()):
+            for reason, n in sorted(_refused(svc.events_refused).items()):
                 r.add_metric([reason], n)
             yield r
         g = GaugeMetricFamily("leanrec_logging_queue", "Logging calls waiting on the logging thread")
@@ -573,6 +573,15 @@ class _Collector:
         g.add_metric([], float(st.health.degraded))
         yield g
         yield from _id_map_metrics(st)
+
+
+_ALWAYS_COUNTED = ("wrong_item",)
+"""Refusal reasons shown at 0 before any happens, so an alert on them has a series to watch."""
+
+
+def _refused(counts: dict[str, int]) -> dict[str, int]:
+    """Events refused by reason, with the always-counted reasons at 0 when none happened."""
+    return {**dict.fromkeys(_ALWAYS_COUNTED, 0), **counts}
 
 
 _ID_MAP_METRICS = (
@@ -919,6 +928,10 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             },
             "logging_queue": st.lane.pending,
             "ranked": st.ranked,
+            "events": {
+                "accepted": st.service.stats.events_accepted if st.service else 0,
+                "refused": _refused(st.service.stats.events_refused if st.service else {}),
+            },
             "catalog": {
                 "featureset": featureset.name,
                 "version": featureset.version,
