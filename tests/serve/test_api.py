@@ -7,6 +7,7 @@ was accepted before: the accepted event batches stay in the transient store and 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,22 @@ def test_openapi_lists_the_three_post_routes(client: TestClient) -> None:
     for path in ("/v1/rank", "/v1/paginate", "/v1/events"):
         assert "post" in spec["paths"][path], path
     assert "/healthz" in spec["paths"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_pages_need_nothing_but_the_service(page: str) -> None:
+    # A machine without internet shows them whole: every script, style and icon comes from the app.
+    with make_client() as client:
+        r = client.get(page)
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+        assert re.findall(r"https?://[^\s'\"<>)]+", r.text) == []  # no other host named anywhere
+        assets = set(re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", r.text))
+        assert "/openapi.json" in assets
+        assert any(a.endswith(".js") for a in assets), assets
+        for asset in sorted(assets):
+            got = client.get(asset)
+            assert got.status_code == 200, asset
+            assert len(got.content) > 0, asset
 
 
 def test_metrics_parse_and_count_rankings(client: TestClient) -> None:

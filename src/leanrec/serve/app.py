@@ -39,6 +39,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field, ValidationError
@@ -102,6 +103,9 @@ class LogOut(BaseModel):
     token: str
     n_items: int
 
+
+DOCS_ASSETS = "/docs/assets"
+"""Where the API pages' scripts and styles are served from (fastapi-offline's copies)."""
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 """Content type of the binary body of /v1/log: one Arrow IPC stream (see :func:`.wire.arrow_body`)."""
@@ -666,10 +670,13 @@ def build_state(config: ServeConfig) -> ServiceState:
 def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAPI:
     """The ASGI app of one serving process."""
     st = state or build_state(config)
-    app = FastAPI(
+    # /docs and /redoc load their scripts, styles and icon from the service itself, not from a CDN:
+    # a service on a machine without internet (or behind a strict proxy) still shows them.
+    app = FastAPIOffline(
         title="leanrec",
         version="0.1.0",
         description="Ranking with lean feature logging: rank, paginate, report events.",
+        static_url=DOCS_ASSETS,
     )
     app.state.leanrec = st
     registry = CollectorRegistry()
