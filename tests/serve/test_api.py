@@ -204,6 +204,35 @@ def test_forged_tokens_are_401(client: TestClient) -> None:
     assert stored_batches(client, body["request_id"]) == []
 
 
+@pytest.mark.parametrize(
+    ("token", "status"),
+    [(".ó\U00093d88똠Ñ", 401), ("abc.dé", 401), ("é.abc", 401), ("\x00.\x00", 401), ("abc.\ud800", 422)],
+)
+def test_a_token_of_any_characters_is_refused_not_a_server_error(
+    client: TestClient, token: str, status: int
+) -> None:
+    # 401 for any text; 422 for a lone surrogate, which JSON may carry and which is no text at all
+    body = rank(client)
+    events = {**auth_of(body), "token": token, "batch_id": "t1", "events": views(body, range(2))}
+    paginate = {**auth_of(body), "token": token, "seen_up_to": 3}
+    for path, payload in (("/v1/events", events), ("/v1/paginate", paginate)):
+        # JSON with \u escapes: a lone surrogate has no UTF-8 form, and JSON may carry it all the same
+        r = client.post(path, content=json.dumps(payload), headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        assert "token" in r.json()["error"]
+
+
+def test_a_batch_id_that_is_no_text_is_422_not_a_server_error(client: TestClient) -> None:
+    # JSON may carry a lone surrogate (\ud800), which no store can take as a key: refused at the edge.
+    body = rank(client)
+    payload = {**auth_of(body), "batch_id": "b\ud800", "events": views(body, range(2))}
+    r = client.post("/v1/events", content=json.dumps(payload), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "batch_id" in r.json()["error"] and "unicode" in r.json()["error"]
+    assert stored_batches(client, body["request_id"]) == []
+    assert post_events(client, body, views(body, range(2)), "bé").status_code == 200  # any real text is fine
+
+
 def test_a_call_with_an_expired_token_is_410_like_any_call_after_the_window(client: TestClient) -> None:
     body = rank(client)
     st = state(client)

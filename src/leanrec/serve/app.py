@@ -780,7 +780,11 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         took["log"].observe(time.perf_counter() - t0)
         return 200, {"request_id": ref.request_id, "token": st.signer.sign(ref), "n_items": ref.n_items}
 
-    @app.post("/v1/rank", response_model=RankOut, responses=_ERRORS)
+    @app.post(
+        "/v1/rank",
+        response_model=RankOut,
+        responses={**_ERRORS, 404: {"model": ErrorOut, "description": "this service ranks no catalog"}},
+    )
     async def rank(body: RankIn) -> Any:
         t0 = time.perf_counter()
         if st.funnel is None:

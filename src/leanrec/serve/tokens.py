@@ -71,8 +71,10 @@ class TokenSigner:
             payload = _unb64(body)
         except (ValueError, TypeError):
             raise TokenError("malformed token") from None
-        # the current key first: the previous one costs a second MAC only for tokens from before the rotation
-        if not any(hmac.compare_digest(mac, self._mac(key, payload)) for key in self._keys):
+        # Compared as bytes: compare_digest refuses str with characters beyond ASCII, and a client may send
+        # any. The current key first: the previous one costs a second MAC only for tokens from before.
+        given = mac.encode("utf-8", "surrogatepass")  # JSON may carry a lone surrogate, too
+        if not any(hmac.compare_digest(given, self._mac(key, payload).encode()) for key in self._keys):
             raise TokenError("token signature does not match: forged or from another deployment")
         try:
             rid, user, ts, n = payload.decode().split("|")
