@@ -2,12 +2,14 @@
 
     python .ci/sidecar_check.py LEANREC_COMMAND FEATURESET_FILE
 
-Run by ``.ci/run`` in a virtualenv without torch: the sidecar must start, answer /healthz, accept a
-ranking with every feature of the file, and refuse one with a feature missing, naming it.
+Run by ``.ci/run`` in a virtualenv without torch: the sidecar must refuse to start without a token key
+of its own, start with one, answer /healthz, accept a ranking with every feature of the file, and
+refuse one with a feature missing, naming it.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -26,7 +28,13 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([command, "serve", "--featureset", path, "--port", str(port)])
+    argv = [command, "serve", "--featureset", path, "--port", str(port)]
+    bare = {k: v for k, v in os.environ.items() if k != "LEANREC_SECRET"}
+    refused = subprocess.run(argv, env=bare, capture_output=True, text=True, timeout=60)
+    if refused.returncode != 2 or "development secret" not in refused.stderr:
+        print(f"the sidecar without a key answered {refused.returncode}: {refused.stdout} {refused.stderr}")
+        return 1
+    server = subprocess.Popen(argv, env={**bare, "LEANREC_SECRET": "ci-sidecar-key-0123456789"})
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):

@@ -118,7 +118,8 @@ class Process:
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
-        env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
+        # a key of the benchmark's own: leanrec serve refuses the built-in development secret
+        env = {"LEANREC_SECRET": "bench-secret-0123456789", **os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "leanrec.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env

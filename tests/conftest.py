@@ -18,6 +18,15 @@ from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout
 from leanrec.world import World, WorldConfig
 
 
+@pytest.fixture(autouse=True)
+def _token_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test serves with a key of its own, as a deployment must (the built-in one is refused).
+
+    A test of that refusal removes it; subprocesses started by a test inherit it.
+    """
+    monkeypatch.setenv("LEANREC_SECRET", "leanrec-test-suite-key-0123456789")
+
+
 @pytest.fixture(scope="session")
 def small_config() -> WorldConfig:
     return WorldConfig(n_users=400, n_items=3_000, n_creators=200, seed=11)

@@ -222,7 +222,7 @@ def _config(args: argparse.Namespace):
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _SERVE_FLAGS
     }
-    return ServeConfig.load(args.config, **overrides)
+    return ServeConfig.load(args.config, **overrides, development=getattr(args, "dev", None))
 
 
 _NOT_ANSWERING = "; start it, or give --store-url and --bus-url a server that answers"
@@ -253,6 +253,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
     from leanrec.serve.app import create_app
 
     config = _config(args)
+    config.check_secret()  # first: nothing is built for a service that would hand out forgeable tokens
     _check_listen(config.host, config.port)
     try:
         app = create_app(config)
@@ -276,6 +277,13 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         markup=False,
         soft_wrap=True,
     )
+    if not config.has_own_secret():
+        console.print(
+            "development run: tokens are signed with the built-in development secret, which anyone can "
+            "forge tokens with; set LEANREC_SECRET before serving anyone",
+            markup=False,
+            soft_wrap=True,
+        )
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 
@@ -839,6 +847,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the ranking API (rank, paginate, events, healthz, metrics)")
     _add_config_flags(serve)
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="a development run: sign tokens with the built-in development secret when LEANREC_SECRET "
+        "is not set (refused otherwise: anyone can forge them)",
+    )
     join = sub.add_parser("join", help="run a joiner worker on a shared (Redis) bus")
     _add_config_flags(join)
     join.add_argument(

@@ -347,10 +347,17 @@ def _ref(world: World, request_id: str = "r1", row: int = 5) -> RequestRef:
     return RequestRef(request_id, int(world.user_ids[row]), T0, 100)
 
 
+ITEM_AT = np.arange(100, 200, dtype=np.int64)
+"""The item ranked at each position in these tests: ``100 + position``, as GOOD and BAD name them..."""
+ITEM_AT[9], ITEM_AT[10] = 2**63 - 1, -(2**63)  # ... but for two raw ids at both ends of int64
+
+
 def _rank(world: World, refs: Sequence[RequestRef]) -> RankedBatch:
-    """The world's ranking for the users of ``refs``, at their times."""
+    """The world's ranking for the users of ``refs``, at their times, with the items of ``ITEM_AT``."""
     users = np.array([r.user_id for r in refs], np.int64)
-    return Funnel(world).rank(users, np.array([r.ts_ms for r in refs]), np.zeros(len(refs), np.int64))
+    batch = Funnel(world).rank(users, np.array([r.ts_ms for r in refs]), np.zeros(len(refs), np.int64))
+    batch.item_ids[:] = ITEM_AT
+    return batch
 
 
 @pytest.fixture
@@ -393,6 +400,21 @@ def test_service_appends_only_good_events_and_counts_the_refused(service) -> Non
     assert bus.consume(10) == []  # event batches no longer travel on the bus
     # a refused event does not log its page
     assert store.get_many([key(ref.request_id, "p5")]) == [None]
+
+
+def test_service_refuses_an_event_naming_another_item_while_it_holds_the_ranked_list(service) -> None:
+    svc, _, store, ref = service
+    wrong = [(3, 104, EventKind.CLICK, T0 + 10, 0.0), (50, 2**63 - 1, EventKind.VIEW, T0 + 10, 0.0)]
+    report = svc.events(ref, _batch([GOOD[0], *wrong, GOOD[1]]))
+    assert report.refused == {"wrong_item": 2}
+    assert report.messages["wrong_item"] == "item_id is not the item ranked at its position"
+    assert svc.stats.events_refused == {"wrong_item": 2}
+    assert [_rows_of(b) for b in _stored(store, ref)] == [_as_rows([GOOD[0], GOOD[1]])]
+    assert store.get_many([key(ref.request_id, "p5")]) == [None]  # a refused event logs no page
+    # Once the process holds the list no more, the events are taken: the join checks them.
+    svc.logger.contexts.release(ref.request_id, "expired")  # type: ignore[attr-defined]
+    assert svc.events(ref, _batch(wrong)).total == 0
+    assert svc.stats.events_refused == {"wrong_item": 2}
 
 
 def test_service_touch_logs_the_page_of_a_good_deep_event(service) -> None:

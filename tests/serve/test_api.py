@@ -7,6 +7,7 @@ was accepted before: the accepted event batches stay in the transient store and 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,35 @@ def test_forged_tokens_are_401(client: TestClient) -> None:
     assert stored_batches(client, body["request_id"]) == []
 
 
+@pytest.mark.parametrize(
+    ("token", "status"),
+    [(".ó\U00093d88똠Ñ", 401), ("abc.dé", 401), ("é.abc", 401), ("\x00.\x00", 401), ("abc.\ud800", 422)],
+)
+def test_a_token_of_any_characters_is_refused_not_a_server_error(
+    client: TestClient, token: str, status: int
+) -> None:
+    # 401 for any text; 422 for a lone surrogate, which JSON may carry and which is no text at all
+    body = rank(client)
+    events = {**auth_of(body), "token": token, "batch_id": "t1", "events": views(body, range(2))}
+    paginate = {**auth_of(body), "token": token, "seen_up_to": 3}
+    for path, payload in (("/v1/events", events), ("/v1/paginate", paginate)):
+        # JSON with \u escapes: a lone surrogate has no UTF-8 form, and JSON may carry it all the same
+        r = client.post(path, content=json.dumps(payload), headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        assert "token" in r.json()["error"]
+
+
+def test_a_batch_id_that_is_no_text_is_422_not_a_server_error(client: TestClient) -> None:
+    # JSON may carry a lone surrogate (\ud800), which no store can take as a key: refused at the edge.
+    body = rank(client)
+    payload = {**auth_of(body), "batch_id": "b\ud800", "events": views(body, range(2))}
+    r = client.post("/v1/events", content=json.dumps(payload), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "batch_id" in r.json()["error"] and "unicode" in r.json()["error"]
+    assert stored_batches(client, body["request_id"]) == []
+    assert post_events(client, body, views(body, range(2)), "bé").status_code == 200  # any real text is fine
+
+
 def test_a_call_with_an_expired_token_is_410_like_any_call_after_the_window(client: TestClient) -> None:
     body = rank(client)
     st = state(client)
@@ -252,6 +282,61 @@ def test_positions_beyond_the_list_are_refused(client: TestClient) -> None:
     )
     assert r.status_code == 422
     assert "seen_up_to=100 is beyond the ranked list of 100" in r.json()["error"]
+
+
+def _metric(client: TestClient, name: str, **labels: str) -> float:
+    text = client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise AssertionError(f"no sample {name}{labels} in /metrics")
+
+
+def test_an_event_naming_another_item_than_the_one_ranked_there_is_refused(client: TestClient) -> None:
+    body = rank(client)
+    assert _metric(client, "leanrec_events_refused_total", reason="wrong_item") == 0  # there before any
+    wrong = views(body, range(3, 4))
+    wrong[0]["item_id"] = body["items"][4]  # an item of the list, at another position
+    r = post_events(client, body, wrong, "only-wrong")
+    assert r.status_code == 422
+    assert "item_id is not the item ranked at its position" in r.json()["error"]
+    assert r.json()["refused"] == {"wrong_item": 1}
+    assert stored_batches(client, body["request_id"]) == []
+    # In a batch, the others go on; the wrong one is refused and said why.
+    stranger = {**views(body, range(5, 6))[0], "item_id": int(ITEMS[0]) ^ 12345}
+    r = post_events(client, body, [*views(body, range(2)), stranger], "mixed")
+    assert r.status_code == 200
+    assert r.json()["accepted"] == 2 and r.json()["refused"] == {"wrong_item": 1}
+    assert any("item_id is not the item ranked" in m for m in r.json()["messages"])
+    # Through FastAPI's route too (a body the lean way in leaves to it: a position written as 6.0).
+    other = {**views(body, range(6, 7))[0], "item_id": body["items"][0], "position": 6.0}
+    r = post_events(client, body, [other], "routed")
+    assert r.status_code == 422 and r.json()["refused"] == {"wrong_item": 1}
+    assert _metric(client, "leanrec_events_refused_total", reason="wrong_item") == 3
+    assert client.get("/healthz").json()["events"] == {"accepted": 2, "refused": {"wrong_item": 3}}
+
+
+def test_an_eager_service_leaves_the_item_check_to_the_join(tmp_path: Path, traffic, examples) -> None:
+    # Eager logging holds no ranked list in the process: a wrong item is accepted, and the join drops it.
+    with make_client(logging="eager") as client:
+        body = rank(client)
+        wrong = {**views(body, range(1))[0], "item_id": body["items"][1]}
+        r = post_events(client, body, [*views(body, range(1, 3)), wrong], "b1")
+        assert r.status_code == 200 and r.json()["accepted"] == 3
+        assert client.get("/healthz").json()["events"]["refused"] == {"wrong_item": 0}
+        settle(client)
+        st = state(client)
+        cfg = st.config
+        fs, _ = default_featureset(WorldConfig(n_users=cfg.n_users, n_items=cfg.n_items, seed=cfg.seed))
+        clock = ManualClock(SystemClock().now_ms() + cfg.window_ms + cfg.lateness_ms + 10_000)
+        wh = ParquetWarehouse(str(tmp_path / "wh"), fs, TableLayout.IMPRESSION, CostLedger())
+        joiner = LabelJoiner(st.logger, st.bus, wh, CostLedger(), clock, cfg.window_ms, cfg.lateness_ms)
+        joiner.poll()
+        joiner.join_due()
+        joiner.flush()
+        assert joiner.stats.mismatched_events == 1
+        assert sorted(wh.read_examples().column("position").to_pylist()) == [1, 2]
 
 
 def test_an_oversized_body_is_413_by_content_length() -> None:
@@ -358,6 +443,22 @@ def test_openapi_lists_the_three_post_routes(client: TestClient) -> None:
     for path in ("/v1/rank", "/v1/paginate", "/v1/events"):
         assert "post" in spec["paths"][path], path
     assert "/healthz" in spec["paths"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_pages_need_nothing_but_the_service(page: str) -> None:
+    # A machine without internet shows them whole: every script, style and icon comes from the app.
+    with make_client() as client:
+        r = client.get(page)
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+        assert re.findall(r"https?://[^\s'\"<>)]+", r.text) == []  # no other host named anywhere
+        assets = set(re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", r.text))
+        assert "/openapi.json" in assets
+        assert any(a.endswith(".js") for a in assets), assets
+        for asset in sorted(assets):
+            got = client.get(asset)
+            assert got.status_code == 200, asset
+            assert len(got.content) > 0, asset
 
 
 def test_metrics_parse_and_count_rankings(client: TestClient) -> None:

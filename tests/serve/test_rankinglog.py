@@ -199,3 +199,21 @@ def test_a_list_over_the_limit_and_a_forged_token_are_refused(shop_log, shop_fea
         shop_log(logging="off")
     with pytest.raises(ConfigError, match="unknown setting"):
         shop_log(window=5)
+
+
+@pytest.mark.parametrize("logging", ["lazy", "eager"])
+def test_an_event_naming_another_item_than_the_one_ranked_there(
+    logging: str, shop_log, shop_features
+) -> None:
+    log = shop_log(logging=logging)
+    rng = np.random.default_rng(5)
+    items = rng.choice(5000, size=40, replace=False)
+    logged = log.ranked(1, items, shop_features(rng, items))
+    good = {"position": 2, "item_id": int(items[2]), "kind": "click", "ts_ms": T0}
+    wrong = {**good, "position": 3}  # the item of position 2, reported at position 3
+    result = log.events(logged.request_id, logged.token, [good, wrong], batch_id="b1")
+    if logging == "lazy":  # the ranked list is held in the process: refused at once, and said why
+        assert result.accepted == 1 and result.refused == {"wrong_item": 1}
+        assert any("item_id is not the item ranked at its position" in m for m in result.messages)
+    else:  # eager holds no list: accepted here, dropped and counted by the join
+        assert result.accepted == 2 and result.refused == {}

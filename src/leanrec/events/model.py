@@ -262,8 +262,9 @@ def validate(batch: EventBatch, ref: RequestRef, limits: EventLimits) -> tuple[E
     """Keep the events that can be joined; refuse and count the rest.
 
     Checks: the batch size, the kind, the position inside the ranked list, the time inside the
-    attribution window, and the value (finite, non-negative, plausible). The item id is checked at
-    join time, against the logged ranking.
+    attribution window, and the value (finite, non-negative, plausible). The item id is checked
+    against the ranked list by the service where it still holds it
+    (:class:`~leanrec.serve.service.LoggingService`), and at join time against the logged ranking.
     """
     report = ValidationReport()
     if batch.request_id != ref.request_id:

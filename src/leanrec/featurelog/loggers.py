@@ -132,6 +132,10 @@ class FeatureLogger(Protocol):
         """Called with validated events before they go to the bus."""
         ...
 
+    def ranked_items(self, ref: RequestRef) -> np.ndarray | None:
+        """The ``(n,)`` item ids ranked for ``ref`` if this process still holds them, else None."""
+        ...
+
     def fetch(self, ref: RequestOpened, positions: np.ndarray) -> Fetched:
         """Read frozen features of ``positions`` back from the store."""
         ...
@@ -220,6 +224,10 @@ class _Base:
 
     def tick(self) -> None:
         """Nothing held by default."""
+
+    def ranked_items(self, ref: RequestRef) -> np.ndarray | None:
+        """Nothing held by default: the join checks the items against the logged ranking."""
+        return None
 
 
 class EagerLogger(_Base):
@@ -393,6 +401,10 @@ class ContextCache:
             ctx.touched_ms = self.clock.now_ms()
             self._ctx.move_to_end(request_id)
         return ctx
+
+    def peek(self, request_id: str) -> RequestContext | None:
+        """The context, or ``None`` if it is gone; not marked as touched."""
+        return self._ctx.get(request_id)
 
     def release(self, request_id: str, why: str) -> None:
         """Drop a context and charge its memory × time."""
@@ -641,6 +653,13 @@ class LazyLogger(_Base):
                 if ctx is not None and ctx.opened and ctx.logged.all() and ctx.request_logged:
                     self.contexts.release(ctx.ref.request_id, "completed")
         self.contexts.expire()
+
+    def ranked_items(self, ref: RequestRef) -> np.ndarray | None:
+        """The ranked item ids while the request's context is held (until its pages are all logged)."""
+        ctx = self.contexts.peek(ref.request_id)
+        if ctx is None or len(ctx.item_ids) != ref.n_items:
+            return None
+        return ctx.item_ids
 
     def keys(self, ref: RequestOpened) -> list[str]:
         """The request side and every page."""

@@ -39,6 +39,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field, ValidationError
@@ -102,6 +103,9 @@ class LogOut(BaseModel):
     token: str
     n_items: int
 
+
+DOCS_ASSETS = "/docs/assets"
+"""Where the API pages' scripts and styles are served from (fastapi-offline's copies)."""
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 """Content type of the binary body of /v1/log: one Arrow IPC stream (see :func:`.wire.arrow_body`)."""
@@ -561,7 +565,7 @@ class _Collector:
             m.add_metric([], svc.events_accepted)
             yield m
             r = CounterMetricFamily("leanrec_events_refused", "Events refused, by reason", labels=["reason"])
-            for reason, n in sorted(svc.events_refused.items()):
+            for reason, n in sorted(_refused(svc.events_refused).items()):
                 r.add_metric([reason], n)
             yield r
         g = GaugeMetricFamily("leanrec_logging_queue", "Logging calls waiting on the logging thread")
@@ -574,6 +578,15 @@ class _Collector:
         g.add_metric([], float(st.health.degraded))
         yield g
         yield from _id_map_metrics(st)
+
+
+_ALWAYS_COUNTED = ("wrong_item",)
+"""Refusal reasons shown at 0 before any happens, so an alert on them has a series to watch."""
+
+
+def _refused(counts: dict[str, int]) -> dict[str, int]:
+    """Events refused by reason, with the always-counted reasons at 0 when none happened."""
+    return {**dict.fromkeys(_ALWAYS_COUNTED, 0), **counts}
 
 
 _ID_MAP_METRICS = (
@@ -636,7 +649,12 @@ def build_state(config: ServeConfig) -> ServiceState:
     With ``config.featureset`` set, the process logs under that file's FeatureSet for a ranker of
     the user's own (``/v1/log``) and builds no world; with ``config.features_url`` too, it also ranks
     that catalog (``/v1/rank``, see :func:`~leanrec.serve.catalog.catalog_funnel`).
+
+    Raises:
+        ConfigError: The token key is the built-in development secret and this is no development run.
+
     """
+    config.check_secret()  # before anything is built: a service that hands out tokens anyone can forge
     funnel: Funnel | CatalogFunnel | None
     if config.featureset:
         fs = load_featureset(config.featureset)
@@ -653,10 +671,13 @@ def build_state(config: ServeConfig) -> ServiceState:
 def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAPI:
     """The ASGI app of one serving process."""
     st = state or build_state(config)
-    app = FastAPI(
+    # /docs and /redoc load their scripts, styles and icon from the service itself, not from a CDN:
+    # a service on a machine without internet (or behind a strict proxy) still shows them.
+    app = FastAPIOffline(
         title="leanrec",
         version="0.1.0",
         description="Ranking with lean feature logging: rank, paginate, report events.",
+        static_url=DOCS_ASSETS,
     )
     app.state.leanrec = st
     registry = CollectorRegistry()
@@ -760,7 +781,11 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         took["log"].observe(time.perf_counter() - t0)
         return 200, {"request_id": ref.request_id, "token": st.signer.sign(ref), "n_items": ref.n_items}
 
-    @app.post("/v1/rank", response_model=RankOut, responses=_ERRORS)
+    @app.post(
+        "/v1/rank",
+        response_model=RankOut,
+        responses={**_ERRORS, 404: {"model": ErrorOut, "description": "this service ranks no catalog"}},
+    )
     async def rank(body: RankIn) -> Any:
         t0 = time.perf_counter()
         if st.funnel is None:
@@ -916,6 +941,10 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             },
             "logging_queue": st.lane.pending,
             "ranked": st.ranked,
+            "events": {
+                "accepted": st.service.stats.events_accepted if st.service else 0,
+                "refused": _refused(st.service.stats.events_refused if st.service else {}),
+            },
             "catalog": {
                 "featureset": featureset.name,
                 "version": featureset.version,

@@ -14,6 +14,16 @@ from leanrec.errors import InputError
 from leanrec.schema import FeatureSet
 from leanrec.stores.redis_common import CLUSTER_SCHEME, cluster_seeds, redact
 
+DEVELOPMENT_SECRET = "leanrec-development-secret-change-me"
+"""The built-in token key. It is in leanrec's source for anyone to read, so anyone could sign tokens
+with it: only a development run (``development = true``, ``leanrec serve --dev``) signs with it."""
+
+SERVE_REMEDY = (
+    "set LEANREC_SECRET (or secret in the config file) to a key of your own, shared by every process of "
+    "the deployment, or pass --dev (config: development = true) for a development run"
+)
+"""How ``leanrec serve`` gets a key of its own, said when it refuses the built-in one."""
+
 
 class ConfigError(InputError, ValueError):
     """A configuration file or flag that cannot be used, with the reason."""
@@ -55,7 +65,12 @@ class ServeConfig:
         max_events: Events in one batch.
         max_items: Longest ranked list a ranker may log (``/v1/log`` and the library).
         secret: HMAC key of request tokens (``LEANREC_SECRET`` in the environment wins); every
-            process serving one deployment must share it.
+            process serving one deployment must share it. The default is the built-in
+            :data:`DEVELOPMENT_SECRET`, which only a development run may use.
+        secret_previous: The key tokens were signed with before the current one
+            (``LEANREC_SECRET_PREVIOUS`` in the environment wins): during a rotation, tokens are
+            signed with ``secret`` and accepted if either key signed them. Empty: none.
+        development: A development run, which may sign tokens with the built-in secret.
         warehouse: Folder (or URI) joiners write to.
         consumer: Name of this joiner in the bus's consumer group.
         poll_ms: How often a joiner polls the bus and joins what is due.
@@ -85,7 +100,9 @@ class ServeConfig:
     max_body_bytes: int = 256 << 10
     max_events: int = 1_000
     max_items: int = 1_000
-    secret: str = "leanrec-development-secret-change-me"
+    secret: str = DEVELOPMENT_SECRET
+    secret_previous: str = ""
+    development: bool = False
     warehouse: str = "leanrec-warehouse"
     consumer: str = "joiner-1"
     poll_ms: int = 1_000
@@ -136,10 +153,58 @@ class ServeConfig:
 
         return default_featureset(WorldConfig(n_users=self.n_users, n_items=self.n_items, seed=self.seed))[0]
 
+    def _secret(self) -> str:
+        return os.environ.get("LEANREC_SECRET") or self.secret  # set but empty: not set
+
+    def _secret_previous(self) -> str:
+        return os.environ.get("LEANREC_SECRET_PREVIOUS") or self.secret_previous
+
     def secret_bytes(self) -> bytes:
         """The HMAC key: the environment's ``LEANREC_SECRET`` if set, else the configured one."""
-        raw = os.environ.get("LEANREC_SECRET", self.secret).encode()
-        return raw if len(raw) >= 16 else hashlib.sha256(raw).digest()
+        return _key_bytes(self._secret())
+
+    def previous_secret_bytes(self) -> bytes | None:
+        """The key of the previous rotation (``LEANREC_SECRET_PREVIOUS`` wins), or None."""
+        previous = self._secret_previous()
+        return _key_bytes(previous) if previous else None
+
+    def has_own_secret(self) -> bool:
+        """Whether the current key is one of the deployment's own: neither empty nor the built-in one."""
+        return self._secret() not in ("", DEVELOPMENT_SECRET)
+
+    def check_secret(self, who: str = "leanrec serve", remedy: str = SERVE_REMEDY) -> None:
+        """Refuse to sign or check tokens with a key anyone can read, unless this is a development run.
+
+        Args:
+            who: What refuses (the start of the message).
+            remedy: How to set a key of one's own.
+
+        Raises:
+            ConfigError: The current or the previous key is empty or the built-in development secret.
+
+        """
+        if self.development:
+            return
+        if not self.has_own_secret():
+            raise ConfigError(
+                f"{who} will not sign tokens with the built-in development secret, which anyone can read in "
+                f"leanrec's source and forge tokens with: {remedy}"
+            )
+        self.check_previous_secret(who, remedy)
+
+    def check_previous_secret(self, who: str, remedy: str) -> None:
+        """Refuse a previous key that is the built-in development secret (unless a development run).
+
+        Raises:
+            ConfigError: It is.
+
+        """
+        if not self.development and self._secret_previous() == DEVELOPMENT_SECRET:
+            raise ConfigError(
+                f"{who} will not accept tokens signed with the built-in development secret as the "
+                f"previous key (secret_previous, LEANREC_SECRET_PREVIOUS): anyone can forge them; "
+                f"leave it empty, or {remedy}"
+            )
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> ServeConfig:
@@ -171,12 +236,22 @@ class ServeConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
         for name, value in values.items():
+            if known[name].type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{name} must be true or false, got {value!r}")
+                continue
             want = int if known[name].type in ("int", int) else str
             if want is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
             if want is str and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {value!r}")
         return replace(cls(), **values)
+
+
+def _key_bytes(text: str) -> bytes:
+    """An HMAC key from its text: the bytes, or their SHA-256 if shorter than 16 bytes."""
+    raw = text.encode()
+    return raw if len(raw) >= 16 else hashlib.sha256(raw).digest()
 
 
 def _check_url(name: str, url: str) -> None:

@@ -23,11 +23,13 @@ the same calls for rankers in any language.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from leanrec.clock import Clock, SystemClock
 from leanrec.energy.ledger import CostLedger
@@ -61,8 +63,14 @@ class LoggingParts:
     ledger: CostLedger = field(default_factory=CostLedger)
 
 
-def build_logging(fs: FeatureSet, config: ServeConfig, clock: Clock, ledger: CostLedger) -> LoggingParts:
-    """The transient store, the bus, the logger and the token signer ``config`` describes for ``fs``."""
+def build_logging(
+    fs: FeatureSet, config: ServeConfig, clock: Clock, ledger: CostLedger, key: bytes | None = None
+) -> LoggingParts:
+    """The transient store, the bus, the logger and the token signer ``config`` describes for ``fs``.
+
+    ``key`` signs the tokens instead of the configured secret (a process's own key, see
+    :func:`open_logging`); the configured previous key is accepted either way.
+    """
     store = open_transient_store(config.store_url, clock=clock)
     bus = open_event_bus(config.bus_url)
     limits = EventLimits(
@@ -79,7 +87,8 @@ def build_logging(fs: FeatureSet, config: ServeConfig, clock: Clock, ledger: Cos
     else:
         logger = None
     service = LoggingService(logger, bus, limits, clock) if logger is not None else None
-    signer = TokenSigner(config.secret_bytes(), config.window_ms + config.lateness_ms)
+    valid_ms = config.window_ms + config.lateness_ms
+    signer = TokenSigner(key or config.secret_bytes(), valid_ms, config.previous_secret_bytes())
     return LoggingParts(fs, store, bus, logger, service, signer, limits, ledger)
 
 
@@ -229,11 +238,18 @@ def open_logging(
         logging: ``lazy`` (the lean way) or ``eager`` (the naive baseline).
         clock: Time of the calls (default: the system clock).
         **settings: Any other :class:`~leanrec.serve.config.ServeConfig` setting (``window_ms``,
-            ``secret``, ``max_items``, ``lookahead``...).
+            ``secret``, ``secret_previous``, ``development``, ``max_items``, ``lookahead``...).
+
+    The token key: on shared backends (a ``redis://`` store or bus), where other processes check the
+    tokens, a key of the deployment's own (``LEANREC_SECRET`` or ``secret=``), never the built-in
+    development secret unless ``development=True``. On ``memory://`` backends no other process can
+    reach the requests, so none checks their tokens: without a key of one's own the log draws a
+    random key for itself rather than sign with one anyone can read.
 
     Raises:
         FeatureSetFileError: The FeatureSet file cannot be used.
-        ConfigError: A setting or URL that cannot be used.
+        ConfigError: A setting or URL that cannot be used, or the built-in development secret on
+            shared backends.
 
     """
     if not isinstance(featureset, FeatureSet):
@@ -245,5 +261,14 @@ def open_logging(
     config = ServeConfig.load(
         None, **{**settings, "store_url": store_url, "bus_url": bus_url, "logging": logging}
     )
+    who = "open_logging"
+    remedy = "set LEANREC_SECRET or pass secret= a key of your own, or development=True for a development run"
+    key = None
+    in_process = all(urlsplit(url).scheme == "memory" for url in (store_url, bus_url))
+    if in_process and not config.development and not config.has_own_secret():
+        key = secrets.token_bytes(32)  # a key of its own: nothing outside this process checks its tokens
+        config.check_previous_secret(who, remedy)
+    else:
+        config.check_secret(f"{who} on shared backends", remedy)
     clock = clock or SystemClock()
-    return RankingLog(build_logging(featureset, config, clock, CostLedger()), config, clock)
+    return RankingLog(build_logging(featureset, config, clock, CostLedger(), key), config, clock)

@@ -1,7 +1,8 @@
 """LoggingService: the serving side's entry points after a ranking.
 
 ``ranked`` freezes and logs what the late ranker scored; ``paginate`` takes the client's scroll
-signal; ``events`` validates a client's event batch, lets the logger log any touched page that is not
+signal; ``events`` validates a client's event batch (and, where the process still holds the ranked list,
+that each event names the item ranked at its position), lets the logger log any touched page that is not
 logged yet, and appends the batch to the request's event list in the transient store
 (``lr:{id}:ev``), where the joiner finds it. The HTTP service wraps exactly these calls.
 """
@@ -101,10 +102,29 @@ class LoggingService:
             )
         else:
             good, report = validate(batch, ref, self.limits)
+            good = self._same_items(ref, good, report)
             if len(good):
                 self._store(ref, good, batch_id, report)
         self.stats.events_refused.update(report.refused)
         return report
+
+    def _same_items(self, ref: RequestRef, good: EventBatch, report: ValidationReport) -> EventBatch:
+        """Refuse events whose item is not the one ranked at their position, where this process knows.
+
+        A lazy logger holds the ranked list until the request's pages are all logged: events are
+        checked against it here, and a client is told at once. Once it is released, or under eager
+        logging, which holds nothing, the join checks them against the logged ranking and drops and
+        counts the ones that differ (``mismatched_events``): nothing wrong reaches the warehouse.
+        Positions are inside the list (``validate`` refused the others).
+        """
+        ranked = self.logger.ranked_items(ref)
+        if ranked is None or len(good) == 0:
+            return good
+        wrong = ranked[good.position] != good.item_id
+        if not wrong.any():
+            return good
+        report.refuse("wrong_item", int(wrong.sum()), "item_id is not the item ranked at its position")
+        return good.take(~wrong)
 
     def _store(
         self, ref: RequestRef, good: EventBatch, batch_id: str | None, report: ValidationReport

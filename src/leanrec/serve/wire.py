@@ -332,9 +332,21 @@ def event_columns(request_id: str, events: object, max_events: int) -> EventBatc
 
 
 def is_plain_ref(body: Mapping[str, object], *fields: tuple[str, int]) -> bool:
-    """Whether ``body`` holds each ``(name, max length)`` as a string no longer than that."""
+    """Whether ``body`` holds each ``(name, max length)`` as a string no longer than that, and text.
+
+    Text: JSON's escapes can carry a lone surrogate, which has no UTF-8 form; such a body goes to the
+    full checks, which refuse it where it matters (a batch id, a key in the store).
+    """
     for name, limit in fields:
         v = body.get(name)
-        if type(v) is not str or len(v) > limit:
+        if type(v) is not str or len(v) > limit or not (v.isascii() or _is_text(v)):
             return False
+    return True
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
     return True
