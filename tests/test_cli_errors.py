@@ -178,7 +178,11 @@ CASES = [
     ("serve a missing config", "serve --config {root}/none.toml", ("config file", "does not exist")),
     ("serve an invalid config", "serve --config {bad_toml}", ("is not valid TOML",)),
     ("serve on port 70000", "serve --port 70000", ("port must be at most 65535",)),
-    ("serve an unknown store", "serve --store-url foo://x", ("store_url must be memory://, redis://host:port/db or redis+cluster://",)),
+    (
+        "serve an unknown store",
+        "serve --store-url foo://x",
+        ("store_url must be memory://, redis://host:port/db or redis+cluster",),
+    ),
     ("serve a Redis URL without a port number", "serve --bus-url redis://127.0.0.1:x/0", ("not a number",)),
     ("serve with bad logging", "serve --logging loud", ("logging must be lazy, eager or off",)),
     ("join on an in-process bus", "join --warehouse {root}/wh", ("needs a shared bus",)),

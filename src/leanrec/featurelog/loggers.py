@@ -402,10 +402,6 @@ class ContextCache:
             self._ctx.move_to_end(request_id)
         return ctx
 
-    def peek(self, request_id: str) -> RequestContext | None:
-        """The context, or ``None`` if it is gone; not marked as touched."""
-        return self._ctx.get(request_id)
-
     def release(self, request_id: str, why: str) -> None:
         """Drop a context and charge its memory × time."""
         ctx = self._ctx.pop(request_id, None)
