@@ -261,7 +261,7 @@ def _check_listen(host: str, port: int) -> None:
 def _serve(args: argparse.Namespace, console: Console) -> int:
     import uvicorn
 
-    from leanrec.serve.routing import nginx_conf, worker_ports
+    from leanrec.serve.routing import nginx_conf, upstream_host, worker_ports
     from leanrec.serve.workers import open_app, run_workers
 
     config = _config(args)
@@ -274,7 +274,12 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         conf = _writable_file(Path(args.nginx_conf), "--nginx-conf")
         (conf.parent / "tmp").mkdir(exist_ok=True)  # nginx makes its temporary folders in there
         conf.write_text(
-            nginx_conf([(config.host, p) for p in ports], args.nginx_port, config.host, config.max_body_bytes)
+            nginx_conf(
+                [(upstream_host(config.host), p) for p in ports],
+                args.nginx_port,
+                config.host,
+                config.max_body_bytes,
+            )
         )
         prefix = conf.parent.resolve()
         console.print(

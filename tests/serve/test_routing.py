@@ -4,6 +4,7 @@ routes by it. Real nginx in front of real processes is ``test_scaleout.py``."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,14 @@ from leanrec.clock import SystemClock
 from leanrec.ids import scrambled_ids
 from leanrec.serve.app import create_app
 from leanrec.serve.config import ServeConfig
-from leanrec.serve.routing import REQUEST_ID_HEADER, RequestIdError, check_request_id, nginx_conf
+from leanrec.serve.routing import (
+    REQUEST_ID_HEADER,
+    RequestIdError,
+    check_request_id,
+    nginx_conf,
+    upstream_host,
+)
+from leanrec.serve.workers import THREAD_VARIABLES, _worker_environment
 from leanrec.world import USER_SALT
 
 SMALL = {"n_users": 400, "n_items": 3_000}
@@ -162,3 +170,23 @@ def test_serve_refuses_workers_it_cannot_place(tmp_path: Path, capsys: pytest.Ca
     assert "is a worker's port" in capsys.readouterr().err
     assert main(["serve", "--context-max-bytes", "0"]) == 2
     assert "context_max_bytes must be positive" in capsys.readouterr().err
+
+
+def test_wildcard_hosts_are_reached_on_loopback_and_ipv6_is_bracketed() -> None:
+    conf = nginx_conf([(upstream_host("0.0.0.0"), 8001), (upstream_host("::"), 8002)], 8000, "::")
+    assert "server 127.0.0.1:8001;" in conf and "server [::1]:8002;" in conf
+    assert "listen [::]:8000;" in conf
+
+
+def test_workers_share_the_cores_among_their_blas_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cores = len(os.sched_getaffinity(0))
+    with _worker_environment(2):
+        assert {os.environ[n] for n in THREAD_VARIABLES} == {str(max(1, cores // 2))}
+    assert not any(n in os.environ for n in THREAD_VARIABLES)  # the parent's own environment is back
+    with _worker_environment(4 * cores):
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    with _worker_environment(2):
+        assert os.environ["OMP_NUM_THREADS"] == "3" and "OPENBLAS_NUM_THREADS" not in os.environ

@@ -18,8 +18,8 @@ The ``X-Leanrec-Request-Id`` header (:mod:`.routing`) names the request for a lo
 hash each get the calls of the requests they ranked. A process that holds no context for a request
 (another ranked it, or it released it: completed, idle or evicted) answers as it always did: a
 pagination signal logs nothing, events are stored and the pages logged by then join; it cannot tell
-the two apart, and refusing would lose the labels that can still join. Misrouted calls are counted
-in ``/metrics`` (``leanrec_signals_without_context``, ``leanrec_events_without_context``).
+the two apart, and refusing would lose the labels that can still join. Such calls are counted in
+``/metrics`` (``leanrec_signals_without_context``, ``leanrec_events_without_context``).
 
 Ranking never waits on logging: a ranking is answered first and frozen and logged right after, in
 one lane (:class:`LogLane`) that also serves the pagination and event calls in order: on the event

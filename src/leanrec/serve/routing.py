@@ -63,6 +63,16 @@ def worker_ports(port: int, workers: int) -> list[int]:
     return list(range(port, last + 1))
 
 
+def _address(host: str) -> str:
+    """``host`` as nginx writes it before ``:port`` (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def upstream_host(host: str) -> str:
+    """Where nginx reaches a process that listens on ``host``: loopback for the wildcard addresses."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
 def nginx_conf(
     upstreams: list[tuple[str, int]],
     listen_port: int,
@@ -93,7 +103,7 @@ def nginx_conf(
     """
     if not upstreams:
         raise ValueError("nginx_conf needs at least one upstream process")
-    servers = "\n".join(f"        server {host}:{port};" for host, port in upstreams)
+    servers = "\n".join(f"        server {_address(host)}:{port};" for host, port in upstreams)
     header = REQUEST_ID_HEADER
     var = "$http_" + header.lower().replace("-", "_")
     body_limit = max_body_bytes + 1024  # the process, not nginx, refuses a body too large: same message
@@ -145,7 +155,7 @@ http {{
     }}
 
     server {{
-        listen {listen_host}:{listen_port};
+        listen {_address(listen_host)}:{listen_port};
         default_type application/json;
         error_page 502 504 @no_process;
 

@@ -8,6 +8,11 @@ it. Each process is a whole ``leanrec serve``: its own world or catalog, its own
 its own context cache, bounded by ``context_max_bytes`` (so N processes hold at most N times it).
 They share the backends and the token secret, so a token any of them signed is checked by all.
 
+Each worker's numpy runs its BLAS on ``cores // N`` threads (at least one), unless the environment
+already sets ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS``: with every process
+on as many threads as the host has cores, the processes' threads outnumber the cores, and OpenBLAS's
+threads spin while they wait for a core (``benchmarks/scale_out.py`` measured it).
+
 The parent process only starts, watches and stops them: SIGTERM or Ctrl-C stops every worker; a
 worker that exits on its own stops the others too, and the command exits with an error naming it,
 rather than serving on with a hole in the hash ring that nginx would paper over by sending that
@@ -16,12 +21,14 @@ worker's share of the requests, and their later calls, elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -35,6 +42,7 @@ from leanrec.serve.config import ServeConfig
 
 _NOT_ANSWERING = "; start it, or give --store-url and --bus-url a server that answers"
 READY_TIMEOUT_S = 180.0  # a worker builds its world (or loads its catalog) before it answers
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def open_app(config: ServeConfig) -> Any:
@@ -77,6 +85,26 @@ def _worker(config: ServeConfig) -> None:
         pass
 
 
+def blas_threads(workers: int) -> int:
+    """BLAS threads per worker: the cores this process may run on, shared out, at least one each."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+@contextlib.contextmanager
+def _worker_environment(workers: int) -> Iterator[None]:
+    """``os.environ`` for starting the workers: their BLAS threads set, unless the user set them."""
+    if any(name in os.environ for name in THREAD_VARIABLES):
+        yield
+        return
+    threads = str(blas_threads(workers))
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, threads))
+    try:
+        yield
+    finally:
+        for name in THREAD_VARIABLES:
+            os.environ.pop(name, None)
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/healthz", timeout=2.0).status_code in (200, 503)
@@ -114,11 +142,16 @@ def run_workers(
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, _on_signal)
     try:
-        for k, port in enumerate(ports):
-            proc = context.Process(target=_worker, args=(replace(config, port=port),), name=f"leanrec-{port}")
-            proc.start()
-            procs.append((port, proc))
-            status(f"worker {k}: pid {proc.pid}, http://{config.host}:{port}")
+        with _worker_environment(len(ports)):  # a spawned worker starts with the environment as it is now
+            for k, port in enumerate(ports):
+                proc = context.Process(
+                    target=_worker, args=(replace(config, port=port),), name=f"leanrec-{port}"
+                )
+                proc.start()
+                procs.append((port, proc))
+                status(f"worker {k}: pid {proc.pid}, http://{config.host}:{port}")
+            threads = next((os.environ[n] for n in THREAD_VARIABLES if n in os.environ), "?")
+            status(f"numpy's BLAS on {threads} thread(s) in each worker")
         waiting = {port for port, _ in procs}
         started = time.monotonic()
         while not stop.is_set():
