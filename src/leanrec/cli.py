@@ -91,6 +91,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65_535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, at most 65535, got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -202,6 +209,11 @@ _SERVE_FLAGS = (
     ("--n-retrieve", int, "candidates the late ranker scores (default 1000)"),
     ("--n-rank", int, "items /v1/rank returns and logs (default 100)"),
     ("--window-ms", int, "attribution window (default 600000)"),
+    (
+        "--context-max-bytes",
+        int,
+        "bytes of frozen features one serving process holds at most (default 512 MiB)",
+    ),
     ("--lateness-ms", int, "how long after the window event batches may arrive (default 60000)"),
     ("--warehouse", str, "joiner: warehouse folder or URI"),
     ("--consumer", str, "joiner: name in the bus's consumer group"),
@@ -247,23 +259,37 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
-    import redis.exceptions
     import uvicorn
 
-    from leanrec.serve.app import create_app
+    from leanrec.serve.routing import nginx_conf, upstream_host, worker_ports
+    from leanrec.serve.workers import open_app, run_workers
 
     config = _config(args)
     config.check_secret()  # first: nothing is built for a service that would hand out forgeable tokens
-    _check_listen(config.host, config.port)
-    try:
-        app = create_app(config)
-    except ConnectionError as exc:  # the Redis backends name the server that does not answer
-        raise InputError(f"{exc}{_NOT_ANSWERING}") from None
-    except redis.exceptions.ResponseError as exc:  # it answers, and refuses the setup (e.g. SELECT)
-        raise InputError(
-            f"Redis refused to open the store or the bus: {exc}; check the database number of "
-            "--store-url and --bus-url"
-        ) from None
+    ports = worker_ports(config.port, args.workers)
+    if args.nginx_conf is not None and args.nginx_port in ports:
+        raise InputError(f"--nginx-port {args.nginx_port} is a worker's port; give nginx another one")
+    for port in ports:
+        _check_listen(config.host, port)
+    if args.nginx_conf is not None:
+        conf = _writable_file(Path(args.nginx_conf), "--nginx-conf")
+        (conf.parent / "tmp").mkdir(exist_ok=True)  # nginx makes its temporary folders in there
+        conf.write_text(
+            nginx_conf(
+                [(upstream_host(config.host), p) for p in ports],
+                args.nginx_port,
+                config.host,
+                config.max_body_bytes,
+            )
+        )
+        prefix = conf.parent.resolve()
+        console.print(
+            f"nginx config for {len(ports)} worker(s) on {config.host}:{args.nginx_port}: {conf}; start it "
+            f"with: nginx -p {prefix} -c {conf.resolve()} -e {prefix / 'error.log'}",
+            markup=False,
+            soft_wrap=True,
+        )
+    app = open_app(config) if len(ports) == 1 else None
     ranks = (
         f"ranks {config.featureset} from {config.features_url}"
         + (f", candidates from {config.retrieval}" if config.retrieval else "")
@@ -271,9 +297,14 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         if config.features_url
         else (f"logs {config.featureset} (/v1/log)" if config.featureset else "ranks the synthetic world")
     )
+    where = (
+        f"http://{config.host}:{config.port}"
+        if len(ports) == 1
+        else f"{len(ports)} workers on http://{config.host}:{ports[0]}..{ports[-1]}"
+    )
     console.print(
         f"leanrec serve: {ranks}; logging={config.logging}, store={config.store_url}, "
-        f"bus={config.bus_url}, http://{config.host}:{config.port}",
+        f"bus={config.bus_url}, {where}",
         markup=False,
         soft_wrap=True,
     )
@@ -284,6 +315,15 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
             markup=False,
             soft_wrap=True,
         )
+    if app is None:
+        if config.store_url.startswith("memory") or config.bus_url.startswith("memory"):
+            console.print(
+                "note: memory:// backends are each worker's own: no joiner can reach them; give the "
+                "workers a shared redis:// store and bus",
+                markup=False,
+                soft_wrap=True,
+            )
+        return run_workers(config, ports, lambda line: console.print(line, markup=False, soft_wrap=True))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 
@@ -853,6 +893,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a development run: sign tokens with the built-in development secret when LEANREC_SECRET "
         "is not set (refused otherwise: anyone can forge them)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="serving processes, on --port and the ports after it, for nginx to route to (default 1)",
+    )
+    serve.add_argument(
+        "--nginx-conf", help="write the nginx config that routes each request's calls to its process here"
+    )
+    serve.add_argument(
+        "--nginx-port", type=_port, default=8080, help="with --nginx-conf: where nginx listens (default 8080)"
     )
     join = sub.add_parser("join", help="run a joiner worker on a shared (Redis) bus")
     _add_config_flags(join)

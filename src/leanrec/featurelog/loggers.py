@@ -379,6 +379,9 @@ class ContextCache:
     def __len__(self) -> int:
         return len(self._ctx)
 
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._ctx
+
     def add(self, ctx: RequestContext) -> None:
         """Hold a new context, evicting the least recently touched while over the byte bound."""
         self.release(ctx.ref.request_id, "replaced")  # a request logged twice replaces its context

@@ -12,6 +12,15 @@
 - ``GET /healthz``: which backends answer and whether logging is degraded; ``GET /metrics``: the
   Prometheus text format; ``/openapi.json`` and ``/docs``: the generated API description.
 
+The ``X-Leanrec-Request-Id`` header (:mod:`.routing`) names the request for a load balancer: on
+``/v1/rank`` and ``/v1/log`` it is the id to rank under (nginx sets it), and on ``/v1/paginate`` and
+``/v1/events`` it must name the request of the body, so that several processes behind a consistent
+hash each get the calls of the requests they ranked. A process that holds no context for a request
+(another ranked it, or it released it: completed, idle or evicted) answers as it always did: a
+pagination signal logs nothing, events are stored and the pages logged by then join; it cannot tell
+the two apart, and refusing would lose the labels that can still join. Such calls are counted in
+``/metrics`` (``leanrec_signals_without_context``, ``leanrec_events_without_context``).
+
 Ranking never waits on logging: a ranking is answered first and frozen and logged right after, in
 one lane (:class:`LogLane`) that also serves the pagination and event calls in order: on the event
 loop while the backends answer, on a thread of its own once one has failed. The three calls of a
@@ -36,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
@@ -58,6 +67,7 @@ from leanrec.schema import FeatureSet, Owner, Role
 from leanrec.serve.catalog import catalog_funnel
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.rankinglog import build_logging
+from leanrec.serve.routing import REQUEST_ID_HEADER, RequestIdError, check_request_id
 from leanrec.serve.service import EventsResult, LoggingService, LoggingUnavailable
 from leanrec.serve.tokens import TokenError, TokenExpired, TokenSigner
 from leanrec.serve.wire import arrow_body, dumps, event_columns, is_plain_ref, loads
@@ -437,7 +447,10 @@ class _BodyLimit:
 _Answer = tuple[int, dict[str, Any]]
 """A call's answer: its status and its JSON body."""
 
-_HotRoute = Callable[[bytes, str], Awaitable[_Answer | None]]
+_HotRoute = Callable[[bytes, str, str | None], Awaitable[_Answer | None]]
+
+
+_ROUTING_HEADER = REQUEST_ID_HEADER.lower().encode()
 
 
 def _response(answer: _Answer) -> JSONResponse:
@@ -466,7 +479,8 @@ class _HotRoutes:
     handler with its content type; the handler answers a plain body with the same function the
     FastAPI route calls, and returns None for anything else, which then goes on to the FastAPI route
     (the body replayed) to be checked and refused there exactly as before. The routes stay declared
-    in FastAPI, so the OpenAPI document describes them.
+    in FastAPI, so the OpenAPI document describes them. Each handler also gets the request id header
+    (:data:`~.routing.REQUEST_ID_HEADER`), or None.
     """
 
     def __init__(self, app: Any, routes: dict[str, _HotRoute]) -> None:
@@ -486,11 +500,13 @@ class _HotRoutes:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
-        content_type = ""
-        for name, value in scope["headers"]:
+        content_type, routed = "", None
+        for name, value in scope["headers"]:  # ASGI servers give header names in lower case
             if name == b"content-type":
                 content_type = value.decode("latin-1")
-        answer = await route(raw, content_type)
+            elif name == _ROUTING_HEADER:
+                routed = value.decode("latin-1")
+        answer = await route(raw, content_type, routed)
         if answer is None:
             whole = {"type": "http.request", "body": raw, "more_body": False}
             await self.app(scope, _replay([whole], receive), send)
@@ -555,11 +571,39 @@ class _Collector:
                 m.add_metric([], ts.writes)
                 yield m
         if isinstance(st.logger, LazyLogger):
-            g = GaugeMetricFamily(
-                "leanrec_context_bytes_held", "Frozen features held for pages not logged yet"
+            cs = st.logger.contexts.stats
+            for name, value, doc in (
+                ("leanrec_context_bytes_held", cs.bytes_held, "Frozen features held for pages not logged"),
+                ("leanrec_context_bytes_peak", cs.peak_bytes, "Most bytes of frozen features held at once"),
+                ("leanrec_context_bytes_max", st.logger.contexts.max_bytes, "Byte bound of held features"),
+            ):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
+            m = CounterMetricFamily(
+                "leanrec_contexts_released", "Held contexts released, by why", labels=["why"]
             )
-            g.add_metric([], st.logger.contexts.stats.bytes_held)
-            yield g
+            for why in ("completed", "expired", "evicted", "replaced"):
+                m.add_metric([why], getattr(cs, why))
+            yield m
+            # A call about a request whose context this process does not hold: released (completed,
+            # idle, evicted) or never held here (ranked by another process: a routing fault).
+            ls = st.logger.stats
+            for name, value, doc in (
+                (
+                    "leanrec_signals_without_context",
+                    ls.signals_after_release,
+                    "Pagination signals for a request whose context this process does not hold",
+                ),
+                (
+                    "leanrec_events_without_context",
+                    ls.touch_after_release,
+                    "Events on a request whose context this process does not hold",
+                ),
+            ):
+                m = CounterMetricFamily(name, doc)
+                m.add_metric([], value)
+                yield m
         if svc is not None:
             m = CounterMetricFamily("leanrec_events_accepted", "Events accepted")
             m.add_metric([], svc.events_accepted)
@@ -730,9 +774,38 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
     item_role = featureset.role(Role.ITEM_ID)
     string_items = item_role is not None and item_role.string_ids  # events may name items by string
 
-    def _logged(batch: RankedBatch, user_id: int, now: int) -> RequestRef:
+    def _routed(header: str | None, request_id: str) -> _Answer | None:
+        """A refusal if the routing header names another request than the body (None: it may go on).
+
+        Behind a load balancer that hashes on the header, such a call reached the process of the
+        header's request, not the body's: a client that sends one id in both is always routed right.
+        """
+        if header is None or header == request_id:
+            return None
+        return 400, {
+            "error": f"the {REQUEST_ID_HEADER} header names request {header!r} but the body names "
+            f"{request_id!r}: send the request's id in both, so the call reaches the process that ranked it"
+        }
+
+    def _chosen_id(header: str | None) -> str | _Answer | None:
+        """The request id the caller (or the load balancer) chose in the header, None, or a refusal."""
+        if header is None:
+            return None
+        try:
+            request_id = check_request_id(header)
+        except RequestIdError as exc:
+            return 422, {"error": str(exc)}
+        contexts = getattr(st.logger, "contexts", None)
+        if contexts is not None and request_id in contexts:  # one id names one ranking
+            return 409, {
+                "error": f"request id {request_id!r} names a ranking this process still holds: "
+                "choose a new id for each ranking"
+            }
+        return request_id
+
+    def _logged(batch: RankedBatch, user_id: int, now: int, request_id: str | None = None) -> RequestRef:
         """Hand a ranked request to the logging lane (after the answer, in order); returns its ref."""
-        ref = RequestRef(uuid.uuid4().hex[:16], user_id, now, batch.n_items)
+        ref = RequestRef(request_id or uuid.uuid4().hex[:16], user_id, now, batch.n_items)
         if st.service is not None:
             st.lane.submit(st.service.ranked, [ref], batch)
             if now - st.last_tick_ms >= 1_000:
@@ -756,10 +829,14 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         },
     )
     async def log(request: Request) -> Any:
-        return _response(_log(await request.body(), request.headers.get("content-type", "")))
+        header = request.headers.get(REQUEST_ID_HEADER)
+        return _response(_log(await request.body(), request.headers.get("content-type", ""), header))
 
-    def _log(raw: bytes, content_type: str) -> _Answer:
+    def _log(raw: bytes, content_type: str, header: str | None) -> _Answer:
         t0 = time.perf_counter()
+        chosen = _chosen_id(header)
+        if isinstance(chosen, tuple):
+            return chosen
         try:
             if content_type.split(";")[0].strip() == ARROW_STREAM:
                 user_id, items, scores, feats, item_block = arrow_body(raw, featureset)
@@ -777,17 +854,27 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
             }
         except FeatureInputError as exc:
             return exc.status, {"error": str(exc), "feature": exc.feature}
-        ref = _logged(batch, int(batch.user_ids[0]), clock.now_ms())
+        ref = _logged(batch, int(batch.user_ids[0]), clock.now_ms(), chosen)
         took["log"].observe(time.perf_counter() - t0)
         return 200, {"request_id": ref.request_id, "token": st.signer.sign(ref), "n_items": ref.n_items}
+
+    routing_header = Header(
+        None,
+        alias=REQUEST_ID_HEADER,
+        description="rank and log: the id to rank under (a load balancer's; default: a new one); "
+        "paginate and events: the body's request_id, for the load balancer to route by",
+    )
 
     @app.post(
         "/v1/rank",
         response_model=RankOut,
         responses={**_ERRORS, 404: {"model": ErrorOut, "description": "this service ranks no catalog"}},
     )
-    async def rank(body: RankIn) -> Any:
+    async def rank(body: RankIn, request_id: str | None = routing_header) -> Any:
         t0 = time.perf_counter()
+        chosen = _chosen_id(request_id)
+        if isinstance(chosen, tuple):
+            return _response(chosen)
         if st.funnel is None:
             return _error(
                 404,
@@ -819,17 +906,20 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
                     "users (their raw ids are World(WorldConfig(...)).user_ids; leanrec simulate draws them)",
                 )
             batch = st.funnel.rank(np.array([body.user_id]), np.array([now]), np.array([body.surface]))
-        ref = _logged(batch, int(batch.user_ids[0]), now)  # the int64 id (a string user id hashed)
+        ref = _logged(batch, int(batch.user_ids[0]), now, chosen)  # int64 user id (a string one hashed)
         out = RankOut(request_id=ref.request_id, items=batch.item_ids[0].tolist(), token=st.signer.sign(ref))
         latency.labels("rank").observe(time.perf_counter() - t0)
         return out
 
     @app.post("/v1/paginate", response_model=PaginateOut, responses=_ERRORS)
-    async def paginate(body: PaginateIn) -> Any:
-        return _response(await _paginate(body.request_id, body.token, body.seen_up_to))
+    async def paginate(body: PaginateIn, request_id: str | None = routing_header) -> Any:
+        return _response(await _paginate(body.request_id, body.token, body.seen_up_to, request_id))
 
-    async def _paginate(request_id: str, token: str, seen_up_to: int) -> _Answer:
+    async def _paginate(request_id: str, token: str, seen_up_to: int, header: str | None) -> _Answer:
         t0 = time.perf_counter()
+        misrouted = _routed(header, request_id)
+        if misrouted is not None:
+            return misrouted
         ref = _ref(request_id, token)
         if not isinstance(ref, RequestRef):
             return ref
@@ -845,13 +935,16 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         return 200, {"pages_logged": logged}
 
     @app.post("/v1/events", response_model=EventsOut, responses=_ERRORS)
-    async def events(body: EventsIn) -> Any:
+    async def events(body: EventsIn, request_id: str | None = routing_header) -> Any:
         def records() -> tuple[EventBatch, list[str]]:
             return EventBatch.from_records(
                 body.request_id, [e.model_dump() for e in body.events], string_items
             )
 
-        return _response(await _events(body.request_id, body.token, body.batch_id, len(body.events), records))
+        answer = await _events(
+            body.request_id, body.token, body.batch_id, len(body.events), records, request_id
+        )
+        return _response(answer)
 
     async def _events(
         request_id: str,
@@ -859,9 +952,13 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         batch_id: str,
         n_events: int,
         records: Callable[[], tuple[EventBatch, list[str]]],
+        header: str | None,
     ) -> _Answer:
         """An event batch of ``n_events`` events; ``records()`` builds it (and says which were malformed)."""
         t0 = time.perf_counter()
+        misrouted = _routed(header, request_id)
+        if misrouted is not None:
+            return misrouted
         ref = _ref(request_id, token)
         if not isinstance(ref, RequestRef):
             return ref
@@ -889,19 +986,19 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
 
     # The hot calls' plain bodies, checked as PaginateIn and EventsIn would check them (None: not
     # plain, FastAPI's route checks it and says what is wrong). Events become columns in one step.
-    async def _hot_log(raw: bytes, content_type: str) -> _Answer:
-        return _log(raw, content_type)
+    async def _hot_log(raw: bytes, content_type: str, header: str | None) -> _Answer:
+        return _log(raw, content_type, header)
 
-    async def _hot_paginate(raw: bytes, content_type: str) -> _Answer | None:
+    async def _hot_paginate(raw: bytes, content_type: str, header: str | None) -> _Answer | None:
         body = _json_object(raw, content_type)
         if body is None or not is_plain_ref(body, ("request_id", 64), ("token", 512)):
             return None
         seen = body.get("seen_up_to")
         if type(seen) is not int or seen < 0:
             return None
-        return await _paginate(body["request_id"], body["token"], seen)
+        return await _paginate(body["request_id"], body["token"], seen, header)
 
-    async def _hot_events(raw: bytes, content_type: str) -> _Answer | None:
+    async def _hot_events(raw: bytes, content_type: str, header: str | None) -> _Answer | None:
         body = _json_object(raw, content_type)
         if body is None or not is_plain_ref(body, ("request_id", 64), ("token", 512), ("batch_id", 64)):
             return None
@@ -909,7 +1006,7 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
         if batch is None or not body["batch_id"]:
             return None
         return await _events(
-            body["request_id"], body["token"], body["batch_id"], len(batch), lambda: (batch, [])
+            body["request_id"], body["token"], body["batch_id"], len(batch), lambda: (batch, []), header
         )
 
     @app.get("/healthz")

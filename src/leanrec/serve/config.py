@@ -111,7 +111,7 @@ class ServeConfig:
         if self.logging not in ("lazy", "eager", "off"):
             raise ConfigError(f"logging must be lazy, eager or off, got {self.logging!r}")
         positive = ("port", "n_users", "n_retrieve", "n_rank", "window_ms", "max_body_bytes", "max_events")
-        for name in (*positive, "max_items", "poll_ms"):
+        for name in (*positive, "max_items", "poll_ms", "context_max_bytes", "context_idle_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_items < 1000:

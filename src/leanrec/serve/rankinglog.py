@@ -39,11 +39,20 @@ from leanrec.featurelog.loggers import ContextCache, EagerLogger, FeatureLogger,
 from leanrec.featurelog.ranked import RankedBatch
 from leanrec.schema import FeatureSet, Role
 from leanrec.serve.config import ConfigError, ServeConfig
+from leanrec.serve.routing import RequestIdError, check_request_id
 from leanrec.serve.service import EventsResult, LoggingService
 from leanrec.serve.tokens import TokenSigner
 from leanrec.stores import open_transient_store
 
-__all__ = ["FeatureInputError", "Logged", "LoggingParts", "RankingLog", "build_logging", "open_logging"]
+__all__ = [
+    "FeatureInputError",
+    "Logged",
+    "LoggingParts",
+    "RankingLog",
+    "RequestIdError",
+    "build_logging",
+    "open_logging",
+]
 
 
 @dataclass
@@ -125,6 +134,7 @@ class RankingLog:
         item_ids: object,
         features: Mapping[str, object],
         scores: object | None = None,
+        request_id: str | None = None,
     ) -> Logged:
         """Freeze and log one ranked request: the features the ranker scored, as it scored them.
 
@@ -137,21 +147,37 @@ class RankingLog:
                 :func:`~leanrec.featurelog.inputs.pack_ranked` for the shapes).
             scores: ``(n,)`` the ranker's scores, logged with the items and written to the
                 warehouse's ``score`` column; or None, stored as NaN (null in the warehouse).
+            request_id: The id to log the request under, e.g. the service's own id of the call
+                (1 to 64 letters, digits, ``-`` or ``_``; unique: the caller sees to it); None
+                draws a new one.
 
         Returns:
             The request id and the signed token the client presents with paginate and events.
 
         Raises:
             FeatureInputError: The arrays do not match the FeatureSet; nothing was logged.
+            RequestIdError: ``request_id`` cannot name a request, or names one this log still holds.
 
         """
         batch = pack_ranked(self.featureset, user_id, item_ids, features, scores, self.config.max_items)
-        return self.log_batch(batch)
+        return self.log_batch(batch, request_id)
 
-    def log_batch(self, batch: RankedBatch) -> Logged:
-        """Log one ranked request already packed as a RankedBatch (one row)."""
+    def _check_new(self, request_id: str) -> None:
+        check_request_id(request_id)
+        if request_id in getattr(self._service.logger, "contexts", ()):
+            raise RequestIdError(f"request id {request_id!r} names a ranking this log still holds")
+
+    def log_batch(self, batch: RankedBatch, request_id: str | None = None) -> Logged:
+        """Log one ranked request already packed as a RankedBatch (one row), under ``request_id``.
+
+        Raises:
+            RequestIdError: ``request_id`` cannot name a request, or names one this log still holds.
+
+        """
+        if request_id is not None:
+            self._check_new(request_id)
         now = self.clock.now_ms()
-        ref = RequestRef(uuid.uuid4().hex[:16], int(batch.user_ids[0]), now, batch.n_items)
+        ref = RequestRef(request_id or uuid.uuid4().hex[:16], int(batch.user_ids[0]), now, batch.n_items)
         self._service.ranked([ref], batch)
         if now - self._last_tick >= 1_000:  # release idle contexts now and then
             self._last_tick = now

@@ -1,10 +1,12 @@
 """``leanrec simulate --target URL``: the synthetic world's users as HTTP clients of a running service.
 
 Each simulated session ranks, scrolls (sending pagination signals), and reports its events in
-batches, with engagement drawn from the world's truth, as fast as the service answers. The run is
-bounded in requests and in time, and it aims only at loopback addresses. A pagination signal or an
-event batch answered 503 (the service could not log it: its store is failing over, say) is sent again
-after a backoff, as a client must, for up to ``RESEND_FOR_S``.
+batches, with engagement drawn from the world's truth, as fast as the service answers. Its paginate
+and events calls name the request in the ``X-Leanrec-Request-Id`` header too, so the target may be
+nginx in front of several serving processes. The run is bounded in requests and in time, and it aims
+only at loopback addresses. A pagination signal or an event batch answered 503 (the service could not
+log it: its store is failing over, say) is sent again after a backoff, as a client must, for up to
+``RESEND_FOR_S``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from leanrec.errors import InputError
 from leanrec.events.model import EventKind
 from leanrec.featurelog.loggers import Paging
+from leanrec.serve.routing import REQUEST_ID_HEADER
 from leanrec.world import World, WorldConfig
 
 RESEND_FOR_S = 30.0
@@ -103,11 +106,13 @@ async def _session(
 ) -> None:
     user = int(world.sample_users(1, rng)[0])
 
+    routed: dict[str, str] = {}  # the request id header, once ranked: a load balancer routes by it
+
     async def call(endpoint: str, body: dict) -> httpx.Response:
         give_up, wait = time.perf_counter() + RESEND_FOR_S, 0.05
         while True:
             t0 = time.perf_counter()
-            response = await http.post(f"/v1/{endpoint}", json=body)
+            response = await http.post(f"/v1/{endpoint}", json=body, headers=routed)
             report.latency_ms.setdefault(endpoint, []).append((time.perf_counter() - t0) * 1000)
             key = f"{endpoint} {response.status_code}"
             report.status[key] = report.status.get(key, 0) + 1
@@ -129,6 +134,7 @@ async def _session(
     report.viewed += depth
     report.sessions[body["request_id"]] = (int(time.time() * 1000), depth)
     auth = {"request_id": body["request_id"], "token": body["token"]}
+    routed[REQUEST_ID_HEADER] = body["request_id"]
     now = int(time.time() * 1000)
     next_page = 1
     for start in range(0, depth, 5):

@@ -9,8 +9,10 @@ nothing in it engaged them); a ranked item of the session is an engagement (a cl
 it is among ``likes``) when the user reaches it. As a real client, it sends a pagination signal as
 the user nears each next page (but in ``fast_scroll_share`` of the sessions it never arrives, and
 the events alone must make the service log the pages they touch), then the session's events in
-one batch. Each session's list is scored against its items: NDCG@10 and recall@10 over the list,
-and engagements, so that two rankers replayed on the same sessions compare on the same traffic.
+one batch (its paginate and events calls name the request in the ``X-Leanrec-Request-Id`` header,
+for a load balancer to route by). Each session's list is scored against its items: NDCG@10 and
+recall@10 over the list, and engagements, so that two rankers replayed on the same sessions compare
+on the same traffic.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 from leanrec.errors import InputError
 from leanrec.featurefile import load_featureset
 from leanrec.featurelog.loggers import Paging
+from leanrec.serve.routing import REQUEST_ID_HEADER
 from leanrec.sim.client import TargetError, _check_answers, check_loopback, scrape
 
 STEP_MS = 20  # between one position's view and the next: a session's events stay inside a short window
@@ -165,8 +168,10 @@ async def _session(
     patience: int,
     fast_share: float,
 ) -> None:
+    routed: dict[str, str] = {}  # the request id header, once ranked: a load balancer routes by it
+
     async def call(endpoint: str, body: dict) -> httpx.Response:
-        response = await http.post(f"/v1/{endpoint}", json=body)
+        response = await http.post(f"/v1/{endpoint}", json=body, headers=routed)
         key = f"{endpoint} {response.status_code}"
         report.status[key] = report.status.get(key, 0) + 1
         return response
@@ -191,6 +196,7 @@ async def _session(
     report.viewed += depth
     report.engagements += len(hits)
     auth = {"request_id": out["request_id"], "token": out["token"]}
+    routed[REQUEST_ID_HEADER] = out["request_id"]
     fast = rng.random() < fast_share
     for page in range(1, paging.count(len(items))):
         at = max(paging.bounds(page, len(items))[0] - lookahead, 0)
