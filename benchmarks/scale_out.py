@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -54,6 +53,9 @@ from leanrec.serve.config import ServeConfig
 from leanrec.serve.workers import THREAD_VARIABLES
 from leanrec.sim.client import simulate
 from leanrec.world import WorldConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_redis import RedisServer
 
 
 def free_ports(n: int) -> list[int]:
@@ -92,37 +94,6 @@ def children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except FileNotFoundError:
         return []
-
-
-class RedisServer:
-    """A private redis-server without persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed")
-        (self.port,) = free_ports(1)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--daemonize", "no", "--dir", str(workdir), "--logfile", str(workdir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = redis.Redis(port=self.port, socket_timeout=5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                return
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise SystemExit(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 class Nginx:

@@ -183,19 +183,31 @@ def shop() -> Shop:
     return Shop()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
-    """A local Redis Cluster (3 masters with a replica each), started once for the session.
+def _started_cluster(folder: Path) -> LocalRedisCluster:
+    """A local Redis Cluster (3 masters with a replica each), running.
 
     Skips where redis-server is missing; fails instead when the environment variable CI is set.
-    Tests that kill a node start a cluster of their own.
     """
     try:
-        cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+        return LocalRedisCluster(folder).start()
     except ClusterStartError as err:
         if os.environ.get("CI"):
             pytest.fail(f"a Redis Cluster is required for the cluster tests: {err}")
         pytest.skip(f"a Redis Cluster is required for the cluster tests: {err}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """The session's local Redis Cluster, started once (see :func:`_started_cluster`)."""
+    cluster = _started_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
+    """A cluster of this test's own, for a test that kills one of its nodes."""
+    cluster = _started_cluster(tmp_path / "cluster")
     yield cluster
     cluster.stop()
 

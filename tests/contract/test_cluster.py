@@ -7,13 +7,10 @@ A test that kills a node starts a cluster of its own. They fail rather than skip
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import redis
 from redis.crc import key_slot
 
@@ -26,7 +23,7 @@ from leanrec.featurelog.loggers import key
 from leanrec.ids import scrambled_ids
 from leanrec.serve.service import LoggingUnavailable
 from leanrec.stores import open_transient_store
-from leanrec.stores.local_cluster import ClusterStartError, LocalRedisCluster
+from leanrec.stores.local_cluster import LocalRedisCluster
 from leanrec.warehouse.store import ParquetWarehouse
 from leanrec.warehouse.tables import TableLayout
 
@@ -95,19 +92,6 @@ def test_a_requests_entries_share_one_shard(cluster_url: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- failover
-@pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
-    """A cluster of this test's own, since it kills one of its masters."""
-    try:
-        cluster = LocalRedisCluster(tmp_path / "cluster").start()
-    except ClusterStartError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"a Redis Cluster is required for the failover test: {err}")
-        pytest.skip(f"a Redis Cluster is required for the failover test: {err}")
-    yield cluster
-    cluster.stop()
-
-
 def test_a_master_killed_while_logging_loses_nothing_a_client_sends_again(
     own_cluster: LocalRedisCluster, tmp_path: Path
 ) -> None:
