@@ -45,6 +45,7 @@ owner = "user"
 kind = "dense"
 size = 8
 space = "tt"
+changes = "rarely"
 doc = "a \\"quoted\\" doc, ünïcode"
 
 [[features]]
@@ -66,6 +67,7 @@ def test_a_file_declares_features_roles_and_retired_names() -> None:
     assert fs.role(Role.ITEM_ID).name == "sku" and fs.role(Role.HISTORY).name == "bought"
     assert fs.role(Role.USER_ID) is None
     assert fs["taste"].space == "tt" and fs["taste"].doc == 'a "quoted" doc, ünïcode'
+    assert fs["taste"].rarely and [f.name for f in fs.features if f.changes] == ["taste"]
     assert fs.retired == {"old_price": "worth nothing measurable"}
     sku, bought, hour = fs["sku"], fs["bought"], fs["hour"]
     assert (sku.rows, sku.string_ids, sku.id_map, sku.id_evict) == (1000, True, "managed", "lru")
@@ -89,6 +91,7 @@ def test_what_is_written_reads_back_as_the_same_featureset(seed: int) -> None:
         assert back.layout(Side.REQUEST) == one.layout(Side.REQUEST)
     text = dump_featureset(parse_featureset(SHOP))
     assert 'dtype = "string"' in text and 'map = "hash"' in text and 'evict = "lru"' in text
+    assert text.count("changes = ") == 1 and 'changes = "rarely"' in text
 
 
 def _with(feature: str) -> str:
@@ -177,6 +180,14 @@ _ROWS_NEEDED = r"shop.toml: feature 1 \(a\): a managed map needs its embedding r
         ),
         (_with('name = "click"\nowner = "item"\nkind = "dense"'), r"\['click'\] are warehouse columns"),
         (_with('name = "score"\nowner = "item"\nkind = "dense"'), r"\['score'\] are warehouse columns"),
+        (
+            _with('name = "a"\nowner = "user"\nkind = "dense"\nchanges = "daily"'),
+            r"shop.toml: feature 1 \(a\): changes is request or rarely, got 'daily'$",
+        ),
+        (
+            _with('name = "a"\nowner = "item"\nkind = "dense"\nchanges = "rarely"'),
+            r"feature 1 \(a\): changes is for user and context features, not item$",
+        ),
     ],
 )
 def test_every_mistake_is_refused_with_what_was_wrong(text: str, message: str) -> None:

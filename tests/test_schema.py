@@ -77,6 +77,7 @@ def test_duplicate_names_are_refused() -> None:
         ({"name": "x", "kind": Kind.DENSE, "map": "hash"}, r"feature x: rows, map, .* not dense"),
         ({"name": "x", "kind": Kind.DENSE, "string_ids": True}, r"feature x: .*string ids .* not dense"),
         ({"name": "x", "kind": Kind.SPARSE, "rows": 5, "space": "two_tower"}, "embedding space"),
+        ({"name": "x", "kind": Kind.DENSE, "changes": "often"}, r"feature x: changes is request or rarely"),
     ],
 )
 def test_invalid_features_are_refused(kwargs: dict, match: str) -> None:
@@ -324,6 +325,24 @@ def test_default_featureset_is_a_late_stage_rankers() -> None:
     assert {"u_taste_00", "i_taste_00", "u_hist", "i_click_rate"} <= informative
     assert {"u_noise_00", "i_noise_00"} <= noise
     assert {Kind.DENSE, Kind.SPARSE, Kind.MULTI_HOT, Kind.SEQUENCE} == {f.kind for f in fs.features}
+
+
+def test_only_request_side_features_declare_how_often_they_change() -> None:
+    assert Feature("x", U, Kind.DENSE, changes="rarely").rarely
+    assert not Feature("x", C, Kind.DENSE, changes="request").rarely and not Feature("x", U, Kind.DENSE).rarely
+    with pytest.raises(ValueError, match="feature x: changes is for user and context features, not item"):
+        Feature("x", I, Kind.DENSE, changes="rarely")
+
+
+def test_how_often_a_feature_changes_round_trips_and_changes_no_byte() -> None:
+    fs, _ = default_featureset(WorldConfig())
+    slow = {f.name for f in fs.features if f.rarely}
+    assert {"u_emb_0", "u_emb_long", "u_id", "u_taste_00"} <= slow
+    assert not slow & {"u_act_00", "u_hist", "u_noise_00", "c_surface"}  # engagement moves these
+    assert FeatureSet.from_json(fs.to_json()) == fs
+    plain = FeatureSet(fs.name, fs.version, tuple(dataclasses.replace(f, changes="") for f in fs.features))
+    assert plain != fs and plain.fingerprint == fs.fingerprint  # the same bytes: each reads the other
+    assert fs.reads(plain) and plain.reads(fs)
 
 
 # ----------------------------------------------------------------------------------- roles

@@ -19,6 +19,13 @@ versions had::
     doc = "the item's id"
 
     [[features]]
+    name = "country"
+    owner = "user"
+    kind = "sparse"
+    rows = 300
+    changes = "rarely"       # user and context features: request (the default) | rarely
+
+    [[features]]
     name = "recent"
     owner = "user"
     kind = "sequence"
@@ -34,7 +41,10 @@ versions had::
     size = 16
     space = "two_tower"      # dense vectors of one space (user and item side) meet in a dot product
 
-``size`` defaults to 1, ``doc``, ``space`` and ``role`` to empty. Every id feature needs ``rows``; its
+``size`` defaults to 1, ``doc``, ``space`` and ``role`` to empty. ``changes`` says how often a user or
+context feature's value changes: ``request`` (the default: counters, context, recent history) or
+``rarely`` (embeddings, long-term profiles), which the deduplicated warehouse stores once per distinct
+value rather than once per request. Every id feature needs ``rows``; its
 ids may be any 64-bit integers but -1 (padding), or strings with ``dtype = "string"``. ``dtype`` may
 be given for dense features and must then be ``float32``. Every mistake is refused with one line
 naming the file, the feature and what was wrong.
@@ -50,7 +60,20 @@ from typing import Any
 from leanrec.errors import InputError
 from leanrec.schema import Feature, FeatureSet, Kind, Owner, Side
 
-FEATURE_KEYS = ("name", "owner", "kind", "dtype", "size", "rows", "map", "evict", "doc", "space", "role")
+FEATURE_KEYS = (
+    "name",
+    "owner",
+    "kind",
+    "dtype",
+    "size",
+    "rows",
+    "map",
+    "evict",
+    "doc",
+    "space",
+    "role",
+    "changes",
+)
 """Keys a ``[[features]]`` table may have."""
 
 
@@ -93,7 +116,9 @@ def _feature(where: str, table: Any) -> Feature:
             f"{where}: a {kind.value} feature's dtype is {' or '.join(dtypes)}, got {dtype!r}"
         )
     ints = {key: _typed(where, table, key, int, default) for key, default in (("size", 1), ("rows", 0))}
-    strs = {key: _typed(where, table, key, str, "") for key in ("doc", "space", "role", "map", "evict")}
+    strs = {
+        key: _typed(where, table, key, str, "") for key in ("doc", "space", "role", "map", "evict", "changes")
+    }
     try:
         return Feature(name, owner, kind, **ints, **strs, string_ids=dtype == "string")
     except ValueError as exc:  # the feature's own rules; its message names it, as ``where`` does
@@ -184,7 +209,13 @@ def dump_featureset(fs: FeatureSet) -> str:
         lines += [f"size = {f.size}"] if f.size != 1 else []
         lines += ['dtype = "string"'] if f.string_ids else []
         lines += [f"rows = {f.rows}"] if f.rows else []
-        pairs = (("map", f.map), ("evict", f.evict), ("space", f.space), ("role", f.role))
+        pairs = (
+            ("map", f.map),
+            ("evict", f.evict),
+            ("space", f.space),
+            ("role", f.role),
+            ("changes", f.changes),
+        )
         lines += [f"{k} = {_toml_str(v)}" for k, v in pairs if v]
         lines += [f"doc = {_toml_str(f.doc)}"] if f.doc else []
     if fs.retired:

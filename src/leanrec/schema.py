@@ -34,6 +34,9 @@ ID_MAPS = ("hash", "qr", "managed")
 EVICTIONS = ("lfu", "lru")
 """How a managed map chooses the row a newly admitted id takes (see :attr:`Feature.evict`)."""
 
+CHANGES = ("request", "rarely")
+"""How often a request-side feature's value changes (see :attr:`Feature.changes`)."""
+
 DEFAULT_ID_MAP = "managed"
 """The map of an id feature that declares none: collisionless while its rows hold every id, and
 beyond that a row for each id that earns one (the frequent ones, which carry most of the traffic)."""
@@ -118,6 +121,11 @@ class Feature:
         evict: For a managed map, the row a newcomer takes when every row is held: ``lfu`` (the
             least frequent, counts decaying; the default) or ``lru`` (the least recently seen).
         string_ids: The ids arrive as strings and are hashed to 64 bits at the edge.
+        changes: For request-side features, how often the value changes: ``request`` (may differ
+            from one request to the next: counters, context, recent history; ``""`` means it) or
+            ``rarely`` (slowly changing: embeddings, long-term profiles). The deduplicated warehouse
+            layout stores the ``rarely`` features of a request once per distinct value in a side
+            table rather than in every request row; nothing else reads it.
 
     """
 
@@ -132,6 +140,7 @@ class Feature:
     map: str = ""
     evict: str = ""
     string_ids: bool = False
+    changes: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -160,6 +169,11 @@ class Feature:
                     f"feature {self.name}: evict is {' or '.join(EVICTIONS)} and only for a managed map, "
                     f"got {self.evict!r} with a {self.id_map} map"
                 )
+        if self.changes and self.changes not in CHANGES:
+            raise ValueError(f"feature {self.name}: changes is {' or '.join(CHANGES)}, got {self.changes!r}")
+        if self.changes and self.owner is Owner.ITEM:
+            # Item rows are deduplicated whole, whatever changes: the flag is for the request side.
+            raise ValueError(f"feature {self.name}: changes is for user and context features, not item")
         if self.space and self.kind is not Kind.DENSE:
             raise ValueError(f"feature {self.name}: only dense vectors live in an embedding space")
         if self.role:
@@ -195,6 +209,11 @@ class Feature:
         return (self.evict or EVICTIONS[0]) if self.id_map == "managed" else ""
 
     @property
+    def rarely(self) -> bool:
+        """Whether the feature is declared slowly changing (``changes = "rarely"``)."""
+        return self.changes == "rarely"
+
+    @property
     def side(self) -> Side:
         """The half of a request this feature belongs to."""
         return Side.ITEM if self.owner is Owner.ITEM else Side.REQUEST
@@ -213,6 +232,7 @@ class Feature:
             "map": self.map,
             "evict": self.evict,
             "string_ids": self.string_ids,
+            "changes": self.changes,
         }
 
     @classmethod
@@ -230,6 +250,7 @@ class Feature:
             str(d.get("map", "")),
             str(d.get("evict", "")),
             bool(d.get("string_ids", False)),
+            str(d.get("changes", "")),
         )
 
 

@@ -109,8 +109,8 @@ EXTRA_NOISE_VOCAB = 1_000
 """Distinct values of the extra user-side noise ids (``x_uid_…``), and the rows of their tables."""
 
 
-def _dense(owner: Owner, prefix: str, n: int, doc: str, size: int = 1) -> list[Feature]:
-    return [Feature(f"{prefix}_{i:02d}", owner, Kind.DENSE, size, doc=doc) for i in range(n)]
+def _dense(owner: Owner, prefix: str, n: int, doc: str, size: int = 1, changes: str = "") -> list[Feature]:
+    return [Feature(f"{prefix}_{i:02d}", owner, Kind.DENSE, size, doc=doc, changes=changes) for i in range(n)]
 
 
 def _ids(owner: Owner, prefix: str, n: int, rows: int, doc: str) -> list[Feature]:
@@ -144,7 +144,10 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
     156 user-side features (including the last 50 clicked item ids with their categories, creators,
     actions and ages, as sequence models consume them), 3 context features and 53 item-side features,
     then ``config.extra_noise`` more pure-noise features (see :func:`extra_noise_features`).
-    Noise features have no relation to engagement: an audit should retire them.
+    Noise features have no relation to engagement: an audit should retire them. The user's taste,
+    pretrained embeddings, id, favourite category, age bucket and followed topics are declared slowly
+    changing (``changes="rarely"``): nothing in the simulation updates them, unlike the activity
+    counters and histories that engagement moves and the noise it redraws.
 
     User, item and creator ids are raw 64-bit ids (see :func:`leanrec.ids.scrambled_ids`); each id
     feature's table has a row per value it can take (its ``rows``), and maps ids by the default map.
@@ -152,25 +155,51 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
     U, C, I = Owner.USER, Owner.CONTEXT, Owner.ITEM
     nu, ni, hl = config.n_users, config.n_items, config.history_len
     feats: list[Feature] = [
-        *_dense(U, "u_taste", 24, "noisy projection of the user's latent taste"),
+        *_dense(U, "u_taste", 24, "noisy projection of the user's latent taste", changes="rarely"),
         *_dense(U, "u_act", 8, "activity counters, updated as the user engages"),
         *_dense(U, "u_noise", 92, "pure noise"),
-        Feature("u_emb_0", U, Kind.DENSE, 16, doc="pretrained user embedding (taste)", space="two_tower"),
         Feature(
-            "u_emb_1", U, Kind.DENSE, 16, doc="pretrained user embedding (taste, noisier)", space="two_tower"
+            "u_emb_0",
+            U,
+            Kind.DENSE,
+            16,
+            doc="pretrained user embedding (taste)",
+            space="two_tower",
+            changes="rarely",
         ),
-        Feature("u_emb_long", U, Kind.DENSE, 64, doc="long-term interest embedding (taste)"),
+        Feature(
+            "u_emb_1",
+            U,
+            Kind.DENSE,
+            16,
+            doc="pretrained user embedding (taste, noisier)",
+            space="two_tower",
+            changes="rarely",
+        ),
+        Feature(
+            "u_emb_long", U, Kind.DENSE, 64, doc="long-term interest embedding (taste)", changes="rarely"
+        ),
         Feature("u_emb_2", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
         Feature("u_emb_3", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
-        Feature("u_id", U, Kind.SPARSE, 1, nu, "user id", role=Role.USER_ID),
-        Feature("u_top_category", U, Kind.SPARSE, 1, N_CATEGORIES, "the user's favourite category"),
-        Feature("u_age_bucket", U, Kind.SPARSE, 1, 8, "age bucket (correlates with taste)"),
+        Feature("u_id", U, Kind.SPARSE, 1, nu, "user id", role=Role.USER_ID, changes="rarely"),
+        Feature(
+            "u_top_category",
+            U,
+            Kind.SPARSE,
+            1,
+            N_CATEGORIES,
+            "the user's favourite category",
+            changes="rarely",
+        ),
+        Feature("u_age_bucket", U, Kind.SPARSE, 1, 8, "age bucket (correlates with taste)", changes="rarely"),
         Feature("u_country", U, Kind.SPARSE, 1, 50, "country, pure noise here"),
         Feature("u_lang", U, Kind.SPARSE, 1, 20, "language, pure noise here"),
         Feature("u_gender", U, Kind.SPARSE, 1, 3, "pure noise here"),
         Feature("u_device", U, Kind.SPARSE, 1, 10, "pure noise here"),
         *_ids(U, "u_noise_id", 13, 1000, "pure noise id"),
-        Feature("u_topics", U, Kind.MULTI_HOT, 8, N_CATEGORIES, "categories the user follows"),
+        Feature(
+            "u_topics", U, Kind.MULTI_HOT, 8, N_CATEGORIES, "categories the user follows", changes="rarely"
+        ),
         Feature("u_noise_tags", U, Kind.MULTI_HOT, 8, 500, "pure noise tag set"),
         Feature("u_hist", U, Kind.SEQUENCE, hl, ni, f"last {hl} items the user clicked", role=Role.HISTORY),
         Feature("u_hist_cat", U, Kind.SEQUENCE, hl, N_CATEGORIES, "categories of u_hist"),

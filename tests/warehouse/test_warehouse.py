@@ -28,11 +28,21 @@ from leanrec.warehouse import (
     records_table,
     warehouse_bytes,
 )
-from leanrec.warehouse.store import featureset_of, sorted_impression_bytes
-from leanrec.warehouse.tables import FEATURESET_KEY, LAYOUT_KEY
+from leanrec.warehouse.store import dedup_copy, featureset_of, side_paths, sorted_impression_bytes
+from leanrec.warehouse.tables import (
+    FEATURESET_KEY,
+    LAYOUT_KEY,
+    SIDE_KEY,
+    DedupTable,
+    dedup_tables,
+    row_keys,
+    schema,
+    undedup,
+)
 from leanrec.world import WorldConfig, default_featureset
 
 LAYOUTS = [TableLayout.REQUEST, TableLayout.IMPRESSION]
+ALL_LAYOUTS = [*LAYOUTS, TableLayout.DEDUP]
 HOUR_MS = 3_600_000
 T0 = int(datetime(2026, 11, 2, 8, tzinfo=UTC).timestamp() * 1000)
 
@@ -142,7 +152,7 @@ def bits(block: FeatureBlock) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- files and partitions
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_files_are_zstd_parquet_under_hive_partitions(
     fs: FeatureSet, tmp_path: Path, layout: TableLayout
 ) -> None:
@@ -152,6 +162,7 @@ def test_files_are_zstd_parquet_under_hive_partitions(
     wh.append(records)
     written = wh.flush()
     assert len(written) == 3  # 08h, 09h, and 00h of the next day
+    dedup = layout is TableLayout.DEDUP
     rel = sorted(str(Path(p).relative_to(tmp_path / "wh")) for p in written)
     pattern = re.compile(r"dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/part-[0-9a-f]+\.parquet")
     assert all(pattern.fullmatch(r) for r in rel), rel
@@ -160,6 +171,9 @@ def test_files_are_zstd_parquet_under_hive_partitions(
         "dt=2026-11-02/hour=09",
         "dt=2026-11-03/hour=00",
     ]
+    # A deduplicated file has its two side tables beside it, named after it.
+    every = [*written, *(str(s) for p in written for s in side_paths(p).values())] if dedup else written
+    assert sorted(str(p) for p in (tmp_path / "wh").rglob("*.parquet")) == sorted(every)
     for path in written:
         folder = Path(path).parent
         day, hour = folder.parent.name.split("=")[1], int(folder.name.split("=")[1])
@@ -168,7 +182,8 @@ def test_files_are_zstd_parquet_under_hive_partitions(
         for t in ts:
             when = datetime.fromtimestamp(int(t) / 1000, UTC)
             assert (f"{when:%Y-%m-%d}", when.hour) == (day, hour)
-        meta = pf.metadata
+    for path in every:
+        meta = pq.ParquetFile(path).metadata
         codecs = {
             meta.row_group(g).column(c).compression
             for g in range(meta.num_row_groups)
@@ -176,7 +191,7 @@ def test_files_are_zstd_parquet_under_hive_partitions(
         }
         assert codecs == {"ZSTD"}
     assert sorted(Path(p).name for p in wh.files) == sorted(Path(p).name for p in written)
-    assert wh.bytes_stored() == sum(Path(p).stat().st_size for p in written)
+    assert wh.bytes_stored() == sum(Path(p).stat().st_size for p in every)
     assert wh.flush() == []  # nothing buffered, nothing written
 
 
@@ -216,7 +231,7 @@ def test_files_are_written_under_a_hidden_name_and_renamed(
     assert wh.read().num_rows == 2
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_a_leftover_temp_file_breaks_no_reader(fs: FeatureSet, tmp_path: Path, layout: TableLayout) -> None:
     root = tmp_path / "wh"
     records = make_records(fs, [T0 + 1, T0 + 2, T0 + 3])
@@ -224,12 +239,13 @@ def test_a_leftover_temp_file_breaks_no_reader(fs: FeatureSet, tmp_path: Path, l
     size = wh.bytes_stored()
     part = Path(wh.files[0]).parent
     (part / ".part-x.parquet.tmp").write_bytes(b"PAR1 half a file")  # a writer died mid-commit
-    n = 3 if layout is TableLayout.REQUEST else sum(len(r) for r in records)
+    n = sum(len(r) for r in records) if layout is TableLayout.IMPRESSION else 3
     assert read_table(str(root), fs, layout).num_rows == n
     assert warehouse_bytes(str(root)) == size
     dataset = ds.dataset(str(root), format="parquet", partitioning="hive")
-    assert dataset.count_rows() == n
-    glob = f"{root}/**/*.parquet"
+    assert dataset.count_rows() == n  # deduplicated: the side tables' _names are not the dataset's
+    # DuckDB globs _names too: a deduplicated warehouse's request files are its part-* files.
+    glob = f"{root}/**/{'part-*' if layout is TableLayout.DEDUP else '*'}.parquet"
     got = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning=true)").fetchall()
     assert got == [(n,)]
 
@@ -445,7 +461,7 @@ def v2(fs: FeatureSet) -> FeatureSet:
     return fs.retire(RETIRED)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_a_v1_warehouse_reads_under_v2_without_the_retired_columns(
     fs: FeatureSet, v2: FeatureSet, tmp_path: Path, layout: TableLayout
 ) -> None:
@@ -465,13 +481,13 @@ def test_a_v1_warehouse_reads_under_v2_without_the_retired_columns(
         got = arrays_block(v2.layout(side), cols(as_v2), as_v2.num_rows)
         want = v2.project(arrays_block(fs.layout(side), cols(as_v1), as_v1.num_rows), fs, side)
         assert np.array_equal(bits(got), bits(want)), side
-    if layout is TableLayout.REQUEST:  # nested too: the items structs hold only v2's item fields
+    if layout is not TableLayout.IMPRESSION:  # nested too: the items structs hold only v2's item fields
         item_type = read_table(old.uri, v2).schema.field("items").type.value_type
         inner = [item_type.field(i).name for i in range(item_type.num_fields)]
         assert "i_tags" not in inner and "i_noise_emb" not in inner and "i_emb" in inner
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_a_folder_of_v1_and_v2_files_reads_under_v2(
     fs: FeatureSet, v2: FeatureSet, tmp_path: Path, layout: TableLayout
 ) -> None:
@@ -506,7 +522,7 @@ def test_a_folder_of_v1_and_v2_files_reads_under_v2(
     assert wh.committed(ids) == set(ids[:2])
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
 def test_a_v2_warehouse_is_refused_under_v1(
     fs: FeatureSet, v2: FeatureSet, tmp_path: Path, layout: TableLayout
 ) -> None:
@@ -594,3 +610,173 @@ def test_a_feature_of_other_rows_or_map_reads_and_one_of_string_ids_does_not(
     )
     with pytest.raises(WarehouseError, match=r"features of another shape: \['u_id'\]"):
         read_table(str(root), strings)
+
+
+# --------------------------------------------------------------------------- deduplicated layout
+def repeated_records(fs: FeatureSet, n: int, seed: int = 0) -> list[RequestRecord]:
+    """Records of 3 users and 6 items as traffic repeats them: each user's slow features and each
+    item's features take one of two versions, across requests.
+
+    Item 0's versions differ only in a 0.0 made -0.0, item 1's in a NaN's payload: distinct bytes,
+    so distinct rows. The other request features and everything per item but features stay random.
+    """
+    rng = np.random.default_rng(seed)
+    base = make_records(fs, [T0 + 10 * i for i in range(n)], seed)
+    req, item = fs.layout(Side.REQUEST), fs.layout(Side.ITEM)
+    slow = [s for s in req.slots if s.feature.rarely]
+    assert slow, "the demo FeatureSet declares slow user features"
+    users = raw_ids(rng, (3,))
+    profiles = [
+        FeatureBlock(
+            rng.normal(size=(2, req.float_width)).astype(np.float32), raw_ids(rng, (2, req.int_width))
+        )
+        for _ in users
+    ]
+    item_ids = np.arange(100, 106, dtype=np.int64)
+    versions = FeatureBlock(
+        rng.normal(size=(12, item.float_width)).astype(np.float32), raw_ids(rng, (12, item.int_width))
+    )
+    versions.floats[0, 0], versions.floats[6, 0] = 0.0, -0.0
+    versions.floats[1, 0] = np.nan
+    versions.floats.view(np.uint32)[7, 0] = 0x7FC00001  # another NaN
+    versions.floats[7, 1:], versions.ints[7] = versions.floats[1, 1:], versions.ints[1]
+    versions.floats[6, 1:], versions.ints[6] = versions.floats[0, 1:], versions.ints[0]
+    out = []
+    for i, r in enumerate(base):
+        u = i % 3
+        request = r.request.copy()
+        profile = profiles[u].take(slice(int(rng.integers(2)), None))
+        for s in slow:
+            src, dst = (
+                (profile.floats, request.floats) if s.feature.is_float else (profile.ints, request.ints)
+            )
+            dst[0, s.offset : s.stop] = src[0, s.offset : s.stop]
+        k = len(r)
+        which = rng.integers(0, 6, k)
+        rows = which + 6 * rng.integers(0, 2, k)
+        out.append(
+            dataclasses.replace(
+                r, user_id=int(users[u]), request=request, item_ids=item_ids[which], items=versions.take(rows)
+            )
+        )
+    return out
+
+
+def distinct_rows(block: FeatureBlock) -> int:
+    return len(np.unique(bits(block), axis=0))
+
+
+def leaves(arr: pa.Array) -> list[object]:
+    """Every value of an array as exact bits, nested structs and lists included (NaN equals its bits)."""
+    if pa.types.is_struct(arr.type):
+        return [x for child in arr.flatten() for x in leaves(child)]
+    if pa.types.is_list(arr.type):
+        return [pc.list_value_length(arr).to_pylist(), *leaves(arr.flatten())]
+    if pa.types.is_fixed_size_list(arr.type):
+        return leaves(arr.flatten())
+    if pa.types.is_floating(arr.type):
+        values = np.asarray(arr.to_numpy(zero_copy_only=False), np.float32)
+        return [arr.is_null().to_pylist(), values.view(np.uint32).tolist()]
+    return [arr.to_pylist()]
+
+
+def same_table(a: pa.Table, b: pa.Table) -> bool:
+    """Same schema (metadata too) and the same bits in every column (``Table.equals`` has NaN != NaN)."""
+    return a.schema.equals(b.schema, check_metadata=True) and all(
+        leaves(a.column(n).combine_chunks()) == leaves(b.column(n).combine_chunks()) for n in a.column_names
+    )
+
+
+def test_deduplicated_files_hold_each_distinct_row_once_and_read_back_the_same_examples(
+    fs: FeatureSet, tmp_path: Path
+) -> None:
+    records = repeated_records(fs, 40)
+    whs = {layout: write(tmp_path / layout.value, fs, layout, records) for layout in ALL_LAYOUTS}
+    dedup = whs[TableLayout.DEDUP]
+    examples = {layout: wh.read_examples() for layout, wh in whs.items()}
+    assert examples[TableLayout.DEDUP].num_rows == sum(len(r) for r in records)
+    for layout in LAYOUTS:  # every value, every type, every byte of every feature (-0.0 and NaN payloads)
+        assert same_table(examples[TableLayout.DEDUP], examples[layout]), layout
+    # read() gives the request-level rows, as request-level files hold them
+    assert same_table(
+        dedup.read().sort_by("request_id"), whs[TableLayout.REQUEST].read().sort_by("request_id")
+    )
+    # one file of rows and its two side tables
+    (path,) = dedup.files
+    sides = {t: pq.read_table(p) for t, p in side_paths(path).items()}
+    rows = pq.read_table(path)
+    slow = [s.feature.name for s in fs.layout(Side.REQUEST).slots if s.feature.rarely]
+    items = FeatureBlock.concat([r.items for r in records])
+    slow_cols = np.concatenate(
+        [np.arange(s.offset, s.stop) for s in fs.layout(Side.REQUEST).slots if s.feature.rarely]
+    )
+    assert sides[DedupTable.ITEMS].num_rows == distinct_rows(items) == 12  # both -0.0 and both NaNs kept
+    assert sides[DedupTable.SLOW].num_rows == 6  # 3 users, 2 versions each
+    assert not set(slow) & set(rows.column_names) and "slow_key" in rows.column_names
+    item_fields = {f.name for f in rows.schema.field("items").type.value_type}
+    assert not item_fields & set(fs.layout(Side.ITEM).names) and "item_key" in item_fields
+    assert len(slow_cols) > 0
+    for side, table in sides.items():
+        assert table.schema.metadata == {LAYOUT_KEY: b"dedup", SIDE_KEY: side.value.encode()}
+
+
+def test_dedup_tables_and_undedup_are_inverse_for_any_slice(fs: FeatureSet) -> None:
+    table = records_table(fs, repeated_records(fs, 25, seed=2), TableLayout.REQUEST)
+    rows, sides = dedup_tables(table, fs)
+    assert rows.schema == schema(fs, TableLayout.DEDUP)
+    request = table.column_names[:-1]
+    item = [f.name for f in table.schema.field("items").type.value_type]
+    whole = pa.Table.from_batches([undedup(rows, sides, request, item)]).cast(table.schema)
+    assert same_table(whole, table)
+    for start, length in ((3, 7), (24, 1), (0, 0)):
+        part = pa.Table.from_batches([undedup(rows.slice(start, length), sides, request, item)])
+        assert same_table(part.cast(table.schema), table.slice(start, length))
+    # keys are the rows' exact bytes: equal rows, equal keys; any other row, another key
+    flat = pc.list_flatten(table.column("items").combine_chunks())
+    keys = row_keys([flat.field(n) for n in fs.layout(Side.ITEM).names])
+    assert len(np.unique(keys)) == 12
+    assert (
+        keys.tolist() == pc.list_flatten(rows.column("items").combine_chunks()).field("item_key").to_pylist()
+    )
+
+
+def test_a_featureset_without_slow_features_writes_no_slow_table(fs: FeatureSet, tmp_path: Path) -> None:
+    fast = FeatureSet(fs.name, fs.version, tuple(dataclasses.replace(f, changes="") for f in fs.features))
+    records = repeated_records(fs, 12, seed=3)
+    wh = write(tmp_path / "wh", fast, TableLayout.DEDUP, records)
+    (path,) = wh.files
+    assert [Path(p).exists() for p in side_paths(path).values()] == [True, False]
+    assert "slow_key" not in pq.read_schema(path).names
+    want = write(tmp_path / "req", fast, TableLayout.REQUEST, records).read_examples()
+    assert same_table(wh.read_examples(), want)
+
+
+def test_a_request_level_warehouse_copies_into_the_same_deduplicated_files(
+    fs: FeatureSet, tmp_path: Path
+) -> None:
+    records = repeated_records(fs, 30, seed=4)
+    times = [dataclasses.replace(r, ts_ms=r.ts_ms + (i % 2) * HOUR_MS) for i, r in enumerate(records)]
+    src = write(tmp_path / "req", fs, TableLayout.REQUEST, times)
+    written = dedup_copy(src.uri, str(tmp_path / "copy"), fs)
+    direct = write(tmp_path / "direct", fs, TableLayout.DEDUP, times)
+    copy = ParquetWarehouse(str(tmp_path / "copy"), fs, TableLayout.DEDUP)
+    assert written == copy.bytes_stored() > 0
+    assert len(list((tmp_path / "copy").rglob("part-*.parquet"))) == len(src.files) == 2  # file for file
+    assert same_table(copy.read_examples(), direct.read_examples())
+    assert same_table(copy.read_examples(), src.read_examples())
+    with pytest.raises(WarehouseError, match="is not a request-level file"):
+        dedup_copy(direct.uri, str(tmp_path / "again"), fs)
+
+
+def test_a_missing_side_table_or_a_key_collision_is_refused_in_one_line(
+    fs: FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wh = write(tmp_path / "wh", fs, TableLayout.DEDUP, repeated_records(fs, 6, seed=5))
+    Path(side_paths(wh.files[0])[DedupTable.ITEMS]).unlink()
+    with pytest.raises(
+        WarehouseError, match=r"warehouse file .*_part-[0-9a-f]+\.items\.parquet does not exist"
+    ):
+        wh.read()
+    monkeypatch.setattr("leanrec.warehouse.tables.row_keys", lambda cols: np.zeros(len(cols[0]), np.uint64))
+    with pytest.raises(WarehouseError, match="two different feature rows share a 64-bit key"):
+        write(tmp_path / "clash", fs, TableLayout.DEDUP, repeated_records(fs, 6, seed=5))

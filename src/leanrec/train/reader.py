@@ -1,4 +1,4 @@
-"""A streaming reader from a warehouse, either layout, into torch training batches.
+"""A streaming reader from a warehouse, any layout, into torch training batches.
 
 Each Parquet file is opened on its own and read row group by row group, with column projection: the
 request id, the features the FeatureSet derives, the item position and the click and like labels, and
@@ -9,6 +9,10 @@ logged one): they are not a feature, and no model input is built from them. Reco
 column by column: features through :func:`~leanrec.warehouse.tables.arrays_block`, the items of
 request-level rows through ``list_flatten`` and ``list_parent_indices``. There is no Python loop per
 row.
+
+A deduplicated file reads as the request-level rows it was split from: its side tables (only the
+columns asked for) are read once when the file is opened, and each record batch of its request rows
+takes its item features and slow request features from them by key (``pc.index_in`` and ``take``).
 
 Files can be split across data-parallel ranks with :func:`shard`; :class:`ReadStats` counts the
 compressed bytes of the column chunks read, so the two layouts can be compared by what they cost to
@@ -38,9 +42,10 @@ from leanrec.warehouse.store import (
     check_readable,
     layout_of,
     projection,
+    read_sides,
     written_featureset,
 )
-from leanrec.warehouse.tables import SCORE_FIELD, TableLayout, arrays_block, with_scores
+from leanrec.warehouse.tables import SCORE_FIELD, TableLayout, arrays_block, undedup, with_scores
 
 LABEL_COLUMNS = ("click", "like")
 """Labels a batch carries, as float 0/1."""
@@ -219,7 +224,7 @@ def iter_batches(
         return _by_request(
             filesystem, paths, fs, found, batch_requests, shuffle_seed or 0, stats, logged_scores
         )
-    size = batch_requests if found is TableLayout.REQUEST else batch_impressions
+    size = batch_impressions if found is TableLayout.IMPRESSION else batch_requests
     return _generate(filesystem, paths, fs, found, size, shuffle_seed, stats, logged_scores)
 
 
@@ -259,13 +264,18 @@ def _check_file(path: str, pf: pq.ParquetFile, fs: FeatureSet) -> TableLayout:
     return layout_of(path, meta)
 
 
+def _names(fs: FeatureSet, scores: bool) -> tuple[list[str], list[str]]:
+    """Request columns and item columns (or ``items`` fields) a batch is built from."""
+    request = ["request_id", *fs.layout(Side.REQUEST).names]
+    item = ["position", *fs.layout(Side.ITEM).names, *LABEL_COLUMNS]
+    return request, item + ([SCORE_FIELD.name] if scores else [])
+
+
 def _projection(
     path: str, pf: pq.ParquetFile, fs: FeatureSet, layout: TableLayout, scores: bool
 ) -> tuple[list[str], list[int]]:
     """Column paths to read, and the indices of the Parquet leaf columns they cover."""
-    request = ["request_id", *fs.layout(Side.REQUEST).names]
-    item = ["position", *fs.layout(Side.ITEM).names, *LABEL_COLUMNS]
-    item += [SCORE_FIELD.name] if scores else []
+    request, item = _names(fs, scores)
     return projection(path, pf, request, item, layout, optional=(SCORE_FIELD.name,))
 
 
@@ -303,9 +313,9 @@ def _by_request(
         table = pa.concat_tables(tables)
         hashed, rank = _request_order(table, seed)
         position = (
-            np.zeros(table.num_rows, np.int64)
-            if layout is TableLayout.REQUEST
-            else _numpy(table.column("position"), np.int64)
+            _numpy(table.column("position"), np.int64)
+            if layout is TableLayout.IMPRESSION
+            else np.zeros(table.num_rows, np.int64)
         )
         order = np.lexsort((position, rank, hashed))
         table = table.take(pa.array(order))
@@ -341,8 +351,16 @@ def _read_file(
             raise WarehouseError(
                 f"{path} is {found.value}-level; the files before it are {layout.value}-level"
             )
-        columns, leaves = _projection(path, pf, fs, layout, scores)
-        top = list(dict.fromkeys(c.split(".")[0] for c in columns))
+        sides = None
+        if layout is TableLayout.DEDUP:
+            request, item = _names(fs, scores)
+            sides, req_cols, item_cols, side_bytes = read_sides(filesystem, path, pf, request, item)
+            columns, leaves = projection(path, pf, req_cols, item_cols, TableLayout.REQUEST)
+            stats.bytes_read += side_bytes
+            top = [*request, "items"]
+        else:
+            columns, leaves = _projection(path, pf, fs, layout, scores)
+            top = list(dict.fromkeys(c.split(".")[0] for c in columns))
         stats.files += 1
         groups = np.arange(pf.num_row_groups)
         if rng is not None:
@@ -354,6 +372,11 @@ def _read_file(
             stats.bytes_read += sum(meta.column(i).total_compressed_size for i in leaves)
             stats.row_groups += 1
             for rb in pf.iter_batches(batch_size=size, row_groups=[g], columns=columns):
+                if sides is not None:  # the request-level rows the deduplicated ones were split from
+                    try:
+                        rb = undedup(rb, sides, request, item)
+                    except ValueError as exc:
+                        raise WarehouseError(f"{path}: {exc}") from None
                 rb = rb.select(top)  # one column order whatever the file's, so batches of files concatenate
                 if scores:
                     rb = with_scores(rb, layout)
@@ -399,7 +422,7 @@ def _to_batch(table: pa.Table, fs: FeatureSet, layout: TableLayout, scores: bool
     r = table.num_rows
     cols = {name: table.column(name) for name in table.column_names}
     req = arrays_block(fs.layout(Side.REQUEST), cols, r)
-    if layout is TableLayout.REQUEST:
+    if layout is not TableLayout.IMPRESSION:
         items = _column(table.column("items"))
         flat = pc.list_flatten(items)
         item_cols: dict[str, pa.Array | pa.ChunkedArray] = {f.name: flat.field(f.name) for f in flat.type}

@@ -1,9 +1,16 @@
-"""The Warehouse: Parquet datasets of joined records, request-level or impression-level.
+"""The Warehouse: Parquet datasets of joined records, request-level, impression-level or deduplicated.
 
 Files are zstd-compressed Parquet under Hive-style partitions (``dt=YYYY-MM-DD/hour=HH/``) of the
 request time. Each file is written under a hidden temporary name and renamed into place, so a reader
 (pyarrow, DuckDB, Spark) never sees half a file. The path may be a local folder or any URI that
 ``pyarrow.fs`` opens (``s3://…``, ``gs://…``).
+
+A deduplicated file ``part-X.parquet`` has its side tables beside it, ``_part-X.items.parquet`` and
+``_part-X.slow.parquet`` (see :mod:`leanrec.warehouse.tables`): plain Parquet files, since a Parquet
+file holds one table, so any engine reads each and joins them on their keys. Their names start with
+``_``, which pyarrow's and Spark's dataset discovery skip, so a folder of request files reads as one
+dataset. They are written and renamed into place before their request file, whose rename commits all
+three: a reader never meets a request file whose side tables are missing.
 """
 
 from __future__ import annotations
@@ -25,14 +32,18 @@ from leanrec.schema import FeatureSet, Side
 from leanrec.warehouse.records import RequestRecord
 from leanrec.warehouse.tables import (
     FEATURESET_KEY,
+    KEY_FIELDS,
     LAYOUT_KEY,
     META_FIELDS,
     SCORE_FIELD,
+    DedupTable,
     TableLayout,
+    dedup_tables,
     item_struct,
     records_table,
     request_to_impression,
     schema,
+    undedup,
     with_scores,
 )
 
@@ -75,7 +86,7 @@ class ParquetWarehouse:
     Args:
         uri: Local folder or a URI ``pyarrow.fs`` opens.
         fs: The FeatureSet whose columns the files hold.
-        layout: Request-level (default) or impression-level.
+        layout: Request-level (default), impression-level or deduplicated.
         ledger: Charged for building tables and writing files.
         flush_rows: Buffered requests that trigger a commit.
 
@@ -116,21 +127,23 @@ class ParquetWarehouse:
             return []
         records, self._buffer = self._buffer, []
         with self.ledger.cpu("warehouse_write") as cost:
-            table = records_table(self.featureset, records, self.layout)
+            # Deduplicated files are request-level rows split into their tables, file by file.
+            built = TableLayout.REQUEST if self.layout is TableLayout.DEDUP else self.layout
+            table = records_table(self.featureset, records, built)
             hours = table.column("ts_ms").to_numpy() // 3_600_000
             written = []
             for hour in np.unique(hours):
                 part = table.filter(pa.array(hours == hour))
                 when = datetime.fromtimestamp(int(hour) * 3600, UTC)
                 folder = f"{self.root}/dt={when:%Y-%m-%d}/hour={when:%H}"
-                self.filesystem.create_dir(folder, recursive=True)
                 name = f"part-{uuid.uuid4().hex[:16]}.parquet"
-                tmp, final = f"{folder}/.{name}.tmp", f"{folder}/{name}"
-                pq.write_table(part, tmp, filesystem=self.filesystem, compression="zstd")
-                self.filesystem.move(tmp, final)
-                size = self.filesystem.get_file_info(final).size
-                cost.ops += 1
-                cost.bytes_written += size
+                final = f"{folder}/{name}"
+                if self.layout is TableLayout.DEDUP:
+                    sizes = write_dedup(self.filesystem, final, part, self.featureset)
+                else:
+                    sizes = [_write(self.filesystem, final, part)]
+                cost.ops += len(sizes)
+                cost.bytes_written += sum(sizes)
                 written.append(final)
         self._files.extend(written)
         return written
@@ -160,7 +173,7 @@ class ParquetWarehouse:
         return list(self._files)
 
     def read(self) -> pa.Table:
-        """All committed files of this warehouse."""
+        """All committed files of this warehouse (a deduplicated one as request-level rows)."""
         return read_table(self.uri, self.featureset, self.layout)
 
     def read_examples(self) -> pa.Table:
@@ -171,12 +184,12 @@ class ParquetWarehouse:
         were kept).
         """
         table = self.read()
-        if self.layout is TableLayout.REQUEST:
+        if self.layout is not TableLayout.IMPRESSION:
             table = request_to_impression(table, self.featureset)
         return table.sort_by([("request_id", "ascending"), ("position", "ascending")])
 
     def bytes_stored(self) -> int:
-        """Size of every Parquet file under the path."""
+        """Size of every Parquet file under the path (side tables included)."""
         return warehouse_bytes(self.uri)
 
 
@@ -204,7 +217,73 @@ class _Opened:
         self.source.close()
 
 
-def _files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+def _write(filesystem: pafs.FileSystem, path: str, table: pa.Table) -> int:
+    """Write one zstd Parquet file under a hidden temporary name and rename it into place; its size."""
+    folder, name = path.rsplit("/", 1)
+    filesystem.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{name}.tmp"
+    pq.write_table(table, tmp, filesystem=filesystem, compression="zstd")
+    filesystem.move(tmp, path)
+    return filesystem.get_file_info(path).size
+
+
+def side_paths(path: str) -> dict[DedupTable, str]:
+    """Paths of the side tables of a deduplicated request file: ``_<name>.<table>.parquet`` beside it."""
+    folder, name = path.rsplit("/", 1)
+    stem = name.removesuffix(".parquet")
+    return {t: f"{folder}/_{stem}.{t.value}.parquet" for t in DedupTable}
+
+
+def write_dedup(filesystem: pafs.FileSystem, path: str, table: pa.Table, fs: FeatureSet) -> list[int]:
+    """Write request-level rows as one deduplicated file at ``path`` and its side tables; their sizes.
+
+    The side tables are renamed into place first: the request file's rename commits the three.
+
+    Raises:
+        WarehouseError: Two different feature rows share a key (never seen: a 64-bit hash).
+
+    """
+    try:
+        rows, sides = dedup_tables(table, fs)
+    except ValueError as exc:
+        raise WarehouseError(f"{path}: {exc}") from None
+    paths = side_paths(path)
+    sizes = [_write(filesystem, paths[t], side) for t, side in sides.items()]
+    return [*sizes, _write(filesystem, path, rows)]
+
+
+def dedup_copy(uri: str, out: str, fs: FeatureSet) -> int:
+    """Write a request-level warehouse's files again, deduplicated, under ``out``; the bytes written.
+
+    File by file, with the same partitions, records and names, and the writer's own code and
+    compression: only the layout differs, so the two sizes compare layouts alone.
+
+    Raises:
+        WarehouseError: The warehouse is not request-level, or the path is not a warehouse.
+
+    """
+    filesystem, files = _files(uri)
+    _, root = _open_fs(uri)
+    out_fs, out_root = _open_fs(out)
+    total = 0
+    for info in files:
+        with _Opened(filesystem, info.path) as file:
+            if layout_of(info.path, file.schema_arrow.metadata) is not TableLayout.REQUEST:
+                raise WarehouseError(f"{info.path} is not a request-level file")
+            table = with_scores(file.read(), TableLayout.REQUEST).select(
+                schema(fs, TableLayout.REQUEST).names
+            )
+        relative = info.path[len(root.rstrip("/")) :].lstrip("/")
+        total += sum(write_dedup(out_fs, f"{out_root.rstrip('/')}/{relative}", table, fs))
+    return total
+
+
+def _is_side(info: pafs.FileInfo) -> bool:
+    return info.base_name.startswith("_")
+
+
+def _files(uri: str, sides: bool = False) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """The committed warehouse files under ``uri``; with ``sides``, deduplicated side tables as well."""
     filesystem, root = _open_fs(uri)
     info = filesystem.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
@@ -224,6 +303,7 @@ def _files(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
         if f.type == pafs.FileType.File
         and f.base_name.endswith(".parquet")
         and not f.base_name.startswith(".")
+        and (sides or not _is_side(f))
     ]
     # A warehouse keeps its files in Hive partitions (key=value folders) under its root; files
     # under other folders belong to warehouses inside this one, as leanrec-demo/ holds two.
@@ -243,8 +323,8 @@ def _warehouse_root(root: str, path: str) -> str:
 
 
 def warehouse_bytes(uri: str) -> int:
-    """Bytes of the committed Parquet files under a warehouse path."""
-    return sum(f.size for f in _files(uri)[1])
+    """Bytes of the committed Parquet files under a warehouse path (side tables included)."""
+    return sum(f.size for f in _files(uri, sides=True)[1])
 
 
 def written_featureset(path: str, metadata: dict[bytes, bytes] | None) -> FeatureSet:
@@ -279,6 +359,88 @@ def check_readable(path: str, written: FeatureSet, fs: FeatureSet) -> None:
             f"({written.fingerprint:08x}), not {fs.name} v{fs.version} ({fs.fingerprint:08x}): "
             + "; ".join(conflicts)
         )
+
+
+def read_sides(
+    filesystem: pafs.FileSystem, path: str, pf: pq.ParquetFile, request: Sequence[str], item: Sequence[str]
+) -> tuple[dict[DedupTable, pa.Table], list[str], list[str], int]:
+    """What to read of a deduplicated file for the named columns, and its side tables' share of them.
+
+    A column the request file lacks is read from the side table that holds it (with its key); the
+    side tables are read whole but for the columns not asked for.
+
+    Args:
+        filesystem: The warehouse's filesystem.
+        path: The request file.
+        pf: The open request file.
+        request: Top-level columns wanted (request-level names).
+        item: Fields of the ``items`` structs wanted.
+
+    Returns:
+        The side tables read (those any wanted column is in), the columns and item fields to read of
+        the request file (keys included), and the compressed bytes of the side columns read.
+
+    Raises:
+        WarehouseError: A side table is missing or unreadable.
+
+    """
+    top = set(pf.schema_arrow.names)
+    struct = {f.name for f in pf.schema_arrow.field("items").type.value_type} if "items" in top else set()
+    wanted = {DedupTable.SLOW: [n for n in request if n not in top], DedupTable.ITEMS: []}
+    wanted[DedupTable.ITEMS] = [n for n in item if n not in struct]
+    tables: dict[DedupTable, pa.Table] = {}
+    read = 0
+    for table, names in wanted.items():
+        if not names:
+            continue
+        side = side_paths(path)[table]
+        with _Opened(filesystem, side) as spf:
+            have = set(spf.schema_arrow.names)
+            names = [n for n in names if n in have]  # missing ones are reported as the file's
+            columns = [KEY_FIELDS[table].name, *names]
+            tables[table] = spf.read(columns=columns)
+            for g in range(spf.num_row_groups):
+                meta = spf.metadata.row_group(g)
+                read += sum(
+                    meta.column(i).total_compressed_size
+                    for i in range(meta.num_columns)
+                    if meta.column(i).path_in_schema.split(".")[0] in columns
+                )
+    request_cols = [n for n in request if n in top]
+    item_cols = [n for n in item if n in struct]
+    if DedupTable.SLOW in tables:
+        request_cols.append(KEY_FIELDS[DedupTable.SLOW].name)
+    if DedupTable.ITEMS in tables:
+        item_cols.append(KEY_FIELDS[DedupTable.ITEMS].name)
+    return tables, request_cols, item_cols, read
+
+
+def read_dedup(
+    filesystem: pafs.FileSystem,
+    path: str,
+    pf: pq.ParquetFile,
+    request: Sequence[str],
+    item: Sequence[str],
+    optional: Sequence[str] = (),
+) -> pa.Table:
+    """A deduplicated file's named columns as request-level rows (see :func:`read_sides`).
+
+    Raises:
+        WarehouseError: The file or its side tables lack a column, or a key misses its side table.
+
+    """
+    sides, request_cols, item_cols, _ = read_sides(filesystem, path, pf, request, item)
+    columns, _ = projection(path, pf, request_cols, item_cols, TableLayout.REQUEST, optional)
+    rows = pf.read(columns=columns)
+    got = {f.name for f in pf.schema_arrow.field("items").type.value_type} | {
+        n for t in sides.values() for n in t.column_names
+    }
+    names = [n for n in item if n not in optional or n in got]
+    try:
+        batch = undedup(rows, sides, request, names)
+    except ValueError as exc:
+        raise WarehouseError(f"{path}: {exc}") from None
+    return pa.Table.from_batches([batch])
 
 
 def layout_of(path: str, metadata: dict[bytes, bytes] | None) -> TableLayout:
@@ -395,14 +557,24 @@ def read_table(uri: str, fs: FeatureSet, layout: TableLayout | None = None) -> p
                     raise WarehouseError(
                         f"warehouse {uri} is {found.value}-level, expected {layout.value}-level"
                     )
-                got, want = found, schema(fs, found)
+                # A deduplicated warehouse reads as the request-level rows it was split from.
+                got = found
+                want = schema(
+                    fs, TableLayout.IMPRESSION if got is TableLayout.IMPRESSION else TableLayout.REQUEST
+                )
             elif found is not got:
                 raise WarehouseError(
                     f"{f.path} is {found.value}-level; the files before it are {got.value}-level"
                 )
-            columns, _ = _table_projection(f.path, pf, fs, got)
-            # Read in file order, then put columns (and struct fields, by name) in the schema's order.
-            table = with_scores(pf.read(columns=columns), got)
+            if got is TableLayout.DEDUP:
+                request = [*(f.name for f in META_FIELDS), *fs.layout(Side.REQUEST).names]
+                item = [f.name for f in item_struct(fs)]
+                table = read_dedup(filesystem, f.path, pf, request, item, optional=(SCORE_FIELD.name,))
+                table = with_scores(table, TableLayout.REQUEST)
+            else:
+                columns, _ = _table_projection(f.path, pf, fs, got)
+                # Read in file order, then put columns (and struct fields, by name) in the schema's order.
+                table = with_scores(pf.read(columns=columns), got)
             tables.append(table.select(want.names).cast(want))
     return pa.concat_tables(tables)
 

@@ -1,9 +1,13 @@
-"""Arrow schemas of the two warehouse layouts, derived from the FeatureSet, and conversions.
+"""Arrow schemas of the warehouse layouts, derived from the FeatureSet, and conversions.
 
 - Request-level (default): one row per request; request-side features once; ``items`` is a list of
   structs, one per viewed item, with its position, id, first-view time, the ranker's score, features
   and labels.
 - Impression-level (baseline): one row per viewed item; request-side columns repeated in each.
+- Deduplicated: request-level rows that hold each viewed item's features, and the request's slowly
+  changing features (``changes = "rarely"``), as a key into a side table of the distinct rows of a
+  file: an item viewed in many requests, a user's embeddings across their requests, are stored once
+  per file (:func:`dedup_tables`, :func:`undedup`). The key is a 64-bit hash of the row's exact bytes.
 
 ``score`` is the score the ranker gave the item at its position, as logged with its features: not a
 feature (no model reads it as an input), kept for off-policy evaluation and for comparing a new model
@@ -29,6 +33,8 @@ from leanrec.warehouse.records import RequestRecord
 
 FEATURESET_KEY = b"leanrec.featureset"
 LAYOUT_KEY = b"leanrec.layout"
+SIDE_KEY = b"leanrec.side"
+"""Metadata key of a deduplicated warehouse's side files: which side table the file holds."""
 
 
 class TableLayout(StrEnum):
@@ -36,6 +42,16 @@ class TableLayout(StrEnum):
 
     REQUEST = "request"
     IMPRESSION = "impression"
+    DEDUP = "dedup"
+
+
+class DedupTable(StrEnum):
+    """The side tables of a deduplicated warehouse file."""
+
+    ITEMS = "items"
+    """Distinct item feature rows, keyed by ``item_key``."""
+    SLOW = "slow"
+    """Distinct rows of the request's slowly changing features, keyed by ``slow_key``."""
 
 
 META_FIELDS = (
@@ -51,6 +67,11 @@ ITEM_META_FIELDS = (
 )
 SCORE_FIELD = pa.field("score", pa.float32(), nullable=True)
 """The ranker's score of each viewed item; null where it gave none."""
+ITEM_KEY_FIELD = pa.field("item_key", pa.uint64(), nullable=False)
+"""Deduplicated layout: hash of a viewed item's feature row, its key in the items side table."""
+SLOW_KEY_FIELD = pa.field("slow_key", pa.uint64(), nullable=False)
+"""Deduplicated layout: hash of a request's slowly changing features, its key in the slow side table."""
+KEY_FIELDS = {DedupTable.ITEMS: ITEM_KEY_FIELD, DedupTable.SLOW: SLOW_KEY_FIELD}
 LABEL_FIELDS = tuple(
     pa.field(name, pa.int32() if name == "watch_ms" else pa.bool_(), nullable=False) for name in LABELS
 )
@@ -76,16 +97,51 @@ def item_struct(fs: FeatureSet) -> pa.StructType:
     return pa.struct(_item_fields(fs))
 
 
+def slow_names(fs: FeatureSet) -> list[str]:
+    """The request-side features declared slowly changing, in layout order."""
+    return [s.feature.name for s in fs.layout(Side.REQUEST).slots if s.feature.rarely]
+
+
+def dedup_item_struct() -> pa.StructType:
+    """Type of one viewed item inside a deduplicated row: its features are a key into the items table."""
+    return pa.struct([*ITEM_META_FIELDS, SCORE_FIELD, ITEM_KEY_FIELD, *LABEL_FIELDS])
+
+
 def schema(fs: FeatureSet, layout: TableLayout) -> pa.Schema:
-    """Arrow schema of a warehouse layout, with the FeatureSet in its metadata."""
+    """Arrow schema of a warehouse layout, with the FeatureSet in its metadata.
+
+    Deduplicated, this is the schema of the request files; :func:`side_schema` gives their side tables'.
+    """
     req = _fields(fs.layout(Side.REQUEST))
     if layout is TableLayout.REQUEST:
         fields = [*META_FIELDS, *req, pa.field("items", pa.list_(item_struct(fs)), nullable=False)]
+    elif layout is TableLayout.DEDUP:
+        slow = set(slow_names(fs))
+        fields = [
+            *META_FIELDS,
+            *(f for f in req if f.name not in slow),
+            *([SLOW_KEY_FIELD] if slow else []),
+            pa.field("items", pa.list_(dedup_item_struct()), nullable=False),
+        ]
     else:
         fields = [*META_FIELDS, *req, *_item_fields(fs)]
     return pa.schema(
         fields, metadata={FEATURESET_KEY: fs.to_json().encode(), LAYOUT_KEY: layout.value.encode()}
     )
+
+
+def side_schema(fs: FeatureSet, table: DedupTable) -> pa.Schema:
+    """Arrow schema of a side table of the deduplicated layout: its key, then its features.
+
+    Its metadata names the layout and the table; the FeatureSet is in the request file's metadata,
+    which is read first, and is not repeated (a few kB per file).
+    """
+    if table is DedupTable.ITEMS:
+        features = _fields(fs.layout(Side.ITEM))
+    else:
+        features = [feature_field(fs[name]) for name in slow_names(fs)]
+    meta = {LAYOUT_KEY: TableLayout.DEDUP.value.encode(), SIDE_KEY: table.value.encode()}
+    return pa.schema([KEY_FIELDS[table], *features], metadata=meta)
 
 
 def block_arrays(layout: Layout, block: FeatureBlock) -> list[pa.Array]:
@@ -216,3 +272,169 @@ def impression_to_request(table: pa.Table, fs: FeatureSet) -> pa.Table:
     offsets = pa.array(np.concatenate([starts, [n]]).astype(np.int32))
     cols.append(pa.ListArray.from_arrays(offsets, struct, type=sch.field("items").type))
     return pa.Table.from_arrays(cols, schema=sch)
+
+
+# --------------------------------------------------------------------------- deduplicated layout
+
+_P1 = np.uint64(0x9E3779B185EBCA87)  # xxHash64's primes: odd, well mixed
+_P2 = np.uint64(0xC2B2AE3D27D4EB4F)
+_P3 = np.uint64(0x165667B19E3779F9)
+
+
+def _column(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _words(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """``(n, size)`` uint64 of a feature column's exact bits: a float32 value widened, an int64 as is."""
+    col = _column(col)
+    values = col.flatten() if pa.types.is_fixed_size_list(col.type) else col
+    arr = np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(col), -1)
+    return arr.view(np.uint32).astype(np.uint64) if arr.dtype == np.float32 else arr.view(np.uint64)
+
+
+def row_keys(columns: Sequence[pa.Array | pa.ChunkedArray]) -> np.ndarray:
+    """``(n,)`` uint64 hash of each row's exact bytes across ``columns`` (feature columns).
+
+    An xxHash64-style multiply-rotate per value, vectorised across rows: one pass of a few numpy
+    operations per value column, so no loop per row and no copy of the rows into one matrix.
+    """
+    n = len(columns[0]) if columns else 0
+    h = np.full(n, _P3, np.uint64)
+    with np.errstate(over="ignore"):
+        for col in columns:
+            words = _words(col)
+            for j in range(words.shape[1]):
+                h ^= words[:, j] * _P2
+                h = ((h << np.uint64(31)) | (h >> np.uint64(33))) * _P1
+        h ^= h >> np.uint64(33)  # final avalanche, so that near rows get far keys
+        h *= _P2
+        h ^= h >> np.uint64(29)
+    return h
+
+
+def _distinct(
+    columns: Sequence[pa.Array | pa.ChunkedArray], group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of the rows, and the first row of each distinct one, ordered by ``group`` then first seen.
+
+    The side tables keep the versions of one item (of one user) side by side, which the column
+    encodings compress better than an order by hash.
+
+    Raises:
+        ValueError: Two different rows hashed to one key (never seen; the layout would lose one).
+
+    """
+    keys = row_keys(columns)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    rep = first[inverse.ravel()]
+    for col in columns:  # every row must hold exactly the bytes of the row its key keeps
+        words = _words(col)
+        if not np.array_equal(words, words[rep]):
+            raise ValueError("two different feature rows share a 64-bit key; write this file request-level")
+    return keys, first[np.lexsort((first, group[first]))]
+
+
+def _list_offsets(lists: pa.Array) -> pa.Array:
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+
+def dedup_tables(table: pa.Table, fs: FeatureSet) -> tuple[pa.Table, dict[DedupTable, pa.Table]]:
+    """Split request-level rows into deduplicated rows and their side tables.
+
+    Args:
+        table: Request-level rows of ``schema(fs, TableLayout.REQUEST)``.
+        fs: Their FeatureSet: its ``changes = "rarely"`` features go to the slow table.
+
+    Returns:
+        The rows (``schema(fs, TableLayout.DEDUP)``) and, per side table, its distinct rows
+        (``side_schema``); no slow table when ``fs`` declares no slow feature.
+
+    Raises:
+        ValueError: A hash collision (see :func:`_distinct`).
+
+    """
+    sch = schema(fs, TableLayout.DEDUP)
+    items = _column(table.column("items"))
+    flat = pc.list_flatten(items)
+    item_cols = [flat.field(n) for n in fs.layout(Side.ITEM).names]
+    keys, rows = _distinct(item_cols, flat.field("item_id").to_numpy(zero_copy_only=False))
+    index = pa.array(rows)
+    sides = {
+        DedupTable.ITEMS: pa.Table.from_arrays(
+            [pa.array(keys[rows]), *(c.take(index) for c in item_cols)],
+            schema=side_schema(fs, DedupTable.ITEMS),
+        )
+    }
+    fields = list(dedup_item_struct())
+    children = [pa.array(keys) if f.name == ITEM_KEY_FIELD.name else flat.field(f.name) for f in fields]
+    struct = pa.StructArray.from_arrays(children, fields=fields)
+    lists = pa.ListArray.from_arrays(_list_offsets(items), struct, type=sch.field("items").type)
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {"items": lists}
+    if slow := slow_names(fs):
+        slow_cols = [_column(table.column(n)) for n in slow]
+        skeys, srows = _distinct(slow_cols, table.column("user_id").to_numpy())
+        sindex = pa.array(srows)
+        sides[DedupTable.SLOW] = pa.Table.from_arrays(
+            [pa.array(skeys[srows]), *(c.take(sindex) for c in slow_cols)],
+            schema=side_schema(fs, DedupTable.SLOW),
+        )
+        columns[SLOW_KEY_FIELD.name] = pa.array(skeys)
+    cols = [_column(columns[f.name] if f.name in columns else table.column(f.name)) for f in sch]
+    return pa.Table.from_arrays(cols, schema=sch), sides
+
+
+def undedup(
+    rows: pa.Table | pa.RecordBatch,
+    sides: dict[DedupTable, pa.Table],
+    request: Sequence[str],
+    item: Sequence[str],
+) -> pa.RecordBatch:
+    """Inverse of :func:`dedup_tables`: request-level columns from deduplicated rows and side tables.
+
+    Args:
+        rows: Deduplicated rows, or some of their columns (with the keys of the side columns asked for).
+        sides: Side tables of the rows' file, or some of their columns (with their keys).
+        request: Top-level columns to return, in this order, each from the rows or the slow table.
+        item: Fields of the ``items`` structs to return, in this order, each from the rows' items or
+            the items table; no ``items`` column when empty.
+
+    Raises:
+        ValueError: A key that its side table lacks, or a column that neither holds.
+
+    """
+    names = set(rows.schema.names)
+    out: dict[str, pa.Array] = {}
+    taken: dict[DedupTable, tuple[pa.Table, pa.Array]] = {}
+
+    def side_column(table: DedupTable, keys: pa.Array, name: str) -> pa.Array:
+        if table not in taken:
+            side = sides.get(table)
+            if side is None:
+                raise ValueError(f"no {table.value} side table for the column {name}")
+            at = pc.index_in(keys, value_set=_column(side.column(KEY_FIELDS[table].name)))
+            if at.null_count:
+                raise ValueError(f"{at.null_count} keys missing from the {table.value} side table")
+            taken[table] = (side, at)
+        side, at = taken[table]
+        if name not in side.column_names:
+            raise ValueError(f"no column {name}")
+        return _column(side.column(name)).take(at)
+
+    for name in request:
+        if name in names:
+            out[name] = _column(rows.column(name))
+        else:
+            out[name] = side_column(DedupTable.SLOW, _column(rows.column(SLOW_KEY_FIELD.name)), name)
+    if item:
+        lists = _column(rows.column("items"))
+        flat = pc.list_flatten(lists)
+        have = {f.name for f in flat.type}
+        children = [
+            flat.field(n) if n in have else side_column(DedupTable.ITEMS, flat.field(ITEM_KEY_FIELD.name), n)
+            for n in item
+        ]
+        struct = pa.StructArray.from_arrays(children, names=list(item))
+        out["items"] = pa.ListArray.from_arrays(_list_offsets(lists), struct)
+    return pa.RecordBatch.from_arrays(list(out.values()), names=list(out))
