@@ -16,8 +16,8 @@ import torch
 from leanrec.schema import Feature, FeatureSet, Kind, Owner, Side
 from leanrec.sim.demo import run_demo
 from leanrec.train.reader import Batch, ReadStats, iter_batches, shard, warehouse_files
-from leanrec.warehouse.store import ParquetWarehouse, WarehouseError, read_table
-from leanrec.warehouse.tables import FEATURESET_KEY, TableLayout
+from leanrec.warehouse.store import ParquetWarehouse, WarehouseError, dedup_copy, read_table, side_paths
+from leanrec.warehouse.tables import FEATURESET_KEY, DedupTable, TableLayout
 from leanrec.world import World, WorldConfig, default_featureset
 
 CONFIG = WorldConfig(n_users=400, n_items=3_000, n_creators=200, seed=3)
@@ -31,6 +31,7 @@ class Demo:
     examples: int
     lean_split: str  # the same examples over 4 files of several row groups each
     naive_split: str
+    dedup: str  # the lean warehouse's files, deduplicated
 
 
 def _split_copy(src: str, dst: Path, parts: int, row_groups_per_part: int) -> str:
@@ -58,7 +59,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
         examples=result.report["examples"]["lean"],
         lean_split=_split_copy(lean, out / "split" / "lean", 4, 3),
         naive_split=_split_copy(naive, out / "split" / "naive", 4, 3),
+        dedup=_dedup(lean, str(out / "warehouse" / "dedup"), default_featureset(CONFIG)[0]),
     )
+
+
+def _dedup(src: str, dst: str, fs: FeatureSet) -> str:
+    dedup_copy(src, dst, fs)
+    return dst
 
 
 def examples(batches: list[Batch]) -> dict[str, np.ndarray]:
@@ -118,6 +125,49 @@ def test_both_layouts_yield_the_same_examples(demo: Demo) -> None:
     items, users = a["item_ints"][:, slots["i_id"]], a["req_ints"][:, slots["u_id"]]
     assert np.isin(items, world.item_ids).all() and np.isin(users, world.user_ids).all()
     assert (np.abs(items) >= 2**40).any() and (items < 0).any()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"batch_requests": 32},
+        {"batch_requests": 32, "shuffle_seed": 5},
+        {"batch_requests": 16, "by_request": True},
+        {"batch_requests": 32, "logged_scores": True},
+    ],
+)
+def test_the_deduplicated_layout_yields_the_same_batches_as_request_level(demo: Demo, kw: dict) -> None:
+    stats = {name: ReadStats() for name in ("lean", "dedup")}
+    lean = list(iter_batches(demo.lean, demo.fs, stats=stats["lean"], **kw))
+    dedup = list(iter_batches(demo.dedup, demo.fs, stats=stats["dedup"], **kw))
+    assert keys(dedup) == keys(lean)  # the same examples in the same batches
+    assert_same(examples(dedup), examples(lean))
+    for a, b in zip(lean, dedup, strict=True):
+        assert torch.equal(a.item_request, b.item_request) and a.request_ids == b.request_ids
+        assert (a.scores is None) == (b.scores is None)
+        if a.scores is not None:
+            assert torch.equal(a.scores.view(torch.int32), b.scores.view(torch.int32))  # NaNs too
+    assert stats["dedup"].files == stats["lean"].files == 1 and stats["dedup"].bytes_read > 0
+    assert stats["dedup"].examples == stats["lean"].examples == demo.examples
+
+
+def test_a_deduplicated_v1_warehouse_reads_under_v2(demo: Demo) -> None:
+    v2 = demo.fs.retire(RETIRED)
+    read = {fs.version: ReadStats() for fs in (demo.fs, v2)}
+    v1_batches = list(iter_batches(demo.dedup, demo.fs, batch_requests=32, stats=read[1]))
+    v2_batches = list(iter_batches(demo.dedup, v2, batch_requests=32, stats=read[2]))
+    assert_same(examples(v2_batches), cut(examples(v1_batches), demo.fs, v2))
+    assert_same(examples(v2_batches), examples(list(iter_batches(demo.lean, v2, batch_requests=32))))
+    assert read[2].bytes_read < read[1].bytes_read  # retired columns, of rows and side tables, not read
+
+
+def test_a_deduplicated_file_without_its_side_table_is_refused(demo: Demo, tmp_path: Path) -> None:
+    copy = _dedup(demo.lean, str(tmp_path / "dedup"), demo.fs)
+    (path,) = warehouse_files(copy)
+    Path(side_paths(path)[DedupTable.SLOW]).unlink()
+    with pytest.raises(WarehouseError, match=r"_part-[0-9a-f]+\.slow\.parquet does not exist"):
+        list(iter_batches(copy, demo.fs))
 
 
 def test_request_level_batches(demo: Demo) -> None:
