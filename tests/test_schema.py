@@ -329,7 +329,9 @@ def test_default_featureset_is_a_late_stage_rankers() -> None:
 
 def test_only_request_side_features_declare_how_often_they_change() -> None:
     assert Feature("x", U, Kind.DENSE, changes="rarely").rarely
-    assert not Feature("x", C, Kind.DENSE, changes="request").rarely and not Feature("x", U, Kind.DENSE).rarely
+    assert (
+        not Feature("x", C, Kind.DENSE, changes="request").rarely and not Feature("x", U, Kind.DENSE).rarely
+    )
     with pytest.raises(ValueError, match="feature x: changes is for user and context features, not item"):
         Feature("x", I, Kind.DENSE, changes="rarely")
 

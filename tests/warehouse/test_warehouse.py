@@ -190,6 +190,12 @@ def test_files_are_zstd_parquet_under_hive_partitions(
             for c in range(meta.num_columns)
         }
         assert codecs == {"ZSTD"}
+        # Dictionaries for ids, labels and times; none for floats, which rarely repeat a value.
+        chunks = [
+            meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+        ]
+        assert {c.has_dictionary_page for c in chunks if c.physical_type == "FLOAT"} == {False}
+        assert {c.has_dictionary_page for c in chunks if c.physical_type == "INT64"} == {True}
     assert sorted(Path(p).name for p in wh.files) == sorted(Path(p).name for p in written)
     assert wh.bytes_stored() == sum(Path(p).stat().st_size for p in every)
     assert wh.flush() == []  # nothing buffered, nothing written

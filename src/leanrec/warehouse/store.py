@@ -1,9 +1,9 @@
 """The Warehouse: Parquet datasets of joined records, request-level, impression-level or deduplicated.
 
-Files are zstd-compressed Parquet under Hive-style partitions (``dt=YYYY-MM-DD/hour=HH/``) of the
-request time. Each file is written under a hidden temporary name and renamed into place, so a reader
-(pyarrow, DuckDB, Spark) never sees half a file. The path may be a local folder or any URI that
-``pyarrow.fs`` opens (``s3://…``, ``gs://…``).
+Files are zstd-compressed Parquet (dictionaries for all but float columns) under Hive-style
+partitions (``dt=YYYY-MM-DD/hour=HH/``) of the request time. Each file is written under a hidden
+temporary name and renamed into place, so a reader (pyarrow, DuckDB, Spark) never sees half a file.
+The path may be a local folder or any URI that ``pyarrow.fs`` opens (``s3://…``, ``gs://…``).
 
 A deduplicated file ``part-X.parquet`` has its side tables beside it, ``_part-X.items.parquet`` and
 ``_part-X.slow.parquet`` (see :mod:`leanrec.warehouse.tables`): plain Parquet files, since a Parquet
@@ -40,6 +40,7 @@ from leanrec.warehouse.tables import (
     TableLayout,
     dedup_tables,
     item_struct,
+    parquet_options,
     records_table,
     request_to_impression,
     schema,
@@ -218,11 +219,11 @@ class _Opened:
 
 
 def _write(filesystem: pafs.FileSystem, path: str, table: pa.Table) -> int:
-    """Write one zstd Parquet file under a hidden temporary name and rename it into place; its size."""
+    """Write one Parquet file under a hidden temporary name, rename it into place; its size."""
     folder, name = path.rsplit("/", 1)
     filesystem.create_dir(folder, recursive=True)
     tmp = f"{folder}/.{name}.tmp"
-    pq.write_table(table, tmp, filesystem=filesystem, compression="zstd")
+    pq.write_table(table, tmp, filesystem=filesystem, **parquet_options(table.schema))
     filesystem.move(tmp, path)
     return filesystem.get_file_info(path).size
 
@@ -594,7 +595,7 @@ def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
     The impression layout at its best: every file rewritten with one row per example, grouped by
     request and ordered by position, so each request's repeated user columns sit side by side for
     Parquet's dictionary and run-length encodings and zstd to absorb. File by file, with the same
-    records per file and the same compression as the warehouse writer, so only the layout differs.
+    records per file and the same Parquet options as the warehouse writer, so only the layout differs.
     """
     filesystem, files = _files(uri)
     total = 0
@@ -605,6 +606,6 @@ def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
             table = with_scores(file.read(), TableLayout.REQUEST)
         flat = request_to_impression(table, fs)
         sink = pa.BufferOutputStream()
-        pq.write_table(flat, sink, compression="zstd")
+        pq.write_table(flat, sink, **parquet_options(flat.schema))
         total += sink.getvalue().size
     return total

@@ -144,6 +144,30 @@ def side_schema(fs: FeatureSet, table: DedupTable) -> pa.Schema:
     return pa.schema([KEY_FIELDS[table], *features], metadata=meta)
 
 
+def parquet_options(sch: pa.Schema) -> dict[str, object]:
+    """Parquet writer options of every warehouse file, any layout: zstd, dictionaries but for floats.
+
+    Float features (embeddings, counters, noise) rarely repeat a value within a column chunk: their
+    dictionary overflows, the writer falls back to plain pages, and the dictionary page already
+    written is kept, so the column takes more than its plain bytes (a 64-float embedding of 2,570
+    users: 973 kB against 658 kB raw). Ids, labels and times keep their dictionaries.
+    """
+    leaves: list[str] = []
+
+    def walk(path: str, t: pa.DataType) -> None:
+        if pa.types.is_struct(t):
+            for child in t:
+                walk(f"{path}.{child.name}", child.type)
+        elif pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+            walk(f"{path}.list.element", t.value_type)
+        elif not pa.types.is_floating(t):
+            leaves.append(path)
+
+    for f in sch:
+        walk(f.name, f.type)
+    return {"compression": "zstd", "use_dictionary": leaves}
+
+
 def block_arrays(layout: Layout, block: FeatureBlock) -> list[pa.Array]:
     """One Arrow array per feature, sliced from the packed blocks."""
     out = []
