@@ -35,6 +35,7 @@ from leanrec.warehouse.tables import (
     SIDE_KEY,
     DedupTable,
     dedup_tables,
+    parquet_options,
     row_keys,
     schema,
     undedup,
@@ -786,3 +787,20 @@ def test_a_missing_side_table_or_a_key_collision_is_refused_in_one_line(
     monkeypatch.setattr("leanrec.warehouse.tables.row_keys", lambda cols: np.zeros(len(cols[0]), np.uint64))
     with pytest.raises(WarehouseError, match="two different feature rows share a 64-bit key"):
         write(tmp_path / "clash", fs, TableLayout.DEDUP, repeated_records(fs, 6, seed=5))
+
+
+def test_float_columns_get_a_dictionary_only_where_their_values_repeat_apart() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=50).astype(np.float32)
+    table = pa.table(
+        {
+            "distinct": rng.normal(size=1000).astype(np.float32),
+            "scattered": values[rng.integers(0, 50, 1000)],  # joined impression rows
+            "runs": np.repeat(values, 20),  # impression rows sorted by request: plain and zstd do better
+            "vectors": pa.FixedSizeListArray.from_arrays(pa.array(np.tile(values[:4], 1000)), 4),
+            "ids": np.arange(1000),
+        }
+    )
+    options = parquet_options(table)
+    assert options["compression"] == "zstd"
+    assert options["use_dictionary"] == ["scattered", "ids"]

@@ -74,7 +74,9 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     """(label, naive, lean, lean/naive) per row, formatted.
 
     Beside the warehouse bytes stands the impression layout at its best, rows sorted by request
-    (``sorted_impression_bytes``), in the naive column: the saving of the request-level layout alone.
+    (``sorted_impression_bytes``), in the naive column: the saving of the request-level layout alone;
+    and against it the deduplicated layout (``dedup_bytes``: distinct item feature rows and slowly
+    changing user features stored once per file) in the lean column.
     """
     out = []
     for key, label, unit in ROWS:
@@ -94,6 +96,15 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
                     _ratio(best, pair["lean"]),
                 )
             )
+            if "dedup_bytes" in report:  # distinct item rows and slow user features once per file
+                out.append(
+                    (
+                        "  deduplicated vs impression rows sorted",
+                        _fmt(best, "bytes"),
+                        _fmt(report["dedup_bytes"], "bytes"),
+                        _ratio(best, report["dedup_bytes"]),
+                    )
+                )
     return out
 
 

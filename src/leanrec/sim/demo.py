@@ -25,7 +25,7 @@ from leanrec.funnel.ranker import Funnel
 from leanrec.schema import FeatureSet, Owner, Side
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
 from leanrec.sim.traffic import Scored, Steps, TrafficConfig, TrafficSim, TrafficStats
-from leanrec.warehouse.store import sorted_impression_bytes
+from leanrec.warehouse.store import dedup_bytes, sorted_impression_bytes
 from leanrec.warehouse.tables import arrays_block
 from leanrec.world import ENGAGEMENT_TARGETS, World, WorldConfig, default_featureset
 
@@ -323,6 +323,8 @@ def run_demo(
         },
         # The impression layout at its best (rows grouped by request), from the lean files.
         "sorted_impression_bytes": sorted_impression_bytes(str(pipes[Plumbing.LEAN].warehouse.uri), fs),
+        # And the deduplicated layout, the lean files written again by its writer.
+        "dedup_bytes": dedup_bytes(str(pipes[Plumbing.LEAN].warehouse.uri), fs),
         "sim_seconds": sim_seconds,
     }
     metrics = sorted(paths["lean"])

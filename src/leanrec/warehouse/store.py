@@ -15,6 +15,7 @@ three: a reader never meets a request file whose side tables are missing.
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -223,7 +224,7 @@ def _write(filesystem: pafs.FileSystem, path: str, table: pa.Table) -> int:
     folder, name = path.rsplit("/", 1)
     filesystem.create_dir(folder, recursive=True)
     tmp = f"{folder}/.{name}.tmp"
-    pq.write_table(table, tmp, filesystem=filesystem, **parquet_options(table.schema))
+    pq.write_table(table, tmp, filesystem=filesystem, **parquet_options(table))
     filesystem.move(tmp, path)
     return filesystem.get_file_info(path).size
 
@@ -277,6 +278,12 @@ def dedup_copy(uri: str, out: str, fs: FeatureSet) -> int:
         relative = info.path[len(root.rstrip("/")) :].lstrip("/")
         total += sum(write_dedup(out_fs, f"{out_root.rstrip('/')}/{relative}", table, fs))
     return total
+
+
+def dedup_bytes(uri: str, fs: FeatureSet) -> int:
+    """Bytes a request-level warehouse takes deduplicated: :func:`dedup_copy` into a folder then removed."""
+    with tempfile.TemporaryDirectory(prefix="leanrec-dedup-") as tmp:
+        return dedup_copy(uri, tmp, fs)
 
 
 def _is_side(info: pafs.FileInfo) -> bool:
@@ -606,6 +613,6 @@ def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
             table = with_scores(file.read(), TableLayout.REQUEST)
         flat = request_to_impression(table, fs)
         sink = pa.BufferOutputStream()
-        pq.write_table(flat, sink, **parquet_options(flat.schema))
+        pq.write_table(flat, sink, **parquet_options(flat))
         total += sink.getvalue().size
     return total
