@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from leanrec.errors import InputError
 from leanrec.sim.demo import run_demo
 from leanrec.train.reader import warehouse_files
 from leanrec.warehouse.store import (
     ParquetWarehouse,
-    WarehouseError,
     dedup_copy,
     featureset_of,
     side_paths,
@@ -130,15 +130,15 @@ def main() -> int:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="leanrec-dedup-bench-") as tmp:
         warehouse = args.warehouse
-        if warehouse is None:
-            console.print(
-                f"leanrec demo --requests {args.requests} --seed {args.seed} (into a temporary folder)"
-            )
-            run_demo(requests=args.requests, seed=args.seed, out=Path(tmp) / "demo")
-            warehouse = str(Path(tmp) / "demo" / "warehouse" / "lean")
         try:
+            if warehouse is None:
+                console.print(
+                    f"leanrec demo --requests {args.requests} --seed {args.seed} (into a temporary folder)"
+                )
+                run_demo(requests=args.requests, seed=args.seed, out=Path(tmp) / "demo")
+                warehouse = str(Path(tmp) / "demo" / "warehouse" / "lean")
             return 0 if measure(warehouse, Path(tmp), console) else 1
-        except WarehouseError as exc:  # a path that is no request-level warehouse: one line
+        except InputError as exc:  # no request-level warehouse there, a demo too large: one line
             console.print(f"warehouse_dedup: {exc}")
             return 2
 
