@@ -597,6 +597,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     cfg = TrainConfig(
         epochs=args.epochs,
         request_level=not args.impression_level,
+        distinct_items=args.distinct_items,
         full_metrics=args.full_metrics,
         seed=args.seed,
     )
@@ -960,6 +961,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="checkpoint file to write")
     tr.add_argument("--epochs", type=_positive, default=5, help="most epochs (early stopping on AUC)")
     tr.add_argument("--impression-level", action="store_true", help="one user side per impression (baseline)")
+    tr.add_argument(
+        "--distinct-items",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="one item side per distinct item row of a batch, gathered for each impression",
+    )
     tr.add_argument("--full-metrics", action="store_true", help="full metric suite at every validation")
     tr.add_argument("--seed", type=_seed, default=0)
     tr.add_argument(

@@ -11,7 +11,7 @@ import torch
 from leanrec.funnel import Funnel
 from leanrec.models import LateRanker, RankerConfig
 from leanrec.models.idmap import MAP_KINDS
-from leanrec.models.ranker import wide_support
+from leanrec.models.ranker import distinct_rows, wide_support
 from leanrec.schema import FeatureSet, Side, Slot
 from leanrec.world import World
 
@@ -116,6 +116,71 @@ def test_both_paths_give_the_same_gradients(small_world: World, inputs, kind: st
     for name, _ in table.named_parameters():
         read = rows[:, 0 if name == "weight_q" else 1] if kind == "qr" else rows
         assert (grad[f"tables.i_id.{name}"][torch.from_numpy(read)].abs().sum(1) > 0).all(), name
+
+
+@pytest.fixture
+def repeated(inputs) -> tuple[torch.Tensor, ...]:
+    """``inputs`` whose items repeat across requests, as a popular item does in a batch.
+
+    Request 4's first seven items are copies of request 2's, its last one and request 5's last
+    one of the first item (an extreme id); request 5's fourth item is its third with one float
+    changed: the same item id, other features, so another distinct row.
+    """
+    req_floats, req_ints, item_floats, item_ints, item_request = (x.clone() for x in inputs)
+    for x in (item_floats, item_ints):
+        x[13:20] = x[6:13]
+        x[24] = x[0]
+        x[29] = x[0]
+        x[28] = x[27]
+    item_floats[28, 0] += 1.0
+    return req_floats, req_ints, item_floats, item_ints, item_request
+
+
+def test_distinct_rows_are_the_byte_identical_rows() -> None:
+    floats = torch.tensor([[1.0, 2.0], [0.0, 5.0], [1.0, 2.0], [-0.0, 5.0], [1.0, 2.0], [1.0, 2.5]])
+    ints = torch.tensor([[7, 1], [8, 1], [7, 1], [8, 1], [7, 2], [7, 1]])
+    first, of = distinct_rows(floats, ints)
+    # Rows 0 and 2 alone are the same bytes: -0.0 is not 0.0, and one differing id or float parts rows.
+    assert len(first) == 5 and of[0] == of[2] and len(set(of.tolist())) == 5
+    assert torch.equal(floats[first][of], floats) and torch.equal(ints[first][of], ints)
+    assert distinct_rows(floats[:2], ints[:2]) is None  # nothing repeats: nothing to gather
+    first, of = distinct_rows(floats[:, :0], ints)  # a side without dense inputs: the ids decide
+    assert len(first) == 3
+
+
+@pytest.mark.parametrize("kind", MAP_KINDS)
+def test_distinct_items_give_the_same_outputs_and_gradients(small_world: World, repeated, kind: str) -> None:
+    """Computing the item side once per distinct row changes nothing the model computes.
+
+    The outputs are compared bit for bit: each item row goes through the same operations either
+    way, only in a block of fewer rows. The gradients are not: an item's impressions are summed in
+    another order (once at the gather, then through the tower, rather than inside each layer's
+    weight gradient), so they agree to float32 rounding (a few 1e-7 of the largest entry).
+    """
+    first, _ = distinct_rows(repeated[2], repeated[3])
+    assert len(first) == len(repeated[4]) - 9  # the nine copies; the changed row stays apart
+    model = _model(small_world, kind, repeated)
+    model.fit_normalizer(repeated[0], repeated[2])
+    names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad), strict=True)
+    outs, grads = [], []
+    for distinct in (False, True):
+        out = model(*repeated, request_level=True, distinct_items=distinct)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, torch.ones_like(out) * 0.3)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    assert bool(torch.isfinite(outs[0]).all())
+    assert torch.equal(outs[1], outs[0])
+    compared = set()
+    for name, a, b in zip(names, *grads, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        compared.add(name)
+    # Every parameter is compared, the item tower's (which the gather feeds) among them.
+    assert len(compared) == len(names)
+    assert {"item_dense.0.weight", "item_mix.0.weight", "query.weight", "item_wide.bias"} <= compared
+    assert any(n.startswith("tables.i_id.") for n in compared)
 
 
 def test_the_forward_leaves_a_managed_map_alone_and_observe_changes_it(small_world: World, inputs) -> None:

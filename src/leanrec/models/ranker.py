@@ -17,6 +17,11 @@ it once per request and broadcasts it to the request's items; an impression-leve
 once per item. Both paths share every parameter and give the same outputs: the request-level one
 simply does not repeat work.
 
+The item side repeats too: a popular item is shown in many requests of a batch, with the same
+features each time. ``forward(..., distinct_items=True)`` finds the batch's distinct item rows
+(byte-identical features, :func:`distinct_rows`), computes the item side once for each and gathers
+it for every impression that shows it, as the request-level path does for the user side.
+
 Per item: the item's dense tower and embedding lookups, target attention of the item over the
 encoded history, an interaction of user and item vectors, a top MLP, and two heads (click, like).
 Beside the deep part, a wide part (a linear model of each side's dense inputs and of the dot
@@ -121,6 +126,42 @@ class ItemSide:
     linear: torch.Tensor  # (N, dim) linear projection of the dense inputs, for the dot interaction
     wide: torch.Tensor  # (N, 2) the item's share of the wide part's logits
     spaced: torch.Tensor  # (N, S) raw item vectors matched with ``UserSide.spaced``, column for column
+
+    def take(self, rows: torch.Tensor) -> ItemSide:
+        """Gather to impressions: row ``rows[i]`` for impression i."""
+        return ItemSide(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+
+def distinct_rows(floats: torch.Tensor, ints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The distinct rows of a block of N rows: rows whose float and int features are byte-identical.
+
+    The whole row decides, not an id: an item's features change over time, and two rows of one
+    item with different features must each get their own item side. Bytes decide, not values, so
+    rows found equal give the very same computation (0.0 and -0.0 stay apart, equal NaNs merge).
+    The rows' bytes are viewed as one opaque value each and ``np.unique`` sorts them: no Python loop
+    per row, and exact (a hash would need a check for collisions).
+
+    Args:
+        floats: ``(N, F)`` float32 on the CPU.
+        ints: ``(N, I)`` int64 on the CPU.
+
+    Returns:
+        ``first`` ``(M,)`` a row holding each distinct row and ``of`` ``(N,)`` the position in ``first``
+        of each row's copy, so that ``rows[first][of]`` equals ``rows``; None when no row repeats.
+
+    """
+    n = len(floats)
+    width = floats.shape[1] * floats.element_size() + ints.shape[1] * ints.element_size()
+    if n < 2 or width == 0:
+        return None
+    data = np.concatenate(
+        [np.ascontiguousarray(x.numpy()).view(np.uint8).reshape(n, x[0].nbytes) for x in (floats, ints)], 1
+    )
+    keys = data.view(np.dtype((np.void, width))).ravel()
+    _, first, of = np.unique(keys, return_index=True, return_inverse=True)
+    if len(first) == n:
+        return None
+    return torch.from_numpy(first), torch.from_numpy(of.reshape(n))
 
 
 def _space_pairs(fs: FeatureSet) -> tuple[list[int], list[int], torch.Tensor]:
@@ -578,6 +619,7 @@ class LateRanker(nn.Module):
         item_ints: torch.Tensor,
         item_request: torch.Tensor,
         request_level: bool = True,
+        distinct_items: bool = False,
     ) -> torch.Tensor:
         """Logits ``(N, 2)``.
 
@@ -588,13 +630,19 @@ class LateRanker(nn.Module):
             item_ints: ``(N, I_item)``.
             item_request: ``(N,)`` the request row of each item.
             request_level: Compute the user side once per request row (True) or once per item.
+            distinct_items: Compute the item side once per distinct item row (see
+                :func:`distinct_rows`) and gather it for each item; the outputs are the same.
 
         """
         if request_level:
             user = self.user_side(req_floats, req_ints).take(item_request)
         else:
             user = self.user_side(req_floats[item_request], req_ints[item_request])
-        return self.score(user, self.item_side(item_floats, item_ints))
+        found = distinct_rows(item_floats, item_ints) if distinct_items else None
+        if found is None:
+            return self.score(user, self.item_side(item_floats, item_ints))
+        first, of = found
+        return self.score(user, self.item_side(item_floats[first], item_ints[first]).take(of))
 
 
 def wide_support(

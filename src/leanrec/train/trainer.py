@@ -44,6 +44,9 @@ class TrainConfig:
         batch_requests: Requests per request-level batch.
         batch_impressions: Rows per impression-level batch.
         request_level: Compute the user side once per request (the lean way).
+        distinct_items: Compute the item side once per distinct item row of a batch and gather it
+            for each impression (``LateRanker.forward``); it pays when items repeat within a batch,
+            which larger batches make more likely.
         full_metrics: Compute the full metric suite at every validation, not only AUC.
         seed: Seeds initialisation and shuffling.
         valid_percent: Requests (by id hash) held out for validation.
@@ -69,6 +72,7 @@ class TrainConfig:
     batch_requests: int = 128
     batch_impressions: int = 1280
     request_level: bool = True
+    distinct_items: bool = False
     full_metrics: bool = False
     seed: int = 0
     valid_percent: int = 10
@@ -268,14 +272,22 @@ def split_batches(uri: str, fs: FeatureSet, cfg: TrainConfig, part: int) -> list
     return list(_batches(uri, fs, cfg, part, ReadStats(), None))
 
 
-def predict(model: LateRanker, batches, request_level: bool = True) -> tuple[np.ndarray, ...]:
+def predict(
+    model: LateRanker, batches, request_level: bool = True, distinct_items: bool = False
+) -> tuple[np.ndarray, ...]:
     """Click and like probabilities with labels and request groups, over batches."""
     clicks, likes, p_click, p_like, groups = [], [], [], [], []
     model.eval()
     with torch.no_grad():
         for b in batches:
             logits = model(
-                b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, request_level
+                b.req_floats,
+                b.req_ints,
+                b.item_floats,
+                b.item_ints,
+                b.item_request,
+                request_level,
+                distinct_items,
             )
             probs = torch.sigmoid(logits).numpy()
             p_click.append(probs[:, 0])
@@ -395,7 +407,13 @@ def _train(
                     if epoch == 0:
                         seen.add(model, b)
                 logits = wrapped(
-                    b.req_floats, b.req_ints, b.item_floats, b.item_ints, b.item_request, cfg.request_level
+                    b.req_floats,
+                    b.req_ints,
+                    b.item_floats,
+                    b.item_ints,
+                    b.item_request,
+                    cfg.request_level,
+                    cfg.distinct_items,
                 )
                 loss = bce(logits[:, 0], b.click) + cfg.like_weight * bce(logits[:, 1], b.like)
                 if cfg.group_lasso:
@@ -422,7 +440,11 @@ def _train(
     if best_state is not None:
         model.load_state_dict(best_state)
     result.test = evaluate_arrays(
-        *rep.gather(predict(model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level))
+        *rep.gather(
+            predict(
+                model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level, cfg.distinct_items
+            )
+        )
     )
     result.bytes_read = stats.bytes_read
     result.id_maps = model.id_map_report({name: seen.of(name) for name in model.tables})
@@ -442,7 +464,11 @@ def _validate(
     """Metrics on the validation split (over every replica's share), timed into ``result``."""
     t1 = time.perf_counter()
     metrics = evaluate_arrays(
-        *rep.gather(predict(model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level)),
+        *rep.gather(
+            predict(
+                model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level, cfg.distinct_items
+            )
+        ),
         full=cfg.full_metrics,
     )
     result.validation_seconds += time.perf_counter() - t1
