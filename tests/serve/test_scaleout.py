@@ -206,7 +206,7 @@ def run_traffic(port: int, seed: int) -> SimReport:
     return report
 
 
-@pytest.mark.parametrize(("n", "context_max_bytes"), [(2, 512 << 20), (4, 1 << 20)])
+@pytest.mark.parametrize(("n", "context_max_bytes"), [(2, 512 << 20), (4, 512 << 10)])
 def test_processes_behind_nginx_lose_no_label_and_each_ranks_and_holds_within_its_bound(
     n: int, context_max_bytes: int, redis_server, nginx_folder: Path, tmp_path: Path
 ) -> None:
