@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
@@ -264,17 +264,11 @@ def dedup_copy(uri: str, out: str, fs: FeatureSet) -> int:
         WarehouseError: The warehouse is not request-level, or the path is not a warehouse.
 
     """
-    filesystem, files = _files(uri)
     _, root = _open_fs(uri)
     out_fs, out_root = _open_fs(out)
     total = 0
-    for info in files:
-        with _Opened(filesystem, info.path) as file:
-            if layout_of(info.path, file.schema_arrow.metadata) is not TableLayout.REQUEST:
-                raise WarehouseError(f"{info.path} is not a request-level file")
-            table = with_scores(file.read(), TableLayout.REQUEST).select(
-                schema(fs, TableLayout.REQUEST).names
-            )
+    for info, whole in _request_tables(uri):
+        table = whole.select(schema(fs, TableLayout.REQUEST).names)
         relative = info.path[len(root.rstrip("/")) :].lstrip("/")
         total += sum(write_dedup(out_fs, f"{out_root.rstrip('/')}/{relative}", table, fs))
     return total
@@ -596,6 +590,22 @@ def _table_projection(
     return projection(path, pf, request, item, layout, optional=(SCORE_FIELD.name,))
 
 
+def _request_tables(uri: str) -> Iterator[tuple[pafs.FileInfo, pa.Table]]:
+    """Each file of a request-level warehouse, read whole (scores as nulls where a file has none).
+
+    Raises:
+        WarehouseError: A file is not request-level.
+
+    """
+    filesystem, files = _files(uri)
+    for info in files:
+        with _Opened(filesystem, info.path) as file:
+            if layout_of(info.path, file.schema_arrow.metadata) is not TableLayout.REQUEST:
+                raise WarehouseError(f"{info.path} is not a request-level file")
+            table = with_scores(file.read(), TableLayout.REQUEST)
+        yield info, table
+
+
 def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
     """Bytes a request-level warehouse would take in the impression layout with its rows sorted.
 
@@ -604,13 +614,8 @@ def sorted_impression_bytes(uri: str, fs: FeatureSet) -> int:
     Parquet's dictionary and run-length encodings and zstd to absorb. File by file, with the same
     records per file and the same Parquet options as the warehouse writer, so only the layout differs.
     """
-    filesystem, files = _files(uri)
     total = 0
-    for info in files:
-        with _Opened(filesystem, info.path) as file:
-            if layout_of(info.path, file.schema_arrow.metadata) is not TableLayout.REQUEST:
-                raise WarehouseError(f"{info.path} is not a request-level file")
-            table = with_scores(file.read(), TableLayout.REQUEST)
+    for _, table in _request_tables(uri):
         flat = request_to_impression(table, fs)
         sink = pa.BufferOutputStream()
         pq.write_table(flat, sink, **parquet_options(flat))
