@@ -368,9 +368,8 @@ class RedisEventBus:
         commands = self.append_commands(messages)
         if not commands:
             return []
-        with self._errors():
-            replies = self._roundtrip(commands)
-        return self.appended_by(commands, replies)
+        with self._errors():  # an error reply of a lost shard (a cluster's) is a lost server too
+            return self.appended_by(commands, self._roundtrip(commands))
 
     def append_commands(self, messages: Sequence[RequestOpened]) -> list[tuple[Any, ...]]:
         """The ``XADD`` commands that append ``messages``, for a round trip sent with others.
