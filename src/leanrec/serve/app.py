@@ -586,6 +586,12 @@ class _Collector:
             for why in ("completed", "expired", "evicted", "replaced"):
                 m.add_metric([why], getattr(cs, why))
             yield m
+            m = CounterMetricFamily(
+                "leanrec_log_records_never_taken",
+                "Requests released while the bus had not taken their record: they are not joined",
+            )
+            m.add_metric([], cs.unopened)
+            yield m
             # A call about a request whose context this process does not hold: released (completed,
             # idle, evicted) or never held here (ranked by another process: a routing fault).
             ls = st.logger.stats
@@ -1034,6 +1040,9 @@ def create_app(config: ServeConfig, state: ServiceState | None = None) -> FastAP
                 "entries": ls.write_failures if ls else 0,
                 "opened_records": ls.bus_failures if ls else 0,
                 "opened_records_resent": ls.bus_resent if ls else 0,
+                "opened_records_never_taken": (
+                    st.logger.contexts.stats.unopened if isinstance(st.logger, LazyLogger) else 0
+                ),
                 "rankings_dropped": st.lane.dropped,
             },
             "logging_queue": st.lane.pending,
