@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -50,6 +49,7 @@ from rich.table import Table
 
 from leanrec.join.worker import build_joiner
 from leanrec.serve.config import ServeConfig
+from leanrec.serve.nginx import Nginx
 from leanrec.serve.workers import THREAD_VARIABLES
 from leanrec.sim.client import simulate
 from leanrec.world import WorldConfig
@@ -94,51 +94,6 @@ def children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except FileNotFoundError:
         return []
-
-
-class Nginx:
-    """nginx from its own folder in the foreground, as ``nobody`` when this runs as root."""
-
-    def __init__(self, binary: str, prefix: Path, conf: Path, port: int) -> None:
-        args = [
-            binary,
-            "-p",
-            str(prefix),
-            "-c",
-            str(conf),
-            "-e",
-            str(prefix / "error.log"),
-            "-g",
-            "daemon off;",
-        ]
-        user: dict = {}
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            for path in [prefix, *prefix.rglob("*")]:
-                os.chown(path, nobody.pw_uid, nobody.pw_gid)
-            user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-        self.prefix = prefix
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **user)
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
-                raise SystemExit(f"nginx did not start on port {port}:\n{log}")
-            time.sleep(0.05)
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid, *children(self.proc.pid)]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Workers:
@@ -251,12 +206,17 @@ def measure(
     workers = Workers(args, n, server.url(), prefix / "nginx.conf", nginx_port, log)
     nginx = None
     try:
-        nginx = Nginx(nginx_bin, prefix, prefix / "nginx.conf", nginx_port)
+        nginx = Nginx(nginx_bin, prefix, prefix / "nginx.conf")
+        try:
+            nginx.wait_listening(nginx_port)
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
         target = f"http://127.0.0.1:{nginx_port}"
         world = WorldConfig(n_users=args.n_users, n_items=args.n_items, seed=args.world_seed)
         warm = simulate(target, args.warmup, args.concurrency, 600, args.seed + 1, world)
         ranked_before = workers.ranked()
-        groups = {"serving": workers.pids, "nginx": nginx.pids(), "redis": [server.proc.pid]}
+        nginx_pids = [nginx.proc.pid, *children(nginx.proc.pid)]
+        groups = {"serving": workers.pids, "nginx": nginx_pids, "redis": [server.proc.pid]}
         before = {k: sum(map(cpu_seconds, pids)) for k, pids in groups.items()}
         client_before = time.process_time()
         report = simulate(target, args.requests, args.concurrency, 600, args.seed, world)
@@ -329,6 +289,7 @@ def main() -> int:
     )
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     args = p.parse_args()
+    os.environ.setdefault("LEANREC_SECRET", os.urandom(16).hex())  # the workers' shared token key
     counts = [int(x) for x in args.workers.split(",")]
     nginx_bin = shutil.which(
         "nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])

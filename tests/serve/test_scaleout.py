@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -32,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from leanrec.join.worker import build_joiner
 from leanrec.serve.config import ServeConfig
+from leanrec.serve.nginx import Nginx
 from leanrec.serve.routing import REQUEST_ID_HEADER
 from leanrec.sim.client import SimReport, simulate
 from leanrec.world import WorldConfig
@@ -81,60 +81,6 @@ def metrics(port: int) -> dict[str, float]:
                 name = f"{s.name}{{{s.labels['why']}}}" if "why" in s.labels else s.name
                 out[name] = out.get(name, 0.0) + s.value
     return out
-
-
-class Nginx:
-    """A real nginx from its own folder, on the foreground (``daemon off``), as ``nobody`` under root."""
-
-    def __init__(self, binary: str, prefix: Path, conf: Path) -> None:
-        self.prefix, self.conf = prefix, conf
-        args = [
-            binary,
-            "-p",
-            str(prefix),
-            "-c",
-            str(conf),
-            "-e",
-            str(prefix / "error.log"),
-            "-g",
-            "daemon off;",
-        ]
-        user: dict = {}
-        if os.geteuid() == 0:  # never run the test's nginx as root: as nobody, owning only its folder
-            nobody = pwd.getpwnam("nobody")
-            for path in [prefix, *prefix.rglob("*")]:
-                os.chown(path, nobody.pw_uid, nobody.pw_gid)
-            user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-        self.out = (prefix / "nginx.out").open("wb")
-        self.proc = subprocess.Popen(args, stdout=self.out, stderr=subprocess.STDOUT, **user)
-
-    def wait_listening(self, port: int, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited ({self.proc.returncode}):\n{self.log()}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"nginx did not listen on {port} in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return "".join(
-            p.read_text(errors="replace")
-            for p in (self.prefix / "nginx.out", self.prefix / "error.log")
-            if p.exists()
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish the calls in flight
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.out.close()
 
 
 class Workers:
