@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,7 +36,6 @@ from leanrec.warehouse.store import (
     ParquetWarehouse,
     dedup_copy,
     featureset_of,
-    side_paths,
     sorted_impression_bytes,
     warehouse_bytes,
 )
@@ -57,8 +57,19 @@ def _rewritten_bytes(warehouse: str) -> int:
     return total
 
 
-def measure(warehouse: str, work: Path, console: Console) -> bool:
-    """Print the three layouts' bytes for one request-level warehouse; whether the examples matched."""
+SIDE_TABLES = {
+    DedupTable.USERS: "user rows",
+    DedupTable.SLOW: "slow request rows",
+    DedupTable.ITEMS: "item rows",
+    DedupTable.ITEMS_SLOW: "slow item rows",
+}
+
+
+def measure(warehouse: str, work: Path, console: Console, top: int = 0) -> bool:
+    """Print the three layouts' bytes for one request-level warehouse; whether the examples matched.
+
+    With ``top``, also the largest columns of the deduplicated files: what a layout cannot shrink.
+    """
     fs = featureset_of(warehouse)
     request = ParquetWarehouse(warehouse, fs, TableLayout.REQUEST)
     dedup_uri = str(work / "dedup")
@@ -82,18 +93,26 @@ def measure(warehouse: str, work: Path, console: Console) -> bool:
     files = requests = viewed = 0
     parts = {"request rows": 0, **{t.value: 0 for t in DedupTable}}
     counts = {t.value: 0 for t in DedupTable}
-    for path in Path(dedup_uri).rglob("part-*.parquet"):
+    columns: Counter[tuple[str, str]] = Counter()
+    for path in Path(dedup_uri).rglob("*.parquet"):
+        name = path.name
+        table_name = name.split(".")[1] if name.startswith("_") else "request rows"
         meta = pq.ParquetFile(path).metadata
-        requests += meta.num_rows
-        items = pq.read_table(path, columns=["items"]).column("items")
-        viewed += int(pc.sum(pc.list_value_length(items)).as_py() or 0)
-        parts["request rows"] += path.stat().st_size
-        for side, side_path in side_paths(str(path)).items():
-            if Path(side_path).exists():
-                parts[side.value] += Path(side_path).stat().st_size
-                counts[side.value] += pq.ParquetFile(side_path).metadata.num_rows
-        files += 1
-    held = Table(title=f"what the deduplicated files hold ({files} files)")
+        parts[table_name] += path.stat().st_size
+        for g in range(meta.num_row_groups):
+            for i in range(meta.num_columns):
+                chunk = meta.row_group(g).column(i)
+                parts_of = chunk.path_in_schema.split(".")
+                column = f"items.{parts_of[-1]}" if parts_of[0] == "items" else parts_of[0]
+                columns[(table_name, column)] += chunk.total_compressed_size
+        if table_name == "request rows":
+            requests += meta.num_rows
+            items = pq.read_table(path, columns=["items"]).column("items")
+            viewed += int(pc.sum(pc.list_value_length(items)).as_py() or 0)
+            files += 1
+        else:
+            counts[table_name] += meta.num_rows
+    held = Table(title=f"what the deduplicated files hold ({files} request files, their side files)")
     for col in ("table", "rows", "bytes", "share"):
         held.add_column(col, justify="left" if col == "table" else "right")
     total = sum(parts.values())
@@ -103,19 +122,22 @@ def measure(warehouse: str, work: Path, console: Console) -> bool:
         _mib(parts["request rows"]),
         f"{parts['request rows'] / total:.1%}",
     )
-    held.add_row(
-        "items (distinct item feature rows)",
-        f"{counts['items']:,}",
-        _mib(parts["items"]),
-        f"{parts['items'] / total:.1%}",
-    )
-    held.add_row(
-        "slow (distinct slow request features)",
-        f"{counts['slow']:,}",
-        _mib(parts["slow"]),
-        f"{parts['slow'] / total:.1%}",
-    )
+    for side in DedupTable:
+        if counts[side.value]:
+            held.add_row(
+                f"{side.value} ({SIDE_TABLES[side]})",
+                f"{counts[side.value]:,}",
+                _mib(parts[side.value]),
+                f"{parts[side.value] / total:.1%}",
+            )
     console.print(held)
+    if top:
+        biggest = Table(title=f"the {top} largest columns of the deduplicated files (compressed)")
+        for col in ("table", "column", "bytes", "share"):
+            biggest.add_column(col, justify="left" if col in ("table", "column") else "right")
+        for (table_name, column), size in columns.most_common(top):
+            biggest.add_row(table_name, column, _mib(size), f"{size / total:.1%}")
+        console.print(biggest)
     console.print(f"identical examples in both layouts: {same}")
     return same
 
@@ -126,6 +148,7 @@ def main() -> int:
     ap.add_argument("--warehouse", help="a request-level warehouse (e.g. leanrec-demo/warehouse/lean)")
     ap.add_argument("--requests", type=int, default=5000, help="without --warehouse: the demo's requests")
     ap.add_argument("--seed", type=int, default=7, help="without --warehouse: the demo's seed")
+    ap.add_argument("--columns", type=int, default=0, help="print the N largest columns deduplicated")
     args = ap.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory(prefix="leanrec-dedup-bench-") as tmp:
@@ -137,7 +160,7 @@ def main() -> int:
                 )
                 run_demo(requests=args.requests, seed=args.seed, out=Path(tmp) / "demo")
                 warehouse = str(Path(tmp) / "demo" / "warehouse" / "lean")
-            return 0 if measure(warehouse, Path(tmp), console) else 1
+            return 0 if measure(warehouse, Path(tmp), console, args.columns) else 1
         except InputError as exc:  # no request-level warehouse there, a demo too large: one line
             console.print(f"warehouse_dedup: {exc}")
             return 2

@@ -184,10 +184,6 @@ _ROWS_NEEDED = r"shop.toml: feature 1 \(a\): a managed map needs its embedding r
             _with('name = "a"\nowner = "user"\nkind = "dense"\nchanges = "daily"'),
             r"shop.toml: feature 1 \(a\): changes is request or rarely, got 'daily'$",
         ),
-        (
-            _with('name = "a"\nowner = "item"\nkind = "dense"\nchanges = "rarely"'),
-            r"feature 1 \(a\): changes is for user and context features, not item$",
-        ),
     ],
 )
 def test_every_mistake_is_refused_with_what_was_wrong(text: str, message: str) -> None:

@@ -327,13 +327,14 @@ def test_default_featureset_is_a_late_stage_rankers() -> None:
     assert {Kind.DENSE, Kind.SPARSE, Kind.MULTI_HOT, Kind.SEQUENCE} == {f.kind for f in fs.features}
 
 
-def test_only_request_side_features_declare_how_often_they_change() -> None:
+def test_every_owner_declares_how_often_its_features_change() -> None:
     assert Feature("x", U, Kind.DENSE, changes="rarely").rarely
+    assert Feature("x", I, Kind.DENSE, changes="rarely").rarely
     assert (
         not Feature("x", C, Kind.DENSE, changes="request").rarely and not Feature("x", U, Kind.DENSE).rarely
     )
-    with pytest.raises(ValueError, match="feature x: changes is for user and context features, not item"):
-        Feature("x", I, Kind.DENSE, changes="rarely")
+    with pytest.raises(ValueError, match="feature x: changes is request or rarely, got 'hourly'"):
+        Feature("x", I, Kind.DENSE, changes="hourly")
 
 
 def test_how_often_a_feature_changes_round_trips_and_changes_no_byte() -> None:

@@ -49,29 +49,33 @@ CHUNKS = ((0.60, 0.70), (0.70, 0.80), (0.80, 0.90), (0.90, 1.00))  # session sha
 
 
 def featureset(n_users: int, n_items: int, n_genres: int, n_occupations: int, dim: int) -> FeatureSet:
-    """The late ranker's FeatureSet of this catalog."""
-    f = Feature
+    """The late ranker's FeatureSet of this catalog.
+
+    Who a user is and what a movie is (ids, demographics, genres, the retrieval vectors) change
+    rarely; histories, counts and rates move with every rating.
+    """
+    f, R = Feature, "rarely"
     return FeatureSet(
         "movielens",
         1,
         (
-            f("viewer", Owner.USER, Kind.SPARSE, 1, n_users, "the user", role="user_id"),
-            f("age_band", Owner.USER, Kind.SPARSE, 1, 8, "age by decade"),
-            f("gender", Owner.USER, Kind.SPARSE, 1, 2, "gender"),
-            f("occupation", Owner.USER, Kind.SPARSE, 1, n_occupations, "occupation"),
+            f("viewer", Owner.USER, Kind.SPARSE, 1, n_users, "the user", role="user_id", changes=R),
+            f("age_band", Owner.USER, Kind.SPARSE, 1, 8, "age by decade", changes=R),
+            f("gender", Owner.USER, Kind.SPARSE, 1, 2, "gender", changes=R),
+            f("occupation", Owner.USER, Kind.SPARSE, 1, n_occupations, "occupation", changes=R),
             f("watched", Owner.USER, Kind.SEQUENCE, HISTORY, n_items, "rated, newest 1st", role="history"),
             f("ratings_log", Owner.USER, Kind.DENSE, 1, 0, "log(1 + movies rated so far)"),
             f("genre_taste", Owner.USER, Kind.DENSE, n_genres, 0, "genre shares of movies rated"),
-            f("u_bpr", Owner.USER, Kind.DENSE, dim, 0, "the user's retrieval vector", space="bpr"),
+            f("u_bpr", Owner.USER, Kind.DENSE, dim, 0, "the user's retrieval vector", space="bpr", changes=R),
             f("hour", Owner.CONTEXT, Kind.SPARSE, 1, 24, "hour of the session (UTC)"),
             f("weekday", Owner.CONTEXT, Kind.SPARSE, 1, 7, "day of the week of the session"),
-            f("movie", Owner.ITEM, Kind.SPARSE, 1, n_items, "the movie", role="item_id"),
-            f("genres", Owner.ITEM, Kind.DENSE, n_genres, 0, "the movie's genres, one-hot"),
-            f("decade", Owner.ITEM, Kind.SPARSE, 1, 12, "decade of release"),
+            f("movie", Owner.ITEM, Kind.SPARSE, 1, n_items, "the movie", role="item_id", changes=R),
+            f("genres", Owner.ITEM, Kind.DENSE, n_genres, 0, "the movie's genres, one-hot", changes=R),
+            f("decade", Owner.ITEM, Kind.SPARSE, 1, 12, "decade of release", changes=R),
             f("popularity_log", Owner.ITEM, Kind.DENSE, 1, 0, "log(1 + ratings so far)"),
             f("recent_log", Owner.ITEM, Kind.DENSE, 1, 0, "log(1 + ratings in the last 7 days)"),
             f("like_rate", Owner.ITEM, Kind.DENSE, 1, 0, "share of its ratings that were 4 or 5 (smoothed)"),
-            f("i_bpr", Owner.ITEM, Kind.DENSE, dim, 0, "the movie's retrieval vector", space="bpr"),
+            f("i_bpr", Owner.ITEM, Kind.DENSE, dim, 0, "the movie's retrieval vector", space="bpr", changes=R),
         ),
     )  # fmt: skip
 

@@ -216,6 +216,7 @@ _SERVE_FLAGS = (
     ),
     ("--lateness-ms", int, "how long after the window event batches may arrive (default 60000)"),
     ("--warehouse", str, "joiner: warehouse folder or URI"),
+    ("--warehouse-layout", str, "joiner: request (default), dedup or impression (default under eager)"),
     ("--consumer", str, "joiner: name in the bus's consumer group"),
     ("--poll-ms", int, "joiner: poll interval"),
 )

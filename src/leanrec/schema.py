@@ -35,7 +35,7 @@ EVICTIONS = ("lfu", "lru")
 """How a managed map chooses the row a newly admitted id takes (see :attr:`Feature.evict`)."""
 
 CHANGES = ("request", "rarely")
-"""How often a request-side feature's value changes (see :attr:`Feature.changes`)."""
+"""How often a feature's value changes (see :attr:`Feature.changes`)."""
 
 DEFAULT_ID_MAP = "managed"
 """The map of an id feature that declares none: collisionless while its rows hold every id, and
@@ -121,11 +121,12 @@ class Feature:
         evict: For a managed map, the row a newcomer takes when every row is held: ``lfu`` (the
             least frequent, counts decaying; the default) or ``lru`` (the least recently seen).
         string_ids: The ids arrive as strings and are hashed to 64 bits at the edge.
-        changes: For request-side features, how often the value changes: ``request`` (may differ
-            from one request to the next: counters, context, recent history; ``""`` means it) or
-            ``rarely`` (slowly changing: embeddings, long-term profiles). The deduplicated warehouse
-            layout stores the ``rarely`` features of a request once per distinct value in a side
-            table rather than in every request row; nothing else reads it.
+        changes: How often the value changes: ``request`` (may differ from one request to the
+            next: counters, context, recent history; ``""`` means it) or ``rarely`` (slowly
+            changing: ids, embeddings, categories, long-term profiles). The deduplicated warehouse
+            layout stores an owner's ``rarely`` features and the rest apart, each once per distinct
+            value, so that a counter's drift does not copy the embedding beside it; nothing else
+            reads it.
 
     """
 
@@ -171,9 +172,6 @@ class Feature:
                 )
         if self.changes and self.changes not in CHANGES:
             raise ValueError(f"feature {self.name}: changes is {' or '.join(CHANGES)}, got {self.changes!r}")
-        if self.changes and self.owner is Owner.ITEM:
-            # Item rows are deduplicated whole, whatever changes: the flag is for the request side.
-            raise ValueError(f"feature {self.name}: changes is for user and context features, not item")
         if self.space and self.kind is not Kind.DENSE:
             raise ValueError(f"feature {self.name}: only dense vectors live in an embedding space")
         if self.role:

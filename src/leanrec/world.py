@@ -209,19 +209,23 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         Feature("c_hour", C, Kind.SPARSE, 1, 24, "hour of day"),
         Feature("c_dow", C, Kind.SPARSE, 1, 7, "day of week"),
         Feature("c_surface", C, Kind.SPARSE, 1, SURFACES, "feed surface"),
-        *_dense(I, "i_taste", 16, "noisy projection of the item's latent"),
+        *_dense(I, "i_taste", 16, "noisy projection of the item's latent", changes="rarely"),
         Feature("i_views_log", I, Kind.DENSE, doc="log views, grows with traffic"),
         Feature("i_click_rate", I, Kind.DENSE, doc="smoothed click rate, drifts"),
         Feature("i_like_rate", I, Kind.DENSE, doc="smoothed like rate, drifts"),
         Feature("i_followers_log", I, Kind.DENSE, doc="log followers of the creator, grows with likes"),
         *_dense(I, "i_noise", 24, "pure noise"),
-        Feature("i_emb", I, Kind.DENSE, 16, doc="pretrained item embedding", space="two_tower"),
+        Feature(
+            "i_emb", I, Kind.DENSE, 16, doc="pretrained item embedding", space="two_tower", changes="rarely"
+        ),
         Feature("i_noise_emb", I, Kind.DENSE, 4, doc="stale embedding, pure noise"),
-        Feature("i_id", I, Kind.SPARSE, 1, ni, "item id", role=Role.ITEM_ID),
-        Feature("i_category", I, Kind.SPARSE, 1, N_CATEGORIES, "item category"),
-        Feature("i_creator", I, Kind.SPARSE, 1, config.n_creators, "creator id"),
+        Feature("i_id", I, Kind.SPARSE, 1, ni, "item id", role=Role.ITEM_ID, changes="rarely"),
+        Feature("i_category", I, Kind.SPARSE, 1, N_CATEGORIES, "item category", changes="rarely"),
+        Feature("i_creator", I, Kind.SPARSE, 1, config.n_creators, "creator id", changes="rarely"),
         *_ids(I, "i_noise_id", 3, 1000, "pure noise id"),
-        Feature("i_tags", I, Kind.MULTI_HOT, 5, N_CATEGORIES, "category and related categories"),
+        Feature(
+            "i_tags", I, Kind.MULTI_HOT, 5, N_CATEGORIES, "category and related categories", changes="rarely"
+        ),
     ]
     noise_prefixes = ("u_noise", "i_noise", "u_emb_2", "u_emb_3", "c_hour", "c_dow")
     noise_names = {"u_country", "u_lang", "u_gender", "u_device"}

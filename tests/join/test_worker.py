@@ -28,7 +28,7 @@ from leanrec.join.deadletter import DeadKind, DeadLetterFolder
 from leanrec.join.joiner import LabelJoiner
 from leanrec.join.worker import WorkerReport, build_joiner, run_worker, status_line
 from leanrec.schema import FeatureSet, Side
-from leanrec.serve.config import ServeConfig
+from leanrec.serve.config import ConfigError, ServeConfig
 from leanrec.serve.service import LoggingService
 from leanrec.stores.redis_transient import RedisTransientStore
 from leanrec.stores.transient import MemoryTransientStore
@@ -288,3 +288,21 @@ def test_leanrec_join_prints_what_it_waits_for_and_what_it_set_aside(
     assert out[1].startswith("waiting: 1 request open, next window closes in 11m ")
     assert out[-1].startswith("stopped: took over 0 pending, joined 0 requests, ")
     assert out[-1].endswith(f"0 files, 1 set aside (bus_message 1) in {wh}/_dead_letter")
+
+
+def test_a_joiner_writes_the_warehouse_layout_it_is_given(redis_url: str, tmp_path: Path) -> None:
+    def layout(**settings: str) -> TableLayout:
+        config = ServeConfig(
+            store_url=redis_url, bus_url=redis_url, warehouse=str(tmp_path), **SMALL, **settings
+        )
+        joiner, warehouse = build_joiner(config)
+        joiner.bus.close()
+        return warehouse.layout
+
+    assert layout() is TableLayout.REQUEST
+    assert layout(logging="eager") is TableLayout.IMPRESSION  # the naive baseline
+    assert layout(warehouse_layout="dedup") is TableLayout.DEDUP
+    with pytest.raises(
+        ConfigError, match="warehouse_layout must be request, dedup or impression, got 'rows'"
+    ):
+        ServeConfig(warehouse_layout="rows")

@@ -16,6 +16,7 @@ from leanrec.train.reader import iter_batches
 from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout, schema
 from leanrec.warehouse import sql as wsql
 from leanrec.warehouse.sql import COUNTED, DUCKDB_COUNTS, DUCKDB_IMPRESSIONS, duckdb_requests_view
+from leanrec.warehouse.store import dedup_copy
 from leanrec.world import WorldConfig, default_featureset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,6 +147,20 @@ def test_duckdb_counts_the_examples_and_each_label(
     }
     assert dict(zip(COUNTED, row, strict=True)) == want
     assert all(want[name] > 0 for name in COUNTED)
+
+
+def test_duckdb_reads_the_rows_of_a_deduplicated_warehouse_not_its_side_tables(
+    fs: FeatureSet, warehouse: tuple[str, list[RequestRecord]], tmp_path: Path
+) -> None:
+    uri, recs = warehouse
+    dedup_copy(uri, str(tmp_path / "dedup"), fs)
+    assert list((tmp_path / "dedup").rglob("_part-*.items.parquet"))
+    with duckdb.connect() as con:
+        con.execute(duckdb_requests_view(str(tmp_path / "dedup")))
+        con.execute(f"CREATE VIEW impressions AS {DUCKDB_IMPRESSIONS}")
+        counts = dict(zip(COUNTED, con.execute(DUCKDB_COUNTS).fetchone(), strict=True))
+    assert counts["requests"] == len(recs) and counts["examples"] == sum(len(r) for r in recs)
+    assert counts["click"] == sum(int(r.labels["click"].sum()) for r in recs)
 
 
 def test_the_readme_quotes_the_queries_as_they_are_run() -> None:

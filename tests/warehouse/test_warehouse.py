@@ -34,6 +34,7 @@ from leanrec.warehouse.tables import (
     LAYOUT_KEY,
     SIDE_KEY,
     DedupTable,
+    dedup_groups,
     dedup_tables,
     parquet_options,
     row_keys,
@@ -191,12 +192,17 @@ def test_files_are_zstd_parquet_under_hive_partitions(
             for c in range(meta.num_columns)
         }
         assert codecs == {"ZSTD"}
-        # Dictionaries for ids, labels and times; none for floats, which rarely repeat a value.
-        chunks = [
-            meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)
-        ]
-        assert {c.has_dictionary_page for c in chunks if c.physical_type == "FLOAT"} == {False}
-        assert {c.has_dictionary_page for c in chunks if c.physical_type == "INT64"} == {True}
+        # Dictionaries for ids and labels that repeat; none for distinct times and keys, nor for floats,
+        # which rarely repeat a value.
+        chunks = {
+            meta.row_group(g).column(c).path_in_schema: meta.row_group(g).column(c)
+            for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns)
+        }
+        assert {c.has_dictionary_page for c in chunks.values() if c.physical_type == "FLOAT"} == {False}
+        for name, chunk in chunks.items():
+            if name.split(".")[-1] == "view_ms" or (path not in written and name.endswith("_key")):
+                assert not chunk.has_dictionary_page, name  # distinct times, a side table's own keys
     assert sorted(Path(p).name for p in wh.files) == sorted(Path(p).name for p in written)
     assert wh.bytes_stored() == sum(Path(p).stat().st_size for p in every)
     assert wh.flush() == []  # nothing buffered, nothing written
@@ -708,21 +714,24 @@ def test_deduplicated_files_hold_each_distinct_row_once_and_read_back_the_same_e
     assert same_table(
         dedup.read().sort_by("request_id"), whs[TableLayout.REQUEST].read().sort_by("request_id")
     )
-    # one file of rows and its two side tables
+    # one file of rows and its four side tables, one per group of features
     (path,) = dedup.files
     sides = {t: pq.read_table(p) for t, p in side_paths(path).items()}
     rows = pq.read_table(path)
-    slow = [s.feature.name for s in fs.layout(Side.REQUEST).slots if s.feature.rarely]
+    groups = {t: set(names) for side in Side for t, names in dedup_groups(fs, side)}
+    assert set(groups) == set(DedupTable)  # the demo FeatureSet has features in each
     items = FeatureBlock.concat([r.items for r in records])
-    slow_cols = np.concatenate(
-        [np.arange(s.offset, s.stop) for s in fs.layout(Side.REQUEST).slots if s.feature.rarely]
-    )
     assert sides[DedupTable.ITEMS].num_rows == distinct_rows(items) == 12  # both -0.0 and both NaNs kept
+    assert sides[DedupTable.ITEMS_SLOW].num_rows == 12  # the -0.0 and the NaN are slow features
     assert sides[DedupTable.SLOW].num_rows == 6  # 3 users, 2 versions each
-    assert not set(slow) & set(rows.column_names) and "slow_key" in rows.column_names
+    assert sides[DedupTable.USERS].num_rows == 40  # the per-request user features are random
+    for table, names in groups.items():  # each group's features in its table alone
+        assert names <= set(sides[table].column_names) and not names & set(rows.column_names)
+    # a row holds its fastest group's key, which holds the slower one's
+    assert "user_key" in rows.column_names and "slow_key" in sides[DedupTable.USERS].column_names
     item_fields = {f.name for f in rows.schema.field("items").type.value_type}
     assert not item_fields & set(fs.layout(Side.ITEM).names) and "item_key" in item_fields
-    assert len(slow_cols) > 0
+    assert "item_slow_key" in sides[DedupTable.ITEMS].column_names
     for side, table in sides.items():
         assert table.schema.metadata == {LAYOUT_KEY: b"dedup", SIDE_KEY: side.value.encode()}
 
@@ -738,13 +747,13 @@ def test_dedup_tables_and_undedup_are_inverse_for_any_slice(fs: FeatureSet) -> N
     for start, length in ((3, 7), (24, 1), (0, 0)):
         part = pa.Table.from_batches([undedup(rows.slice(start, length), sides, request, item)])
         assert same_table(part.cast(table.schema), table.slice(start, length))
-    # keys are the rows' exact bytes: equal rows, equal keys; any other row, another key
+    # keys follow the rows' exact bytes: equal rows, equal keys; any other row, another key
     flat = pc.list_flatten(table.column("items").combine_chunks())
-    keys = row_keys([flat.field(n) for n in fs.layout(Side.ITEM).names])
-    assert len(np.unique(keys)) == 12
-    assert (
-        keys.tolist() == pc.list_flatten(rows.column("items").combine_chunks()).field("item_key").to_pylist()
-    )
+    same_row = np.unique(row_keys([flat.field(n) for n in fs.layout(Side.ITEM).names]), return_inverse=True)[
+        1
+    ]
+    keys = pc.list_flatten(rows.column("items").combine_chunks()).field("item_key").to_numpy()
+    assert len(set(zip(keys.tolist(), same_row.tolist(), strict=True))) == len(np.unique(keys)) == 12
 
 
 def test_a_featureset_without_slow_features_writes_no_slow_table(fs: FeatureSet, tmp_path: Path) -> None:
@@ -752,10 +761,52 @@ def test_a_featureset_without_slow_features_writes_no_slow_table(fs: FeatureSet,
     records = repeated_records(fs, 12, seed=3)
     wh = write(tmp_path / "wh", fast, TableLayout.DEDUP, records)
     (path,) = wh.files
-    assert [Path(p).exists() for p in side_paths(path).values()] == [True, False]
-    assert "slow_key" not in pq.read_schema(path).names
+    assert {t: Path(p).exists() for t, p in side_paths(path).items()} == {
+        DedupTable.USERS: True,
+        DedupTable.SLOW: False,
+        DedupTable.ITEMS: True,
+        DedupTable.ITEMS_SLOW: False,
+    }
+    assert "slow_key" not in pq.read_schema(side_paths(path)[DedupTable.USERS]).names
     want = write(tmp_path / "req", fast, TableLayout.REQUEST, records).read_examples()
     assert same_table(wh.read_examples(), want)
+
+
+def side_rows(path: str) -> dict[DedupTable, int]:
+    """Rows of each side file a deduplicated request file has (0 where it has none)."""
+    return {t: pq.read_metadata(p).num_rows if Path(p).exists() else 0 for t, p in side_paths(path).items()}
+
+
+def test_side_tables_span_a_partition_each_distinct_row_stored_once_across_its_files(
+    fs: FeatureSet, tmp_path: Path
+) -> None:
+    records = repeated_records(fs, 36, seed=6)  # one hour: one partition
+    want = write(tmp_path / "req", fs, TableLayout.REQUEST, records).read_examples()
+    wh = ParquetWarehouse(str(tmp_path / "wh"), fs, TableLayout.DEDUP)
+    for part in (records[:18], records[18:]):
+        wh.append(part)
+        wh.flush()
+    first, second = wh.files
+    assert first.rsplit("/", 1)[0] == second.rsplit("/", 1)[0]
+    once = side_rows(first)
+    assert once[DedupTable.ITEMS] == 12 and once[DedupTable.SLOW] == 6  # every version already seen
+    assert side_rows(second)[DedupTable.ITEMS] == side_rows(second)[DedupTable.SLOW] == 0
+    assert side_rows(second)[DedupTable.USERS] == 18  # random per request: all new
+    assert same_table(wh.read_examples(), want)
+    # A writer started later reads the keys its partition holds and writes no known row again.
+    again = ParquetWarehouse(str(tmp_path / "wh"), fs, TableLayout.DEDUP)
+    again.append(records[:18])
+    (third,) = again.flush()
+    assert side_rows(third) == dict.fromkeys(DedupTable, 0)
+    # Side files whose request file was never committed (a writer stopped between the renames)
+    # hold nothing a reader or a writer counts on: their rows are written again.
+    Path(first).unlink()
+    Path(third).unlink()
+    later = ParquetWarehouse(str(tmp_path / "wh"), fs, TableLayout.DEDUP)
+    later.append(records[:18])
+    (fourth,) = later.flush()
+    assert side_rows(fourth) == once
+    assert same_table(later.read_examples(), want)
 
 
 def test_a_request_level_warehouse_copies_into_the_same_deduplicated_files(
@@ -781,7 +832,7 @@ def test_a_missing_side_table_or_a_key_collision_is_refused_in_one_line(
     wh = write(tmp_path / "wh", fs, TableLayout.DEDUP, repeated_records(fs, 6, seed=5))
     Path(side_paths(wh.files[0])[DedupTable.ITEMS]).unlink()
     with pytest.raises(
-        WarehouseError, match=r"warehouse file .*_part-[0-9a-f]+\.items\.parquet does not exist"
+        WarehouseError, match=r"part-[0-9a-f]+\.parquet: no column \w+ in the file or its partition"
     ):
         wh.read()
     monkeypatch.setattr("leanrec.warehouse.tables.row_keys", lambda cols: np.zeros(len(cols[0]), np.uint64))
@@ -789,7 +840,7 @@ def test_a_missing_side_table_or_a_key_collision_is_refused_in_one_line(
         write(tmp_path / "clash", fs, TableLayout.DEDUP, repeated_records(fs, 6, seed=5))
 
 
-def test_float_columns_get_a_dictionary_only_where_their_values_repeat_apart() -> None:
+def test_columns_get_a_dictionary_only_where_their_values_repeat() -> None:
     rng = np.random.default_rng(0)
     values = rng.normal(size=50).astype(np.float32)
     table = pa.table(
@@ -798,9 +849,11 @@ def test_float_columns_get_a_dictionary_only_where_their_values_repeat_apart() -
             "scattered": values[rng.integers(0, 50, 1000)],  # joined impression rows
             "runs": np.repeat(values, 20),  # impression rows sorted by request: plain and zstd do better
             "vectors": pa.FixedSizeListArray.from_arrays(pa.array(np.tile(values[:4], 1000)), 4),
-            "ids": np.arange(1000),
+            "ids": rng.integers(0, 300, 1000),  # ids and labels repeat
+            "times": np.arange(1000),  # times, keys and counters do not
+            "labels": rng.random(1000) < 0.5,
         }
     )
     options = parquet_options(table)
     assert options["compression"] == "zstd"
-    assert options["use_dictionary"] == ["scattered", "ids"]
+    assert options["use_dictionary"] == ["scattered", "ids", "labels"]

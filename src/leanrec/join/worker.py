@@ -127,6 +127,7 @@ def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
     else:
         logger = EagerLogger(fs, store, bus, ledger, ttl)
         layout = TableLayout.IMPRESSION
+    layout = TableLayout(config.warehouse_layout) if config.warehouse_layout else layout
     warehouse = ParquetWarehouse(config.warehouse, fs, layout, ledger, flush_rows=500)
     dead = DeadLetterFolder.of_warehouse(config.warehouse)
     joiner = LabelJoiner(

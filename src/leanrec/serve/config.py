@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 from leanrec.errors import InputError
 from leanrec.schema import FeatureSet
 from leanrec.stores.redis_common import CLUSTER_SCHEME, cluster_seeds, redact
+from leanrec.warehouse.tables import TableLayout
 
 DEVELOPMENT_SECRET = "leanrec-development-secret-change-me"
 """The built-in token key. It is in leanrec's source for anyone to read, so anyone could sign tokens
@@ -72,6 +73,10 @@ class ServeConfig:
             signed with ``secret`` and accepted if either key signed them. Empty: none.
         development: A development run, which may sign tokens with the built-in secret.
         warehouse: Folder (or URI) joiners write to.
+        warehouse_layout: How joiners write it: ``request`` (one row per request), ``dedup`` (request
+            rows whose user and item feature rows are stored once per distinct content in side
+            tables of each partition) or ``impression`` (one row per viewed item, the naive
+            baseline); empty: ``impression`` under eager logging, ``request`` otherwise.
         consumer: Name of this joiner in the bus's consumer group.
         poll_ms: How often a joiner polls the bus and joins what is due.
 
@@ -104,12 +109,17 @@ class ServeConfig:
     secret_previous: str = ""
     development: bool = False
     warehouse: str = "leanrec-warehouse"
+    warehouse_layout: str = ""
     consumer: str = "joiner-1"
     poll_ms: int = 1_000
 
     def __post_init__(self) -> None:
         if self.logging not in ("lazy", "eager", "off"):
             raise ConfigError(f"logging must be lazy, eager or off, got {self.logging!r}")
+        if self.warehouse_layout not in ("", *(layout.value for layout in TableLayout)):
+            raise ConfigError(
+                f"warehouse_layout must be request, dedup or impression, got {self.warehouse_layout!r}"
+            )
         positive = ("port", "n_users", "n_retrieve", "n_rank", "window_ms", "max_body_bytes", "max_events")
         for name in (*positive, "max_items", "poll_ms", "context_max_bytes", "context_idle_ms"):
             if getattr(self, name) <= 0:

@@ -35,6 +35,7 @@ import torch
 
 from leanrec.schema import FeatureSet, Side
 from leanrec.warehouse.store import (
+    SideCache,
     WarehouseError,
     _files,
     _open_fs,
@@ -243,8 +244,11 @@ def _generate(
 ) -> Iterator[Batch]:
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     order = [paths[i] for i in rng.permutation(len(paths))] if rng is not None else paths
+    cache = SideCache()
     record_batches = (
-        rb for path in order for rb in _read_file(filesystem, path, fs, layout, size, rng, stats, scores)
+        rb
+        for path in order
+        for rb in _read_file(filesystem, path, fs, layout, size, rng, stats, scores, cache)
     )
     for table in _rebatch(record_batches, size):
         batch = _to_batch(table, fs, layout, scores)
@@ -303,10 +307,11 @@ def _by_request(
     for path in paths:  # files in order of the first request they hold: the same in both layouts
         with _Opened(filesystem, path) as pf:
             firsts.append(pc.min(pf.read(columns=["request_id"]).column("request_id")).as_py() or "")
+    cache = SideCache()
     for path in [p for _, p in sorted(zip(firsts, paths, strict=True))]:
         tables = [
             pa.Table.from_batches([rb])
-            for rb in _read_file(filesystem, path, fs, layout, 1 << 20, None, stats, scores)
+            for rb in _read_file(filesystem, path, fs, layout, 1 << 20, None, stats, scores, cache)
         ]
         if not tables:
             continue
@@ -339,11 +344,13 @@ def _read_file(
     rng: np.random.Generator | None,
     stats: ReadStats,
     scores: bool,
+    cache: SideCache,
 ) -> Iterator[pa.RecordBatch]:
     """Record batches of the projected columns of one file, row group by row group.
 
     With ``scores``, a file written before scores were kept gets a column of nulls, so its batches
-    concatenate with those of newer files.
+    concatenate with those of newer files. A deduplicated file's side tables are its partition's,
+    read once into ``cache`` for all its files.
     """
     with _Opened(filesystem, path) as pf:
         found = _check_file(path, pf, fs)
@@ -354,7 +361,7 @@ def _read_file(
         sides = None
         if layout is TableLayout.DEDUP:
             request, item = _names(fs, scores)
-            sides, req_cols, item_cols, side_bytes = read_sides(filesystem, path, pf, request, item)
+            sides, req_cols, item_cols, side_bytes = read_sides(filesystem, path, pf, request, item, cache)
             columns, leaves = projection(path, pf, req_cols, item_cols, TableLayout.REQUEST)
             stats.bytes_read += side_bytes
             top = [*request, "items"]

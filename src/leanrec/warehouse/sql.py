@@ -60,9 +60,9 @@ COUNTED = ("requests", "examples", "click", "like", "share", "hide", "watch_ms")
 def duckdb_requests_view(warehouse: str) -> str:
     """The DuckDB statement that registers a warehouse's Parquet files as the view ``requests``.
 
-    Hive partitioning gives the ``dt`` and ``hour`` columns the folders name, as Spark does.
+    Hive partitioning gives the ``dt`` and ``hour`` columns the folders name, as Spark does. Only
+    the request files are read: a deduplicated warehouse's side tables (``_part-…``) are not rows.
     """
     path = str(warehouse).rstrip("/").replace("'", "''")  # a quote in the path, doubled as SQL wants
-    return (
-        f"CREATE VIEW requests AS SELECT * FROM read_parquet('{path}/**/*.parquet', hive_partitioning = true)"
-    )
+    files = f"{path}/**/part-*.parquet"
+    return f"CREATE VIEW requests AS SELECT * FROM read_parquet('{files}', hive_partitioning = true)"

@@ -5,12 +5,17 @@ partitions (``dt=YYYY-MM-DD/hour=HH/``) of the request time. Each file is writte
 temporary name and renamed into place, so a reader (pyarrow, DuckDB, Spark) never sees half a file.
 The path may be a local folder or any URI that ``pyarrow.fs`` opens (``s3://…``, ``gs://…``).
 
-A deduplicated file ``part-X.parquet`` has its side tables beside it, ``_part-X.items.parquet`` and
-``_part-X.slow.parquet`` (see :mod:`leanrec.warehouse.tables`): plain Parquet files, since a Parquet
-file holds one table, so any engine reads each and joins them on their keys. Their names start with
-``_``, which pyarrow's and Spark's dataset discovery skip, so a folder of request files reads as one
-dataset. They are written and renamed into place before their request file, whose rename commits all
-three: a reader never meets a request file whose side tables are missing.
+A deduplicated file ``part-X.parquet`` has its side tables beside it, ``_part-X.<table>.parquet``
+for the groups of features its FeatureSet has (``users``, ``slow``, ``items``, ``items_slow``; see
+:mod:`leanrec.warehouse.tables`): plain Parquet files, since a Parquet file holds one table, so any
+engine reads each and joins them on their keys. A side file holds only the rows its partition's
+committed side files lack: the side tables of a partition are the union of its side files, and a
+distinct row is stored once per partition (once per writer, where several write one partition), not
+once per file. Their names start with ``_``, which pyarrow's and Spark's dataset discovery skip, so a
+folder of request files reads as one dataset. They are written and renamed into place before their
+request file, whose rename commits them: a reader never meets a request file whose rows are missing,
+and side files left by a writer that stopped before its request file's rename are never read. A
+partition is kept or dropped whole: a file's rows may live in the side files of the files before it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from leanrec.errors import InputError
 from leanrec.schema import FeatureSet, Side
 from leanrec.warehouse.records import RequestRecord
 from leanrec.warehouse.tables import (
+    CHAINS,
     FEATURESET_KEY,
     KEY_FIELDS,
     LAYOUT_KEY,
@@ -48,6 +54,10 @@ from leanrec.warehouse.tables import (
     undedup,
     with_scores,
 )
+
+KNOWN_PARTITIONS = 4
+"""Partitions whose side table keys a deduplicated writer keeps in memory (a late record's older
+partition has its keys read again from its files)."""
 
 
 class WarehouseError(InputError, ValueError):
@@ -109,6 +119,7 @@ class ParquetWarehouse:
         self.schema = schema(fs, layout)
         self._buffer: list[RequestRecord] = []
         self._files: list[str] = []
+        self._known: dict[str, KnownKeys] = {}  # deduplicated: each partition's side table keys
         try:
             self.filesystem.create_dir(self.root, recursive=True)
         except OSError as exc:
@@ -141,7 +152,13 @@ class ParquetWarehouse:
                 name = f"part-{uuid.uuid4().hex[:16]}.parquet"
                 final = f"{folder}/{name}"
                 if self.layout is TableLayout.DEDUP:
-                    sizes = write_dedup(self.filesystem, final, part, self.featureset)
+                    known = self._known.pop(folder, None)
+                    if known is None:
+                        known = known_keys(self.filesystem, folder)
+                    self._known[folder] = known  # the newest partitions last
+                    while len(self._known) > KNOWN_PARTITIONS:
+                        self._known.pop(next(iter(self._known)))
+                    sizes = write_dedup(self.filesystem, final, part, self.featureset, known)
                 else:
                     sizes = [_write(self.filesystem, final, part)]
                 cost.ops += len(sizes)
@@ -236,10 +253,58 @@ def side_paths(path: str) -> dict[DedupTable, str]:
     return {t: f"{folder}/_{stem}.{t.value}.parquet" for t in DedupTable}
 
 
-def write_dedup(filesystem: pafs.FileSystem, path: str, table: pa.Table, fs: FeatureSet) -> list[int]:
+def partition_sides(filesystem: pafs.FileSystem, folder: str) -> dict[DedupTable, list[str]]:
+    """The committed side files of a deduplicated partition, per side table, in name order.
+
+    A side file is committed once its request file is: a writer that stopped between the two left
+    side files that no committed row refers to, and they are not read.
+    """
+    try:
+        found = filesystem.get_file_info(pafs.FileSelector(folder))
+    except (FileNotFoundError, OSError):
+        return {}
+    names = {f.base_name for f in found if f.type == pafs.FileType.File}
+    out: dict[DedupTable, list[str]] = {}
+    for name in sorted(names):
+        stem, _, rest = name.removeprefix("_").partition(".")
+        table = rest.removesuffix(".parquet")
+        if name.startswith("_") and table in DedupTable._value2member_map_ and f"{stem}.parquet" in names:
+            out.setdefault(DedupTable(table), []).append(f"{folder}/{name}")
+    return out
+
+
+KnownKeys = dict[DedupTable, np.ndarray]
+"""The keys of the rows a partition's committed side files hold, per side table."""
+
+
+def known_keys(filesystem: pafs.FileSystem, folder: str) -> KnownKeys:
+    """The keys already in a deduplicated partition (its committed side files' key columns)."""
+    known: KnownKeys = {}
+    for table, paths in partition_sides(filesystem, folder).items():
+        column = KEY_FIELDS[table].name
+        keys = []
+        for path in paths:
+            with _Opened(filesystem, path) as pf:
+                keys.append(pf.read(columns=[column]).column(column).to_numpy())
+        known[table] = np.concatenate(keys)
+    return known
+
+
+def write_dedup(
+    filesystem: pafs.FileSystem, path: str, table: pa.Table, fs: FeatureSet, known: KnownKeys | None = None
+) -> list[int]:
     """Write request-level rows as one deduplicated file at ``path`` and its side tables; their sizes.
 
-    The side tables are renamed into place first: the request file's rename commits the three.
+    Args:
+        filesystem: Where to write.
+        path: The request file.
+        table: Request-level rows.
+        fs: Their FeatureSet.
+        known: The keys the partition's committed side files hold: rows with those keys are not
+            written again, and the keys of the rows written are added once the file is committed.
+            ``None`` writes every distinct row of the file (side tables per file).
+
+    The side tables are renamed into place first: the request file's rename commits them all.
 
     Raises:
         WarehouseError: Two different feature rows share a key (never seen: a 64-bit hash).
@@ -250,15 +315,27 @@ def write_dedup(filesystem: pafs.FileSystem, path: str, table: pa.Table, fs: Fea
     except ValueError as exc:
         raise WarehouseError(f"{path}: {exc}") from None
     paths = side_paths(path)
-    sizes = [_write(filesystem, paths[t], side) for t, side in sides.items()]
-    return [*sizes, _write(filesystem, path, rows)]
+    new: KnownKeys = {}
+    sizes = []
+    for t, side in sides.items():
+        keys = side.column(KEY_FIELDS[t].name).to_numpy()
+        fresh = ~np.isin(keys, known[t]) if known is not None and t in known else np.ones(len(keys), bool)
+        if fresh.any():
+            sizes.append(_write(filesystem, paths[t], side.filter(pa.array(fresh))))
+            new[t] = keys[fresh]
+    sizes.append(_write(filesystem, path, rows))
+    if known is not None:
+        for t, keys in new.items():
+            known[t] = np.concatenate([known[t], keys]) if t in known else keys
+    return sizes
 
 
 def dedup_copy(uri: str, out: str, fs: FeatureSet) -> int:
     """Write a request-level warehouse's files again, deduplicated, under ``out``; the bytes written.
 
     File by file, with the same partitions, records and names, and the writer's own code and
-    compression: only the layout differs, so the two sizes compare layouts alone.
+    compression: only the layout differs, so the two sizes compare layouts alone. As the
+    warehouse's writer does, each file's side tables hold only rows its partition lacks so far.
 
     Raises:
         WarehouseError: The warehouse is not request-level, or the path is not a warehouse.
@@ -267,10 +344,15 @@ def dedup_copy(uri: str, out: str, fs: FeatureSet) -> int:
     _, root = _open_fs(uri)
     out_fs, out_root = _open_fs(out)
     total = 0
+    partitions: dict[str, KnownKeys] = {}
     for info, whole in _request_tables(uri):
         table = whole.select(schema(fs, TableLayout.REQUEST).names)
         relative = info.path[len(root.rstrip("/")) :].lstrip("/")
-        total += sum(write_dedup(out_fs, f"{out_root.rstrip('/')}/{relative}", table, fs))
+        path = f"{out_root.rstrip('/')}/{relative}"
+        folder = path.rsplit("/", 1)[0]
+        if folder not in partitions:
+            partitions[folder] = known_keys(out_fs, folder)
+        total += sum(write_dedup(out_fs, path, table, fs, partitions[folder]))
     return total
 
 
@@ -363,13 +445,70 @@ def check_readable(path: str, written: FeatureSet, fs: FeatureSet) -> None:
         )
 
 
+class SideCache:
+    """The side tables of the deduplicated partitions a reader met, each column read once.
+
+    A deduplicated file's rows refer to the side files of its whole partition, so each file read
+    would otherwise read them all again.
+    """
+
+    def __init__(self) -> None:
+        self._columns: dict[str, dict[DedupTable, set[str]]] = {}
+        self._tables: dict[tuple[str, DedupTable, tuple[str, ...]], pa.Table] = {}
+
+    def columns(self, filesystem: pafs.FileSystem, folder: str) -> dict[DedupTable, set[str]]:
+        """The columns each side table of a partition holds (over all its files and versions)."""
+        if folder not in self._columns:
+            have: dict[DedupTable, set[str]] = {}
+            for table, paths in partition_sides(filesystem, folder).items():
+                for path in paths:
+                    with _Opened(filesystem, path) as pf:
+                        have.setdefault(table, set()).update(pf.schema_arrow.names)
+            self._columns[folder] = have
+        return self._columns[folder]
+
+    def read(
+        self, filesystem: pafs.FileSystem, folder: str, table: DedupTable, columns: Sequence[str]
+    ) -> tuple[pa.Table, int]:
+        """The named columns of a partition's side table, and the compressed bytes read (0 if held).
+
+        Files of a FeatureSet version without some column give nulls there: no row of theirs is
+        asked for it (a file's rows refer to rows of its own version).
+        """
+        at = (folder, table, tuple(sorted(columns)))
+        if at in self._tables:
+            return self._tables[at], 0
+        parts, read = [], 0
+        for path in partition_sides(filesystem, folder).get(table, []):
+            with _Opened(filesystem, path) as pf:
+                names = [n for n in columns if n in pf.schema_arrow.names]
+                parts.append(pf.read(columns=names))
+                for g in range(pf.num_row_groups):
+                    meta = pf.metadata.row_group(g)
+                    read += sum(
+                        meta.column(i).total_compressed_size
+                        for i in range(meta.num_columns)
+                        if meta.column(i).path_in_schema.split(".")[0] in names
+                    )
+        if not parts:
+            raise WarehouseError(f"{folder} has no committed {table.value} side table")
+        self._tables[at] = pa.concat_tables(parts, promote_options="default").select(list(columns))
+        return self._tables[at], read
+
+
 def read_sides(
-    filesystem: pafs.FileSystem, path: str, pf: pq.ParquetFile, request: Sequence[str], item: Sequence[str]
+    filesystem: pafs.FileSystem,
+    path: str,
+    pf: pq.ParquetFile,
+    request: Sequence[str],
+    item: Sequence[str],
+    cache: SideCache | None = None,
 ) -> tuple[dict[DedupTable, pa.Table], list[str], list[str], int]:
     """What to read of a deduplicated file for the named columns, and its side tables' share of them.
 
-    A column the request file lacks is read from the side table that holds it (with its key); the
-    side tables are read whole but for the columns not asked for.
+    A column the request file lacks is read from the side table of its partition that holds it,
+    with that table's key, and the keys that lead to it from the row (a slow table's key is in the
+    faster table's rows); each side table is read for those columns only.
 
     Args:
         filesystem: The warehouse's filesystem.
@@ -377,43 +516,59 @@ def read_sides(
         pf: The open request file.
         request: Top-level columns wanted (request-level names).
         item: Fields of the ``items`` structs wanted.
+        cache: Side tables already read (a new one if ``None``).
 
     Returns:
-        The side tables read (those any wanted column is in), the columns and item fields to read of
-        the request file (keys included), and the compressed bytes of the side columns read.
+        The side tables read (those any wanted column is in, or that lead to one), the columns and
+        item fields to read of the request file (keys included), and the compressed bytes of the
+        side columns read (0 for those the cache held).
 
     Raises:
-        WarehouseError: A side table is missing or unreadable.
+        WarehouseError: A wanted column is in neither the file nor its partition's side tables.
 
     """
+    cache = cache or SideCache()
+    folder = path.rsplit("/", 1)[0]
     top = set(pf.schema_arrow.names)
     struct = {f.name for f in pf.schema_arrow.field("items").type.value_type} if "items" in top else set()
-    wanted = {DedupTable.SLOW: [n for n in request if n not in top], DedupTable.ITEMS: []}
-    wanted[DedupTable.ITEMS] = [n for n in item if n not in struct]
+    held = cache.columns(filesystem, folder)
     tables: dict[DedupTable, pa.Table] = {}
-    read = 0
-    for table, names in wanted.items():
-        if not names:
-            continue
-        side = side_paths(path)[table]
-        with _Opened(filesystem, side) as spf:
-            have = set(spf.schema_arrow.names)
-            names = [n for n in names if n in have]  # missing ones are reported as the file's
-            columns = [KEY_FIELDS[table].name, *names]
-            tables[table] = spf.read(columns=columns)
-            for g in range(spf.num_row_groups):
-                meta = spf.metadata.row_group(g)
-                read += sum(
-                    meta.column(i).total_compressed_size
-                    for i in range(meta.num_columns)
-                    if meta.column(i).path_in_schema.split(".")[0] in columns
-                )
     request_cols = [n for n in request if n in top]
     item_cols = [n for n in item if n in struct]
-    if DedupTable.SLOW in tables:
-        request_cols.append(KEY_FIELDS[DedupTable.SLOW].name)
-    if DedupTable.ITEMS in tables:
-        item_cols.append(KEY_FIELDS[DedupTable.ITEMS].name)
+    read = 0
+    for side, base, names, cols in (
+        (Side.REQUEST, top, request, request_cols),
+        (Side.ITEM, struct, item, item_cols),
+    ):
+        missing = [n for n in names if n not in base]
+        if not missing:
+            continue
+        chain = CHAINS[side]
+        wanted: dict[DedupTable, list[str]] = {}
+        for name in missing:
+            table = next((t for t in chain if name in held.get(t, ())), None)
+            if table is None:
+                raise WarehouseError(f"{path}: no column {name} in the file or its partition's side tables")
+            wanted.setdefault(table, []).append(name)
+        # Walk from the slowest table wanted to the row: each table is reached through the key the
+        # row holds, or else through the faster table before it.
+        for at in range(len(chain) - 1, -1, -1):
+            table = chain[at]
+            if table not in wanted:
+                continue
+            key = KEY_FIELDS[table].name
+            if key in base:
+                if key not in cols:
+                    cols.append(key)
+            elif at > 0 and key in held.get(chain[at - 1], ()):
+                wanted.setdefault(chain[at - 1], []).append(key)
+            else:
+                raise WarehouseError(f"{path}: no key leads to the {table.value} side table")
+        for table, columns in wanted.items():
+            tables[table], bytes_read = cache.read(
+                filesystem, folder, table, [KEY_FIELDS[table].name, *dict.fromkeys(columns)]
+            )
+            read += bytes_read
     return tables, request_cols, item_cols, read
 
 
@@ -424,6 +579,7 @@ def read_dedup(
     request: Sequence[str],
     item: Sequence[str],
     optional: Sequence[str] = (),
+    cache: SideCache | None = None,
 ) -> pa.Table:
     """A deduplicated file's named columns as request-level rows (see :func:`read_sides`).
 
@@ -431,7 +587,7 @@ def read_dedup(
         WarehouseError: The file or its side tables lack a column, or a key misses its side table.
 
     """
-    sides, request_cols, item_cols, _ = read_sides(filesystem, path, pf, request, item)
+    sides, request_cols, item_cols, _ = read_sides(filesystem, path, pf, request, item, cache)
     columns, _ = projection(path, pf, request_cols, item_cols, TableLayout.REQUEST, optional)
     rows = pf.read(columns=columns)
     got = {f.name for f in pf.schema_arrow.field("items").type.value_type} | {
@@ -549,6 +705,7 @@ def read_table(uri: str, fs: FeatureSet, layout: TableLayout | None = None) -> p
         )
     tables: list[pa.Table] = []
     got: TableLayout | None = None
+    sides = SideCache()
     for f in files:
         with _Opened(filesystem, f.path) as pf:
             meta = pf.schema_arrow.metadata
@@ -571,7 +728,9 @@ def read_table(uri: str, fs: FeatureSet, layout: TableLayout | None = None) -> p
             if got is TableLayout.DEDUP:
                 request = [*(f.name for f in META_FIELDS), *fs.layout(Side.REQUEST).names]
                 item = [f.name for f in item_struct(fs)]
-                table = read_dedup(filesystem, f.path, pf, request, item, optional=(SCORE_FIELD.name,))
+                table = read_dedup(
+                    filesystem, f.path, pf, request, item, optional=(SCORE_FIELD.name,), cache=sides
+                )
                 table = with_scores(table, TableLayout.REQUEST)
             else:
                 columns, _ = _table_projection(f.path, pf, fs, got)

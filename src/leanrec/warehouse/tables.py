@@ -4,10 +4,13 @@
   structs, one per viewed item, with its position, id, first-view time, the ranker's score, features
   and labels.
 - Impression-level (baseline): one row per viewed item; request-side columns repeated in each.
-- Deduplicated: request-level rows that hold each viewed item's features, and the request's slowly
-  changing features (``changes = "rarely"``), as a key into a side table of the distinct rows of a
-  file: an item viewed in many requests, a user's embeddings across their requests, are stored once
-  per file (:func:`dedup_tables`, :func:`undedup`). The key is a 64-bit hash of the row's exact bytes.
+- Deduplicated: request-level rows in which a key stands for the user's features and one for each
+  viewed item's. Each owner's features fall into groups by how often they change (``Feature.changes``):
+  an item's counters and its embedding, a user's recent history and their long-term profile. Each
+  group's distinct rows are stored once in a side table of the partition, keyed by a 64-bit hash of
+  their exact bytes, and a faster group's row holds the key of its owner's slower one; an item viewed
+  in many requests, a user's embeddings across their requests, are stored once
+  (:func:`dedup_tables`, :func:`undedup`).
 
 ``score`` is the score the ranker gave the item at its position, as logged with its features: not a
 feature (no model reads it as an input), kept for off-policy evaluation and for comparing a new model
@@ -20,7 +23,7 @@ whole columns: no loop per row or per value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 
 import numpy as np
@@ -28,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from leanrec.events.model import LABELS
-from leanrec.schema import Feature, FeatureBlock, FeatureSet, Layout, Side
+from leanrec.schema import Feature, FeatureBlock, FeatureSet, Layout, Owner, Side
 from leanrec.warehouse.records import RequestRecord
 
 FEATURESET_KEY = b"leanrec.featureset"
@@ -46,12 +49,21 @@ class TableLayout(StrEnum):
 
 
 class DedupTable(StrEnum):
-    """The side tables of a deduplicated warehouse file."""
+    """The side tables of a deduplicated warehouse partition, each of the distinct rows of one group.
 
-    ITEMS = "items"
-    """Distinct item feature rows, keyed by ``item_key``."""
+    A group is an owner's features that change at one rate (``Feature.changes``). A faster group's
+    row holds the key of its owner's slower row, so a request row or an item holds one key, however
+    many groups its features fall into.
+    """
+
+    USERS = "users"
+    """User features that may change from one request to the next, keyed by ``user_key``."""
     SLOW = "slow"
-    """Distinct rows of the request's slowly changing features, keyed by ``slow_key``."""
+    """The request's slowly changing features (user or context), keyed by ``slow_key``."""
+    ITEMS = "items"
+    """Item features that may change from one request to the next, keyed by ``item_key``."""
+    ITEMS_SLOW = "items_slow"
+    """Slowly changing item features, keyed by ``item_slow_key``."""
 
 
 META_FIELDS = (
@@ -67,11 +79,18 @@ ITEM_META_FIELDS = (
 )
 SCORE_FIELD = pa.field("score", pa.float32(), nullable=True)
 """The ranker's score of each viewed item; null where it gave none."""
-ITEM_KEY_FIELD = pa.field("item_key", pa.uint64(), nullable=False)
-"""Deduplicated layout: hash of a viewed item's feature row, its key in the items side table."""
-SLOW_KEY_FIELD = pa.field("slow_key", pa.uint64(), nullable=False)
-"""Deduplicated layout: hash of a request's slowly changing features, its key in the slow side table."""
-KEY_FIELDS = {DedupTable.ITEMS: ITEM_KEY_FIELD, DedupTable.SLOW: SLOW_KEY_FIELD}
+KEY_FIELDS = {
+    DedupTable.USERS: pa.field("user_key", pa.uint64(), nullable=False),
+    DedupTable.SLOW: pa.field("slow_key", pa.uint64(), nullable=False),
+    DedupTable.ITEMS: pa.field("item_key", pa.uint64(), nullable=False),
+    DedupTable.ITEMS_SLOW: pa.field("item_slow_key", pa.uint64(), nullable=False),
+}
+"""Deduplicated layout: the column of each side table's key, a 64-bit hash of its row's exact bytes."""
+CHAINS = {
+    Side.REQUEST: (DedupTable.USERS, DedupTable.SLOW),
+    Side.ITEM: (DedupTable.ITEMS, DedupTable.ITEMS_SLOW),
+}
+"""Each side's groups, fastest first: a row of one holds the key of the next (where both exist)."""
 LABEL_FIELDS = tuple(
     pa.field(name, pa.int32() if name == "watch_ms" else pa.bool_(), nullable=False) for name in LABELS
 )
@@ -97,14 +116,45 @@ def item_struct(fs: FeatureSet) -> pa.StructType:
     return pa.struct(_item_fields(fs))
 
 
-def slow_names(fs: FeatureSet) -> list[str]:
-    """The request-side features declared slowly changing, in layout order."""
-    return [s.feature.name for s in fs.layout(Side.REQUEST).slots if s.feature.rarely]
+ENTITY_IDS = {Side.REQUEST: "user_id", Side.ITEM: "item_id"}
+"""The id of each side's entity: in the deduplicated layout, a column of its slowest group."""
 
 
-def dedup_item_struct() -> pa.StructType:
-    """Type of one viewed item inside a deduplicated row: its features are a key into the items table."""
-    return pa.struct([*ITEM_META_FIELDS, SCORE_FIELD, ITEM_KEY_FIELD, *LABEL_FIELDS])
+def dedup_groups(fs: FeatureSet, side: Side) -> list[tuple[DedupTable, list[str]]]:
+    """The deduplicated groups of one side that hold features, fastest first, with their columns.
+
+    Request side: the user features that may change per request, then the slowly changing user and
+    context features; context features that change per request stay in the request row. Item side:
+    the features that may change per request, then the slowly changing ones. The entity's id
+    (:data:`ENTITY_IDS`) joins the slowest group: it never changes, and a key then stands for it.
+    """
+    slots = [s.feature for s in fs.layout(side).slots]
+    if side is Side.REQUEST:
+        fast = [f.name for f in slots if f.owner is Owner.USER and not f.rarely]
+    else:
+        fast = [f.name for f in slots if not f.rarely]
+    groups = zip(CHAINS[side], (fast, [f.name for f in slots if f.rarely]), strict=True)
+    out = [(table, names) for table, names in groups if names]
+    if out:
+        out[-1][1].insert(0, ENTITY_IDS[side])
+    return out
+
+
+def _grouped(fs: FeatureSet, side: Side) -> set[str]:
+    return {n for _, names in dedup_groups(fs, side) for n in names}
+
+
+def _row_key(fs: FeatureSet, side: Side) -> list[pa.Field]:
+    """The key a request row (or a viewed item) holds: its fastest group's, if it has any group."""
+    groups = dedup_groups(fs, side)
+    return [KEY_FIELDS[groups[0][0]]] if groups else []
+
+
+def dedup_item_struct(fs: FeatureSet) -> pa.StructType:
+    """Type of one viewed item inside a deduplicated row: a key stands for its id and features."""
+    grouped = _grouped(fs, Side.ITEM)
+    meta = [f for f in ITEM_META_FIELDS if f.name not in grouped]
+    return pa.struct([*meta, SCORE_FIELD, *_row_key(fs, Side.ITEM), *LABEL_FIELDS])
 
 
 def schema(fs: FeatureSet, layout: TableLayout) -> pa.Schema:
@@ -116,12 +166,11 @@ def schema(fs: FeatureSet, layout: TableLayout) -> pa.Schema:
     if layout is TableLayout.REQUEST:
         fields = [*META_FIELDS, *req, pa.field("items", pa.list_(item_struct(fs)), nullable=False)]
     elif layout is TableLayout.DEDUP:
-        slow = set(slow_names(fs))
+        grouped = _grouped(fs, Side.REQUEST)
         fields = [
-            *META_FIELDS,
-            *(f for f in req if f.name not in slow),
-            *([SLOW_KEY_FIELD] if slow else []),
-            pa.field("items", pa.list_(dedup_item_struct()), nullable=False),
+            *(f for f in (*META_FIELDS, *req) if f.name not in grouped),
+            *_row_key(fs, Side.REQUEST),
+            pa.field("items", pa.list_(dedup_item_struct(fs)), nullable=False),
         ]
     else:
         fields = [*META_FIELDS, *req, *_item_fields(fs)]
@@ -131,17 +180,26 @@ def schema(fs: FeatureSet, layout: TableLayout) -> pa.Schema:
 
 
 def side_schema(fs: FeatureSet, table: DedupTable) -> pa.Schema:
-    """Arrow schema of a side table of the deduplicated layout: its key, then its features.
+    """Arrow schema of a side table of the deduplicated layout: its key, its features, the next key.
 
-    Its metadata names the layout and the table; the FeatureSet is in the request file's metadata,
-    which is read first, and is not repeated (a few kB per file).
+    The next key is that of its owner's slower group (see :data:`CHAINS`), where there is one. Its
+    metadata names the layout and the table; the FeatureSet is in the request files' metadata, which
+    are read first, and is not repeated (a few kB per file).
+
+    Raises:
+        ValueError: ``fs`` has no feature in that table's group.
+
     """
-    if table is DedupTable.ITEMS:
-        features = _fields(fs.layout(Side.ITEM))
-    else:
-        features = [feature_field(fs[name]) for name in slow_names(fs)]
+    side = next(s for s, chain in CHAINS.items() if table in chain)
+    groups = dedup_groups(fs, side)
+    at = next((i for i, (t, _) in enumerate(groups) if t is table), None)
+    if at is None:
+        raise ValueError(f"the FeatureSet has no feature of the {table.value} side table")
+    meta = {f.name: f for f in (*META_FIELDS, *ITEM_META_FIELDS)}
+    features = [meta[name] if name in meta else feature_field(fs[name]) for name in groups[at][1]]
+    following = [KEY_FIELDS[groups[at + 1][0]]] if at + 1 < len(groups) else []
     meta = {LAYOUT_KEY: TableLayout.DEDUP.value.encode(), SIDE_KEY: table.value.encode()}
-    return pa.schema([KEY_FIELDS[table], *features], metadata=meta)
+    return pa.schema([KEY_FIELDS[table], *features, *following], metadata=meta)
 
 
 def _scattered_repeats(arr: pa.Array, stride: int) -> bool:
@@ -184,7 +242,12 @@ def parquet_options(table: pa.Table) -> dict[str, object]:
             walk(f"{path}.list.element", arr.flatten(), t.list_size)
         elif pa.types.is_list(t) or pa.types.is_large_list(t):
             walk(f"{path}.list.element", arr.flatten(), stride)
-        elif not pa.types.is_floating(t) or (arr.null_count == 0 and _scattered_repeats(arr, stride)):
+        elif pa.types.is_floating(t):
+            if arr.null_count == 0 and _scattered_repeats(arr, stride):
+                leaves.append(path)
+        elif pa.types.is_integer(t) and len(arr) > 2 * pc.count_distinct(arr).as_py():
+            leaves.append(path)  # an id or a label that repeats; times, keys and counters go plain
+        elif not pa.types.is_integer(t):
             leaves.append(path)
 
     for name in table.column_names:
@@ -388,16 +451,47 @@ def _list_offsets(lists: pa.Array) -> pa.Array:
     return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
 
 
+def _dedup_groups(
+    fs: FeatureSet, side: Side, column: Callable[[str], pa.Array], entity: np.ndarray
+) -> tuple[np.ndarray | None, dict[DedupTable, pa.Table]]:
+    """Deduplicate one side's groups, slowest first, so that each faster row can hold the slower key.
+
+    Args:
+        fs: The FeatureSet.
+        side: Request or item side.
+        column: A feature's column, one value per row (request) or per viewed item.
+        entity: ``(n,)`` the user or item id of each row, to keep an entity's versions side by side.
+
+    Returns:
+        ``(n,)`` uint64 keys of the fastest group (``None`` if the side has no group), and each
+        group's table of distinct rows.
+
+    """
+    sides: dict[DedupTable, pa.Table] = {}
+    keys: np.ndarray | None = None
+    for table, names in reversed(dedup_groups(fs, side)):
+        cols = [_column(column(n)) for n in names]
+        if keys is not None:
+            cols.append(pa.array(keys))
+        table_keys, rows = _distinct(cols, entity)
+        index = pa.array(rows)
+        sides[table] = pa.Table.from_arrays(
+            [pa.array(table_keys[rows]), *(c.take(index) for c in cols)], schema=side_schema(fs, table)
+        )
+        keys = table_keys
+    return keys, sides
+
+
 def dedup_tables(table: pa.Table, fs: FeatureSet) -> tuple[pa.Table, dict[DedupTable, pa.Table]]:
     """Split request-level rows into deduplicated rows and their side tables.
 
     Args:
         table: Request-level rows of ``schema(fs, TableLayout.REQUEST)``.
-        fs: Their FeatureSet: its ``changes = "rarely"`` features go to the slow table.
+        fs: Their FeatureSet: its groups (:func:`dedup_groups`) give the side tables.
 
     Returns:
-        The rows (``schema(fs, TableLayout.DEDUP)``) and, per side table, its distinct rows
-        (``side_schema``); no slow table when ``fs`` declares no slow feature.
+        The rows (``schema(fs, TableLayout.DEDUP)``) and, per side table of ``fs``, the distinct rows
+        of its group in ``table`` (``side_schema``).
 
     Raises:
         ValueError: A hash collision (see :func:`_distinct`).
@@ -406,31 +500,63 @@ def dedup_tables(table: pa.Table, fs: FeatureSet) -> tuple[pa.Table, dict[DedupT
     sch = schema(fs, TableLayout.DEDUP)
     items = _column(table.column("items"))
     flat = pc.list_flatten(items)
-    item_cols = [flat.field(n) for n in fs.layout(Side.ITEM).names]
-    keys, rows = _distinct(item_cols, flat.field("item_id").to_numpy(zero_copy_only=False))
-    index = pa.array(rows)
-    sides = {
-        DedupTable.ITEMS: pa.Table.from_arrays(
-            [pa.array(keys[rows]), *(c.take(index) for c in item_cols)],
-            schema=side_schema(fs, DedupTable.ITEMS),
-        )
-    }
-    fields = list(dedup_item_struct())
-    children = [pa.array(keys) if f.name == ITEM_KEY_FIELD.name else flat.field(f.name) for f in fields]
+    item_keys, sides = _dedup_groups(fs, Side.ITEM, flat.field, flat.field("item_id").to_numpy())
+    request_keys, request_sides = _dedup_groups(
+        fs, Side.REQUEST, table.column, table.column("user_id").to_numpy()
+    )
+    sides.update(request_sides)
+    have = {f.name for f in flat.type}
+    fields = list(dedup_item_struct(fs))
+    children = [flat.field(f.name) if f.name in have else pa.array(item_keys) for f in fields]
     struct = pa.StructArray.from_arrays(children, fields=fields)
-    lists = pa.ListArray.from_arrays(_list_offsets(items), struct, type=sch.field("items").type)
-    columns: dict[str, pa.Array | pa.ChunkedArray] = {"items": lists}
-    if slow := slow_names(fs):
-        slow_cols = [_column(table.column(n)) for n in slow]
-        skeys, srows = _distinct(slow_cols, table.column("user_id").to_numpy())
-        sindex = pa.array(srows)
-        sides[DedupTable.SLOW] = pa.Table.from_arrays(
-            [pa.array(skeys[srows]), *(c.take(sindex) for c in slow_cols)],
-            schema=side_schema(fs, DedupTable.SLOW),
-        )
-        columns[SLOW_KEY_FIELD.name] = pa.array(skeys)
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {
+        "items": pa.ListArray.from_arrays(_list_offsets(items), struct, type=sch.field("items").type)
+    }
+    if request_keys is not None:
+        columns[_row_key(fs, Side.REQUEST)[0].name] = pa.array(request_keys)
     cols = [_column(columns[f.name] if f.name in columns else table.column(f.name)) for f in sch]
     return pa.Table.from_arrays(cols, schema=sch), sides
+
+
+def _resolver(
+    sides: dict[DedupTable, pa.Table], chain: Sequence[DedupTable], base: Callable[[str], pa.Array | None]
+) -> Callable[[str], pa.Array]:
+    """A column getter for one side: from ``base`` (the rows, or the viewed items) or its side tables.
+
+    A side table's rows are found by the key that ``base`` holds, or else that the faster table
+    before it in ``chain`` holds; each table is looked up once.
+    """
+    found: dict[DedupTable, pa.Array] = {}
+
+    def index(table: DedupTable) -> pa.Array:
+        if table not in found:
+            name = KEY_FIELDS[table].name
+            keys = base(name)
+            if keys is None:
+                at = chain.index(table)
+                if at == 0 or chain[at - 1] not in sides:
+                    raise ValueError(f"no key of the {table.value} side table")
+                keys = take(chain[at - 1], name)
+            side = sides[table]
+            rows = pc.index_in(keys, value_set=_column(side.column(name)))
+            if rows.null_count:
+                raise ValueError(f"{rows.null_count} keys missing from the {table.value} side table")
+            found[table] = rows
+        return found[table]
+
+    def take(table: DedupTable, name: str) -> pa.Array:
+        return _column(sides[table].column(name)).take(index(table))
+
+    def get(name: str) -> pa.Array:
+        values = base(name)
+        if values is not None:
+            return values
+        for table in chain:
+            if table in sides and name in sides[table].column_names:
+                return take(table, name)
+        raise ValueError(f"no column {name} in the rows or their side tables")
+
+    return get
 
 
 def undedup(
@@ -443,46 +569,24 @@ def undedup(
 
     Args:
         rows: Deduplicated rows, or some of their columns (with the keys of the side columns asked for).
-        sides: Side tables of the rows' file, or some of their columns (with their keys).
-        request: Top-level columns to return, in this order, each from the rows or the slow table.
+        sides: Side tables holding the rows' keys (a partition's, or a file's), or some of their
+            columns (with their keys, and the keys of the slower tables asked for through them).
+        request: Top-level columns to return, in this order, each from the rows or a side table.
         item: Fields of the ``items`` structs to return, in this order, each from the rows' items or
-            the items table; no ``items`` column when empty.
+            a side table; no ``items`` column when empty.
 
     Raises:
-        ValueError: A key that its side table lacks, or a column that neither holds.
+        ValueError: A key that its side table lacks, or a column that none holds.
 
     """
     names = set(rows.schema.names)
-    out: dict[str, pa.Array] = {}
-    taken: dict[DedupTable, tuple[pa.Table, pa.Array]] = {}
-
-    def side_column(table: DedupTable, keys: pa.Array, name: str) -> pa.Array:
-        if table not in taken:
-            side = sides.get(table)
-            if side is None:
-                raise ValueError(f"no {table.value} side table for the column {name}")
-            at = pc.index_in(keys, value_set=_column(side.column(KEY_FIELDS[table].name)))
-            if at.null_count:
-                raise ValueError(f"{at.null_count} keys missing from the {table.value} side table")
-            taken[table] = (side, at)
-        side, at = taken[table]
-        if name not in side.column_names:
-            raise ValueError(f"no column {name}")
-        return _column(side.column(name)).take(at)
-
-    for name in request:
-        if name in names:
-            out[name] = _column(rows.column(name))
-        else:
-            out[name] = side_column(DedupTable.SLOW, _column(rows.column(SLOW_KEY_FIELD.name)), name)
+    get = _resolver(sides, CHAINS[Side.REQUEST], lambda n: _column(rows.column(n)) if n in names else None)
+    out = {name: get(name) for name in request}
     if item:
         lists = _column(rows.column("items"))
         flat = pc.list_flatten(lists)
         have = {f.name for f in flat.type}
-        children = [
-            flat.field(n) if n in have else side_column(DedupTable.ITEMS, flat.field(ITEM_KEY_FIELD.name), n)
-            for n in item
-        ]
-        struct = pa.StructArray.from_arrays(children, names=list(item))
+        get_item = _resolver(sides, CHAINS[Side.ITEM], lambda n: flat.field(n) if n in have else None)
+        struct = pa.StructArray.from_arrays([get_item(n) for n in item], names=list(item))
         out["items"] = pa.ListArray.from_arrays(_list_offsets(lists), struct)
     return pa.RecordBatch.from_arrays(list(out.values()), names=list(out))
