@@ -51,6 +51,7 @@ from leanrec.warehouse.tables import (
     records_table,
     request_to_impression,
     schema,
+    side_schema,
     undedup,
     with_scores,
 )
@@ -236,12 +237,25 @@ class _Opened:
         self.source.close()
 
 
-def _write(filesystem: pafs.FileSystem, path: str, table: pa.Table) -> int:
-    """Write one Parquet file under a hidden temporary name, rename it into place; its size."""
+def _write(filesystem: pafs.FileSystem, path: str, table: pa.Table, store_schema: bool = True) -> int:
+    """Write one Parquet file under a hidden temporary name, rename it into place; its size.
+
+    Without ``store_schema``, the file holds no copy of its Arrow schema (pyarrow's
+    ``ARROW:schema``, which repeats the schema and its metadata in every footer): Parquet's own
+    types less fixed-size lists' sizes, which the reader gives back, and the schema's metadata in
+    the file's key-value metadata.
+    """
     folder, name = path.rsplit("/", 1)
     filesystem.create_dir(folder, recursive=True)
     tmp = f"{folder}/.{name}.tmp"
-    pq.write_table(table, tmp, filesystem=filesystem, **parquet_options(table))
+    options = parquet_options(table)
+    if store_schema:
+        pq.write_table(table, tmp, filesystem=filesystem, **options)
+    else:
+        with pq.ParquetWriter(tmp, table.schema, filesystem=filesystem, store_schema=False, **options) as w:
+            w.write_table(table)
+            if table.schema.metadata:
+                w.add_key_value_metadata(table.schema.metadata)
     filesystem.move(tmp, path)
     return filesystem.get_file_info(path).size
 
@@ -320,8 +334,8 @@ def write_dedup(
     for t, side in sides.items():
         keys = side.column(KEY_FIELDS[t].name).to_numpy()
         fresh = ~np.isin(keys, known[t]) if known is not None and t in known else np.ones(len(keys), bool)
-        if fresh.any():
-            sizes.append(_write(filesystem, paths[t], side.filter(pa.array(fresh))))
+        if fresh.any():  # no Arrow schema copy: the request files' FeatureSet gives the types
+            sizes.append(_write(filesystem, paths[t], side.filter(pa.array(fresh)), store_schema=False))
             new[t] = keys[fresh]
     sizes.append(_write(filesystem, path, rows))
     if known is not None:
@@ -468,12 +482,19 @@ class SideCache:
         return self._columns[folder]
 
     def read(
-        self, filesystem: pafs.FileSystem, folder: str, table: DedupTable, columns: Sequence[str]
+        self,
+        filesystem: pafs.FileSystem,
+        folder: str,
+        table: DedupTable,
+        columns: Sequence[str],
+        types: pa.Schema,
     ) -> tuple[pa.Table, int]:
         """The named columns of a partition's side table, and the compressed bytes read (0 if held).
 
-        Files of a FeatureSet version without some column give nulls there: no row of theirs is
-        asked for it (a file's rows refer to rows of its own version).
+        Side files store no Arrow schema of their own: ``types`` (``side_schema`` of the reading
+        file's FeatureSet) gives their columns' types back. Files of a FeatureSet version without
+        some column give nulls there: no row of theirs is asked for it (a file's rows refer to rows
+        of its own version).
         """
         at = (folder, table, tuple(sorted(columns)))
         if at in self._tables:
@@ -482,7 +503,7 @@ class SideCache:
         for path in partition_sides(filesystem, folder).get(table, []):
             with _Opened(filesystem, path) as pf:
                 names = [n for n in columns if n in pf.schema_arrow.names]
-                parts.append(pf.read(columns=names))
+                parts.append(pf.read(columns=names).cast(pa.schema([types.field(n) for n in names])))
                 for g in range(pf.num_row_groups):
                     meta = pf.metadata.row_group(g)
                     read += sum(
@@ -532,6 +553,7 @@ def read_sides(
     top = set(pf.schema_arrow.names)
     struct = {f.name for f in pf.schema_arrow.field("items").type.value_type} if "items" in top else set()
     held = cache.columns(filesystem, folder)
+    written = written_featureset(path, pf.schema_arrow.metadata)
     tables: dict[DedupTable, pa.Table] = {}
     request_cols = [n for n in request if n in top]
     item_cols = [n for n in item if n in struct]
@@ -565,8 +587,9 @@ def read_sides(
             else:
                 raise WarehouseError(f"{path}: no key leads to the {table.value} side table")
         for table, columns in wanted.items():
+            types = side_schema(written, table)
             tables[table], bytes_read = cache.read(
-                filesystem, folder, table, [KEY_FIELDS[table].name, *dict.fromkeys(columns)]
+                filesystem, folder, table, [KEY_FIELDS[table].name, *dict.fromkeys(columns)], types
             )
             read += bytes_read
     return tables, request_cols, item_cols, read
