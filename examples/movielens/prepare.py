@@ -75,7 +75,7 @@ def featureset(n_users: int, n_items: int, n_genres: int, n_occupations: int, di
             f("popularity_log", Owner.ITEM, Kind.DENSE, 1, 0, "log(1 + ratings so far)"),
             f("recent_log", Owner.ITEM, Kind.DENSE, 1, 0, "log(1 + ratings in the last 7 days)"),
             f("like_rate", Owner.ITEM, Kind.DENSE, 1, 0, "share of its ratings that were 4 or 5 (smoothed)"),
-            f("i_bpr", Owner.ITEM, Kind.DENSE, dim, 0, "the movie's retrieval vector", space="bpr", changes=R),
+            f("i_bpr", Owner.ITEM, Kind.DENSE, dim, 0, "the movie's BPR vector", space="bpr", changes=R),
         ),
     )  # fmt: skip
 
