@@ -75,8 +75,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
     Beside the warehouse bytes stands the impression layout at its best, rows sorted by request
     (``sorted_impression_bytes``), in the naive column: the saving of the request-level layout alone;
-    and against it the deduplicated layout (``dedup_bytes``: distinct item feature rows and slowly
-    changing user features stored once per file) in the lean column.
+    and against it the deduplicated layout (``dedup_bytes``: each distinct user and item feature
+    row, split by how often its features change, stored once per partition) in the lean column.
     """
     out = []
     for key, label, unit in ROWS:
@@ -96,7 +96,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
                     _ratio(best, pair["lean"]),
                 )
             )
-            if "dedup_bytes" in report:  # distinct item rows and slow user features once per file
+            if "dedup_bytes" in report:  # distinct user and item feature rows once per partition
                 out.append(
                     (
                         "  deduplicated vs impression rows sorted",
