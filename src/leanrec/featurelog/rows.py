@@ -1,0 +1,123 @@
+"""Content-addressed feature rows: stored once per distinct content, referenced by a 64-bit hash.
+
+Across requests the same item feature row (same item, same feature values) is logged again and
+again, and a user's slowly changing features (``changes = "rarely"``) with each of their requests.
+With the lazy logger's ``shared_rows`` option, each such row is stored once, as a ROW blob under
+``lr:{r<16 hex digits>}``, the hash of its exact bytes, and a page (a request side) keeps only the
+hash in its place (see :mod:`leanrec.featurelog.codec`).
+
+Key scheme: a shared row is its own Redis Cluster hash tag, so it lives on the shard of its hash, not
+on the shard of any request that uses it; a request's own keys keep ``lr:{<request_id>}:…``. A
+joiner reading one request therefore reads its own keys from one shard, then its rows from up to
+as many shards as the cluster has (a second round trip, sent to every shard at once); see the
+README's table for what that costs.
+
+Lifetime: a row is written once, with the TTL of the request that first uses it, and every later use
+extends it (``TransientStore.touch_many``, no bytes sent) to at least the using request's TTL, so a
+row outlives every request that references it and nothing outlives its TTL. A logger remembers the
+rows it wrote or extended with their expiry (:class:`RowCache`, bounded): a row that already outlives
+the new request needs nothing; one that would expire sooner is extended, by ``slack_ms`` more than
+asked, so the next uses within that slack need nothing either; one the cache does not know is
+written (identical content, so overwriting is harmless); an extension that finds the key gone (an
+eviction, a server restart) writes the bytes in a follow-up. The joiner never deletes a shared
+row (other requests may use it): rows expire by their TTL.
+
+The hash is 64 bits: two different rows alive at once collide with probability about
+``rows**2 / 2**65`` (1e8 rows held at once: 3e-4), in which case a join would read the other row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from leanrec.featurelog.codec import RowTable
+from leanrec.schema import FeatureBlock, FeatureSet
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_MULTIPLIERS: dict[int, np.ndarray] = {}
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, elementwise: a bijection of uint64 that spreads every input bit."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> _S30)
+        x = x * _M1
+        x = x ^ (x >> _S27)
+        x = x * _M2
+        return x ^ (x >> _S31)
+
+
+def _multipliers(width: int) -> np.ndarray:
+    """``(width,)`` fixed odd uint64 multipliers, one per column (so a column's position counts)."""
+    got = _MULTIPLIERS.get(width)
+    if got is None:
+        got = _MULTIPLIERS[width] = np.random.default_rng(0x5EED).integers(
+            0, 2**63, size=width, dtype=np.uint64
+        ) * np.uint64(2) + np.uint64(1)
+    return got
+
+
+def row_hashes(fs: FeatureSet, table: RowTable, block: FeatureBlock) -> np.ndarray:
+    """``(n,)`` uint64 hash of each row's exact bytes (NaN payloads and -0.0 included).
+
+    Every value is mixed, weighted by its column's multiplier and summed along the row (modulo
+    2**64), then mixed again with a seed of the FeatureSet and table, so rows of another FeatureSet
+    or table never share a key. A handful of numpy operations over the whole ``(n, columns)``
+    matrix: no loop per row or per column.
+    """
+    words = np.hstack(
+        [
+            np.ascontiguousarray(block.ints, "<i8").view(np.uint64),
+            np.ascontiguousarray(block.floats, "<f4").view(np.uint32).astype(np.uint64),
+        ]
+    )
+    seed = _mix(np.array([(fs.fingerprint << 24) | (fs.version << 8) | int(table)], np.uint64))
+    summed = (_mix(words) * _multipliers(words.shape[1])).sum(axis=1, dtype=np.uint64)
+    return _mix(summed ^ seed)
+
+
+def row_keys(hashes: np.ndarray) -> list[str]:
+    """The transient key of each row: ``lr:{r<16 hex digits>}``, the braces its own hash tag."""
+    text = np.ascontiguousarray(hashes, ">u8").tobytes().hex()
+    return [f"lr:{{r{text[i : i + 16]}}}" for i in range(0, len(text), 16)]
+
+
+class RowCache:
+    """Rows this logger wrote or extended recently, with when each expires: direct-mapped, bounded.
+
+    A row's slot is its hash's low bits; a newer row taking the slot forgets the older one, which
+    costs at worst one write (or extension) more. Lookups and updates are vectorised.
+
+    Args:
+        slots: Rows remembered at most (rounded up to a power of two); 16 bytes each.
+
+    """
+
+    def __init__(self, slots: int = 1 << 18) -> None:
+        if slots <= 0:
+            raise ValueError(f"row cache slots must be positive, got {slots}")
+        size = 1 << (int(slots) - 1).bit_length()
+        self._mask = np.uint64(size - 1)
+        self._hash = np.zeros(size, np.uint64)
+        self._expiry = np.zeros(size, np.int64)  # 0: nothing known (a zero hash reads as unknown too)
+
+    def expiry(self, hashes: np.ndarray) -> np.ndarray:
+        """``(n,)`` int64 ms when each row is known to expire; 0 where the cache does not know it."""
+        slot = (hashes & self._mask).astype(np.intp)
+        return np.where(self._hash[slot] == hashes, self._expiry[slot], 0)
+
+    def remember(self, hashes: np.ndarray, expire_at_ms: int) -> None:
+        """The rows live until at least ``expire_at_ms`` (a later expiry already known is kept)."""
+        if not len(hashes):
+            return
+        slot = (hashes & self._mask).astype(np.intp)
+        known = np.where(self._hash[slot] == hashes, self._expiry[slot], 0)
+        self._hash[slot] = hashes
+        self._expiry[slot] = np.maximum(known, expire_at_ms)
+
+    def forget(self, hashes: np.ndarray) -> None:
+        """Forget the rows (their write failed, or they were found gone)."""
+        slot = (hashes & self._mask).astype(np.intp)
+        self._expiry[slot[self._hash[slot] == hashes]] = 0
