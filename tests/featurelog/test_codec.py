@@ -343,7 +343,9 @@ def _blobs(fs: FeatureSet) -> dict[BlobKind, bytes]:
         BlobKind.IMPRESSION: codec.encode_impressions(fs, ids, request, items)[0],
         BlobKind.ROW: codec.encode_rows(fs, RowTable.ITEM, items)[0],
         BlobKind.PAGE_REFS: codec.encode_page_refs(fs, 0, ids, np.arange(6, dtype=np.uint64)),
-        BlobKind.REQUEST_REFS: codec.encode_request_refs(fs, request, 2**64 - 1),
+        BlobKind.REQUEST_REFS: codec.encode_request_refs(
+            fs, request.take_columns(codec.slow_columns(fs).fast_floats, codec.slow_columns(fs).fast_ints), 7
+        ),
     }
 
 

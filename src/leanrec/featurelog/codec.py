@@ -494,19 +494,19 @@ def decode_page_refs(fs: FeatureSet, blob: bytes) -> PageRefs:
     return PageRefs(first, ids, hashes, scores)
 
 
-def encode_request_refs(fs: FeatureSet, block: FeatureBlock, slow_hash: int) -> bytes:
+def encode_request_refs(fs: FeatureSet, fast: FeatureBlock, slow_hash: int) -> bytes:
     """Encode one request's request side without its slowly changing features, and their row's hash.
 
     Args:
         fs: The FeatureSet.
-        block: The whole request side, one row.
+        fast: The request side's other columns (``slow_columns(fs).fast_floats`` and
+            ``.fast_ints``), one row.
         slow_hash: Hash of the ROW holding its slowly changing features.
 
     """
-    if len(block) != 1:
-        raise CodecError(f"a REQUEST_REFS blob holds one row, got {len(block)}")
     cols = slow_columns(fs)
-    fast = block.take_columns(cols.fast_floats, cols.fast_ints)
+    if fast.floats.shape != (1, len(cols.fast_floats)) or fast.ints.shape != (1, len(cols.fast_ints)):
+        raise CodecError(f"a REQUEST_REFS blob holds one row of the other columns, got {fast.floats.shape}")
     return b"".join(
         (
             _header(fs, BlobKind.REQUEST_REFS, 0, 1),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Protocol
 
 import numpy as np
@@ -453,6 +454,26 @@ class _RowPlan:
     reused: int = 0
 
 
+@dataclass
+class _HeadRows:
+    """A ranked batch's head pages and request sides as shared rows: hashes, and what to send.
+
+    Attributes:
+        items: ``(B, head)`` uint64 hashes of each request's head items.
+        slow: ``(B,)`` uint64 hashes of each request's slowly changing features (None: it has none).
+        fast: The request sides' other columns, B rows (None: no slowly changing features).
+        plan: What the rows need.
+        rows: The rows whose bytes must be sent, by key.
+
+    """
+
+    items: np.ndarray
+    slow: np.ndarray | None
+    fast: FeatureBlock | None
+    plan: _RowPlan
+    rows: dict[str, bytes]
+
+
 class LazyLogger(_Base):
     """Logs the request side once and the head at rank time; later pages on signal or on touch.
 
@@ -500,9 +521,18 @@ class LazyLogger(_Base):
         self._unopened: set[str] = set()  # requests whose record the bus has not taken yet
 
     # ------------------------------------------------------------------------------ shared rows
-    def _plan_rows(self, plan: _RowPlan, table: RowTable, hashes: np.ndarray, block: FeatureBlock) -> None:
-        """Sort the distinct rows of ``block`` by what they need, by the row cache; encode the needed."""
-        unique, first = np.unique(hashes, return_index=True)
+    def _plan_rows(
+        self, plan: _RowPlan, table: RowTable, hashes: np.ndarray, block: FeatureBlock, distinct: bool = True
+    ) -> None:
+        """Sort the rows of ``block`` by what they need, by the row cache; encode the needed.
+
+        ``distinct``: the rows are known distinct (one request's items: their ids differ), so no
+        ``unique`` pass is needed; a row named twice would only be sent twice, never lost.
+        """
+        if distinct:
+            unique, first = hashes, np.arange(len(hashes))
+        else:
+            unique, first = np.unique(hashes, return_index=True)
         deadline = self.contexts.clock.now_ms() + self.ttl_ms
         expiry = self.row_cache.expiry(unique)  # type: ignore[union-attr]
         need = expiry < deadline  # alive past the request's TTL already: nothing to send
@@ -583,8 +613,10 @@ class LazyLogger(_Base):
         out = {}
         with self.ledger.cpu("serialize") as cost:
             bounds = [self.paging.bounds(page, ctx.ref.n_items) for page in pages]
-            rows = np.concatenate([np.arange(a, b) for a, b in bounds])
-            block = ctx.items.take(rows)
+            if all(a == b for (_, a), (b, _) in pairwise(bounds)):
+                block = ctx.items.take(slice(bounds[0][0], bounds[-1][1]))  # consecutive pages: a view
+            else:
+                block = ctx.items.take(np.concatenate([np.arange(a, b) for a, b in bounds]))
             hashes = row_hashes(self.fs, RowTable.ITEM, block)
             at = 0
             for page, (start, stop) in zip(pages, bounds, strict=True):
@@ -596,7 +628,7 @@ class LazyLogger(_Base):
                     ctx.scores[start:stop],
                 )
                 at += stop - start
-            self._plan_rows(plan, RowTable.ITEM, hashes, block)
+            self._plan_rows(plan, RowTable.ITEM, hashes, block, distinct=True)
             cost.ops += len(out) + len(plan.write) + len(plan.extend_keys)
             cost.bytes_serialized += sum(map(len, out.values())) + sum(map(len, plan.write.values()))
         return out
@@ -607,8 +639,9 @@ class LazyLogger(_Base):
                 blob = codec.encode_request(self.fs, ctx.request)
             else:
                 slow = ctx.request.take_columns(self._slow.floats, self._slow.ints)
+                fast = ctx.request.take_columns(self._slow.fast_floats, self._slow.fast_ints)
                 hashes = row_hashes(self.fs, RowTable.SLOW, slow)
-                blob = codec.encode_request_refs(self.fs, ctx.request, int(hashes[0]))
+                blob = codec.encode_request_refs(self.fs, fast, int(hashes[0]))
                 self._plan_rows(plan, RowTable.SLOW, hashes, slow)
             cost.ops += 1
             cost.bytes_serialized += len(blob)
@@ -617,10 +650,53 @@ class LazyLogger(_Base):
     def _plan(self) -> _RowPlan | None:
         return _RowPlan() if self.shared_rows else None
 
+    def _head_rows(self, batch: RankedBatch, head: int) -> _HeadRows:
+        """The shared rows of a ranked batch's head pages and request sides, hashed and planned at once.
+
+        One pass over the whole batch: hashing, the row cache and encoding cost a few numpy calls per
+        batch rather than per request, and rows shared by several requests of the batch are sent once.
+        """
+        n, b = batch.n_items, len(batch)
+        with self.ledger.cpu("serialize") as cost:
+            plan = _RowPlan()
+            block = batch.items.take((np.arange(b)[:, None] * n + np.arange(head)).ravel())
+            items = row_hashes(self.fs, RowTable.ITEM, block)
+            self._plan_rows(plan, RowTable.ITEM, items, block, distinct=b == 1)
+            slow_hashes = fast = None
+            if self._slow:
+                slow = batch.request.take_columns(self._slow.floats, self._slow.ints)
+                fast = batch.request.take_columns(self._slow.fast_floats, self._slow.fast_ints)
+                slow_hashes = row_hashes(self.fs, RowTable.SLOW, slow)
+                self._plan_rows(plan, RowTable.SLOW, slow_hashes, slow, distinct=b == 1)
+            cost.ops += len(plan.write) + len(plan.extend_keys)
+            cost.bytes_serialized += sum(map(len, plan.write.values()))
+        rows = self._with_rows({}, plan)
+        return _HeadRows(items.reshape(b, head), slow_hashes, fast, plan, rows)
+
+    def _encode_head_refs(self, ctx: RequestContext, b: int, pre: _HeadRows) -> dict[str, bytes]:
+        """Request ``b``'s request side and head page, referencing the rows ``pre`` planned."""
+        head = pre.items.shape[1]
+        rid = ctx.ref.request_id
+        with self.ledger.cpu("serialize") as cost:
+            if pre.slow is not None and pre.fast is not None:
+                fast = pre.fast.take(slice(b, b + 1))
+                u = codec.encode_request_refs(self.fs, fast, int(pre.slow[b]))
+            else:
+                u = codec.encode_request(self.fs, ctx.request)
+            p0 = codec.encode_page_refs(self.fs, 0, ctx.item_ids[:head], pre.items[b], ctx.scores[:head])
+            cost.ops += 2
+            cost.bytes_serialized += len(u) + len(p0)
+        return {key(rid, "u"): u, key(rid, "p0"): p0}
+
     def log_ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
         """Hold each request's frozen features; write the request side and the head page."""
         n = batch.n_items
         now = self.contexts.clock.now_ms()
+        pre = self._head_rows(batch, self.paging.bounds(0, n)[1]) if self.shared_rows else None
+        rows_ok = True
+        if pre is not None and len(refs) != 1:  # the batch's rows first, so every page finds its rows
+            rows_ok = not pre.rows or self._put(pre.rows)
+            self._rows_written(pre.plan, rows_ok)
         for b, ref in enumerate(refs):
             ctx = RequestContext(
                 ref,
@@ -631,14 +707,21 @@ class LazyLogger(_Base):
                 np.zeros(self.paging.count(n), bool),
                 now,
             )
-            plan = self._plan()
-            entries = {**self._encode_request(ctx, plan), **self._encode_pages(ctx, [0], plan)}
-            entries = self._with_rows(entries, plan)
-            if len(refs) == 1:  # one request (a sidecar's): its first entries and its record at once
-                written, ctx.opened = self._put_opened(entries, ref)
+            if pre is None:
+                entries = {**self._encode_request(ctx), **self._encode_pages(ctx, [0])}
             else:
+                entries = self._encode_head_refs(ctx, b, pre)
+            if len(refs) == 1:  # one request (a sidecar's): its first entries and its record at once
+                if pre is not None:
+                    entries = {**pre.rows, **entries}
+                written, ctx.opened = self._put_opened(entries, ref)
+                if pre is not None:
+                    self._rows_written(pre.plan, written)
+            elif rows_ok:
                 written = self._put(entries)
-            self._rows_written(plan, written)
+            else:  # the rows were refused: the pages stay held, and go (with their rows) later
+                written = False
+                self.stats.write_failures += len(entries)
             if written:
                 ctx.logged[0] = ctx.request_logged = True
                 self.stats.count_logged(*self.paging.bounds(0, n))
