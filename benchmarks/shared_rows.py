@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
@@ -160,6 +161,110 @@ def cluster(requests: int, seed: int, root: Path, url: str, shared: bool) -> dic
     return out
 
 
+def _thread_timed(logger: Any) -> list[float]:
+    """Wrap the logger's entry points to add their thread CPU seconds into the returned cell."""
+    import time
+
+    spent = [0.0]
+    for name in ("log_ranked", "paginate", "touch", "touch_and_append_once"):
+        real = getattr(logger, name)
+
+        def timed(*args: Any, _real: Callable[..., Any] = real, **kw: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return _real(*args, **kw)
+            finally:
+                spent[0] += time.thread_time() - t0
+
+        setattr(logger, name, timed)
+    return spent
+
+
+def movielens(work: Path, redis_url: str, root: Path) -> tuple[dict[str, dict[str, float]], bool]:
+    """MovieLens 100K's round-1 sessions (chunks 1 and 2) replayed through both layouts in-process.
+
+    Two catalog services (``create_app``, embedded transient store and bus) rank the MovieLens catalog
+    from the FeatureStore at ``redis_url`` database 8 (loaded per chunk, as ``examples/movielens/run.py``
+    does) and are replayed the same sessions; each is then joined to its own warehouse.
+    """
+    import os
+    import subprocess
+
+    import httpx
+    import redis
+
+    from leanrec.clock import SystemClock
+    from leanrec.energy.ledger import CostLedger
+    from leanrec.join.joiner import LabelJoiner
+    from leanrec.serve.app import create_app
+    from leanrec.serve.config import ServeConfig
+    from leanrec.sim.replay import replay
+    from leanrec.warehouse.store import ParquetWarehouse
+    from leanrec.warehouse.tables import TableLayout
+
+    os.environ.setdefault("LEANREC_SECRET", "shared-rows-benchmark-secret-0123456789")
+    features = f"{redis_url}/8"
+    redis.Redis.from_url(features).flushdb()
+    fs_file = str(work / "featureset.toml")
+    apps = {
+        name: create_app(
+            ServeConfig(
+                featureset=fs_file,
+                features_url=features,
+                retrieval=str(work / "retrieval.npz"),
+                n_retrieve=300,
+                n_rank=100,
+                shared_rows=name == "shared",
+            )
+        )
+        for name in ("today", "shared")
+    }
+    # The services rank and answer on other threads of this process at the same time, so the
+    # ledger's process CPU would charge their work to logging: time the logger's own thread instead.
+    log_cpu = {name: _thread_timed(app.state.leanrec.logger) for name, app in apps.items()}
+    for k in (1, 2):
+        subprocess.run(
+            [sys.executable, "-m", "leanrec.cli", "features", "load", "--featureset", fs_file, "--users",
+             str(work / f"users_{k}.parquet"), "--items", str(work / f"items_{k}.parquet"),
+             "--store-url", features],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        for app in apps.values():
+            replay(
+                "http://127.0.0.1",
+                work / f"sessions_{k}.parquet",
+                fs_file,
+                transport=httpx.ASGITransport(app=app),
+            )
+            app.state.leanrec.lane.drain()
+    figs, tables = {}, {}
+    for name, app in apps.items():
+        st = app.state.leanrec
+        cfg = st.config
+        ledger = CostLedger()
+        clock = ManualClock(SystemClock().now_ms() + cfg.window_ms + cfg.lateness_ms + 10_000)
+        wh = ParquetWarehouse(str(root / f"ml-{name}"), st.featureset, TableLayout.REQUEST, ledger)
+        joiner = LabelJoiner(st.logger, st.bus, wh, ledger, clock, cfg.window_ms, cfg.lateness_ms)
+        joiner.poll()
+        joiner.join_due()
+        joiner.flush()
+        examples = max(joiner.stats.examples, 1)
+        join_cpu = sum(ledger.stages[s].cpu_seconds for s in JOIN_STAGES if s in ledger.stages)
+        figs[name] = {
+            "peak_bytes": st.store.stats().peak_bytes_held,
+            "log_us_per_request": 1e6 * log_cpu[name][0] / max(st.ranked, 1),
+            "join_us_per_example": 1e6 * join_cpu / examples,
+            "examples": joiner.stats.examples,
+            "labels_lost": joiner.stats.labels_lost,
+        }
+        wall = {"request_id", "ts_ms", "view_ms"}
+        t = wh.read_examples()
+        t = t.select([c for c in t.column_names if c not in wall])
+        scalar = [c for c in t.column_names if not pa.types.is_nested(t.schema.field(c).type)]
+        tables[name] = t.sort_by([(c, "ascending") for c in scalar])
+    return figs, tables["today"].equals(tables["shared"])
+
+
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -176,6 +281,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cluster-requests", type=int, default=1_000, help="0: no cluster runs")
+    parser.add_argument(
+        "--movielens", help="a folder examples/movielens/prepare.py wrote: replay its sessions both ways too"
+    )
+    parser.add_argument(
+        "--redis", default="redis://127.0.0.1:6379", help="with --movielens: its FeatureStore"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the README's table as Markdown")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="leanrec-shared-rows-"))
@@ -205,6 +316,23 @@ def main() -> int:
             f"peak bytes held {shared['peak_bytes'] / today['peak_bytes']:.3f}x today's, above {TARGET}"
         )
 
+    if args.movielens:
+        ml = []
+        for i in range(args.repeat):
+            console.print(f"MovieLens run {i + 1} of {args.repeat}")
+            figs, same = movielens(Path(args.movielens), args.redis, root / f"ml{i}")
+            ml.append(figs)
+            if not same or figs["today"]["labels_lost"] or figs["shared"]["labels_lost"]:
+                failures.append(f"MovieLens run {i}: examples equal {same}, {figs}")
+        mt, ms = _median([r["today"] for r in ml]), _median([r["shared"] for r in ml])
+        rows += [
+            ["MovieLens: transient store held, peak (MB)", mt["peak_bytes"] / 1e6, ms["peak_bytes"] / 1e6],
+            ["MovieLens: logging CPU per request (µs)", mt["log_us_per_request"], ms["log_us_per_request"]],
+            ["MovieLens: joiner CPU per example (µs)", mt["join_us_per_example"], ms["join_us_per_example"]],
+        ]
+        if ms["peak_bytes"] > TARGET * mt["peak_bytes"]:
+            failures.append(f"MovieLens peak bytes held {ms['peak_bytes'] / mt['peak_bytes']:.3f}x today's")
+
     if args.cluster_requests:
         from leanrec.stores.local_cluster import LocalRedisCluster
 
@@ -230,6 +358,7 @@ def main() -> int:
 
     flags = f"--requests {args.requests} --seed {args.seed} --repeat {args.repeat}"
     flags += f" --cluster-requests {args.cluster_requests}"
+    flags += " --movielens ML-WORK" if args.movielens else ""
     command = f"python benchmarks/shared_rows.py {flags}"
     text = [[name, f"{a:,.2f}", f"{b:,.2f}", f"{b / a:.3f}x" if a else "-"] for name, a, b in rows]
     header = ["figure", "today's lazy", "shared rows", "shared / today"]
