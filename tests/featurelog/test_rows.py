@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -238,3 +239,89 @@ def test_a_missing_row_is_a_position_not_found_never_a_crash(small_world: World)
     slow = [k for k in store._data if k.startswith("lr:{r")]
     store.delete_many(slow)
     assert not logger.fetch(_opened(refs[0]), np.arange(6)).found.any()  # the request side is not whole
+
+
+# ------------------------------------------------------------------------- on every store
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+def any_store(request: pytest.FixtureRequest):
+    """A TransientStore of each backend, with a clock that moves with real time for the servers."""
+    from leanrec.stores import open_transient_store
+
+    from ..contract.conftest import REDIS_TEST_URL, flush_redis, require_redis
+
+    if request.param == "memory":
+        clock = ManualClock(START_MS)
+        return MemoryTransientStore(clock=clock), clock, clock.advance
+    if request.param == "redis":
+        require_redis(REDIS_TEST_URL)
+        flush_redis(REDIS_TEST_URL)
+        url = REDIS_TEST_URL
+    else:
+        url = request.getfixturevalue("cluster_url")
+    store = open_transient_store(url)
+    request.addfinalizer(store.close)
+    clock = ManualClock(START_MS)
+
+    def advance(ms: int) -> None:  # the server's time and the logger's move together
+        time.sleep(ms / 1000)
+        clock.advance(ms)
+
+    return store, clock, advance
+
+
+def _row_keys_of(store, logger: LazyLogger, ref: RequestRef) -> list[str]:
+    """Keys of the shared rows a request's request side and head page reference."""
+    u, p0 = store.get_many([key(ref.request_id, "u"), key(ref.request_id, "p0")])
+    keys = row_keys(codec.decode_page_refs(logger.fs, p0).row_hashes)
+    return keys + row_keys(np.array([codec.decode_request_refs(logger.fs, u)[0]], np.uint64))
+
+
+def test_rows_are_extended_by_every_use_and_expire_by_their_ttl(small_world: World, any_store) -> None:
+    store, clock, advance = any_store
+    ttl = 1_500
+    ledger = CostLedger()
+    contexts = ContextCache(1 << 30, 120_000, 600_000, clock, ledger)
+    logger = LazyLogger(
+        small_world.featureset,
+        store,
+        MemoryEventBus(),
+        ledger,
+        ttl,
+        contexts,
+        shared_rows=True,
+        row_slack_ms=0,
+    )
+    users = small_world.user_ids[:1]
+    first, batch = _ranked(small_world, users, clock.now_ms(), "ttl-a")
+    logger.log_ranked(first, batch)
+    rows = _row_keys_of(store, logger, first[0])
+    assert None not in store.get_many(rows)
+    advance(ttl // 2)
+    again, _ = _ranked(small_world, users, clock.now_ms(), "ttl-b")
+    logger.log_ranked(again, batch)  # the same rows: extended to the second request's TTL, not sent
+    assert _row_keys_of(store, logger, again[0]) == rows
+    assert logger.stats.rows_extended == len(rows) and logger.stats.rows_written == len(rows)
+    advance(ttl // 2 + 300)  # past the first request's TTL, inside the second's
+    assert store.get_many([key(first[0].request_id, "u")]) == [None]
+    assert logger.fetch(_opened(again[0]), np.arange(6)).found.all()
+    advance(ttl // 2 + 300)  # past the second's: nothing outlives its TTL
+    assert store.get_many(rows) == [None] * len(rows)
+
+
+def test_a_row_evicted_between_requests_is_written_again_on_every_store(
+    small_world: World, any_store
+) -> None:
+    store, clock, advance = any_store
+    logger = _logger(small_world, store, clock, True, row_slack_ms=0)
+    users = small_world.user_ids[:1]
+    first, batch = _ranked(small_world, users, clock.now_ms(), "ev-a")
+    logger.log_ranked(first, batch)
+    keys = _row_keys_of(store, logger, first[0])
+    assert store.delete_many(keys) == len(keys)  # evicted, or the server restarted
+    advance(50)
+    again, _ = _ranked(small_world, users, clock.now_ms(), "ev-b")
+    logger.log_ranked(again, batch)
+    assert logger.stats.rows_rewritten == len(keys)
+    assert None not in store.get_many(keys)
+    got = logger.fetch(_opened(again[0]), np.arange(6))
+    assert got.found.all() and got.request is not None

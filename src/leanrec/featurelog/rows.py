@@ -19,8 +19,8 @@ Lifetime: a row is written once, with the TTL of the request that first uses it,
 extends it (``TransientStore.touch_many``, no bytes sent) to at least the using request's TTL, so a
 row outlives every request that references it and nothing outlives its TTL. A logger remembers the
 rows it wrote or extended with their expiry (:class:`RowCache`, bounded): a row that already outlives
-the new request needs nothing; one that would expire sooner is extended, by ``slack_ms`` more than
-asked, so the next uses within that slack need nothing either; one the cache does not know is
+the new request needs nothing; one that would expire sooner is extended, ``row_slack_ms`` past
+the request's TTL, so the next uses within that slack need nothing either; one the cache does not know is
 written (identical content, so overwriting is harmless); an extension that finds the key gone (an
 eviction, a server restart) writes the bytes in a follow-up. The joiner never deletes a shared
 row (other requests may use it): rows expire by their TTL.
