@@ -37,20 +37,21 @@ from leanrec.featurelog.codec import RowTable
 from leanrec.schema import FeatureBlock, FeatureSet
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S29, _S30, _S27, _S31 = np.uint64(29), np.uint64(30), np.uint64(27), np.uint64(31)
+_S29, _S31 = np.uint64(29), np.uint64(31)
 _MULTIPLIERS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 _SEEDS: dict[tuple[int, int, int], np.uint64] = {}
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser, elementwise: a bijection of uint64 that spreads every input bit."""
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> _S30)
-        x = x * _M1
-        x = x ^ (x >> _S27)
-        x = x * _M2
-        return x ^ (x >> _S31)
+    """A final avalanche, elementwise: a bijection of uint64 whose low bits depend on every input bit.
+
+    In place on a fresh array. Array arithmetic wraps modulo 2**64 silently (only numpy scalars
+    warn), so no ``errstate``, which would cost more than the arithmetic on a page's few rows.
+    """
+    x ^= x >> _S31
+    x *= _M1
+    x ^= x >> _S29
+    return x
 
 
 def _multipliers(width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,13 +89,13 @@ def row_hashes(fs: FeatureSet, table: RowTable, block: FeatureBlock) -> np.ndarr
     n, wi = block.ints.shape
     words = np.empty((n, wi + block.floats.shape[1]), np.uint64)
     words[:, :wi] = block.ints  # int64 to uint64 keeps the bits
-    words[:, wi:] = np.ascontiguousarray(block.floats, "<f4").view(np.uint32)
+    words[:, wi:] = block.floats.view(np.uint32)  # float32 blocks: their bits, widened
     a, b = _multipliers(words.shape[1])
-    with np.errstate(over="ignore"):
-        words *= a
-        words ^= words >> _S29
-        summed = words @ b  # wraps modulo 2**64
-    return _mix(summed ^ _seed(fs, table))
+    words *= a
+    words ^= words >> _S29
+    summed = words @ b  # wraps modulo 2**64
+    summed ^= _seed(fs, table)
+    return _mix(summed)
 
 
 def row_keys(hashes: np.ndarray) -> list[str]:
