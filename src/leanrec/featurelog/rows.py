@@ -12,8 +12,8 @@ joiner reading one request therefore reads its own keys from one shard, then its
 as many shards as the cluster has (a second round trip, sent to every shard at once, an MGET per
 hash slot). Measured by ``benchmarks/shared_rows.py`` on a local cluster of 3 masters (1,000
 requests of the synthetic world, medians of 3): 3 round trips per joined request instead of 2 (the
-event batches, the request's keys, its rows), 4.6 shards touched instead of 2, 12.9 MGET and LRANGE
-commands instead of 2, and 2.1x the joiner's CPU per example (95 µs against 45 µs).
+event batches, the request's keys, its rows), 4.6 shards touched instead of 2, 12.8 MGET and LRANGE
+commands instead of 2, and 2.3x the joiner's CPU per example (95 µs against 41 µs).
 
 Lifetime: a row is written once, with the TTL of the request that first uses it, and every later use
 extends it (``TransientStore.touch_many``, no bytes sent) to at least the using request's TTL, so a
