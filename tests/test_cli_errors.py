@@ -289,3 +289,17 @@ def test_the_console_script_prints_no_traceback(made: dict[str, Path]) -> None:
     assert "Traceback" not in done.stdout + done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith("error: no service answers at http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("command", ["serve", "join"])
+def test_shared_rows_is_a_flag_of_serve_and_join_over_the_config_file(command: str, tmp_path: Path) -> None:
+    from leanrec.cli import _config, build_parser
+
+    toml = tmp_path / "serve.toml"
+    toml.write_text("shared_rows = false\n")
+    parser = build_parser()
+    assert _config(parser.parse_args([command, "--config", str(toml), "--shared-rows"])).shared_rows is True
+    assert _config(parser.parse_args([command, "--config", str(toml)])).shared_rows is False
+    toml.write_text("shared_rows = true\n")
+    assert _config(parser.parse_args([command, "--config", str(toml)])).shared_rows is True
+    assert build_parser().parse_args(["demo", "--shared-rows"]).shared_rows is True

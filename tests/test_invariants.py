@@ -8,6 +8,7 @@ simulator so each test decides what is ranked, what the world does next and whic
 from __future__ import annotations
 
 import gc
+import re
 import tracemalloc
 import weakref
 from collections.abc import Sequence
@@ -102,6 +103,7 @@ def make_rig(
     ttl_ms: int = TTL,
     idle_ms: int = 120_000,
     limits: EventLimits | None = None,
+    shared_rows: bool = False,
 ) -> Rig:
     fs = world.featureset
     store = MemoryTransientStore(clock=clock)
@@ -110,7 +112,9 @@ def make_rig(
     logger: FeatureLogger
     if lazy:
         contexts = ContextCache(1 << 30, idle_ms, WINDOW, clock, ledger)
-        logger = LazyLogger(fs, store, bus, ledger, ttl_ms, contexts, Paging(6, 9), lookahead=2)
+        logger = LazyLogger(
+            fs, store, bus, ledger, ttl_ms, contexts, Paging(6, 9), lookahead=2, shared_rows=shared_rows
+        )
         layout = TableLayout.REQUEST
     else:
         logger = EagerLogger(fs, store, bus, ledger, ttl_ms)
@@ -443,12 +447,13 @@ def test_a_batch_accepted_at_the_deadline_is_joined_and_one_after_it_is_refused(
 
 
 # --------------------------------------------------------------------------- 3. lazy = eager
+@pytest.mark.parametrize("shared_rows", [False, True], ids=["lazy", "lazy-shared-rows"])
 def test_lazy_and_eager_paths_give_identical_examples(
-    small_world: World, funnel: Funnel, tmp_path: Path
+    small_world: World, funnel: Funnel, tmp_path: Path, shared_rows: bool
 ) -> None:
     clock = ManualClock(T0)
     eager = make_rig(small_world, False, tmp_path / "naive", clock)
-    lazy = make_rig(small_world, True, tmp_path / "lean", clock)
+    lazy = make_rig(small_world, True, tmp_path / "lean", clock, shared_rows=shared_rows)
     refs, batch = rank(funnel, [5, 9, 11, 13])
     for rig in (eager, lazy):
         rig.service.ranked(refs, batch)
@@ -478,13 +483,14 @@ def test_lazy_and_eager_paths_give_identical_examples(
     eager_keys = [k for r in opened for k in eager.logger.keys(r)]
     assert all(v is not None for v in eager.store.get_many(eager_keys))
     assert eager.logger.stats.entries_written == 4 * batch.n_items
-    assert lazy.logger.stats.entries_written < eager.logger.stats.entries_written / 5
+    rows = lazy.logger.stats.rows_written  # shared rows: stored once, referenced by the pages
+    assert lazy.logger.stats.entries_written - rows < eager.logger.stats.entries_written / 5
     # Both paths store the same event batches beside the features: five batches, one append each.
     ev_keys = [f"lr:{{{r.request_id}}}:ev" for r in opened]
     assert eager.store.get_lists_many(ev_keys) == lazy.store.get_lists_many(ev_keys)
     assert [len(c) for c in eager.store.get_lists_many(ev_keys)] == [1, 3, 1, 0]
     assert eager.store.stats().writes == 4 * batch.n_items + 5
-    assert lazy.store.stats().writes < eager.store.stats().writes / 5
+    assert lazy.store.stats().writes - rows < eager.store.stats().writes / 5
     assert lazy.store.stats().bytes_written < eager.store.stats().bytes_written / 5
 
     clock.set(JOIN_AT)
@@ -677,6 +683,35 @@ def test_entries_never_joined_are_gone_after_the_ttl(
     assert after.bytes_held == 0
     assert len(rig.store) == 0
     assert after.expiries == held.keys_held
+
+
+def test_shared_rows_outlive_the_join_and_are_gone_after_the_ttl(
+    small_world: World, funnel: Funnel, tmp_path: Path
+) -> None:
+    """The joiner deletes a request's own keys only; the rows it shares expire by their TTL."""
+    clock = ManualClock(T0)
+    ttl = WINDOW + LATENESS + 60_000
+    rig = make_rig(small_world, True, tmp_path / "wh", clock, ttl_ms=ttl, shared_rows=True)
+    refs, batch = rank(funnel, [4, 4, 8])  # one user twice: one row of slowly changing features
+    rig.service.ranked(refs, batch)
+    clock.set(T0 + 1_000)
+    rig.service.events(refs[0], events(refs[0], batch.item_ids[0], views(range(4))))
+    rows = [k for k in rig.store._data if re.fullmatch(r"lr:\{r[0-9a-f]{16}\}", k)]
+    assert rows and rig.logger.stats.rows_written == len(rows)
+    clock.set(JOIN_AT)
+    rig.settle()
+    assert rig.joiner.stats.requests_joined == 3 and rig.joiner.stats.labels_lost == 0
+    assert rig.examples().num_rows == 4
+    opened = [m for m in rig.bus.log if isinstance(m, RequestOpened)]
+    own = [k for ref in opened for k in rig.logger.keys(ref)]
+    assert rig.store.get_many(own) == [None] * len(own)  # joined and deleted
+    assert None not in rig.store.get_many(rows)  # shared rows stay: other requests may use them
+    clock.set(T0 + ttl - 1)
+    assert None not in rig.store.get_many(rows)
+    clock.set(T0 + ttl)
+    assert rig.store.get_many(rows) == [None] * len(rows)
+    rig.store.purge_expired()
+    assert rig.store.stats().keys_held == 0 and rig.store.stats().bytes_held == 0
 
 
 def test_memory_of_expired_entries_is_released(small_world: World, funnel: Funnel, tmp_path: Path) -> None:

@@ -169,7 +169,9 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:  # the energy flags, refused before the run
         raise InputError(str(exc)) from None
     with _steps(console) as shown:
-        result = run_demo(args.requests, args.seed, out, progress=shown, energy=energy)
+        result = run_demo(
+            args.requests, args.seed, out, progress=shown, energy=energy, shared_rows=args.shared_rows
+        )
     report = result.report
     if args.rounds >= 2:
         from leanrec.sim.loop import close_loop
@@ -226,6 +228,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file of settings; flags override it")
     for flag, kind, text in _SERVE_FLAGS:
         p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument(
+        "--shared-rows",
+        action="store_true",
+        default=None,
+        help="lazy logging: store item rows and slowly changing user features once per distinct "
+        "content, referenced by hash (joiners read either layout)",
+    )
 
 
 def _config(args: argparse.Namespace):
@@ -235,7 +244,9 @@ def _config(args: argparse.Namespace):
     overrides = {
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in _SERVE_FLAGS
     }
-    return ServeConfig.load(args.config, **overrides, development=getattr(args, "dev", None))
+    return ServeConfig.load(
+        args.config, **overrides, shared_rows=args.shared_rows, development=getattr(args, "dev", None)
+    )
 
 
 _NOT_ANSWERING = "; start it, or give --store-url and --bus-url a server that answers"
@@ -304,7 +315,9 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         else f"{len(ports)} workers on http://{config.host}:{ports[0]}..{ports[-1]}"
     )
     console.print(
-        f"leanrec serve: {ranks}; logging={config.logging}, store={config.store_url}, "
+        f"leanrec serve: {ranks}; logging={config.logging}"
+        + (" (shared rows)" if config.shared_rows and config.logging == "lazy" else "")
+        + f", store={config.store_url}, "
         f"bus={config.bus_url}, {where}",
         markup=False,
         soft_wrap=True,
@@ -886,6 +899,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--region", help="ISO 3166 alpha-3 country of the grid (needs leanrec[carbon])")
     demo.add_argument("--grid-intensity", type=_at_least_zero, help="gCO2e per kWh (wins over --region)")
+    demo.add_argument(
+        "--shared-rows",
+        action="store_true",
+        help="lean path: item rows and slowly changing user features stored once per distinct content",
+    )
 
     serve = sub.add_parser("serve", help="serve the ranking API (rank, paginate, events, healthz, metrics)")
     _add_config_flags(serve)

@@ -91,6 +91,59 @@ def test_a_requests_entries_share_one_shard(cluster_url: str) -> None:
     store.close()  # type: ignore[attr-defined]
 
 
+def test_shared_rows_live_on_the_shards_of_their_hashes_and_join_one_request_at_a_time(
+    cluster_url: str, tmp_path: Path
+) -> None:
+    """The library's entry point, one request per call as a sidecar logs, with content-addressed rows."""
+    clock = ManualClock(T0)
+    log = leanrec.open_logging(
+        parse_featureset(SHOP_FEATURESET),
+        cluster_url,
+        cluster_url,
+        clock=clock,
+        secret="cluster-test-secret",
+        lateness_ms=5_000,
+        window_ms=60_000,
+        shared_rows=True,
+    )
+    joiner = log.joiner(tmp_path / "wh")
+    rng = np.random.default_rng(8)
+    items = scrambled_ids(5_000, 3)[:30]
+    feats = _shop_features(rng, items)  # the same items with the same features in every request
+    viewed = {}
+    for i in range(12):
+        logged = log.ranked(i % 4, items, feats)
+        depth = 3 + i
+        events = [
+            {"position": p, "item_id": int(items[p]), "kind": "view", "ts_ms": clock.now_ms()}
+            for p in range(depth)
+        ]
+        assert log.events(logged.request_id, logged.token, events, batch_id=f"b{i}").accepted == depth
+        viewed[logged.request_id] = depth
+        clock.advance(10)
+    stats = log.parts.logger.stats  # type: ignore[union-attr]
+    assert stats.write_failures == 0 and stats.rows_reused > 0
+    assert stats.rows_written == (stats.logged_by_position > 0).sum()  # each logged item's row sent once
+    row_holders = [
+        name
+        for name, m in _masters(cluster_url).items()
+        if any(m.scan_iter(match="lr:{r[0-9a-f]*}", count=1000))
+    ]
+    assert len(row_holders) >= 2  # rows spread over the shards by their hashes
+    clock.advance(60_000 + 5_000 + 10_000)
+    assert joiner.poll() == len(viewed)
+    assert joiner.join_due() == len(viewed)
+    joiner.flush()
+    assert joiner.stats.labels_lost == 0
+    rows = ParquetWarehouse(str(tmp_path / "wh"), log.featureset, TableLayout.REQUEST).read_examples()
+    rids, counts = np.unique(rows.column("request_id").to_numpy(zero_copy_only=False), return_counts=True)
+    assert dict(zip(rids.tolist(), counts.tolist(), strict=True)) == viewed
+    np.testing.assert_array_equal(
+        np.stack(rows.column("look").to_numpy(zero_copy_only=False))[: viewed[rids[0]]],
+        feats["look"][: viewed[rids[0]]],
+    )
+
+
 # --------------------------------------------------------------------------------------- failover
 def test_a_master_killed_while_logging_loses_nothing_a_client_sends_again(
     own_cluster: LocalRedisCluster, tmp_path: Path

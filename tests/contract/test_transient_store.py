@@ -191,6 +191,46 @@ def test_rewriting_a_key_with_a_later_ttl_keeps_it_alive(store_factory: StoreFac
     assert store.get_many([_key(0)]) == [None]
 
 
+def test_touch_many_extends_live_keys_and_says_which_are_gone(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    store.put_many({_key(0): b"row", _key(1): b"other"}, TTL_MS)
+    advance(TTL_MS // 2)
+    assert store.touch_many([_key(0), _key(9), _key(0)], TTL_MS) == [True, False, True]
+    assert store.get_many([_key(9)]) == [None]  # a touch never creates a key
+    advance(TTL_MS * 3 // 4)  # past the write's TTL, inside the touch's
+    assert store.get_many([_key(0), _key(1)]) == [b"row", None]
+    assert store.touch_many([_key(1)], TTL_MS) == [False]  # expired: gone, not brought back
+    advance(TTL_MS)  # nothing outlives the TTL it was last given
+    assert store.get_many([_key(0)]) == [None]
+    store.purge_expired()
+    assert store.stats().keys_held == 0
+
+
+def test_touch_many_never_shortens_a_ttl(store_factory: StoreFactory) -> None:
+    store, advance = store_factory()
+    store.put_many({_key(0): b"long"}, TTL_MS * 3)
+    assert store.touch_many([_key(0)], TTL_MS) == [True]
+    advance(TTL_MS + TTL_MS // 2)  # past the touch's TTL, inside the write's
+    assert store.get_many([_key(0)]) == [b"long"]
+
+
+def test_touch_many_of_no_keys_is_empty_and_refuses_a_non_positive_ttl(store_factory: StoreFactory) -> None:
+    store, _ = store_factory()
+    assert store.touch_many([], TTL_MS) == []
+    with pytest.raises(ValueError, match="ttl_ms"):
+        store.touch_many([_key(0)], 0)
+
+
+def test_touch_many_reaches_keys_of_many_hash_tags(store_factory: StoreFactory) -> None:
+    """Shared rows are each their own hash tag: on a cluster one touch reaches every shard."""
+    store, _ = store_factory()
+    rows = {f"lr:{{r{i:016x}}}": bytes([i]) * 8 for i in range(40)}
+    store.put_many(rows, TTL_MS * 10)
+    keys = [*rows, "lr:{r-missing}"]
+    assert store.touch_many(keys, TTL_MS * 20) == [True] * 40 + [False]
+    assert store.get_many(list(rows)) == list(rows.values())
+
+
 def test_purge_expired_releases_all_memory(store_factory: StoreFactory) -> None:
     store, advance = store_factory()
     for batch in range(4):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from leanrec.featurelog import codec
-from leanrec.featurelog.codec import HEADER_BYTES, BlobKind, CodecError, ForeignBlobError
+from leanrec.featurelog.codec import HEADER_BYTES, BlobKind, CodecError, ForeignBlobError, RowTable
 from leanrec.schema import PAD_ID, FeatureBlock, FeatureSet, Side
 from leanrec.world import default_featureset
 
@@ -341,6 +341,11 @@ def _blobs(fs: FeatureSet) -> dict[BlobKind, bytes]:
         BlobKind.REQUEST: codec.encode_request(fs, request),
         BlobKind.PAGE: codec.encode_page(fs, 0, ids, items),
         BlobKind.IMPRESSION: codec.encode_impressions(fs, ids, request, items)[0],
+        BlobKind.ROW: codec.encode_rows(fs, RowTable.ITEM, items)[0],
+        BlobKind.PAGE_REFS: codec.encode_page_refs(fs, 0, ids, np.arange(6, dtype=np.uint64)),
+        BlobKind.REQUEST_REFS: codec.encode_request_refs(
+            fs, request.take_columns(codec.slow_columns(fs).fast_floats, codec.slow_columns(fs).fast_ints), 7
+        ),
     }
 
 
@@ -349,6 +354,12 @@ def _decode(fs: FeatureSet, kind: BlobKind, blob: bytes) -> object:
         return codec.decode_request(fs, blob)
     if kind is BlobKind.PAGE:
         return codec.decode_page(fs, blob)
+    if kind is BlobKind.ROW:
+        return codec.decode_rows(fs, RowTable.ITEM, [blob])
+    if kind is BlobKind.PAGE_REFS:
+        return codec.decode_page_refs(fs, blob)
+    if kind is BlobKind.REQUEST_REFS:
+        return codec.decode_request_refs(fs, blob)
     return codec.decode_impressions(fs, [blob])
 
 
@@ -422,6 +433,9 @@ def test_unknown_codec_version_is_refused(fs: FeatureSet, kind: BlobKind) -> Non
         (BlobKind.PAGE, BlobKind.REQUEST),
         (BlobKind.PAGE, BlobKind.IMPRESSION),
         (BlobKind.IMPRESSION, BlobKind.REQUEST),
+        (BlobKind.PAGE, BlobKind.PAGE_REFS),
+        (BlobKind.REQUEST, BlobKind.REQUEST_REFS),
+        (BlobKind.PAGE_REFS, BlobKind.ROW),
     ],
 )
 def test_wrong_kind_is_refused(fs: FeatureSet, written: BlobKind, read_as: BlobKind) -> None:

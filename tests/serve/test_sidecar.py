@@ -28,11 +28,17 @@ from leanrec.warehouse.store import ParquetWarehouse
 from leanrec.warehouse.tables import TableLayout
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-shared-rows"])
 def sidecar(request: pytest.FixtureRequest, tmp_path: Path, shop_toml: str) -> Iterator[TestClient]:
     url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
     (tmp_path / "shop.toml").write_text(shop_toml)
-    config = ServeConfig(store_url=url, bus_url=url, featureset=str(tmp_path / "shop.toml"), max_items=200)
+    config = ServeConfig(
+        store_url=url,
+        bus_url=url,
+        featureset=str(tmp_path / "shop.toml"),
+        max_items=200,
+        shared_rows=request.param.endswith("shared-rows"),
+    )
     with TestClient(create_app(config)) as client:
         yield client
 
@@ -177,8 +183,9 @@ def test_a_body_over_the_limit_and_a_broken_arrow_stream_are_refused(tmp_path: P
         assert _state(client).logger.stats.entries_written == 0
 
 
+@pytest.mark.parametrize("shared_rows", [False, True], ids=["lazy", "lazy-shared-rows"])
 def test_leanrec_join_joins_what_the_sidecar_logged_under_the_featureset_file(
-    redis_url: str, tmp_path: Path, shop_toml: str, shop_features
+    redis_url: str, tmp_path: Path, shop_toml: str, shop_features, shared_rows: bool
 ) -> None:
     from leanrec.join.worker import run_worker
 
@@ -191,6 +198,7 @@ def test_leanrec_join_joins_what_the_sidecar_logged_under_the_featureset_file(
         lateness_ms=0,
         poll_ms=100,
         warehouse=str(tmp_path / "wh"),
+        shared_rows=shared_rows,
     )
     rng = np.random.default_rng(2)
     with TestClient(create_app(config)) as client:

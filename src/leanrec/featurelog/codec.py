@@ -12,6 +12,18 @@ A blob is a 16-byte header followed by raw little-endian buffers, with no per-va
 - ``IMPRESSION``: the naive layout, one item with the whole vector the model scored: item id, request
   and item side ints, its score, request and item side floats.
 
+Content-addressed rows (the lazy logger's ``shared_rows`` option, see :mod:`leanrec.featurelog.rows`)
+take three kinds more:
+
+- ``ROW``: one shared feature row, stored once per distinct content under a key derived from its
+  hash: an item's item side, or a request's slowly changing (``changes = "rarely"``) features. Its
+  int block, then its float block; ``first position`` says which table it belongs to
+  (:class:`RowTable`).
+- ``PAGE_REFS``: a page that references its items' rows: item ids (int64), the rows' 64-bit hashes
+  (uint64), the scores (float32).
+- ``REQUEST_REFS``: the request side without its slowly changing features: the hash of their row
+  (uint64), then the other features' int block and float block.
+
 Ids are raw int64 and go first, after the 16-byte header, so they sit 8-byte aligned. A score is NaN
 where the ranker gave none. Older blobs still decode, so a joiner reads what was logged before an
 upgrade until the TTL takes it: version 2 held ids as int32 and the floats before the ints, version 1
@@ -46,6 +58,16 @@ class BlobKind(IntEnum):
     REQUEST = 1
     PAGE = 2
     IMPRESSION = 3
+    ROW = 4
+    PAGE_REFS = 5
+    REQUEST_REFS = 6
+
+
+class RowTable(IntEnum):
+    """Which shared rows a ROW blob belongs to (kept in its header's ``first position``)."""
+
+    ITEM = 1  # every item-side feature
+    SLOW = 2  # the request side's slowly changing features
 
 
 class CodecError(ValueError):
@@ -312,3 +334,209 @@ def decode_impressions(
     scores = rec["score"] if version >= 2 else np.full(len(rec), np.nan, "<f4")
     item_ids = rec["item_id"].astype("<i8") if wide else rec["item_id"]
     return positions, item_ids, request, items, scores
+
+
+# ------------------------------------------------------------------------ content-addressed rows
+@dataclass(frozen=True)
+class SlowColumns:
+    """Where the request side's slowly changing features sit in its blocks, and the others.
+
+    Attributes:
+        floats: ``(F,)`` int64 float-block columns of the ``changes = "rarely"`` features.
+        ints: ``(I,)`` int64 int-block columns of those features.
+        fast_floats: The other float-block columns.
+        fast_ints: The other int-block columns.
+
+    """
+
+    floats: np.ndarray
+    ints: np.ndarray
+    fast_floats: np.ndarray
+    fast_ints: np.ndarray
+
+    def __bool__(self) -> bool:
+        return bool(len(self.floats) or len(self.ints))
+
+
+_SLOW: dict[tuple[int, int], SlowColumns] = {}
+
+
+def slow_columns(fs: FeatureSet) -> SlowColumns:
+    """The request side's slowly changing columns (by the FeatureSet's roles, never names)."""
+    got = _SLOW.get((fs.fingerprint, fs.version))
+    if got is not None:
+        return got
+    lay = fs.layout(Side.REQUEST)
+    slow_f = np.zeros(lay.float_width, bool)
+    slow_i = np.zeros(lay.int_width, bool)
+    for slot in lay.slots:
+        if slot.feature.rarely:
+            (slow_f if slot.feature.is_float else slow_i)[slot.offset : slot.stop] = True
+    got = SlowColumns(
+        np.flatnonzero(slow_f), np.flatnonzero(slow_i), np.flatnonzero(~slow_f), np.flatnonzero(~slow_i)
+    )
+    _SLOW[(fs.fingerprint, fs.version)] = got
+    return got
+
+
+def _row_widths(fs: FeatureSet, table: RowTable) -> tuple[int, int]:
+    """Float and int widths of one shared row of ``table``."""
+    if table is RowTable.ITEM:
+        lay = fs.layout(Side.ITEM)
+        return lay.float_width, lay.int_width
+    cols = slow_columns(fs)
+    return len(cols.floats), len(cols.ints)
+
+
+def _row_dtype(fs: FeatureSet, table: RowTable) -> np.dtype:
+    fw, iw = _row_widths(fs, table)
+    return np.dtype([("header", f"V{HEADER_BYTES}"), ("ints", "<i8", (iw,)), ("floats", "<f4", (fw,))])
+
+
+def encode_rows(fs: FeatureSet, table: RowTable, block: FeatureBlock) -> list[bytes]:
+    """Encode each row of ``block`` as its own ROW blob (packed in one array, then cut: vectorised).
+
+    Args:
+        fs: The FeatureSet.
+        table: Which shared rows these are.
+        block: ``n`` rows of the table's columns (the item layout, or the slow columns).
+
+    """
+    dtype = _row_dtype(fs, table)
+    rec = np.empty(len(block), dtype)
+    rec["header"] = np.frombuffer(_header(fs, BlobKind.ROW, int(table), 1), f"V{HEADER_BYTES}")[0]
+    rec["ints"] = block.ints
+    rec["floats"] = block.floats
+    raw, size = rec.tobytes(), dtype.itemsize
+    return [raw[i * size : (i + 1) * size] for i in range(len(rec))]
+
+
+def decode_rows(fs: FeatureSet, table: RowTable, blobs: list[bytes]) -> FeatureBlock:
+    """Decode ROW blobs of one table at once into an ``n``-row block (views over one joined buffer).
+
+    Raises:
+        ForeignBlobError: A row written under another FeatureSet.
+        CodecError: A blob that is not a whole ROW of ``table``.
+
+    """
+    dtype = _row_dtype(fs, table)
+    fw, iw = _row_widths(fs, table)
+    if not blobs:
+        return FeatureBlock(np.zeros((0, fw), "<f4"), np.zeros((0, iw), "<i8"))
+    expect = _header(fs, BlobKind.ROW, int(table), 1)
+    for blob in (b for b in blobs if len(b) != dtype.itemsize or blob_header(b) != expect):
+        first = _check(fs, blob, BlobKind.ROW)[1]
+        if first != table:
+            raise CodecError(f"expected a {table.name} row, got row table {first}")
+        raise CodecError(f"ROW blob of {len(blob)} B is not a {table.name} row ({dtype.itemsize} B)")
+    rec = np.frombuffer(b"".join(blobs), dtype)
+    return FeatureBlock(rec["floats"].reshape(len(rec), fw), rec["ints"].reshape(len(rec), iw))
+
+
+def blob_header(blob: bytes) -> bytes:
+    """The header bytes of a blob (compared whole where every blob of a batch must share it)."""
+    return blob[:HEADER_BYTES]
+
+
+def blob_kind(blob: bytes) -> int:
+    """The kind byte of a blob's header (0 for a blob too short to have one)."""
+    return blob[3] if len(blob) >= HEADER_BYTES else 0
+
+
+def encode_page_refs(
+    fs: FeatureSet,
+    first_position: int,
+    item_ids: np.ndarray,
+    row_hashes: np.ndarray,
+    scores: np.ndarray | None = None,
+) -> bytes:
+    """Encode a page that references its items' shared rows by hash.
+
+    Args:
+        fs: The FeatureSet.
+        first_position: Rank position of the first item.
+        item_ids: ``(rows,)`` ranked item ids.
+        row_hashes: ``(rows,)`` uint64 hash of each item's ROW.
+        scores: ``(rows,)`` the ranker's scores; None stores NaN for each.
+
+    """
+    if len(item_ids) != len(row_hashes):
+        raise CodecError(f"{len(item_ids)} item ids for {len(row_hashes)} row hashes")
+    return b"".join(
+        (
+            _header(fs, BlobKind.PAGE_REFS, first_position, len(item_ids)),
+            _i8(item_ids).data,
+            np.ascontiguousarray(row_hashes, "<u8").data,
+            _scores(scores, len(item_ids)).data,
+        )
+    )
+
+
+@dataclass
+class PageRefs:
+    """A decoded PAGE_REFS blob: like :class:`Page`, with row hashes in place of the features."""
+
+    first_position: int
+    item_ids: np.ndarray
+    row_hashes: np.ndarray
+    scores: np.ndarray
+
+
+def decode_page_refs(fs: FeatureSet, blob: bytes) -> PageRefs:
+    """Decode a PAGE_REFS blob (views over ``blob``)."""
+    _, first, rows = _check(fs, blob, BlobKind.PAGE_REFS)
+    expect = HEADER_BYTES + 20 * rows
+    if len(blob) != expect:
+        raise CodecError(f"PAGE_REFS blob of {rows} rows is {len(blob)} B, layout needs {expect} B")
+    ids = np.frombuffer(blob, "<i8", rows, HEADER_BYTES)
+    hashes = np.frombuffer(blob, "<u8", rows, HEADER_BYTES + 8 * rows)
+    scores = np.frombuffer(blob, "<f4", rows, HEADER_BYTES + 16 * rows)
+    return PageRefs(first, ids, hashes, scores)
+
+
+def encode_request_refs(fs: FeatureSet, fast: FeatureBlock, slow_hash: int) -> bytes:
+    """Encode one request's request side without its slowly changing features, and their row's hash.
+
+    Args:
+        fs: The FeatureSet.
+        fast: The request side's other columns (``slow_columns(fs).fast_floats`` and
+            ``.fast_ints``), one row.
+        slow_hash: Hash of the ROW holding its slowly changing features.
+
+    """
+    cols = slow_columns(fs)
+    if fast.floats.shape != (1, len(cols.fast_floats)) or fast.ints.shape != (1, len(cols.fast_ints)):
+        raise CodecError(f"a REQUEST_REFS blob holds one row of the other columns, got {fast.floats.shape}")
+    return b"".join(
+        (
+            _header(fs, BlobKind.REQUEST_REFS, 0, 1),
+            np.array([slow_hash], "<u8").data,
+            _i8(fast.ints).data,
+            _f4(fast.floats).data,
+        )
+    )
+
+
+def decode_request_refs(fs: FeatureSet, blob: bytes) -> tuple[int, FeatureBlock]:
+    """Decode a REQUEST_REFS blob: the slow row's hash and the other columns, one row (views)."""
+    _check(fs, blob, BlobKind.REQUEST_REFS)
+    cols = slow_columns(fs)
+    fw, iw = len(cols.fast_floats), len(cols.fast_ints)
+    expect = HEADER_BYTES + 8 + 8 * iw + 4 * fw
+    if len(blob) != expect:
+        raise CodecError(f"REQUEST_REFS blob is {len(blob)} B, layout needs {expect} B")
+    slow_hash = int(np.frombuffer(blob, "<u8", 1, HEADER_BYTES)[0])
+    ints = np.frombuffer(blob, "<i8", iw, HEADER_BYTES + 8).reshape(1, iw)
+    floats = np.frombuffer(blob, "<f4", fw, HEADER_BYTES + 8 + 8 * iw).reshape(1, fw)
+    return slow_hash, FeatureBlock(floats, ints)
+
+
+def join_request(fs: FeatureSet, fast: FeatureBlock, slow: FeatureBlock) -> FeatureBlock:
+    """The whole request side (one row) from its other columns and its slowly changing ones."""
+    cols = slow_columns(fs)
+    out = fs.layout(Side.REQUEST).zeros(1)
+    out.floats[:, cols.fast_floats] = fast.floats
+    out.ints[:, cols.fast_ints] = fast.ints
+    out.floats[:, cols.floats] = slow.floats
+    out.ints[:, cols.ints] = slow.ints
+    return out

@@ -12,12 +12,18 @@ Every logged item carries the score the ranker gave it at its position, frozen w
 
 Each logger also knows how its entries are read back (``fetch``) and removed (``keys``), so the
 joiner works with either.
+
+With ``shared_rows``, the lazy logger stores each distinct item feature row, and each distinct row of
+a request's slowly changing features, once under the hash of its bytes, and its pages and request
+side reference them (see :mod:`leanrec.featurelog.rows`). Its ``fetch`` reads either layout, by
+the kind of each blob, so a joiner reads what any lazy logger wrote, with the option or without.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Protocol
 
 import numpy as np
@@ -27,7 +33,9 @@ from leanrec.energy.ledger import CostLedger
 from leanrec.events.bus import EventBus, RequestOpened
 from leanrec.events.model import EventBatch, RequestRef
 from leanrec.featurelog import codec
+from leanrec.featurelog.codec import BlobKind, RowTable
 from leanrec.featurelog.ranked import RankedBatch
+from leanrec.featurelog.rows import RowCache, row_hashes, row_keys
 from leanrec.schema import FeatureBlock, FeatureSet, Side
 from leanrec.stores.transient import OnceAppend, StoreFullError, TransientStore
 
@@ -101,6 +109,10 @@ class LoggerStats:
     bus_resent: int = 0  # of those, taken on a later try (lazy logging: the request's next call)
     touch_after_release: int = 0  # events on a released context: only pages logged by then can join
     signals_after_release: int = 0  # context completed, expired or never known: nothing left to log
+    rows_written: int = 0  # shared rows whose bytes were sent (first use, or not known to this logger)
+    rows_extended: int = 0  # shared rows a use extended (no bytes sent)
+    rows_rewritten: int = 0  # of those to extend, found gone (evicted, a restart) and written again
+    rows_reused: int = 0  # shared rows a use found alive long enough already (nothing sent)
     logged_by_position: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def count_logged(self, start: int, stop: int) -> None:
@@ -430,6 +442,38 @@ class ContextCache:
         return len(stale)
 
 
+@dataclass
+class _RowPlan:
+    """What the shared rows referenced by one write need: bytes sent, or a TTL extension."""
+
+    write_hashes: list[np.ndarray] = field(default_factory=list)
+    write: dict[str, bytes] = field(default_factory=dict)
+    extend_hashes: list[np.ndarray] = field(default_factory=list)
+    extend_keys: list[str] = field(default_factory=list)
+    extend_blobs: list[bytes] = field(default_factory=list)
+    reused: int = 0
+
+
+@dataclass
+class _HeadRows:
+    """A ranked batch's head pages and request sides as shared rows: hashes, and what to send.
+
+    Attributes:
+        items: ``(B, head)`` uint64 hashes of each request's head items.
+        slow: ``(B,)`` uint64 hashes of each request's slowly changing features (None: it has none).
+        fast: The request sides' other columns, B rows (None: no slowly changing features).
+        plan: What the rows need.
+        rows: The rows whose bytes must be sent, by key.
+
+    """
+
+    items: np.ndarray
+    slow: np.ndarray | None
+    fast: FeatureBlock | None
+    plan: _RowPlan
+    rows: dict[str, bytes]
+
+
 class LazyLogger(_Base):
     """Logs the request side once and the head at rank time; later pages on signal or on touch.
 
@@ -442,6 +486,11 @@ class LazyLogger(_Base):
         contexts: Holds frozen features of pages not logged yet.
         paging: Head and page sizes.
         lookahead: A signal ``seen_up_to=k`` logs the pages covering positions up to ``k + lookahead``.
+        shared_rows: Store item rows and the request's slowly changing features once per distinct
+            content, referenced by hash (see :mod:`leanrec.featurelog.rows`); off, today's layout.
+        row_cache: With ``shared_rows``: the rows this logger knows it wrote (default 262,144 rows).
+        row_slack_ms: With ``shared_rows``: a row a use must extend is extended this much past the
+            request's TTL, so further uses within it send nothing (default: a quarter of the TTL).
 
     """
 
@@ -455,14 +504,95 @@ class LazyLogger(_Base):
         contexts: ContextCache,
         paging: Paging = Paging(),
         lookahead: int = 2,
+        shared_rows: bool = False,
+        row_cache: RowCache | None = None,
+        row_slack_ms: int | None = None,
     ) -> None:
         super().__init__(fs, store, bus, ledger, ttl_ms)
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        if row_slack_ms is not None and row_slack_ms < 0:
+            raise ValueError(f"row_slack_ms must be >= 0, got {row_slack_ms}")
         self.contexts, self.paging, self.lookahead = contexts, paging, lookahead
+        self.shared_rows = shared_rows
+        self.row_cache = (row_cache or RowCache()) if shared_rows else None
+        self.row_slack_ms = ttl_ms // 4 if row_slack_ms is None else row_slack_ms
+        self._slow = codec.slow_columns(fs)
         self._unopened: set[str] = set()  # requests whose record the bus has not taken yet
 
-    def _encode_pages(self, ctx: RequestContext, pages: list[int]) -> dict[str, bytes]:
+    # ------------------------------------------------------------------------------ shared rows
+    def _plan_rows(
+        self, plan: _RowPlan, table: RowTable, hashes: np.ndarray, block: FeatureBlock, distinct: bool = True
+    ) -> None:
+        """Sort the rows of ``block`` by what they need, by the row cache; encode the needed.
+
+        ``distinct``: the rows are known distinct (one request's items: their ids differ), so no
+        ``unique`` pass is needed; a row named twice would only be sent twice, never lost.
+        """
+        if distinct:
+            unique, first = hashes, np.arange(len(hashes))
+        else:
+            unique, first = np.unique(hashes, return_index=True)
+        deadline = self.contexts.clock.now_ms() + self.ttl_ms
+        expiry = self.row_cache.expiry(unique)  # type: ignore[union-attr]
+        need = expiry < deadline  # alive past the request's TTL already: nothing to send
+        plan.reused += int(len(unique) - need.sum())
+        if not need.any():
+            return
+        blobs = codec.encode_rows(self.fs, table, block.take(first[need]))
+        keys = row_keys(unique[need])
+        known = expiry[need] > 0
+        plan.write_hashes.append(unique[need][~known])
+        plan.extend_hashes.append(unique[need][known])
+        for k, blob, ext in zip(keys, blobs, known.tolist(), strict=True):
+            if ext:
+                plan.extend_keys.append(k)
+                plan.extend_blobs.append(blob)
+            else:
+                plan.write[k] = blob
+
+    def _with_rows(self, entries: dict[str, bytes], plan: _RowPlan | None) -> dict[str, bytes]:
+        """Extend the rows the plan extends (a round trip), then the entries with the rows to send.
+
+        The rows go first, so a pipelined write sets a row before the page that references it. An
+        extension that finds its row gone (or a store that does not answer it) sends its bytes.
+        """
+        if plan is None:
+            return entries
+        self.stats.rows_reused += plan.reused
+        if plan.extend_keys:
+            with self.ledger.cpu("kv_write") as cost:
+                try:
+                    alive = self.store.touch_many(plan.extend_keys, self.ttl_ms + self.row_slack_ms)
+                except (ConnectionError, OSError):
+                    alive = [False] * len(plan.extend_keys)
+                cost.ops += len(plan.extend_keys)
+            hashes = np.concatenate(plan.extend_hashes)
+            ok = np.array(alive, bool)
+            expire_at = self.contexts.clock.now_ms() + self.ttl_ms + self.row_slack_ms
+            self.row_cache.remember(hashes[ok], expire_at)  # type: ignore[union-attr]
+            self.stats.rows_extended += int(ok.sum())
+            self.stats.rows_rewritten += int((~ok).sum())
+            for k, blob, a in zip(plan.extend_keys, plan.extend_blobs, alive, strict=True):
+                if not a:
+                    plan.write[k] = blob
+            plan.write_hashes.append(hashes[~ok])
+            plan.extend_keys, plan.extend_blobs, plan.extend_hashes = [], [], []
+        return {**plan.write, **entries}
+
+    def _rows_written(self, plan: _RowPlan | None, written: bool) -> None:
+        """Remember the rows a write sent, once it took (a refused write leaves the cache as it was)."""
+        if plan is None or not written or not plan.write:
+            return
+        hashes = np.concatenate(plan.write_hashes)
+        self.row_cache.remember(hashes, self.contexts.clock.now_ms() + self.ttl_ms)  # type: ignore[union-attr]
+        self.stats.rows_written += len(plan.write)
+
+    def _encode_pages(
+        self, ctx: RequestContext, pages: list[int], plan: _RowPlan | None = None
+    ) -> dict[str, bytes]:
+        if plan is not None:
+            return self._encode_page_refs(ctx, pages, plan)
         out = {}
         with self.ledger.cpu("serialize") as cost:
             for page in pages:
@@ -478,17 +608,95 @@ class LazyLogger(_Base):
             cost.bytes_serialized += sum(map(len, out.values()))
         return out
 
-    def _encode_request(self, ctx: RequestContext) -> dict[str, bytes]:
+    def _encode_page_refs(self, ctx: RequestContext, pages: list[int], plan: _RowPlan) -> dict[str, bytes]:
+        """Pages that reference their items' shared rows; the rows go into ``plan``."""
+        out = {}
         with self.ledger.cpu("serialize") as cost:
-            blob = codec.encode_request(self.fs, ctx.request)
+            bounds = [self.paging.bounds(page, ctx.ref.n_items) for page in pages]
+            if all(a == b for (_, a), (b, _) in pairwise(bounds)):
+                block = ctx.items.take(slice(bounds[0][0], bounds[-1][1]))  # consecutive pages: a view
+            else:
+                block = ctx.items.take(np.concatenate([np.arange(a, b) for a, b in bounds]))
+            hashes = row_hashes(self.fs, RowTable.ITEM, block)
+            at = 0
+            for page, (start, stop) in zip(pages, bounds, strict=True):
+                out[key(ctx.ref.request_id, f"p{page}")] = codec.encode_page_refs(
+                    self.fs,
+                    start,
+                    ctx.item_ids[start:stop],
+                    hashes[at : at + stop - start],
+                    ctx.scores[start:stop],
+                )
+                at += stop - start
+            self._plan_rows(plan, RowTable.ITEM, hashes, block, distinct=True)
+            cost.ops += len(out) + len(plan.write) + len(plan.extend_keys)
+            cost.bytes_serialized += sum(map(len, out.values())) + sum(map(len, plan.write.values()))
+        return out
+
+    def _encode_request(self, ctx: RequestContext, plan: _RowPlan | None = None) -> dict[str, bytes]:
+        with self.ledger.cpu("serialize") as cost:
+            if plan is None or not self._slow:
+                blob = codec.encode_request(self.fs, ctx.request)
+            else:
+                slow = ctx.request.take_columns(self._slow.floats, self._slow.ints)
+                fast = ctx.request.take_columns(self._slow.fast_floats, self._slow.fast_ints)
+                hashes = row_hashes(self.fs, RowTable.SLOW, slow)
+                blob = codec.encode_request_refs(self.fs, fast, int(hashes[0]))
+                self._plan_rows(plan, RowTable.SLOW, hashes, slow)
             cost.ops += 1
             cost.bytes_serialized += len(blob)
         return {key(ctx.ref.request_id, "u"): blob}
+
+    def _plan(self) -> _RowPlan | None:
+        return _RowPlan() if self.shared_rows else None
+
+    def _head_rows(self, batch: RankedBatch, head: int) -> _HeadRows:
+        """The shared rows of a ranked batch's head pages and request sides, hashed and planned at once.
+
+        One pass over the whole batch: hashing, the row cache and encoding cost a few numpy calls per
+        batch rather than per request, and rows shared by several requests of the batch are sent once.
+        """
+        n, b = batch.n_items, len(batch)
+        with self.ledger.cpu("serialize") as cost:
+            plan = _RowPlan()
+            block = batch.items.take((np.arange(b)[:, None] * n + np.arange(head)).ravel())
+            items = row_hashes(self.fs, RowTable.ITEM, block)
+            self._plan_rows(plan, RowTable.ITEM, items, block, distinct=b == 1)
+            slow_hashes = fast = None
+            if self._slow:
+                slow = batch.request.take_columns(self._slow.floats, self._slow.ints)
+                fast = batch.request.take_columns(self._slow.fast_floats, self._slow.fast_ints)
+                slow_hashes = row_hashes(self.fs, RowTable.SLOW, slow)
+                self._plan_rows(plan, RowTable.SLOW, slow_hashes, slow, distinct=b == 1)
+            cost.ops += len(plan.write) + len(plan.extend_keys)
+            cost.bytes_serialized += sum(map(len, plan.write.values()))
+        rows = self._with_rows({}, plan)
+        return _HeadRows(items.reshape(b, head), slow_hashes, fast, plan, rows)
+
+    def _encode_head_refs(self, ctx: RequestContext, b: int, pre: _HeadRows) -> dict[str, bytes]:
+        """Request ``b``'s request side and head page, referencing the rows ``pre`` planned."""
+        head = pre.items.shape[1]
+        rid = ctx.ref.request_id
+        with self.ledger.cpu("serialize") as cost:
+            if pre.slow is not None and pre.fast is not None:
+                fast = pre.fast.take(slice(b, b + 1))
+                u = codec.encode_request_refs(self.fs, fast, int(pre.slow[b]))
+            else:
+                u = codec.encode_request(self.fs, ctx.request)
+            p0 = codec.encode_page_refs(self.fs, 0, ctx.item_ids[:head], pre.items[b], ctx.scores[:head])
+            cost.ops += 2
+            cost.bytes_serialized += len(u) + len(p0)
+        return {key(rid, "u"): u, key(rid, "p0"): p0}
 
     def log_ranked(self, refs: list[RequestRef], batch: RankedBatch) -> None:
         """Hold each request's frozen features; write the request side and the head page."""
         n = batch.n_items
         now = self.contexts.clock.now_ms()
+        pre = self._head_rows(batch, self.paging.bounds(0, n)[1]) if self.shared_rows else None
+        rows_ok = True
+        if pre is not None and len(refs) != 1:  # the batch's rows first, so every page finds its rows
+            rows_ok = not pre.rows or self._put(pre.rows)
+            self._rows_written(pre.plan, rows_ok)
         for b, ref in enumerate(refs):
             ctx = RequestContext(
                 ref,
@@ -499,11 +707,21 @@ class LazyLogger(_Base):
                 np.zeros(self.paging.count(n), bool),
                 now,
             )
-            entries = {**self._encode_request(ctx), **self._encode_pages(ctx, [0])}
-            if len(refs) == 1:  # one request (a sidecar's): its first entries and its record at once
-                written, ctx.opened = self._put_opened(entries, ref)
+            if pre is None:
+                entries = {**self._encode_request(ctx), **self._encode_pages(ctx, [0])}
             else:
+                entries = self._encode_head_refs(ctx, b, pre)
+            if len(refs) == 1:  # one request (a sidecar's): its first entries and its record at once
+                if pre is not None:
+                    entries = {**pre.rows, **entries}
+                written, ctx.opened = self._put_opened(entries, ref)
+                if pre is not None:
+                    self._rows_written(pre.plan, written)
+            elif rows_ok:
                 written = self._put(entries)
+            else:  # the rows were refused: the pages stay held, and go (with their rows) later
+                written = False
+                self.stats.write_failures += len(entries)
             if written:
                 ctx.logged[0] = ctx.request_logged = True
                 self.stats.count_logged(*self.paging.bounds(0, n))
@@ -538,8 +756,12 @@ class LazyLogger(_Base):
 
     def _pages_todo(
         self, ref: RequestRef, pages: np.ndarray
-    ) -> tuple[RequestContext, list[int], dict[str, bytes]] | None:
-        """The request's context, its pages among ``pages`` not logged yet and their entries."""
+    ) -> tuple[RequestContext, list[int], dict[str, bytes], _RowPlan | None] | None:
+        """The request's context, its pages among ``pages`` not logged yet, their entries and rows.
+
+        With shared rows, rows the pages reference that need only an extension are extended here
+        (a round trip); the entries hold the rows whose bytes must go with them.
+        """
         ctx = self.contexts.get(ref.request_id)
         if ctx is None:
             return None
@@ -548,20 +770,24 @@ class LazyLogger(_Base):
         logged = ctx.logged
         pages = pages[pages < len(logged)]
         if logged[pages].all():  # the usual call: every page it names is logged already
-            return ctx, [], {}
+            return ctx, [], {}, None
         named = np.zeros(len(logged), bool)
         named[pages] = True
         todo = np.flatnonzero(named & ~logged).tolist()  # in page order, each once
         # A request side whose write failed at rank time (store down) goes with the next pages.
-        request = {} if ctx.request_logged else self._encode_request(ctx)
-        return ctx, todo, {**request, **self._encode_pages(ctx, todo)}
+        plan = self._plan()
+        request = {} if ctx.request_logged else self._encode_request(ctx, plan)
+        entries = self._with_rows({**request, **self._encode_pages(ctx, todo, plan)}, plan)
+        return ctx, todo, entries, plan
 
     def _log_pages(self, ref: RequestRef, pages: np.ndarray, counter: str) -> int:
         found = self._pages_todo(ref, pages)
         if found is None:
             return -1
-        ctx, todo, entries = found
-        return self._pages_written(ctx, todo, bool(todo) and self._put(entries), counter)
+        ctx, todo, entries, plan = found
+        written = bool(todo) and self._put(entries)
+        self._rows_written(plan, written)
+        return self._pages_written(ctx, todo, written, counter)
 
     def _pages_written(self, ctx: RequestContext, todo: list[int], written: bool, counter: str) -> int:
         """Mark ``todo`` logged if ``written``; release a context left with nothing to log."""
@@ -618,7 +844,7 @@ class LazyLogger(_Base):
         if found is None:
             self.stats.touch_after_release += len(events)
             return self.store.append_once([entry], self.ttl_ms)[0]
-        ctx, todo, entries = found
+        ctx, todo, entries, plan = found
         if not todo:  # every touched page is logged already
             self._pages_written(ctx, todo, False, "pages_on_touch")
             return self.store.append_once([entry], self.ttl_ms)[0]
@@ -632,13 +858,16 @@ class LazyLogger(_Base):
                 cost.ops += len(entries)
                 cost.bytes_written += sum(len(v) for v in entries.values())
         if answer is None:  # apart
-            self._pages_written(ctx, todo, self._put(entries), "pages_on_touch")
+            written = self._put(entries)
+            self._rows_written(plan, written)
+            self._pages_written(ctx, todo, written, "pages_on_touch")
             return self.store.append_once([entry], self.ttl_ms)[0]
         put_error, appended = answer
         if put_error is None:
             self.stats.entries_written += len(entries)
         else:
             self.stats.write_failures += len(entries)  # counted, never raised: like a touch apart
+        self._rows_written(plan, put_error is None)
         self._pages_written(ctx, todo, put_error is None, "pages_on_touch")
         return appended[0]
 
@@ -667,17 +896,36 @@ class LazyLogger(_Base):
         ]
 
     def fetch(self, ref: RequestOpened, positions: np.ndarray) -> Fetched:
-        """Read the request side and the pages covering ``positions``."""
+        """Read the request side and the pages covering ``positions``, then the shared rows they name.
+
+        Either layout reads back, by each blob's kind: plain pages and request sides in one round
+        trip; pages and a request side that reference shared rows take a second one, for the rows of
+        the asked positions only (on a cluster, sent to the shards the rows live on at once). A row
+        not found (expired or evicted) leaves its position not found, as a missing page does; a
+        missing row of slowly changing features leaves the request side not found.
+        """
         positions = np.asarray(positions)
         pages = np.unique(self.paging.page_of(positions)).tolist()
         values = self._get([key(ref.request_id, "u")] + [key(ref.request_id, f"p{p}") for p in pages])
-        empty = self.fs.layout(Side.ITEM).zeros()
+        lay = self.fs.layout(Side.ITEM)
+        empty = lay.zeros()
         none = np.empty(0, np.float32)
+        missing = _scatter(np.zeros(len(positions), bool), np.empty(0, np.int64), None, empty, none)
         if values[0] is None:
-            return _scatter(np.zeros(len(positions), bool), np.empty(0, np.int64), None, empty, none)
+            return missing
+        slow_hash: int | None = None
         with self.ledger.cpu("deserialize"):
-            request = codec.decode_request(self.fs, values[0])
-            decoded = [codec.decode_page(self.fs, v) for v in values[1:] if v is not None]
+            if codec.blob_kind(values[0]) == BlobKind.REQUEST_REFS:
+                slow_hash, fast = codec.decode_request_refs(self.fs, values[0])
+                request = None
+            else:
+                request = codec.decode_request(self.fs, values[0])
+            blobs = [v for v in values[1:] if v is not None]
+            refs = [codec.blob_kind(v) == BlobKind.PAGE_REFS for v in blobs]
+            decoded = [
+                codec.decode_page_refs(self.fs, v) if r else codec.decode_page(self.fs, v)
+                for v, r in zip(blobs, refs, strict=True)
+            ]
         row_of = np.full(ref.n_items, -1, np.int64)
         base = 0
         for page in decoded:
@@ -687,10 +935,47 @@ class LazyLogger(_Base):
             base += len(page.item_ids)
         rows = row_of[positions]
         found = rows >= 0
-        if not decoded:
-            return _scatter(found, np.empty(0, np.int64), request, empty, none)
-        ids = np.concatenate([p.item_ids for p in decoded])
-        scores = np.concatenate([p.scores for p in decoded])
-        items = FeatureBlock.concat([p.block for p in decoded])
         take = rows[found]
-        return _scatter(found, ids[take], request, items.take(take), scores[take])
+        if not decoded and slow_hash is None:
+            return _scatter(found, np.empty(0, np.int64), request, empty, none)
+        sizes = [len(p.item_ids) for p in decoded]
+        ids = np.concatenate([p.item_ids for p in decoded]) if decoded else np.empty(0, np.int64)
+        scores = np.concatenate([p.scores for p in decoded]) if decoded else none
+        is_ref = np.repeat(np.array(refs, bool), sizes)[take]
+        items = lay.zeros(len(take))
+        plain = [p for p, r in zip(decoded, refs, strict=True) if not r]
+        if plain:  # rows of plain pages, numbered among the plain pages' rows
+            plain_row = np.cumsum(~np.repeat(np.array(refs, bool), sizes)) - 1
+            block = FeatureBlock.concat([p.block for p in plain])  # type: ignore[union-attr]
+            items.floats[~is_ref] = block.floats[plain_row[take[~is_ref]]]
+            items.ints[~is_ref] = block.ints[plain_row[take[~is_ref]]]
+        keep = np.ones(len(take), bool)
+        if is_ref.any() or slow_hash is not None:
+            hashes = np.zeros(len(ids), np.uint64)
+            at = 0
+            for page, size, r in zip(decoded, sizes, refs, strict=True):
+                if r:
+                    hashes[at : at + size] = page.row_hashes  # type: ignore[union-attr]
+                at += size
+            wanted = hashes[take[is_ref]]
+            unique = np.unique(wanted)
+            slow_key = row_keys(np.array([slow_hash], np.uint64)) if slow_hash is not None else []
+            got = self._get(row_keys(unique) + slow_key)
+            with self.ledger.cpu("deserialize"):
+                if slow_hash is not None:
+                    if got[-1] is None:
+                        return missing  # the request side is not whole: as if it were gone
+                    slow = codec.decode_rows(self.fs, RowTable.SLOW, [got[-1]])
+                    request = codec.join_request(self.fs, fast, slow)
+                    got = got[:-1]
+                present = np.array([v is not None for v in got], bool)
+                shared = codec.decode_rows(self.fs, RowTable.ITEM, [v for v in got if v is not None])
+            index = np.full(len(unique), -1, np.int64)
+            index[present] = np.arange(int(present.sum()))
+            row = index[np.searchsorted(unique, wanted)]
+            at_ref = np.flatnonzero(is_ref)
+            items.floats[at_ref[row >= 0]] = shared.floats[row[row >= 0]]
+            items.ints[at_ref[row >= 0]] = shared.ints[row[row >= 0]]
+            keep[at_ref[row < 0]] = False  # the row is gone: counted as a missing page would be
+            found[np.flatnonzero(found)[~keep]] = False
+        return _scatter(found, ids[take][keep], request, items.take(keep), scores[take][keep])

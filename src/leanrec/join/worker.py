@@ -122,7 +122,9 @@ def build_joiner(config: ServeConfig) -> tuple[LabelJoiner, ParquetWarehouse]:
     if config.logging == "lazy":
         # The joiner only reads what the lazy logger wrote; its context cache stays empty.
         contexts = ContextCache(1 << 20, config.context_idle_ms, config.window_ms, clock, ledger)
-        logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, Paging(), config.lookahead)
+        logger = LazyLogger(
+            fs, store, bus, ledger, ttl, contexts, Paging(), config.lookahead, config.shared_rows
+        )
         layout = TableLayout.REQUEST
     else:
         logger = EagerLogger(fs, store, bus, ledger, ttl)

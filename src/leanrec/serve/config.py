@@ -62,6 +62,9 @@ class ServeConfig:
         context_max_bytes: Byte bound of the lazy logger's held contexts.
         context_idle_ms: A context untouched this long is released.
         lookahead: Positions a pagination signal looks ahead.
+        shared_rows: Lazy logging stores item rows and the request's slowly changing features once
+            per distinct content, referenced by hash (see :mod:`leanrec.featurelog.rows`). Joiners
+            read either layout whatever this says.
         max_body_bytes: Largest request body accepted.
         max_events: Events in one batch.
         max_items: Longest ranked list a ranker may log (``/v1/log`` and the library).
@@ -102,6 +105,7 @@ class ServeConfig:
     context_max_bytes: int = 512 << 20
     context_idle_ms: int = 120_000
     lookahead: int = 2
+    shared_rows: bool = False
     max_body_bytes: int = 256 << 10
     max_events: int = 1_000
     max_items: int = 1_000

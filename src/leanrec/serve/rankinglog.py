@@ -90,7 +90,9 @@ def build_logging(
     if config.logging == "lazy":
         max_age = config.window_ms + config.lateness_ms  # until the last event batch may arrive
         contexts = ContextCache(config.context_max_bytes, config.context_idle_ms, max_age, clock, ledger)
-        logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, Paging(), config.lookahead)
+        logger = LazyLogger(
+            fs, store, bus, ledger, ttl, contexts, Paging(), config.lookahead, config.shared_rows
+        )
     elif config.logging == "eager":
         logger = EagerLogger(fs, store, bus, ledger, ttl)
     else:

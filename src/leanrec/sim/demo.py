@@ -220,6 +220,7 @@ def run_demo(
     traffic_config: TrafficConfig | None = None,
     progress: Steps | None = None,
     energy: EnergyModel | None = None,
+    shared_rows: bool = False,
 ) -> DemoResult:
     """Run naive and lean on the same traffic and measure both.
 
@@ -235,6 +236,7 @@ def run_demo(
             reading both warehouses back and checking them (``CHECK_STEP``). The run is the same with
             it as without it.
         energy: Prices each path's ledger in joules and gCO2e (default: ``EnergyModel.default()``).
+        shared_rows: The lean path logs content-addressed rows (``PipelineConfig.shared_rows``).
 
     """
     if requests < 1:
@@ -250,6 +252,8 @@ def run_demo(
     hold = plan_holding(fs, requests, tconf, pipeline_config or PipelineConfig())
     # Sized to what both paths must hold, unless the caller set the bounds (to test what overflows).
     pconf = pipeline_config or sized_for(hold, requests, fs, PipelineConfig(), out)
+    if shared_rows:
+        pconf = replace(pconf, shared_rows=True)
     world = World(wconf)
     fs = world.featureset
     clock = ManualClock()
@@ -291,6 +295,7 @@ def run_demo(
     report = {
         "requests": requests,
         "seed": seed,
+        "shared_rows": pconf.shared_rows,
         "featureset": {
             "name": fs.name,
             "version": fs.version,

@@ -54,6 +54,8 @@ class PipelineConfig:
         paging: Head and page sizes.
         lookahead: Positions a pagination signal looks ahead.
         flush_rows: Requests buffered before a warehouse commit.
+        shared_rows: The lean path stores item rows and the request's slowly changing features once
+            per distinct content, referenced by hash (see :mod:`leanrec.featurelog.rows`).
 
     """
 
@@ -69,6 +71,7 @@ class PipelineConfig:
     paging: Paging = Paging()  # noqa: RUF009 (frozen, shared safely)
     lookahead: int = 2
     flush_rows: int = 2_000
+    shared_rows: bool = False
 
 
 @dataclass
@@ -124,7 +127,9 @@ def build_pipeline(
     else:
         max_age = config.window_ms + config.lateness_ms  # until the last event batch may arrive
         contexts = ContextCache(config.context_max_bytes, config.context_idle_ms, max_age, clock, ledger)
-        logger = LazyLogger(fs, store, bus, ledger, ttl, contexts, config.paging, config.lookahead)
+        logger = LazyLogger(
+            fs, store, bus, ledger, ttl, contexts, config.paging, config.lookahead, config.shared_rows
+        )
         layout = TableLayout.REQUEST
     warehouse = ParquetWarehouse(str(warehouse_dir), fs, layout, ledger, config.flush_rows)
     joiner = LabelJoiner(logger, bus, warehouse, ledger, clock, config.window_ms, config.lateness_ms)

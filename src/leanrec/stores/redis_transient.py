@@ -1,7 +1,8 @@
 """RedisTransientStore: the TransientStore protocol on a Redis server.
 
 Each batch is one round trip: ``put_many`` sends ``SET key value PX ttl_ms`` for every entry at
-once, ``get_many`` is one ``MGET``, ``delete_many`` one ``DEL``. Redis expires keys itself (on
+once, ``get_many`` is one ``MGET``, ``delete_many`` one ``DEL``, ``touch_many`` one
+``PEXPIRE … GT`` and ``EXISTS`` per key. Redis expires keys itself (on
 access and by its active expiry cycle), so ``purge_expired`` has nothing to do.
 
 On a Redis Cluster (``redis+cluster://``) a batch is one pipeline that the cluster client splits by
@@ -283,6 +284,34 @@ class RedisTransientStore:
         self._stats.hits += len(hits)
         self._stats.misses += len(keys) - len(hits)
         self._stats.bytes_read += sum(len(v) for v in hits)
+        return out
+
+    def touch_many(self, keys: Sequence[str], ttl_ms: int) -> list[bool]:
+        """``PEXPIRE key ttl_ms GT`` and ``EXISTS key`` for every key, in one round trip.
+
+        ``GT`` never shortens a TTL another writer set longer; since it answers 0 both for a missing
+        key and for one that already lives longer, ``EXISTS`` says which. On a cluster the pipeline
+        goes to every shard the keys live on at once.
+
+        Raises:
+            ValueError: If ``ttl_ms`` is not positive.
+
+        """
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+        if not keys:
+            return []
+        px = int(ttl_ms)
+        commands: list[tuple[Any, ...]] = []
+        for key in keys:
+            commands += [("PEXPIRE", key, px, "GT"), ("EXISTS", key)]
+        with self._errors():
+            replies = self._roundtrip(commands)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        out = [bool(r) for r in replies[1::2]]
+        self._stats.touches += sum(out)
         return out
 
     def append_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:

@@ -62,6 +62,7 @@ class TransientStats:
     expiries: int = 0
     deletes: int = 0
     rejected_writes: int = 0
+    touches: int = 0  # keys whose TTL touch_many extended (or found already long enough)
     keys_held: int = 0
     bytes_held: int = 0
     peak_bytes_held: int = 0
@@ -87,6 +88,15 @@ class TransientStore(Protocol):
 
     def delete_many(self, keys: Sequence[str]) -> int:
         """Delete the keys; returns how many existed."""
+        ...
+
+    def touch_many(self, keys: Sequence[str], ttl_ms: int) -> list[bool]:
+        """Extend each existing key to live at least ``ttl_ms`` from now (never shortened); no bytes sent.
+
+        Returns:
+            Per key, whether it exists (False: missing, expired or evicted, and nothing was done).
+
+        """
         ...
 
     def append_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
@@ -337,6 +347,27 @@ class MemoryTransientStore:
             self._stats.bytes_read += len(value)
             out.append(value)
         self._stats.reads += len(keys)
+        return out
+
+    def touch_many(self, keys: Sequence[str], ttl_ms: int) -> list[bool]:
+        """Extend each live key to expire no sooner than ``ttl_ms`` from now; True where it exists.
+
+        Raises:
+            ValueError: If ``ttl_ms`` is not positive.
+
+        """
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+        now = self.clock.now_ms()
+        expire_at = now + int(ttl_ms)
+        out = []
+        for key in keys:
+            entry = self._live(key, now)
+            out.append(entry is not None)
+            if entry is not None and entry[1] < expire_at:
+                self._data[key] = (entry[0], expire_at)
+                heapq.heappush(self._expiry, (expire_at, key))  # the older heap entry no longer matches
+        self._stats.touches += sum(out)
         return out
 
     def append_many(self, items: Mapping[str, bytes], ttl_ms: int) -> None:
