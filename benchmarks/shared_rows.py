@@ -36,6 +36,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
+from demo_figures import markdown  # a sibling script: benchmarks/ is first on the path
 from leanrec.clock import ManualClock
 from leanrec.funnel import Funnel
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
@@ -267,12 +268,6 @@ def movielens(work: Path, redis_url: str, root: Path) -> tuple[dict[str, dict[st
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main() -> int:
