@@ -966,9 +966,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--distinct-items",
         dest="dedup",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="compute each distinct row's work once: the user side per request, the item side per "
-        "distinct item row, only the interaction per impression (the same model)",
+        "distinct item row, only the interaction per impression (the same model; on by default, "
+        "--no-dedup broadcasts the user side and computes the rest per impression)",
     )
     tr.add_argument("--full-metrics", action="store_true", help="full metric suite at every validation")
     tr.add_argument("--seed", type=_seed, default=0)

@@ -17,10 +17,14 @@ it once per request and broadcasts it to the request's items; an impression-leve
 once per item. Both paths share every parameter and give the same outputs: the request-level one
 simply does not repeat work.
 
-The item side repeats too: a popular item is shown in many requests of a batch, with the same
-features each time. ``forward(..., distinct_items=True)`` finds the batch's distinct item rows
-(byte-identical features, :func:`distinct_rows`), computes the item side once for each and gathers
-it for every impression that shows it, as the request-level path does for the user side.
+``forward(..., dedup=True)`` goes further and computes each distinct row's work once
+(:meth:`LateRanker.score_rows`): the item side once per distinct item row of the batch
+(byte-identical features, :func:`distinct_rows`; a popular item is shown in many requests with the
+same features each time); the top MLP's first layer split by the columns it reads, its user term
+once per request and its item term once per distinct item row, only the interaction terms per
+impression; and target attention over each request's history where it lies, not over a copy per
+impression. It is the same function; the sums run in another order, so the outputs agree up to
+float32 rounding.
 
 Per item: the item's dense tower and embedding lookups, target attention of the item over the
 encoded history, an interaction of user and item vectors, a top MLP, and two heads (click, like).
