@@ -65,7 +65,9 @@ def paired_throughput(
     try:
         for k in range(pairs):
             for name, uri, request_level in layouts if k % 2 == 0 else layouts[::-1]:
-                cfg = TrainConfig(epochs=1, patience=1, request_level=request_level, seed=seed, wide_iters=0)
+                cfg = TrainConfig(
+                    epochs=1, patience=1, request_level=request_level, dedup=False, seed=seed, wide_iters=0
+                )
                 _, res = train(str(uri), fs, cfg)
                 wall[name].append(res.examples_per_second)
                 cpu[name].append(res.examples_per_cpu_second)
@@ -125,7 +127,7 @@ def main() -> int:
     runs = {}
     for name, uri, request_level in (("request-level", lean, True), ("impression-level", naive, False)):
         cfg = TrainConfig(
-            epochs=args.epochs, patience=args.epochs, request_level=request_level, seed=args.seed
+            epochs=args.epochs, patience=args.epochs, request_level=request_level, dedup=False, seed=args.seed
         )
         _, res = train(str(uri), fs, cfg)
         runs[name] = res

@@ -611,7 +611,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     cfg = TrainConfig(
         epochs=args.epochs,
         request_level=not args.impression_level,
-        distinct_items=args.distinct_items,
+        dedup=args.dedup,
         full_metrics=args.full_metrics,
         seed=args.seed,
     )
@@ -981,10 +981,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=_positive, default=5, help="most epochs (early stopping on AUC)")
     tr.add_argument("--impression-level", action="store_true", help="one user side per impression (baseline)")
     tr.add_argument(
+        "--dedup",
         "--distinct-items",
+        dest="dedup",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="one item side per distinct item row of a batch, gathered for each impression",
+        default=True,
+        help="compute each distinct row's work once: the user side per request, the item side per "
+        "distinct item row, only the interaction per impression (the same model; on by default, "
+        "--no-dedup broadcasts the user side and computes the rest per impression)",
     )
     tr.add_argument("--full-metrics", action="store_true", help="full metric suite at every validation")
     tr.add_argument("--seed", type=_seed, default=0)

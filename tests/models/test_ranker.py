@@ -148,39 +148,73 @@ def test_distinct_rows_are_the_byte_identical_rows() -> None:
     assert len(first) == 3
 
 
-@pytest.mark.parametrize("kind", MAP_KINDS)
-def test_distinct_items_give_the_same_outputs_and_gradients(small_world: World, repeated, kind: str) -> None:
-    """Computing the item side once per distinct row changes nothing the model computes.
+def _grads(model: LateRanker, inputs, **path: bool) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Logits of one forward path and the gradients of a loss on them, for every parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(*inputs, **path)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out, torch.ones_like(out) * 0.3)
+    return out.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
-    The outputs are compared bit for bit: each item row goes through the same operations either
-    way, only in a block of fewer rows. The gradients are not: an item's impressions are summed in
-    another order (once at the gather, then through the tower, rather than inside each layer's
-    weight gradient), so they agree to float32 rounding (a few 1e-7 of the largest entry).
+
+@pytest.mark.parametrize("kind", MAP_KINDS)
+def test_dedup_gives_the_same_outputs_and_gradients(small_world: World, repeated, kind: str) -> None:
+    """Computing each distinct row's work once changes nothing the model computes.
+
+    What goes through the same arithmetic is compared bit for bit: the item side of the distinct
+    rows, gathered for each impression, is the item side of every row. The logits and gradients are
+    compared to float32 rounding: the top MLP's first layer is summed in three parts (user, item,
+    the rest) rather than in one product, target attention multiplies a block of queries by the
+    history rather than one query at a time, and an item's impressions are summed in another order.
     """
-    first, _ = distinct_rows(repeated[2], repeated[3])
+    first, of = distinct_rows(repeated[2], repeated[3])
     assert len(first) == len(repeated[4]) - 9  # the nine copies; the changed row stays apart
     model = _model(small_world, kind, repeated)
     model.fit_normalizer(repeated[0], repeated[2])
-    names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad), strict=True)
-    outs, grads = [], []
-    for distinct in (False, True):
-        out = model(*repeated, request_level=True, distinct_items=distinct)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, torch.ones_like(out) * 0.3)
-        outs.append(out.detach())
-        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
-    assert bool(torch.isfinite(outs[0]).all())
-    assert torch.equal(outs[1], outs[0])
-    compared = set()
-    for name, a, b in zip(names, *grads, strict=True):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-        compared.add(name)
-    # Every parameter is compared, the item tower's (which the gather feeds) among them.
-    assert len(compared) == len(names)
-    assert {"item_dense.0.weight", "item_mix.0.weight", "query.weight", "item_wide.bias"} <= compared
-    assert any(n.startswith("tables.i_id.") for n in compared)
+    with torch.no_grad():
+        every = model.item_side(repeated[2], repeated[3])
+        once = model.item_side(repeated[2][first], repeated[3][first]).take(of)
+        for field in dataclasses.fields(every):
+            assert torch.equal(getattr(once, field.name), getattr(every, field.name)), field.name
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out, grads = _grads(model, repeated, request_level=True)
+    assert bool(torch.isfinite(out).all())
+    for request_level in (True, False):  # impression-level: a user row per impression, the rest alike
+        dedup_out, dedup_grads = _grads(model, repeated, request_level=request_level, dedup=True)
+        torch.testing.assert_close(dedup_out, out, rtol=1e-6, atol=1e-6)
+        compared = set()
+        for name, a, b in zip(names, grads, dedup_grads, strict=True):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+            compared.add(name)
+        # Every parameter is compared, the split first layer of the top MLP and the item tower among them.
+        assert len(compared) == len(names)
+        assert {"top.0.weight", "top.0.bias", "item_dense.0.weight", "query.weight"} <= compared
+        assert any(n.startswith("tables.i_id.") for n in compared)
+
+
+def test_target_attention_reads_each_history_where_it_lies(small_world: World, inputs) -> None:
+    """Blocks of queries per request give each impression its attention over its own request's history.
+
+    The impressions come in any order and requests hold 0 to 12 of them (one block, several, the
+    last one padded), and the result is the attention of each query over a copy of its request's
+    history.
+    """
+    model = _model(small_world)
+    req_floats, req_ints, _, _, item_request = inputs
+    order = torch.randperm(len(item_request), generator=torch.Generator().manual_seed(3))
+    rows = torch.cat([item_request[order], torch.tensor([6])])  # a 7th request: with and without items
+    user = model.user_side(torch.cat([req_floats, req_floats[:2]]), torch.cat([req_ints, req_ints[:2]]))
+    query = torch.randn(len(rows), model.config.dim, requires_grad=True)
+    got = model.target_attention(user.history, user.mask, query, rows)
+    history, mask = user.history[rows], user.mask[rows]
+    att = torch.einsum("nld,nd->nl", history, query) / model.config.dim**0.5
+    want = torch.einsum("nl,nld->nd", att.masked_fill(~mask, float("-inf")).softmax(-1), history)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(x.square().sum(), query, retain_graph=True)[0] for x in (got, want)]
+    assert float(grads[1].abs().max()) > 1.0  # entries of order 1 and more: rounding of a few 1e-7 each
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
 def test_the_forward_leaves_a_managed_map_alone_and_observe_changes_it(small_world: World, inputs) -> None:

@@ -90,19 +90,23 @@ def test_both_paths_agree_on_every_shape_of_featureset(shop, variant: str, kind:
     if kind == "managed":  # some ids in slots of their own, the others in residual rows
         model.observe(inputs[1][:3], inputs[3][:10])
     request_level = model(*inputs, request_level=True)
-    impression_level = model(*inputs, request_level=False)
     assert request_level.shape == (len(inputs[4]), 2)
     assert bool(torch.isfinite(request_level).all())
-    torch.testing.assert_close(request_level, impression_level, rtol=1e-5, atol=1e-6)
+    # Impression-level, and each distinct row's work once (request- or impression-level).
+    paths = [(False, False), (True, True), (False, True)]
+    for level, dedup in paths:
+        out = model(*inputs, request_level=level, dedup=dedup)
+        torch.testing.assert_close(out, request_level, rtol=1e-5, atol=1e-6)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
-    for level in (True, False):
-        loss = model(*inputs, request_level=level).sigmoid().square().mean()
+    for level, dedup in [(True, False), *paths]:
+        loss = model(*inputs, request_level=level, dedup=dedup).sigmoid().square().mean()
         grads.append(torch.autograd.grad(loss, params, allow_unused=True))
-    for a, b in zip(*grads, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

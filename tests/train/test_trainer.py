@@ -98,17 +98,18 @@ def test_both_layouts_train_on_the_same_batches_and_agree(warehouses, trained) -
     assert r1.bytes_read < r2.bytes_read  # the request-level warehouse reads less
 
 
-def test_distinct_items_train_the_same_model(warehouses, trained, tmp_path: Path) -> None:
-    """One item side per distinct item row: the same batches, the same model up to float rounding."""
+def test_dedup_trains_the_same_model(warehouses, trained, tmp_path: Path) -> None:
+    """Each distinct row's work once (the default) or not: the same batches, the same model to rounding."""
     lean, _, fs = warehouses
     m1, r1 = trained
-    m2, r2 = train(str(lean), fs, TrainConfig(**{**CFG.__dict__, "distinct_items": True}))
+    assert CFG.dedup
+    m2, r2 = train(str(lean), fs, TrainConfig(**{**CFG.__dict__, "dedup": False}))
     assert r1.examples_trained == r2.examples_trained and r1.id_maps == r2.id_maps
     assert r1.test["auc"] == pytest.approx(r2.test["auc"], abs=1e-4)
     for (name, x), (_, y) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5, msg=name)
     out = tmp_path / "model.pt"
-    args = ["train", "--warehouse", str(lean), "--out", str(out), "--epochs", "1", "--distinct-items"]
+    args = ["train", "--warehouse", str(lean), "--out", str(out), "--epochs", "1", "--no-dedup"]
     assert main(args) == 0 and load_checkpoint(out, fs) is not None
 
 

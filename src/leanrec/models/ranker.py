@@ -17,10 +17,14 @@ it once per request and broadcasts it to the request's items; an impression-leve
 once per item. Both paths share every parameter and give the same outputs: the request-level one
 simply does not repeat work.
 
-The item side repeats too: a popular item is shown in many requests of a batch, with the same
-features each time. ``forward(..., distinct_items=True)`` finds the batch's distinct item rows
-(byte-identical features, :func:`distinct_rows`), computes the item side once for each and gathers
-it for every impression that shows it, as the request-level path does for the user side.
+``forward(..., dedup=True)`` goes further and computes each distinct row's work once
+(:meth:`LateRanker.score_rows`): the item side once per distinct item row of the batch
+(byte-identical features, :func:`distinct_rows`; a popular item is shown in many requests with the
+same features each time); the top MLP's first layer split by the columns it reads, its user term
+once per request and its item term once per distinct item row, only the interaction terms per
+impression; and target attention over each request's history where it lies, not over a copy per
+impression. It is the same function; the sums run in another order, so the outputs agree up to
+float32 rounding.
 
 Per item: the item's dense tower and embedding lookups, target attention of the item over the
 encoded history, an interaction of user and item vectors, a top MLP, and two heads (click, like).
@@ -520,6 +524,98 @@ class LateRanker(nn.Module):
         )
         return self.top(z) + user.wide + item.wide + dots @ self.space_weight
 
+    def score_rows(
+        self, user: UserSide, item: ItemSide, user_row: torch.Tensor, item_row: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``(N, 2)`` of N impressions of U user rows and M item rows, each row's work done once.
+
+        The same function as ``score(user.take(user_row), item.take(item_row))``, computed so that
+        nothing that depends on one side alone is repeated per impression:
+
+        - the top MLP's first layer reads ``[u; i; x]`` (user vector, item vector, the interaction
+          terms): ``W [u; i; x] + b = W_u u + (W_i i + b) + W_x x``, where ``W_u u`` is computed once
+          per user row and ``W_i i + b`` once per item row; only ``W_x x`` is per impression;
+        - target attention reads each user row's encoded history where it lies, ``(U, L, dim)``,
+          instead of a copy per impression ``(N, L, dim)`` (:meth:`target_attention`).
+
+        The sums are the same terms in another order, so the logits equal ``score``'s up to float32
+        rounding (a few 1e-7 relative), and the gradients too.
+
+        Args:
+            user: U user rows (one per request in a request-level batch).
+            item: M item rows (one per distinct item row, see :func:`distinct_rows`).
+            user_row: ``(N,)`` the user row of each impression.
+            item_row: ``(N,)`` the item row of each impression; None when they are one to one (M = N).
+
+        """
+        h = self.config.hidden
+
+        def at(x: torch.Tensor) -> torch.Tensor:
+            return x if item_row is None else x[item_row]
+
+        first: nn.Linear = self.top[0]
+        w_user, w_item, w_pair = first.weight[:, :h], first.weight[:, h : 2 * h], first.weight[:, 2 * h :]
+        i_vector = at(item.vector)
+        products = user.spaced[user_row] * at(item.spaced)  # (N, S)
+        dots = products @ self.space_sum  # (N, P)
+        target = self.target_attention(user.history, user.mask, at(item.query), user_row)
+        linear = user.linear[user_row] * at(item.linear)
+        pair = torch.cat([user.vector[user_row] * i_vector, target, linear, products, dots], dim=1)
+        hidden = (
+            nn.functional.linear(user.vector, w_user)[user_row]
+            + at(nn.functional.linear(item.vector, w_item, first.bias))
+            + nn.functional.linear(pair, w_pair)
+        )
+        return self.top[1:](hidden) + user.wide[user_row] + at(item.wide) + dots @ self.space_weight
+
+    def target_attention(
+        self, history: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, user_row: torch.Tensor
+    ) -> torch.Tensor:
+        """Each impression's attention over its user row's encoded history, ``(N, dim)``.
+
+        The same as copying the history for each impression (``history[user_row]``, ``(N, L, dim)``)
+        and attending one query at a time, with a copy per block of queries instead: a user row's
+        impressions are cut into blocks of ``k`` queries (the last one padded), and each block meets
+        its row's history in one batched product ``(k, dim) x (dim, L)``. ``k`` is the power of two
+        nearest the mean number of impressions per user row, so a request-level batch copies the
+        history about once per request rather than once per impression and pads about half a block
+        per request; an impression-level one (a user row per impression) gets ``k = 1``, no padding.
+        One batched product for the whole batch: no loop over rows.
+
+        Args:
+            history: ``(U, L, dim)`` encoded history of each user row.
+            mask: ``(U, L)`` True where a row's history may be attended.
+            query: ``(N, dim)`` each impression's query.
+            user_row: ``(N,)`` the user row of each impression.
+
+        Returns:
+            ``(N, dim)``; ``(N, 0)`` without a history.
+
+        """
+        n = len(query)
+        if self.history is None:
+            return query.new_zeros(n, 0)
+        u, dim = history.shape[0], query.shape[1]
+        counts = torch.bincount(user_row, minlength=u)
+        k = 2 ** max(round(float(np.log2(n / max(int((counts > 0).sum()), 1)))), 0) if n else 1
+        blocks = (counts + k - 1) // k  # (U,) blocks of each user row
+        first_block = torch.cumsum(blocks, 0) - blocks
+        # The slot of each impression among its row's impressions (0, 1, ...), by a stable sort.
+        order = torch.argsort(user_row, stable=True)
+        start = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(user_row)
+        slot[order] = torch.arange(n) - start[user_row[order]]
+        at = first_block[user_row] * k + slot  # (N,) where each query sits among the blocks' slots
+        n_blocks = int(blocks.sum())
+        block_row = torch.repeat_interleave(torch.arange(u), blocks)  # (V,) the user row of each block
+        take = torch.full((n_blocks * k,), n, dtype=torch.long)  # n: the zero query that pads a block
+        take[at] = torch.arange(n)
+        queries = torch.cat([query, query.new_zeros(1, dim)])[take].view(n_blocks, k, dim)
+        hist = history[block_row]  # (V, L, dim)
+        att = torch.bmm(queries, hist.transpose(1, 2)) / self.config.dim**0.5  # (V, k, L)
+        att = att.masked_fill(~mask[block_row].unsqueeze(1), float("-inf")).softmax(-1)
+        return torch.bmm(att, hist).view(n_blocks * k, dim)[at]
+
     def wide_parameters(self) -> list[nn.Parameter]:
         """The parameters of the wide part (see :meth:`fit_wide`)."""
         return [*self.user_wide.parameters(), *self.item_wide.parameters(), self.space_weight]
@@ -619,7 +715,7 @@ class LateRanker(nn.Module):
         item_ints: torch.Tensor,
         item_request: torch.Tensor,
         request_level: bool = True,
-        distinct_items: bool = False,
+        dedup: bool = False,
     ) -> torch.Tensor:
         """Logits ``(N, 2)``.
 
@@ -630,19 +726,28 @@ class LateRanker(nn.Module):
             item_ints: ``(N, I_item)``.
             item_request: ``(N,)`` the request row of each item.
             request_level: Compute the user side once per request row (True) or once per item.
-            distinct_items: Compute the item side once per distinct item row (see
-                :func:`distinct_rows`) and gather it for each item; the outputs are the same.
+            dedup: Compute each distinct row's work once (:meth:`score_rows`): the item side once
+                per distinct item row (see :func:`distinct_rows`), the top MLP's user and item
+                terms once per user and item row, target attention without a copy of the history
+                per item. The same function; the outputs agree up to float32 rounding.
 
         """
+        if dedup:
+            if request_level:
+                user, user_row = self.user_side(req_floats, req_ints), item_request
+            else:  # a user row per impression: nothing of the user side is shared
+                user = self.user_side(req_floats[item_request], req_ints[item_request])
+                user_row = torch.arange(len(item_request))
+            found = distinct_rows(item_floats, item_ints)
+            if found is None:
+                return self.score_rows(user, self.item_side(item_floats, item_ints), user_row)
+            first, of = found
+            return self.score_rows(user, self.item_side(item_floats[first], item_ints[first]), user_row, of)
         if request_level:
             user = self.user_side(req_floats, req_ints).take(item_request)
         else:
             user = self.user_side(req_floats[item_request], req_ints[item_request])
-        found = distinct_rows(item_floats, item_ints) if distinct_items else None
-        if found is None:
-            return self.score(user, self.item_side(item_floats, item_ints))
-        first, of = found
-        return self.score(user, self.item_side(item_floats[first], item_ints[first]).take(of))
+        return self.score(user, self.item_side(item_floats, item_ints))
 
 
 def wide_support(

@@ -44,9 +44,12 @@ class TrainConfig:
         batch_requests: Requests per request-level batch.
         batch_impressions: Rows per impression-level batch.
         request_level: Compute the user side once per request (the lean way).
-        distinct_items: Compute the item side once per distinct item row of a batch and gather it
-            for each impression (``LateRanker.forward``); it pays when items repeat within a batch,
-            which larger batches make more likely.
+        dedup: Compute each distinct row's work once (``LateRanker.forward(dedup=True)``): the item
+            side once per distinct item row of a batch, the top MLP's user and item terms once per
+            request and distinct item row, target attention without a copy of the history per
+            impression. The same model, trained the same up to float32 rounding, with less work per
+            step; on by default. It applies to request-level training: impression-level training,
+            the baseline, computes everything per impression.
         full_metrics: Compute the full metric suite at every validation, not only AUC.
         seed: Seeds initialisation and shuffling.
         valid_percent: Requests (by id hash) held out for validation.
@@ -72,7 +75,7 @@ class TrainConfig:
     batch_requests: int = 128
     batch_impressions: int = 1280
     request_level: bool = True
-    distinct_items: bool = False
+    dedup: bool = True
     full_metrics: bool = False
     seed: int = 0
     valid_percent: int = 10
@@ -120,6 +123,11 @@ class TrainResult:
     def examples_per_cpu_second(self) -> float:
         """Training examples processed per CPU second of training steps: the work, whatever the load."""
         return self.examples_trained / max(self.train_cpu_seconds, 1e-9)
+
+
+def _dedup(cfg: TrainConfig) -> bool:
+    """Whether the forward computes each distinct row's work once: request-level batches only."""
+    return cfg.request_level and cfg.dedup
 
 
 def split_of(request_ids: list[str], valid_percent: int, test_percent: int) -> np.ndarray:
@@ -273,7 +281,7 @@ def split_batches(uri: str, fs: FeatureSet, cfg: TrainConfig, part: int) -> list
 
 
 def predict(
-    model: LateRanker, batches, request_level: bool = True, distinct_items: bool = False
+    model: LateRanker, batches, request_level: bool = True, dedup: bool = False
 ) -> tuple[np.ndarray, ...]:
     """Click and like probabilities with labels and request groups, over batches."""
     clicks, likes, p_click, p_like, groups = [], [], [], [], []
@@ -287,7 +295,7 @@ def predict(
                 b.item_ints,
                 b.item_request,
                 request_level,
-                distinct_items,
+                dedup,
             )
             probs = torch.sigmoid(logits).numpy()
             p_click.append(probs[:, 0])
@@ -413,7 +421,7 @@ def _train(
                     b.item_ints,
                     b.item_request,
                     cfg.request_level,
-                    cfg.distinct_items,
+                    _dedup(cfg),
                 )
                 loss = bce(logits[:, 0], b.click) + cfg.like_weight * bce(logits[:, 1], b.like)
                 if cfg.group_lasso:
@@ -441,9 +449,7 @@ def _train(
         model.load_state_dict(best_state)
     result.test = evaluate_arrays(
         *rep.gather(
-            predict(
-                model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level, cfg.distinct_items
-            )
+            predict(model, _batches(uri, fs, cfg, 2, stats, None, files), cfg.request_level, _dedup(cfg))
         )
     )
     result.bytes_read = stats.bytes_read
@@ -465,9 +471,7 @@ def _validate(
     t1 = time.perf_counter()
     metrics = evaluate_arrays(
         *rep.gather(
-            predict(
-                model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level, cfg.distinct_items
-            )
+            predict(model, _batches(uri, fs, cfg, 1, stats, None, files), cfg.request_level, _dedup(cfg))
         ),
         full=cfg.full_metrics,
     )
