@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from rich.table import Table
 from demo_figures import markdown  # a sibling script: benchmarks/ is first on the path
 from leanrec.clock import ManualClock
 from leanrec.funnel import Funnel
+from leanrec.sim.demo import plan_holding, sized_for
 from leanrec.sim.pipeline import Pipeline, PipelineConfig, Plumbing, build_pipeline
 from leanrec.sim.traffic import TrafficConfig, TrafficSim
 from leanrec.world import World, WorldConfig
@@ -67,20 +69,16 @@ def synthetic(requests: int, seed: int, root: Path) -> tuple[dict[str, dict[str,
     """One run of the world's traffic through both layouts at once; figures per layout, and equality."""
     world = World(WorldConfig(seed=seed))
     clock = ManualClock()
-    conf = PipelineConfig()
+    traffic = TrafficConfig(requests=requests, seed=seed)
+    # Bounds sized to what the run holds, as the demo sizes them: at 50,000 requests the defaults
+    # would release contexts and refuse entries, and both layouts would lose labels.
+    hold = plan_holding(world.featureset, requests, traffic, PipelineConfig())
+    conf = sized_for(hold, requests, world.featureset, PipelineConfig(), root)
     pipes = {
         name: build_pipeline(Plumbing.LEAN, world.featureset, clock, root / name, conf_of)
-        for name, conf_of in (("today", conf), ("shared", PipelineConfig(shared_rows=True)))
+        for name, conf_of in (("today", conf), ("shared", replace(conf, shared_rows=True)))
     }
-    TrafficSim(
-        world,
-        Funnel(world),
-        list(pipes.values()),
-        clock,
-        TrafficConfig(requests=requests, seed=seed),
-        conf,
-        track_scored=False,
-    ).run()
+    TrafficSim(world, Funnel(world), list(pipes.values()), clock, traffic, conf, track_scored=False).run()
     tables = {k: p.warehouse.read_examples() for k, p in pipes.items()}
     figs = {k: _figures(p, requests) for k, p in pipes.items()}
     rows = pipes["shared"].logger.stats
