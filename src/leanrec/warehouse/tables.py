@@ -184,7 +184,7 @@ def side_schema(fs: FeatureSet, table: DedupTable) -> pa.Schema:
 
     The next key is that of its owner's slower group (see :data:`CHAINS`), where there is one. Its
     metadata names the layout and the table; the FeatureSet is in the request files' metadata, which
-    are read first, and is not repeated (a few kB per file).
+    are read first, and is not repeated (a few kB per file), nor are the types, which it gives.
 
     Raises:
         ValueError: ``fs`` has no feature in that table's group.
@@ -195,8 +195,8 @@ def side_schema(fs: FeatureSet, table: DedupTable) -> pa.Schema:
     at = next((i for i, (t, _) in enumerate(groups) if t is table), None)
     if at is None:
         raise ValueError(f"the FeatureSet has no feature of the {table.value} side table")
-    meta = {f.name: f for f in (*META_FIELDS, *ITEM_META_FIELDS)}
-    features = [meta[name] if name in meta else feature_field(fs[name]) for name in groups[at][1]]
+    ids = {f.name: f for f in (*META_FIELDS, *ITEM_META_FIELDS)}
+    features = [ids[name] if name in ids else feature_field(fs[name]) for name in groups[at][1]]
     following = [KEY_FIELDS[groups[at + 1][0]]] if at + 1 < len(groups) else []
     meta = {LAYOUT_KEY: TableLayout.DEDUP.value.encode(), SIDE_KEY: table.value.encode()}
     return pa.schema([KEY_FIELDS[table], *features, *following], metadata=meta)
