@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from fastapi.testclient import TestClient
+from tests.serve.test_faults import metric
 
 from leanrec.clock import ManualClock, SystemClock
 from leanrec.ids import string_ids
@@ -129,6 +130,12 @@ def test_rankings_logged_as_json_and_as_arrow_are_joined_byte_for_byte(
     rows, joiner = _join(sidecar, tmp_path / "wh")
     assert joiner.stats.labels_lost == 0
     assert rows.num_rows == sum(len(s) for _, _, s in sent.values())
+    # /metrics counts what shared rows sent and spared, as the logger counted it (0 without them)
+    ls = _state(sidecar).logger.stats
+    for name in ("written", "extended", "rewritten", "reused"):
+        assert metric(sidecar, f"leanrec_log_shared_rows_{name}_total") == getattr(ls, f"rows_{name}")
+    shared = _state(sidecar).config.shared_rows
+    assert (ls.rows_written > 0) is shared
     for rid, (items, feats, seen) in sent.items():
         mine = rows.filter(pc.equal(rows["request_id"], rid))
         assert mine["position"].to_pylist() == seen

@@ -553,6 +553,26 @@ class _Collector:
                 ("leanrec_log_bus_resent", ls.bus_resent, "Of those, records taken when sent again later"),
                 ("leanrec_pages_on_signal", ls.pages_on_signal, "Pages logged on a pagination signal"),
                 ("leanrec_pages_on_touch", ls.pages_on_touch, "Pages logged because an event touched them"),
+                (
+                    "leanrec_log_shared_rows_written",
+                    ls.rows_written,
+                    "Shared feature rows whose bytes were sent",
+                ),
+                (
+                    "leanrec_log_shared_rows_extended",
+                    ls.rows_extended,
+                    "Shared feature rows a use kept alive longer, no bytes sent",
+                ),
+                (
+                    "leanrec_log_shared_rows_rewritten",
+                    ls.rows_rewritten,
+                    "Of those, rows found gone (evicted, a restart) and written again",
+                ),
+                (
+                    "leanrec_log_shared_rows_reused",
+                    ls.rows_reused,
+                    "Shared feature rows a use found alive long enough, nothing sent",
+                ),
             ):
                 m = CounterMetricFamily(name, doc)
                 m.add_metric([], value)
