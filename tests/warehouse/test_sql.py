@@ -15,7 +15,14 @@ from leanrec.schema import FeatureBlock, FeatureSet, Side
 from leanrec.train.reader import iter_batches
 from leanrec.warehouse import ParquetWarehouse, RequestRecord, TableLayout, schema
 from leanrec.warehouse import sql as wsql
-from leanrec.warehouse.sql import COUNTED, DUCKDB_COUNTS, DUCKDB_IMPRESSIONS, duckdb_requests_view
+from leanrec.warehouse.sql import (
+    COUNTED,
+    DUCKDB_COUNTS,
+    DUCKDB_IMPRESSIONS,
+    duckdb_dedup_impressions,
+    duckdb_dedup_views,
+    duckdb_requests_view,
+)
 from leanrec.warehouse.store import dedup_copy
 from leanrec.world import WorldConfig, default_featureset
 
@@ -161,6 +168,23 @@ def test_duckdb_reads_the_rows_of_a_deduplicated_warehouse_not_its_side_tables(
         counts = dict(zip(COUNTED, con.execute(DUCKDB_COUNTS).fetchone(), strict=True))
     assert counts["requests"] == len(recs) and counts["examples"] == sum(len(r) for r in recs)
     assert counts["click"] == sum(int(r.labels["click"].sum()) for r in recs)
+
+
+def test_duckdb_joins_a_deduplicated_warehouse_back_into_the_impression_rows_leanrec_reads(
+    fs: FeatureSet, warehouse: tuple[str, list[RequestRecord]], tmp_path: Path
+) -> None:
+    uri, recs = warehouse
+    dedup_copy(uri, str(tmp_path / "it's dedup"), fs)
+    with duckdb.connect() as con:
+        for statement in duckdb_dedup_views(str(tmp_path / "it's dedup"), fs):
+            con.execute(statement)
+        rel = con.sql(f"SELECT * FROM ({duckdb_dedup_impressions(fs)}) ORDER BY request_id, position")
+        got = dict(zip(rel.columns, (list(c) for c in zip(*rel.fetchall(), strict=True)), strict=True))
+    assert list(got) == list(impressions(uri))  # the request-level flattening's columns, in its order
+    want = ParquetWarehouse(uri, fs, TableLayout.REQUEST).read_examples()
+    assert len(got["request_id"]) == want.num_rows == sum(len(r) for r in recs)
+    for name in schema(fs, TableLayout.IMPRESSION).names:  # row for row, every value
+        assert got[name] == want.column(name).to_pylist(), name
 
 
 def test_the_readme_quotes_the_queries_as_they_are_run() -> None:
