@@ -237,7 +237,8 @@ def test_purge_expired_releases_all_memory(store_factory: StoreFactory) -> None:
         store.put_many(_units(batch * 10, batch * 10 + 10, b"x"), TTL_MS)
     held = store.stats()
     assert held.keys_held == 40
-    assert held.bytes_held >= 35 * UNIT  # a margin of units: Redis's own figure drifts by tens of KB
+    # A margin of units: Redis's own figure drifts by tens of KB, a cluster's sums three of them.
+    assert held.bytes_held >= 25 * UNIT
     advance(TTL_MS + TTL_MS // 3)
     purged = store.purge_expired()
     if _exact(store):
