@@ -120,7 +120,7 @@ class ParquetWarehouse:
         self.schema = schema(fs, layout)
         self._buffer: list[RequestRecord] = []
         self._files: list[str] = []
-        self._known: dict[str, KnownKeys] = {}  # deduplicated: each partition's side table keys
+        self._known = KnownPartitions(self.filesystem)  # deduplicated: each partition's side table keys
         try:
             self.filesystem.create_dir(self.root, recursive=True)
         except OSError as exc:
@@ -153,12 +153,7 @@ class ParquetWarehouse:
                 name = f"part-{uuid.uuid4().hex[:16]}.parquet"
                 final = f"{folder}/{name}"
                 if self.layout is TableLayout.DEDUP:
-                    known = self._known.pop(folder, None)
-                    if known is None:
-                        known = known_keys(self.filesystem, folder)
-                    self._known[folder] = known  # the newest partitions last
-                    while len(self._known) > KNOWN_PARTITIONS:
-                        self._known.pop(next(iter(self._known)))
+                    known = self._known.of(folder)
                     sizes = write_dedup(self.filesystem, final, part, self.featureset, known)
                 else:
                     sizes = [_write(self.filesystem, final, part)]
@@ -304,6 +299,28 @@ def known_keys(filesystem: pafs.FileSystem, folder: str) -> KnownKeys:
     return known
 
 
+class KnownPartitions:
+    """The side table keys of the partitions a deduplicated writer wrote last, newest last.
+
+    A partition met for the first time (or again, after it was let go) has its keys read from its
+    committed side files (:func:`known_keys`); at most ``limit`` are kept.
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, limit: int = KNOWN_PARTITIONS) -> None:
+        self.filesystem, self.limit = filesystem, limit
+        self._keys: dict[str, KnownKeys] = {}
+
+    def of(self, folder: str) -> KnownKeys:
+        """The keys of a partition, kept up to date by :func:`write_dedup`."""
+        known = self._keys.pop(folder, None)
+        if known is None:
+            known = known_keys(self.filesystem, folder)
+        self._keys[folder] = known
+        while len(self._keys) > self.limit:
+            self._keys.pop(next(iter(self._keys)))
+        return known
+
+
 def write_dedup(
     filesystem: pafs.FileSystem, path: str, table: pa.Table, fs: FeatureSet, known: KnownKeys | None = None
 ) -> list[int]:
@@ -358,15 +375,12 @@ def dedup_copy(uri: str, out: str, fs: FeatureSet) -> int:
     _, root = _open_fs(uri)
     out_fs, out_root = _open_fs(out)
     total = 0
-    partitions: dict[str, KnownKeys] = {}
+    partitions = KnownPartitions(out_fs)
     for info, whole in _request_tables(uri):
         table = whole.select(schema(fs, TableLayout.REQUEST).names)
         relative = info.path[len(root.rstrip("/")) :].lstrip("/")
         path = f"{out_root.rstrip('/')}/{relative}"
-        folder = path.rsplit("/", 1)[0]
-        if folder not in partitions:
-            partitions[folder] = known_keys(out_fs, folder)
-        total += sum(write_dedup(out_fs, path, table, fs, partitions[folder]))
+        total += sum(write_dedup(out_fs, path, table, fs, partitions.of(path.rsplit("/", 1)[0])))
     return total
 
 
@@ -469,6 +483,15 @@ class SideCache:
     def __init__(self) -> None:
         self._columns: dict[str, dict[DedupTable, set[str]]] = {}
         self._tables: dict[tuple[str, DedupTable, tuple[str, ...]], pa.Table] = {}
+        self._featuresets: dict[bytes, FeatureSet] = {}
+
+    def featureset(self, path: str, pf: pq.ParquetFile) -> FeatureSet:
+        """The FeatureSet a request file was written under, parsed once per distinct one."""
+        meta = pf.schema_arrow.metadata or {}
+        raw = meta.get(FEATURESET_KEY, b"")
+        if raw not in self._featuresets:
+            self._featuresets[raw] = written_featureset(path, meta)
+        return self._featuresets[raw]
 
     def columns(self, filesystem: pafs.FileSystem, folder: str) -> dict[DedupTable, set[str]]:
         """The columns each side table of a partition holds (over all its files and versions)."""
@@ -553,7 +576,7 @@ def read_sides(
     top = set(pf.schema_arrow.names)
     struct = {f.name for f in pf.schema_arrow.field("items").type.value_type} if "items" in top else set()
     held = cache.columns(filesystem, folder)
-    written = written_featureset(path, pf.schema_arrow.metadata)
+    written = cache.featureset(path, pf)  # the side files' types
     tables: dict[DedupTable, pa.Table] = {}
     request_cols = [n for n in request if n in top]
     item_cols = [n for n in item if n in struct]
