@@ -100,7 +100,7 @@ def where_time_goes(
     models = {"request-level": LateRanker(fs, RankerConfig())}
     models["deduplicated"] = LateRanker(fs, RankerConfig())
     models["deduplicated"].load_state_dict(models["request-level"].state_dict())
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=5e-4) for name, m in models.items()}
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=5e-4, fused=True) for name, m in models.items()}
     bce = torch.nn.BCEWithLogitsLoss()
     cfg = TrainConfig(batch_requests=batch_requests, seed=seed)
     out = {name: dict.fromkeys(("forward", "backward", "optimizer"), 0.0) for name in models}
