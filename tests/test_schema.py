@@ -340,8 +340,8 @@ def test_every_owner_declares_how_often_its_features_change() -> None:
 def test_how_often_a_feature_changes_round_trips_and_changes_no_byte() -> None:
     fs, _ = default_featureset(WorldConfig())
     slow = {f.name for f in fs.features if f.rarely}
-    assert {"u_emb_0", "u_emb_long", "u_id", "u_taste_00"} <= slow
-    assert not slow & {"u_act_00", "u_hist", "u_noise_00", "c_surface"}  # engagement moves these
+    assert {"u_emb_0", "u_emb_long", "u_id", "u_taste_00", "u_noise_00", "i_noise_emb"} <= slow
+    assert not slow & {"u_act_00", "u_hist", "i_click_rate", "c_surface"}  # engagement moves these
     assert FeatureSet.from_json(fs.to_json()) == fs
     plain = FeatureSet(fs.name, fs.version, tuple(dataclasses.replace(f, changes="") for f in fs.features))
     assert plain != fs and plain.fingerprint == fs.fingerprint  # the same bytes: each reads the other

@@ -113,8 +113,8 @@ def _dense(owner: Owner, prefix: str, n: int, doc: str, size: int = 1, changes: 
     return [Feature(f"{prefix}_{i:02d}", owner, Kind.DENSE, size, doc=doc, changes=changes) for i in range(n)]
 
 
-def _ids(owner: Owner, prefix: str, n: int, rows: int, doc: str) -> list[Feature]:
-    return [Feature(f"{prefix}_{i:02d}", owner, Kind.SPARSE, 1, rows, doc) for i in range(n)]
+def _ids(owner: Owner, prefix: str, n: int, rows: int, doc: str, changes: str = "") -> list[Feature]:
+    return [Feature(f"{prefix}_{i:02d}", owner, Kind.SPARSE, 1, rows, doc, changes=changes) for i in range(n)]
 
 
 def extra_noise_features(n: int) -> list[Feature]:
@@ -127,14 +127,14 @@ def extra_noise_features(n: int) -> list[Feature]:
         raise ValueError(f"extra_noise must be at least 0, got {n}")
     n_item, n_uid = round(0.10 * n), round(0.05 * n)
     n_user = n - n_item - n_uid
-    doc = "pure noise (scale filler)"
+    doc, rarely = "pure noise (scale filler)", "rarely"
     return [
-        *(Feature(f"x_user_{i:05d}", Owner.USER, Kind.DENSE, doc=doc) for i in range(n_user)),
+        *(Feature(f"x_user_{i:05d}", Owner.USER, Kind.DENSE, doc=doc, changes=rarely) for i in range(n_user)),
         *(
-            Feature(f"x_uid_{i:05d}", Owner.USER, Kind.SPARSE, 1, EXTRA_NOISE_VOCAB, doc)
+            Feature(f"x_uid_{i:05d}", Owner.USER, Kind.SPARSE, 1, EXTRA_NOISE_VOCAB, doc, changes=rarely)
             for i in range(n_uid)
         ),
-        *(Feature(f"x_item_{i:05d}", Owner.ITEM, Kind.DENSE, doc=doc) for i in range(n_item)),
+        *(Feature(f"x_item_{i:05d}", Owner.ITEM, Kind.DENSE, doc=doc, changes=rarely) for i in range(n_item)),
     ]
 
 
@@ -144,10 +144,13 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
     156 user-side features (including the last 50 clicked item ids with their categories, creators,
     actions and ages, as sequence models consume them), 3 context features and 53 item-side features,
     then ``config.extra_noise`` more pure-noise features (see :func:`extra_noise_features`).
-    Noise features have no relation to engagement: an audit should retire them. The user's taste,
-    pretrained embeddings, id, favourite category, age bucket and followed topics are declared slowly
-    changing (``changes="rarely"``): nothing in the simulation updates them, unlike the activity
-    counters and histories that engagement moves and the noise it redraws.
+    Noise features have no relation to engagement: an audit should retire them. Like the useless
+    features of a real FeatureSet (a stale embedding, a country, a device) each entity's noise is drawn
+    once and stays; it cannot tell the model more of who the entity is than its id feature already
+    does. The user's taste, pretrained embeddings, id, favourite category, age bucket, followed topics
+    and noise, and the item's taste projection, embedding, id, category, creator, tags and noise are
+    declared slowly changing (``changes="rarely"``): nothing in the simulation updates them, unlike
+    the activity counters, rates and histories that engagement moves.
 
     User, item and creator ids are raw 64-bit ids (see :func:`leanrec.ids.scrambled_ids`); each id
     feature's table has a row per value it can take (its ``rows``), and maps ids by the default map.
@@ -157,7 +160,7 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
     feats: list[Feature] = [
         *_dense(U, "u_taste", 24, "noisy projection of the user's latent taste", changes="rarely"),
         *_dense(U, "u_act", 8, "activity counters, updated as the user engages"),
-        *_dense(U, "u_noise", 92, "pure noise"),
+        *_dense(U, "u_noise", 92, "pure noise", changes="rarely"),
         Feature(
             "u_emb_0",
             U,
@@ -179,8 +182,8 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         Feature(
             "u_emb_long", U, Kind.DENSE, 64, doc="long-term interest embedding (taste)", changes="rarely"
         ),
-        Feature("u_emb_2", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
-        Feature("u_emb_3", U, Kind.DENSE, 64, doc="stale embedding, pure noise"),
+        Feature("u_emb_2", U, Kind.DENSE, 64, doc="stale embedding, pure noise", changes="rarely"),
+        Feature("u_emb_3", U, Kind.DENSE, 64, doc="stale embedding, pure noise", changes="rarely"),
         Feature("u_id", U, Kind.SPARSE, 1, nu, "user id", role=Role.USER_ID, changes="rarely"),
         Feature(
             "u_top_category",
@@ -192,15 +195,15 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
             changes="rarely",
         ),
         Feature("u_age_bucket", U, Kind.SPARSE, 1, 8, "age bucket (correlates with taste)", changes="rarely"),
-        Feature("u_country", U, Kind.SPARSE, 1, 50, "country, pure noise here"),
-        Feature("u_lang", U, Kind.SPARSE, 1, 20, "language, pure noise here"),
-        Feature("u_gender", U, Kind.SPARSE, 1, 3, "pure noise here"),
-        Feature("u_device", U, Kind.SPARSE, 1, 10, "pure noise here"),
-        *_ids(U, "u_noise_id", 13, 1000, "pure noise id"),
+        Feature("u_country", U, Kind.SPARSE, 1, 50, "country, pure noise here", changes="rarely"),
+        Feature("u_lang", U, Kind.SPARSE, 1, 20, "language, pure noise here", changes="rarely"),
+        Feature("u_gender", U, Kind.SPARSE, 1, 3, "pure noise here", changes="rarely"),
+        Feature("u_device", U, Kind.SPARSE, 1, 10, "pure noise here", changes="rarely"),
+        *_ids(U, "u_noise_id", 13, 1000, "pure noise id", changes="rarely"),
         Feature(
             "u_topics", U, Kind.MULTI_HOT, 8, N_CATEGORIES, "categories the user follows", changes="rarely"
         ),
-        Feature("u_noise_tags", U, Kind.MULTI_HOT, 8, 500, "pure noise tag set"),
+        Feature("u_noise_tags", U, Kind.MULTI_HOT, 8, 500, "pure noise tag set", changes="rarely"),
         Feature("u_hist", U, Kind.SEQUENCE, hl, ni, f"last {hl} items the user clicked", role=Role.HISTORY),
         Feature("u_hist_cat", U, Kind.SEQUENCE, hl, N_CATEGORIES, "categories of u_hist"),
         Feature("u_hist_creator", U, Kind.SEQUENCE, hl, config.n_creators, "creators of u_hist"),
@@ -214,15 +217,15 @@ def default_featureset(config: WorldConfig = WorldConfig()) -> tuple[FeatureSet,
         Feature("i_click_rate", I, Kind.DENSE, doc="smoothed click rate, drifts"),
         Feature("i_like_rate", I, Kind.DENSE, doc="smoothed like rate, drifts"),
         Feature("i_followers_log", I, Kind.DENSE, doc="log followers of the creator, grows with likes"),
-        *_dense(I, "i_noise", 24, "pure noise"),
+        *_dense(I, "i_noise", 24, "pure noise", changes="rarely"),
         Feature(
             "i_emb", I, Kind.DENSE, 16, doc="pretrained item embedding", space="two_tower", changes="rarely"
         ),
-        Feature("i_noise_emb", I, Kind.DENSE, 4, doc="stale embedding, pure noise"),
+        Feature("i_noise_emb", I, Kind.DENSE, 4, doc="stale embedding, pure noise", changes="rarely"),
         Feature("i_id", I, Kind.SPARSE, 1, ni, "item id", role=Role.ITEM_ID, changes="rarely"),
         Feature("i_category", I, Kind.SPARSE, 1, N_CATEGORIES, "item category", changes="rarely"),
         Feature("i_creator", I, Kind.SPARSE, 1, config.n_creators, "creator id", changes="rarely"),
-        *_ids(I, "i_noise_id", 3, 1000, "pure noise id"),
+        *_ids(I, "i_noise_id", 3, 1000, "pure noise id", changes="rarely"),
         Feature(
             "i_tags", I, Kind.MULTI_HOT, 5, N_CATEGORIES, "category and related categories", changes="rarely"
         ),
@@ -274,16 +277,6 @@ class World:
         self.config = config
         self.featureset, self.noise_features = default_featureset(config)
         extra = {f.name for f in extra_noise_features(config.extra_noise)}
-        # The demo's own noise slots, in registry order, so they are redrawn in the order (and from the
-        # stream) they always were; the extra features are redrawn apart, a family block at a time.
-        self._noise_slots = {
-            owner: [
-                s
-                for name, s in self.featureset.owner_slots(owner).items()
-                if name in self.noise_features and name not in extra
-            ]
-            for owner in (Owner.USER, Owner.ITEM)
-        }
         self._extra_columns = {
             (owner, is_float): self._extra_span(owner, extra, is_float)
             for owner in (Owner.USER, Owner.ITEM)
@@ -385,22 +378,6 @@ class World:
             block.floats[:, floats] = rng.standard_normal((n, floats.stop - floats.start), np.float32)
         if ints.stop > ints.start:
             block.ints[:, ints] = rng.integers(0, EXTRA_NOISE_VOCAB, (n, ints.stop - ints.start), np.int32)
-
-    def _redraw_noise(self, block: FeatureBlock, owner: Owner) -> None:
-        """Draw the noise features of ``block``'s entities afresh.
-
-        Noise that stayed fixed per entity would identify it, as an id does, and a model could learn
-        per-user or per-item effects from it; redrawn on every engagement it says nothing.
-        """
-        n = len(block)
-        for slot in self._noise_slots[owner]:
-            f = slot.feature
-            target = block.floats if f.is_float else block.ints
-            values = (
-                self.rng.normal(size=(n, f.size)) if f.is_float else self.rng.integers(0, f.rows, (n, f.size))
-            )
-            target[:, slot.offset : slot.stop] = values
-        self._draw_extra_noise(block, owner)
 
     def _init_users(self) -> FeatureBlock:
         rng, nu, U = self.rng, self.config.n_users, Owner.USER
@@ -589,7 +566,6 @@ class World:
         touched = np.unique(flat_items[eng.viewed.ravel()])
         block = self.store.get_many(Owner.ITEM, self.item_ids[touched])
         self._write_item_counters(block, touched)
-        self._redraw_noise(block, Owner.ITEM)
         self.store.put_many(Owner.ITEM, self.item_ids[touched], block)
 
         rows = self.users.rows(users)
@@ -613,5 +589,4 @@ class World:
             ages = ublock.floats[i, age.offset : age.stop]
             ages[:] = np.concatenate([np.zeros(len(clicked), np.float32), ages])[: self.config.history_len]
         self._write_history_side(ublock, ublock.ints[:, hist.offset : hist.stop])
-        self._redraw_noise(ublock, Owner.USER)
         self.store.put_many(Owner.USER, self.user_ids[uniq], ublock)
