@@ -273,7 +273,7 @@ def _check_listen(host: str, port: int) -> None:
 def _serve(args: argparse.Namespace, console: Console) -> int:
     import uvicorn
 
-    from leanrec.serve.routing import nginx_conf, upstream_host, worker_ports
+    from leanrec.serve.routing import PROCESS_KEEP_ALIVE_S, nginx_conf, upstream_host, worker_ports
     from leanrec.serve.workers import open_app, run_workers
 
     config = _config(args)
@@ -338,7 +338,9 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
                 soft_wrap=True,
             )
         return run_workers(config, ports, lambda line: console.print(line, markup=False, soft_wrap=True))
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=PROCESS_KEEP_ALIVE_S
+    )
     return 0
 
 

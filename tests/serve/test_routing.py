@@ -21,13 +21,15 @@ from leanrec.ids import scrambled_ids
 from leanrec.serve.app import create_app
 from leanrec.serve.config import ServeConfig
 from leanrec.serve.routing import (
+    PROCESS_KEEP_ALIVE_S,
     REQUEST_ID_HEADER,
+    UPSTREAM_KEEPALIVE_S,
     RequestIdError,
     check_request_id,
     nginx_conf,
     upstream_host,
 )
-from leanrec.serve.workers import THREAD_VARIABLES, _worker_environment
+from leanrec.serve.workers import THREAD_VARIABLES, _worker_environment, serve_one
 from leanrec.world import USER_SALT
 
 SMALL = {"n_users": 400, "n_items": 3_000}
@@ -159,6 +161,18 @@ def test_the_nginx_config_hashes_every_process_on_the_header() -> None:
     assert "listen 127.0.0.1:8000;" in conf
     assert f"proxy_set_header {REQUEST_ID_HEADER} $leanrec_request_id;" in conf
     assert conf.count('if ($http_x_leanrec_request_id = "")') == 2  # paginate and events need it
+    # nginx lets an idle connection go before the process would close it under a call (a 502).
+    idle = int(re.search(r"keepalive_timeout (\d+)s;", upstream).group(1))
+    assert idle == UPSTREAM_KEEPALIVE_S < PROCESS_KEEP_ALIVE_S
+
+
+def test_a_serving_process_keeps_idle_connections_longer_than_nginx(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    serve_one(ServeConfig(port=8001))
+    assert seen["port"] == 8001 and seen["timeout_keep_alive"] == PROCESS_KEEP_ALIVE_S > UPSTREAM_KEEPALIVE_S
 
 
 def test_serve_refuses_workers_it_cannot_place(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

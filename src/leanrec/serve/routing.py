@@ -22,6 +22,16 @@ REQUEST_ID_HEADER = "X-Leanrec-Request-Id"
 MAX_REQUEST_ID = 64
 """Longest request id: what ``/v1/paginate`` and ``/v1/events`` accept in their bodies."""
 
+UPSTREAM_KEEPALIVE_S = 60
+"""Seconds nginx keeps an idle connection to a serving process (``keepalive_timeout`` upstream)."""
+
+PROCESS_KEEP_ALIVE_S = 75
+"""Seconds a serving process keeps an idle connection open (uvicorn's ``timeout_keep_alive``).
+
+Longer than nginx's ``UPSTREAM_KEEPALIVE_S``, so that nginx never sends a call on a connection the
+process is closing: the call would meet a reset, and nginx answers 502 without sending a POST again.
+"""
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -152,6 +162,7 @@ http {{
         hash $leanrec_request_id consistent;
 {servers}
         keepalive {keepalive};
+        keepalive_timeout {UPSTREAM_KEEPALIVE_S}s;
     }}
 
     server {{

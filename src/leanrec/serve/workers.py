@@ -39,6 +39,7 @@ import httpx
 
 from leanrec.errors import InputError
 from leanrec.serve.config import ServeConfig
+from leanrec.serve.routing import PROCESS_KEEP_ALIVE_S
 
 _NOT_ANSWERING = "; start it, or give --store-url and --bus-url a server that answers"
 READY_TIMEOUT_S = 180.0  # a worker builds its world (or loads its catalog) before it answers
@@ -71,7 +72,13 @@ def serve_one(config: ServeConfig) -> None:
     """Serve one process on ``config.port`` until SIGTERM or SIGINT (uvicorn's handling)."""
     import uvicorn
 
-    uvicorn.run(open_app(config), host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(
+        open_app(config),
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        timeout_keep_alive=PROCESS_KEEP_ALIVE_S,
+    )
 
 
 def _worker(config: ServeConfig) -> None:
