@@ -271,10 +271,8 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
-    import uvicorn
-
-    from leanrec.serve.routing import PROCESS_KEEP_ALIVE_S, nginx_conf, upstream_host, worker_ports
-    from leanrec.serve.workers import open_app, run_workers
+    from leanrec.serve.routing import nginx_conf, upstream_host, worker_ports
+    from leanrec.serve.workers import open_app, run_workers, serve_one
 
     config = _config(args)
     config.check_secret()  # first: nothing is built for a service that would hand out forgeable tokens
@@ -338,9 +336,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
                 soft_wrap=True,
             )
         return run_workers(config, ports, lambda line: console.print(line, markup=False, soft_wrap=True))
-    uvicorn.run(
-        app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=PROCESS_KEEP_ALIVE_S
-    )
+    serve_one(config, app)
     return 0
 
 

@@ -68,12 +68,18 @@ def open_app(config: ServeConfig) -> Any:
         ) from None
 
 
-def serve_one(config: ServeConfig) -> None:
-    """Serve one process on ``config.port`` until SIGTERM or SIGINT (uvicorn's handling)."""
+def serve_one(config: ServeConfig, app: Any = None) -> None:
+    """Serve one process on ``config.port`` until SIGTERM or SIGINT (uvicorn's handling).
+
+    Args:
+        config: What to serve, and where.
+        app: The app, if the caller opened it already (to report a bad setting before it serves).
+
+    """
     import uvicorn
 
     uvicorn.run(
-        open_app(config),
+        app if app is not None else open_app(config),
         host=config.host,
         port=config.port,
         log_level="warning",
